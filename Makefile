@@ -1,0 +1,47 @@
+# Two commands a newcomer needs (see README): `make serve` and `make test`.
+SHELL := /bin/bash
+export HF_HUB_OFFLINE := 1
+export BENTOML_DO_NOT_TRACK := true
+export TOKENIZERS_PARALLELISM := false
+
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+DATA   ?= var/demo-data
+STORE  ?= var/store
+
+.PHONY: install data store serve test lint bench clean
+
+# torch 2.13.0 first: it is a local CPU wheel; letting a dependency resolve torch
+# would pull several GB of CUDA packages.
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q torch==2.13.0
+	$(BIN)/pip install -q -e '.[dev]'
+	touch $@
+
+install: $(VENV)/.installed
+
+$(DATA)/owners.json: | $(VENV)/.installed
+	$(BIN)/cdm demo-data $(DATA)
+
+$(STORE)/manifest.json: | $(DATA)/owners.json
+	$(BIN)/cdm train $(DATA)/contributors --store $(STORE)
+
+data: $(DATA)/owners.json
+store: $(STORE)/manifest.json
+
+serve: store
+	$(BIN)/cdm sample --store $(STORE) --n 64 --seed 0 --out var/samples.png
+
+test: install
+	$(BIN)/pytest -q
+
+lint: install
+	$(BIN)/ruff check shards service valuation tests benchmarks
+
+bench: store
+	$(BIN)/python benchmarks/core_evidence.py --data $(DATA) --store $(STORE)
+
+clean:
+	rm -rf var

@@ -1,0 +1,153 @@
+"""`cdm`: the command line. Each subcommand parses arguments, calls the library, and
+prints; domain errors (`CDMError`) become one-line messages and exit status 2."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("BENTOML_DO_NOT_TRACK", "true")
+
+
+def _csv(value: str) -> list[str]:
+    return [v.strip() for v in value.split(",") if v.strip()]
+
+
+def cmd_demo_data(args) -> None:
+    from shards.demo import write_demo_data
+
+    out = Path(args.dir)
+    table = write_demo_data(out, seed=args.seed)
+    for cid, entry in table["contributors"].items():
+        note = "  (corrupted: planted low quality)" if entry["corrupted"] else ""
+        print(f"{cid:10s} {entry['images']:4d} images  digits {entry['classes']}{note}")
+    print(f"public: {table['public_images']} images; held out: "
+          f"{sum(table['heldout_images'].values())} images (owned by nobody)")
+    print(f"wrote {out}/contributors/<id>/*.png, {out}/public, {out}/heldout, {out}/owners.json")
+
+
+def _store_config(args):
+    from shards import StoreConfig
+
+    return StoreConfig(seed=args.seed, kind=args.kind)
+
+
+def cmd_train(args) -> None:
+    from shards import ShardStore, load_contributors
+    from shards.data import load_image_folder
+
+    datasets = load_contributors(args.data_dir)
+    public = load_image_folder(args.public) if args.public else None
+    store = ShardStore.create(args.store, datasets, _store_config(args), public=public,
+                              device=args.device)
+    _print_store(store)
+
+
+def cmd_add(args) -> None:
+    from shards import ShardStore, load_contributor
+
+    store = ShardStore.open(args.store)
+    entry = store.add(load_contributor(args.folder), kind=args.kind, device=args.device)
+    print(f"added {entry['contributor_id']} ({entry['kind']}, {entry['images']} images, "
+          f"final loss {entry['final_loss']:.4f}); classifier updated")
+    _print_store(store)
+
+
+def _print_store(store) -> None:
+    print(f"store {store.root}: {len(store.contributor_ids)} contributors")
+    for cid in store.contributor_ids:
+        e = store.contributor(cid)
+        print(f"  {cid:10s} {e['kind']:4s} {e['images']:5d} images  loss {e['final_loss']:.4f}  "
+              f"data {e['data_hash'][:12]}")
+    c = store.manifest["classifier"]
+    print(f"  classifier v{c['version']} ({c['trained']}, loss {c['final_loss']:.4f})")
+
+
+def cmd_sample(args) -> None:
+    from shards import ShardStore
+    from shards.images import save_grid
+
+    store = ShardStore.open(args.store)
+    sampler = store.load_sampler(args.device)
+    contributors = _csv(args.contributors) if args.contributors else None
+    out = sampler(contributors, n=args.n, steps=args.steps, seed=args.seed,
+                  scheduler=args.scheduler, mode=args.mode, progress=True)
+    path = Path(args.out)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if path.suffix == ".npz":
+        import numpy as np
+
+        np.savez(path, images=out.images.numpy(), contributor_ids=np.array(out.contributor_ids),
+                 attribution_mean=out.attribution_mean.numpy(),
+                 attribution_last=out.attribution_last.numpy())
+    elif path.suffix == ".png":
+        save_grid(out.images, path)
+    else:
+        raise SystemExit(f"error: --out must end in .png or .npz, got {path.name!r}")
+    print(f"wrote {path} ({args.n} samples, {args.scheduler}, {args.steps} steps, {args.mode})")
+    print(f"{'contributor':12s} {'mean attribution':>17s} {'last-step':>10s}")
+    for cid, row in out.attribution_table().items():
+        print(f"{cid:12s} {row['mean']:17.3f} {row['last']:10.3f}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="cdm", description="Compartmentalized diffusion: "
+                                     "one shard per contributor, composed at sampling time.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("demo-data", help="write the embedded default data (sklearn digits)")
+    p.add_argument("dir")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=cmd_demo_data)
+
+    p = sub.add_parser("train", help="train a new store: one shard per DATA_DIR/<id>/")
+    p.add_argument("data_dir")
+    p.add_argument("--store", required=True)
+    p.add_argument("--kind", choices=["full", "lora"], default="full")
+    p.add_argument("--public", help="public images (no contributor owns them) for the LoRA base")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if present)")
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("add", help="add one contributor folder to an existing store")
+    p.add_argument("folder")
+    p.add_argument("--store", required=True)
+    p.add_argument("--kind", choices=["full", "lora"], default=None)
+    p.add_argument("--device", default=None)
+    p.set_defaults(func=cmd_add)
+
+    p = sub.add_parser("sample", help="sample from the composition of some contributors")
+    p.add_argument("--store", required=True)
+    p.add_argument("--contributors", default=None, help="comma-separated ids (default: all)")
+    p.add_argument("--n", type=int, default=16)
+    p.add_argument("--steps", type=int, default=50)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--scheduler", choices=["ddim", "ddpm"], default="ddim")
+    p.add_argument("--mode", choices=["composed", "naive"], default="composed")
+    p.add_argument("--out", required=True, help=".png (grid) or .npz")
+    p.add_argument("--device", default=None)
+    p.set_defaults(func=cmd_sample)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    from shards.errors import CDMError
+
+    args = build_parser().parse_args(argv)
+    try:
+        args.func(args)
+    except CDMError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    except ValueError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,166 @@
+"""The shard classifier f(x_t, t) -> logits over shards, and the mixture weights.
+
+Trained with cross-entropy on forward-noised samples (x_0 from D_i, any t, label i),
+drawn with class frequencies pi_i, so softmax(f)_i ~= pi_i p_t^i(x_t) / sum_j pi_j p_t^j.
+For shard priors lambda_i and any subset S (DESIGN.md):
+
+    (1) w_i^S(x_t, t) = lambda_i p_t^i(x_t) / sum_{j in S} lambda_j p_t^j(x_t)
+    (2)               = softmax_{i in S}( f_i(x_t, t) + log lambda_i - log pi_i )
+
+Masking the logits outside S before the softmax is (2) exactly, so one classifier
+serves every licence, forgetting state and Shapley coalition.
+"""
+
+from __future__ import annotations
+
+import torch
+from diffusers import DDPMScheduler
+from diffusers.configuration_utils import ConfigMixin, register_to_config
+from diffusers.models.embeddings import TimestepEmbedding, Timesteps
+from diffusers.models.modeling_utils import ModelMixin
+from diffusers.models.resnet import ResnetBlock2D
+from diffusers.optimization import get_cosine_schedule_with_warmup
+from tqdm.auto import tqdm
+
+from .training import TrainConfig, forward_noise
+
+
+class ShardClassifier(ModelMixin, ConfigMixin):
+    """Time-conditioned CNN: (x_t, t) -> logits over `contributor_ids`.
+
+    Saved by `save_pretrained` as `config.json` + `diffusion_pytorch_model.safetensors`;
+    the config carries the shard order and the training class frequencies.
+    """
+
+    @register_to_config
+    def __init__(
+        self,
+        contributor_ids: list[str] = ("a", "b"),
+        train_frequencies: list[float] | None = None,
+        in_channels: int = 1,
+        block_out_channels: list[int] = (32, 64),
+        time_embed_dim: int = 64,
+    ):
+        super().__init__()
+        n = len(contributor_ids)
+        if n < 1:
+            raise ValueError("ShardClassifier needs at least one contributor id")
+        freqs = train_frequencies or [1.0 / n] * n
+        if len(freqs) != n:
+            raise ValueError(f"train_frequencies has {len(freqs)} entries, expected {n}")
+        self.register_buffer("log_train_freq", torch.tensor(freqs).log(), persistent=False)
+        c0 = block_out_channels[0]
+        self.time_proj = Timesteps(c0, flip_sin_to_cos=True, downscale_freq_shift=0)
+        self.time_embedding = TimestepEmbedding(c0, time_embed_dim)
+        self.conv_in = torch.nn.Conv2d(in_channels, c0, 3, padding=1)
+        blocks, prev = [], c0
+        for i, ch in enumerate(block_out_channels):
+            blocks.append(ResnetBlock2D(in_channels=prev, out_channels=ch, temb_channels=time_embed_dim, groups=8))
+            if i < len(block_out_channels) - 1:
+                blocks.append(torch.nn.Conv2d(ch, ch, 3, stride=2, padding=1))
+            prev = ch
+        self.blocks = torch.nn.ModuleList(blocks)
+        self.norm_out = torch.nn.GroupNorm(8, prev)
+        self.head = torch.nn.Linear(prev, n)
+
+    def forward(self, x_t: torch.Tensor, t: torch.Tensor | int) -> torch.Tensor:
+        """Logits (B, n_shards)."""
+        t = torch.as_tensor(t, device=x_t.device).expand(x_t.shape[0])
+        temb = self.time_embedding(self.time_proj(t).to(x_t.dtype))
+        h = self.conv_in(x_t)
+        for block in self.blocks:
+            h = block(h, temb) if isinstance(block, ResnetBlock2D) else block(h)
+        h = torch.nn.functional.silu(self.norm_out(h)).mean(dim=(2, 3))
+        return self.head(h)
+
+
+def mixture_weights(
+    logits: torch.Tensor,
+    log_prior: torch.Tensor,
+    log_train_freq: torch.Tensor,
+    allowed: torch.Tensor,
+) -> torch.Tensor:
+    """Equation (2): posterior over shards restricted to the `allowed` mask.
+
+    Args:
+        logits: (B, n) classifier logits.
+        log_prior: (n,) log lambda_i (any additive constant cancels).
+        log_train_freq: (n,) log pi_i of the classifier's training draws.
+        allowed: (n,) bool, the subset S; at least one True.
+
+    Returns:
+        (B, n) weights, zero outside S, each row summing to 1.
+    """
+    if not bool(allowed.any()):
+        raise ValueError("the allowed subset S is empty")
+    z = logits + log_prior - log_train_freq
+    z = z.masked_fill(~allowed, float("-inf"))
+    return torch.softmax(z, dim=-1)
+
+
+def train_classifier(
+    classifier: ShardClassifier,
+    datasets: list[torch.Tensor],
+    scheduler: DDPMScheduler,
+    config: TrainConfig,
+    seed: int,
+    *,
+    device: torch.device | str = "cpu",
+    progress: bool = True,
+) -> float:
+    """Cross-entropy on forward-noised samples, label = shard index.
+
+    Labels are drawn with the frequencies in the classifier's config (uniform by
+    default), images uniformly within the labelled shard, t uniformly.
+
+    Returns:
+        The mean loss over the last 10% of steps.
+    """
+    if len(datasets) != len(classifier.config.contributor_ids):
+        raise ValueError(f"{len(datasets)} datasets for {len(classifier.config.contributor_ids)} classifier outputs")
+    generator = torch.Generator().manual_seed(seed)
+    freqs = classifier.log_train_freq.exp().cpu()
+    optimizer = torch.optim.AdamW(classifier.parameters(), lr=config.lr, weight_decay=1e-4)
+    lr_schedule = get_cosine_schedule_with_warmup(optimizer, config.warmup_steps, config.steps)
+    classifier.to(device).train()
+    tail, recent = max(1, config.steps // 10), []
+    bar = tqdm(range(config.steps), desc="classifier", disable=not progress, leave=False)
+    for step in bar:
+        labels = torch.multinomial(freqs, config.batch_size, replacement=True, generator=generator)
+        x0 = torch.stack([
+            datasets[k][torch.randint(0, datasets[k].shape[0], (1,), generator=generator)][0]
+            for k in labels.tolist()
+        ])
+        x_t, t, _ = forward_noise(scheduler, x0, generator)
+        loss = torch.nn.functional.cross_entropy(classifier(x_t.to(device), t.to(device)), labels.to(device))
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        lr_schedule.step()
+        if step >= config.steps - tail:
+            recent.append(loss.item())
+        if step % 50 == 0:
+            bar.set_postfix(loss=f"{loss.item():.4f}")
+    classifier.eval()
+    return float(sum(recent) / len(recent))
+
+
+def expand_classifier(old: ShardClassifier, contributor_ids: list[str]) -> ShardClassifier:
+    """A classifier over `contributor_ids` (old ids plus new ones) that keeps the old
+    weights and head rows; new head rows start at zero (continual learning)."""
+    missing = [c for c in old.config.contributor_ids if c not in contributor_ids]
+    if missing:
+        raise ValueError(f"expand_classifier cannot drop contributors: {missing}")
+    cfg = {k: v for k, v in old.config.items() if not k.startswith("_")}
+    cfg.update(contributor_ids=list(contributor_ids), train_frequencies=None)
+    new = ShardClassifier(**cfg)
+    state = {k: v for k, v in old.state_dict().items() if not k.startswith("head.")}
+    new.load_state_dict(state, strict=False)
+    with torch.no_grad():
+        new.head.weight.zero_()
+        new.head.bias.zero_()
+        for i, cid in enumerate(old.config.contributor_ids):
+            j = list(contributor_ids).index(cid)
+            new.head.weight[j] = old.head.weight[i]
+            new.head.bias[j] = old.head.bias[i]
+    return new

@@ -1,0 +1,117 @@
+"""One shard: a denoiser trained on one contributor's data only.
+
+`full`: a `UNet2DModel` trained from scratch, saved by diffusers' `save_pretrained`
+(config.json + diffusion_pytorch_model.safetensors). `lora`: a peft LoRA adapter on a
+base UNet trained only on public data, saved by peft's `save_pretrained`
+(adapter_config.json + adapter_model.safetensors). Both folders also hold
+`shard.json` (contributor id, data hash, seed, steps, final loss).
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from diffusers import DDPMScheduler, UNet2DModel
+from peft import get_peft_model
+
+from .data import ContributorData
+from .models import DEFAULT_SCHEDULE, DEFAULT_UNET, make_lora_config, make_unet, seeded
+from .training import TrainConfig, train_denoiser
+
+KINDS = ("full", "lora")
+
+
+@dataclass(frozen=True)
+class StoreConfig:
+    """Everything that determines a store's models besides the data."""
+
+    seed: int = 0
+    kind: str = "full"
+    unet: dict = field(default_factory=lambda: dict(DEFAULT_UNET))
+    schedule: dict = field(default_factory=lambda: dict(DEFAULT_SCHEDULE))
+    shard_train: TrainConfig = TrainConfig(steps=800)
+    base_train: TrainConfig = TrainConfig(steps=1200)
+    lora_train: TrainConfig = TrainConfig(steps=400, lr=5e-3)
+    lora_rank: int = 8
+    classifier_train: TrainConfig = TrainConfig(steps=800, batch_size=128)
+    classifier_update_steps: int = 300
+    classifier_channels: tuple[int, ...] = (32, 64)
+    priors: str = "size"
+
+    def __post_init__(self):
+        if self.kind not in KINDS:
+            raise ValueError(f"kind={self.kind!r}; allowed: {list(KINDS)}")
+        if self.priors not in ("size", "uniform"):
+            raise ValueError(f"priors={self.priors!r}; allowed: ['size', 'uniform']")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> StoreConfig:
+        d = dict(d)
+        for key in ("shard_train", "base_train", "lora_train", "classifier_train"):
+            d[key] = TrainConfig(**d[key])
+        d["classifier_channels"] = tuple(d["classifier_channels"])
+        return cls(**d)
+
+
+def derived_seed(seed: int, *names: str) -> int:
+    """A 31-bit seed from the store seed and names, independent of any ordering of
+    contributors, so a shard is the same whichever others share its store."""
+    key = ":".join([str(seed), *names]).encode()
+    return int.from_bytes(hashlib.sha256(key).digest()[:4], "big") >> 1
+
+
+def files_hash(folder: Path) -> str:
+    """sha256 over the safetensors files of a saved model folder."""
+    digest = hashlib.sha256()
+    for path in sorted(folder.glob("*.safetensors")):
+        digest.update(path.name.encode())
+        digest.update(path.read_bytes())
+    return digest.hexdigest()
+
+
+def train_base(images: torch.Tensor, image_shape, config: StoreConfig, scheduler: DDPMScheduler,
+               device="cpu", progress=True) -> tuple[UNet2DModel, float]:
+    """The public base UNet of LoRA shards, trained on public data only."""
+    seed = derived_seed(config.seed, "base")
+    model = make_unet(image_shape, config.unet, seed=seed)
+    loss = train_denoiser(model, images, scheduler, config.base_train, seed, device=device,
+                          desc="base (public)", progress=progress)
+    return model.cpu(), loss
+
+
+def train_shard(data: ContributorData, kind: str, config: StoreConfig, scheduler: DDPMScheduler,
+                base: UNet2DModel | None = None, device="cpu", progress=True) -> tuple[torch.nn.Module, dict]:
+    """Train one shard on `data` alone. Returns (model, metadata)."""
+    if kind not in KINDS:
+        raise ValueError(f"kind={kind!r}; allowed: {list(KINDS)}")
+    seed = derived_seed(config.seed, "shard", data.contributor_id)
+    if kind == "full":
+        model = make_unet(data.image_shape, config.unet, seed=seed)
+        train = config.shard_train
+    else:
+        if base is None:
+            raise ValueError("a LoRA shard needs the store's public base model")
+        with seeded(seed):
+            model = get_peft_model(copy.deepcopy(base), make_lora_config(config.lora_rank))
+        train = config.lora_train
+    loss = train_denoiser(model, data.images, scheduler, train, seed, device=device,
+                          desc=f"shard {data.contributor_id}", progress=progress)
+    meta = {"contributor_id": data.contributor_id, "kind": kind, "data_hash": data.data_hash,
+            "images": len(data), "seed": seed, "steps": train.steps, "final_loss": loss}
+    return model.cpu(), meta
+
+
+def save_shard(model: torch.nn.Module, meta: dict, folder: Path) -> str:
+    """Save in diffusers/peft layout plus shard.json; returns the weights' hash."""
+    folder.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(folder)
+    (folder / "shard.json").write_text(json.dumps(meta, indent=2) + "\n")
+    return files_hash(folder)

@@ -1,0 +1,305 @@
+"""The shard store on disk, and the registry of which contributors are live.
+
+    STORE/
+      manifest.json                  the registry; written atomically, source of truth
+      schedule/scheduler_config.json the shared forward process (diffusers)
+      base/                          public base UNet (LoRA stores only)
+      shards/<id>/                   config + safetensors + shard.json
+      data/<id>/images.safetensors   the contributor's data (classifier replay)
+      classifier/v<NNNN>/            config.json + safetensors; the manifest names one
+
+A directory not named by the manifest is not part of the store. New stores are built
+in a sibling temp folder and renamed into place; additions write new folders first
+and switch the manifest last, so a crash leaves the previous store intact.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import time
+import uuid
+from pathlib import Path
+
+import torch
+from diffusers import DDPMScheduler, UNet2DModel
+from peft import PeftModel
+from safetensors.torch import load_file, save_file
+from tqdm.auto import tqdm
+
+from .classifier import ShardClassifier, expand_classifier, train_classifier
+from .data import ContributorData, check_same_shape, validate_contributor_id
+from .ensemble import ShardEnsemble
+from .errors import DataError, StoreError, UnknownContributorError
+from .models import make_noise_schedule, pick_device, seeded
+from .sampler import ComposedSampler
+from .shard import StoreConfig, derived_seed, files_hash, save_shard, train_base, train_shard
+from .training import TrainConfig
+
+FORMAT = 1
+MANIFEST = "manifest.json"
+
+
+def write_json_atomic(path: Path, obj) -> None:
+    """Write JSON to a temp file beside `path`, fsync it, rename over `path`, fsync
+    the directory: readers see the old or the new file, never a partial one."""
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
+    with open(tmp, "w") as f:
+        f.write(json.dumps(obj, indent=2, sort_keys=True) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    dir_fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+def _now() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+
+
+class ShardStore:
+    """A folder of shards, their data and the shard classifier.
+
+    Use `ShardStore.create` for a new store and `ShardStore.open` for an existing one.
+    """
+
+    def __init__(self, root: Path, manifest: dict):
+        self.root = Path(root)
+        self.manifest = manifest
+        self.config = StoreConfig.from_dict(manifest["config"])
+
+    # ---------------------------------------------------------------- reading
+    @classmethod
+    def open(cls, root: str | Path) -> ShardStore:
+        """Open an existing store. Raises StoreError if there is none at `root`."""
+        root = Path(root)
+        path = root / MANIFEST
+        if not path.is_file():
+            raise StoreError(f"no shard store at {root} (missing {MANIFEST})")
+        try:
+            manifest = json.loads(path.read_text())
+        except json.JSONDecodeError as err:
+            raise StoreError(f"{path} is not valid JSON: {err}") from err
+        if manifest.get("format") != FORMAT:
+            raise StoreError(f"{path}: format {manifest.get('format')!r}, expected {FORMAT}")
+        return cls(root, manifest)
+
+    @property
+    def contributor_ids(self) -> list[str]:
+        return sorted(self.manifest["contributors"])
+
+    @property
+    def image_shape(self) -> tuple[int, int, int]:
+        return tuple(self.manifest["image_shape"])
+
+    def contributor(self, contributor_id: str) -> dict:
+        """The manifest entry of a live contributor."""
+        try:
+            return self.manifest["contributors"][contributor_id]
+        except KeyError:
+            raise UnknownContributorError(contributor_id) from None
+
+    def priors(self) -> dict[str, float]:
+        """lambda_i: proportional to |D_i| (`size`) or equal (`uniform`)."""
+        entries = self.manifest["contributors"]
+        if self.config.priors == "uniform":
+            return {c: 1.0 for c in entries}
+        return {c: float(e["images"]) for c, e in entries.items()}
+
+    def noise_schedule(self) -> DDPMScheduler:
+        return DDPMScheduler.from_pretrained(self.root / "schedule")
+
+    def contributor_images(self, contributor_id: str) -> torch.Tensor:
+        entry = self.contributor(contributor_id)
+        return load_file(self.root / entry["data_path"] / "images.safetensors")["images"]
+
+    def load_classifier(self) -> ShardClassifier:
+        return ShardClassifier.from_pretrained(self.root / self.manifest["classifier"]["path"]).eval()
+
+    def load_ensemble(self, contributor_ids: list[str] | None = None) -> ShardEnsemble:
+        """Load the shards of `contributor_ids` (default: all live ones)."""
+        ids = self.contributor_ids if contributor_ids is None else list(contributor_ids)
+        entries = {c: self.contributor(c) for c in ids}
+        full = {c: UNet2DModel.from_pretrained(self.root / e["path"]).eval()
+                for c, e in entries.items() if e["kind"] == "full"}
+        lora_ids = [c for c, e in entries.items() if e["kind"] == "lora"]
+        lora = None
+        for cid in lora_ids:
+            folder = self.root / entries[cid]["path"]
+            if lora is None:
+                base = UNet2DModel.from_pretrained(self.root / self.manifest["base"]["path"])
+                lora = PeftModel.from_pretrained(base, folder, adapter_name=cid)
+            else:
+                lora.load_adapter(folder, adapter_name=cid)
+        if lora is not None:
+            lora.eval()
+        return ShardEnsemble(full, lora, lora_ids)
+
+    def load_sampler(self, device: str | None = None) -> ComposedSampler:
+        """Every live shard and the classifier, ready to sample on `device`."""
+        if not self.contributor_ids:
+            raise StoreError(f"store {self.root} has no contributors")
+        dev = pick_device(device)
+        schedule = dict(self.noise_schedule().config)
+        return ComposedSampler(self.load_ensemble().to(dev), self.load_classifier().to(dev),
+                               schedule, self.priors(), self.image_shape)
+
+    # ---------------------------------------------------------------- writing
+    @classmethod
+    def create(cls, root: str | Path, datasets: list[ContributorData],
+               config: StoreConfig | None = None, public: torch.Tensor | None = None,
+               device: str | None = None, progress: bool = True) -> ShardStore:
+        """Train one shard per contributor and the classifier; write a new store.
+
+        Raises:
+            StoreError: `root` exists and is not empty.
+            DataError: no data, duplicate ids, mismatched shapes, LoRA without public data.
+        """
+        root = Path(root)
+        config = config or StoreConfig()
+        if root.exists() and (not root.is_dir() or any(root.iterdir())):
+            raise StoreError(f"{root} already exists and is not empty; choose a new store path")
+        if not datasets:
+            raise DataError("no contributors to train")
+        ids = [d.contributor_id for d in datasets]
+        if len(set(ids)) != len(ids):
+            raise DataError(f"duplicate contributor ids: {sorted({i for i in ids if ids.count(i) > 1})}")
+        check_same_shape(datasets)
+        image_shape = datasets[0].image_shape
+        if config.kind == "lora":
+            if public is None or len(public) == 0:
+                raise DataError("kind 'lora' needs public data (--public DIR) for the base model")
+            if tuple(public.shape[1:]) != image_shape:
+                raise DataError(f"public images have shape {tuple(public.shape[1:])}, contributors {image_shape}")
+        tmp = root.parent / f".{root.name}.partial-{uuid.uuid4().hex[:8]}"
+        tmp.mkdir(parents=True)
+        try:
+            store = cls._build(tmp, sorted(datasets, key=lambda d: d.contributor_id), config,
+                               public, image_shape, pick_device(device), progress)
+            if root.exists():
+                root.rmdir()
+            os.replace(tmp, root)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        return cls.open(root)
+
+    @classmethod
+    def _build(cls, root, datasets, config, public, image_shape, device, progress) -> ShardStore:
+        scheduler = make_noise_schedule(config.schedule)
+        scheduler.save_pretrained(root / "schedule")
+        manifest = {"format": FORMAT, "created_at": _now(), "image_shape": list(image_shape),
+                    "config": config.to_dict(), "base": None, "contributors": {}, "classifier": None}
+        base = None
+        if config.kind == "lora":
+            base, loss = train_base(public, image_shape, config, scheduler, device, progress)
+            base.save_pretrained(root / "base")
+            manifest["base"] = {"path": "base", "images": len(public), "final_loss": loss,
+                                "data_hash": _tensor_hash(public), "weights_hash": files_hash(root / "base")}
+        store = cls(root, manifest)
+        for data in tqdm(datasets, desc="shards", disable=not progress):
+            store._write_shard(data, config.kind, scheduler, base, device, progress)
+        store._write_classifier(store._train_classifier_from_scratch(device, progress))
+        return store
+
+    def add(self, data: ContributorData, kind: str | None = None, public: torch.Tensor | None = None,
+            device: str | None = None, progress: bool = True) -> dict:
+        """Train a shard for a new contributor and update the classifier (continual:
+        the old classifier's weights are kept, a head row is added, and it is fine-tuned
+        on replayed data of all shards). Returns the new manifest entry.
+
+        Raises:
+            DataError: the id is already live, or the image shape differs.
+        """
+        kind = kind or self.config.kind
+        cid = validate_contributor_id(data.contributor_id)
+        if cid in self.manifest["contributors"]:
+            raise DataError(f"contributor {cid!r} is already in the store")
+        check_same_shape([data], self.image_shape)
+        dev = pick_device(device)
+        scheduler = self.noise_schedule()
+        base = None
+        if kind == "lora":
+            if self.manifest["base"] is None:
+                raise DataError("this store has no public base model; add with --kind full")
+            base = UNet2DModel.from_pretrained(self.root / self.manifest["base"]["path"])
+        self._cleanup_partials()
+        new_entry = self._write_shard(data, kind, scheduler, base, dev, progress, commit=False)
+        old = self.load_classifier()
+        ids = sorted([*self.manifest["contributors"], cid])
+        version = self.manifest["classifier"]["version"] + 1
+        with seeded(derived_seed(self.config.seed, "classifier-update", str(version))):
+            classifier = expand_classifier(old, ids)
+        images = {c: self.contributor_images(c) for c in self.manifest["contributors"]}
+        images[cid] = data.images
+        train = TrainConfig(**{**self.config.classifier_train.to_dict(),
+                               "steps": self.config.classifier_update_steps, "warmup_steps": 0})
+        loss = train_classifier(classifier, [images[c] for c in ids], scheduler, train,
+                                derived_seed(self.config.seed, "classifier-update", str(version)),
+                                device=dev, progress=progress)
+        self.manifest["contributors"][cid] = new_entry
+        self._write_classifier((classifier.cpu(), {"trained": "update", "steps": train.steps,
+                                                   "final_loss": loss}))
+        return new_entry
+
+    def _train_classifier_from_scratch(self, device, progress) -> tuple[ShardClassifier, dict]:
+        """Deterministic in (sorted live ids, their data, store seed): a store that
+        retrains it after removing c equals a store that never had c."""
+        ids = self.contributor_ids
+        seed = derived_seed(self.config.seed, "classifier")
+        with seeded(seed):
+            classifier = ShardClassifier(contributor_ids=ids, in_channels=self.image_shape[0],
+                                         block_out_channels=list(self.config.classifier_channels))
+        loss = train_classifier(classifier, [self.contributor_images(c) for c in ids],
+                                self.noise_schedule(), self.config.classifier_train, seed,
+                                device=device, progress=progress)
+        return classifier.cpu(), {"trained": "scratch", "steps": self.config.classifier_train.steps,
+                                  "final_loss": loss}
+
+    def _write_shard(self, data, kind, scheduler, base, device, progress, commit=True) -> dict:
+        cid = data.contributor_id
+        model, meta = train_shard(data, kind, self.config, scheduler, base, device, progress)
+        staging = self.root / "shards" / f".{cid}.partial"
+        weights_hash = save_shard(model, meta, staging)
+        shard_dir, data_dir = self.root / "shards" / cid, self.root / "data" / cid
+        for orphan in (shard_dir, data_dir):  # left by a crash before a manifest switch
+            shutil.rmtree(orphan, ignore_errors=True)
+        data_dir.mkdir(parents=True)
+        save_file({"images": data.images.contiguous()}, str(data_dir / "images.safetensors"),
+                  metadata={"data_hash": data.data_hash})
+        os.replace(staging, shard_dir)
+        entry = {**meta, "path": f"shards/{cid}", "data_path": f"data/{cid}",
+                 "weights_hash": weights_hash, "added_at": _now()}
+        if commit:
+            self.manifest["contributors"][cid] = entry
+        return entry
+
+    def _write_classifier(self, trained: tuple[ShardClassifier, dict]) -> None:
+        """Save as a new version, then switch the manifest to it, then drop the old."""
+        classifier, meta = trained
+        previous = self.manifest.get("classifier")
+        version = (previous or {}).get("version", 0) + 1
+        path = f"classifier/v{version:04d}"
+        classifier.save_pretrained(self.root / path)
+        self.manifest["classifier"] = {**meta, "version": version, "path": path,
+                                       "contributor_ids": list(classifier.config.contributor_ids),
+                                       "weights_hash": files_hash(self.root / path)}
+        self.save_manifest()
+        if previous and previous["path"] != path:
+            shutil.rmtree(self.root / previous["path"], ignore_errors=True)
+
+    def save_manifest(self) -> None:
+        write_json_atomic(self.root / MANIFEST, self.manifest)
+
+    def _cleanup_partials(self) -> None:
+        for stale in (self.root / "shards").glob(".*.partial"):
+            shutil.rmtree(stale, ignore_errors=True)
+
+
+def _tensor_hash(images: torch.Tensor) -> str:
+    return hashlib.sha256(images.contiguous().numpy().tobytes()).hexdigest()

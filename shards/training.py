@@ -1,0 +1,86 @@
+"""Training loops: denoising (epsilon-prediction) for shards, and the shared
+minibatch sampler. Every loop is a pure function of its data and seed.
+
+Denoising loss (DDPM, Ho et al. 2020, eq. 14):
+    L = E_{x_0 ~ D, t ~ U{0..T-1}, eps ~ N(0, I)} || eps - eps_theta(x_t, t) ||^2,
+    x_t = sqrt(abar_t) x_0 + sqrt(1 - abar_t) eps.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import torch
+from diffusers import DDPMScheduler
+from diffusers.optimization import get_cosine_schedule_with_warmup
+from tqdm.auto import tqdm
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Optimisation settings of one denoiser (a full shard, the base, or a LoRA)."""
+
+    steps: int = 800
+    batch_size: int = 64
+    lr: float = 2e-3
+    warmup_steps: int = 50
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def forward_noise(
+    scheduler: DDPMScheduler, x0: torch.Tensor, generator: torch.Generator
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Draw t ~ U{0..T-1} and eps ~ N(0, I); return (x_t, t, eps)."""
+    n = x0.shape[0]
+    t = torch.randint(0, scheduler.config.num_train_timesteps, (n,), generator=generator)
+    eps = torch.randn(x0.shape, generator=generator)
+    return scheduler.add_noise(x0, eps, t), t, eps
+
+
+def train_denoiser(
+    model: torch.nn.Module,
+    images: torch.Tensor,
+    scheduler: DDPMScheduler,
+    config: TrainConfig,
+    seed: int,
+    *,
+    device: torch.device | str = "cpu",
+    desc: str = "train",
+    progress: bool = True,
+) -> float:
+    """Fit `model` (in place) to predict the noise added to `images`.
+
+    Only parameters with `requires_grad` are optimised (so a peft model trains its
+    LoRA weights only). Batches, timesteps and noise come from a CPU generator seeded
+    with `seed`, so the result is a function of (initial weights, images, seed).
+
+    Returns:
+        The mean loss over the last 10% of steps (at least one step).
+    """
+    if images.ndim != 4 or images.shape[0] == 0:
+        raise ValueError(f"images must be a non-empty (N, C, H, W) tensor, got {tuple(images.shape)}")
+    generator = torch.Generator().manual_seed(seed)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=0.0)
+    lr_schedule = get_cosine_schedule_with_warmup(optimizer, config.warmup_steps, config.steps)
+    model.to(device).train()
+    tail = max(1, config.steps // 10)
+    recent: list[float] = []
+    bar = tqdm(range(config.steps), desc=desc, disable=not progress, leave=False)
+    for step in bar:
+        idx = torch.randint(0, images.shape[0], (config.batch_size,), generator=generator)
+        x_t, t, eps = forward_noise(scheduler, images[idx], generator)
+        pred = model(x_t.to(device), t.to(device)).sample
+        loss = torch.nn.functional.mse_loss(pred, eps.to(device))
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        lr_schedule.step()
+        if step >= config.steps - tail:
+            recent.append(loss.item())
+        if step % 50 == 0:
+            bar.set_postfix(loss=f"{loss.item():.4f}")
+    model.eval()
+    return float(sum(recent) / len(recent))

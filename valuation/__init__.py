@@ -1,0 +1,1 @@
+"""Valuation: global properties of samples, utilities on coalitions, Shapley estimators."""
