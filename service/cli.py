@@ -4,7 +4,6 @@ prints; domain errors (`CDMError`) become one-line messages and exit status 2.""
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 from pathlib import Path
@@ -31,9 +30,23 @@ def cmd_demo_data(args) -> None:
 
 
 def _store_config(args):
+    from dataclasses import replace
+
     from shards import StoreConfig
 
-    return StoreConfig(seed=args.seed, kind=args.kind)
+    def steps(train, n):
+        return replace(train, steps=n, warmup_steps=min(train.warmup_steps, n // 5))
+
+    config = StoreConfig(seed=args.seed, kind=args.kind)
+    if args.shard_steps is not None:
+        n = args.shard_steps
+        config = replace(config, shard_train=steps(config.shard_train, n),
+                         base_train=steps(config.base_train, n), lora_train=steps(config.lora_train, n))
+    if args.classifier_steps is not None:
+        n = args.classifier_steps
+        config = replace(config, classifier_train=steps(config.classifier_train, n),
+                         classifier_update_steps=max(1, n // 3))
+    return config
 
 
 def cmd_train(args) -> None:
@@ -71,12 +84,14 @@ def cmd_sample(args) -> None:
     from shards import ShardStore
     from shards.images import save_grid
 
+    path = Path(args.out)
+    if path.suffix not in (".png", ".npz"):
+        raise ValueError(f"--out must end in .png or .npz, got {path.name!r}")
     store = ShardStore.open(args.store)
     sampler = store.load_sampler(args.device)
     contributors = _csv(args.contributors) if args.contributors else None
     out = sampler(contributors, n=args.n, steps=args.steps, seed=args.seed,
                   scheduler=args.scheduler, mode=args.mode, progress=True)
-    path = Path(args.out)
     path.parent.mkdir(parents=True, exist_ok=True)
     if path.suffix == ".npz":
         import numpy as np
@@ -84,10 +99,8 @@ def cmd_sample(args) -> None:
         np.savez(path, images=out.images.numpy(), contributor_ids=np.array(out.contributor_ids),
                  attribution_mean=out.attribution_mean.numpy(),
                  attribution_last=out.attribution_last.numpy())
-    elif path.suffix == ".png":
-        save_grid(out.images, path)
     else:
-        raise SystemExit(f"error: --out must end in .png or .npz, got {path.name!r}")
+        save_grid(out.images, path)
     print(f"wrote {path} ({args.n} samples, {args.scheduler}, {args.steps} steps, {args.mode})")
     print(f"{'contributor':12s} {'mean attribution':>17s} {'last-step':>10s}")
     for cid, row in out.attribution_table().items():
@@ -110,6 +123,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--kind", choices=["full", "lora"], default="full")
     p.add_argument("--public", help="public images (no contributor owns them) for the LoRA base")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--shard-steps", type=int, default=None,
+                   help="training steps per shard (and for the LoRA base); default 800")
+    p.add_argument("--classifier-steps", type=int, default=None,
+                   help="training steps of the shard classifier; default 800")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if present)")
     p.set_defaults(func=cmd_train)
 
@@ -140,10 +157,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         args.func(args)
-    except CDMError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    except ValueError as err:
+    except (CDMError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     return 0

@@ -120,6 +120,9 @@ def train_classifier(
         raise ValueError(f"{len(datasets)} datasets for {len(classifier.config.contributor_ids)} classifier outputs")
     generator = torch.Generator().manual_seed(seed)
     freqs = classifier.log_train_freq.exp().cpu()
+    pool = torch.cat(datasets)
+    sizes = torch.tensor([d.shape[0] for d in datasets])
+    offsets = torch.cumsum(sizes, 0) - sizes
     optimizer = torch.optim.AdamW(classifier.parameters(), lr=config.lr, weight_decay=1e-4)
     lr_schedule = get_cosine_schedule_with_warmup(optimizer, config.warmup_steps, config.steps)
     classifier.to(device).train()
@@ -127,10 +130,8 @@ def train_classifier(
     bar = tqdm(range(config.steps), desc="classifier", disable=not progress, leave=False)
     for step in bar:
         labels = torch.multinomial(freqs, config.batch_size, replacement=True, generator=generator)
-        x0 = torch.stack([
-            datasets[k][torch.randint(0, datasets[k].shape[0], (1,), generator=generator)][0]
-            for k in labels.tolist()
-        ])
+        within = (torch.rand(config.batch_size, generator=generator) * sizes[labels]).long()
+        x0 = pool[offsets[labels] + within]
         x_t, t, _ = forward_noise(scheduler, x0, generator)
         loss = torch.nn.functional.cross_entropy(classifier(x_t.to(device), t.to(device)), labels.to(device))
         optimizer.zero_grad(set_to_none=True)

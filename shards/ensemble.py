@@ -40,7 +40,7 @@ class ShardEnsemble(torch.nn.Module):
             names = [c for c in lora_ids for _ in range(batch)]
             t_rep = t.repeat(len(lora_ids)) if t.ndim == 1 else t
             eps = self.lora(x_t.repeat(len(lora_ids), 1, 1, 1), t_rep, adapter_names=names).sample
-            out.update(zip(lora_ids, eps.split(batch)))
+            out.update(zip(lora_ids, eps.split(batch), strict=True))
         for cid in ids:
             if cid in self.full:
                 out[cid] = self.full[cid](x_t, t).sample

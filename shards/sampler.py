@@ -98,7 +98,7 @@ class ComposedSampler:
         if n < 1 or steps < 1:
             raise ValueError(f"n and steps must be >= 1, got n={n}, steps={steps}")
         allowed = self._allowed(contributors)
-        ids = [c for c, a in zip(self.contributor_ids, allowed.tolist()) if a]
+        ids = [c for c, a in zip(self.contributor_ids, allowed.tolist(), strict=True) if a]
         device = self.device
         sched = SCHEDULERS[scheduler].from_config(self.schedule_config)
         sched.set_timesteps(steps)

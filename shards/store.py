@@ -179,8 +179,8 @@ class ShardStore:
         tmp = root.parent / f".{root.name}.partial-{uuid.uuid4().hex[:8]}"
         tmp.mkdir(parents=True)
         try:
-            store = cls._build(tmp, sorted(datasets, key=lambda d: d.contributor_id), config,
-                               public, image_shape, pick_device(device), progress)
+            cls._build(tmp, sorted(datasets, key=lambda d: d.contributor_id), config,
+                       public, image_shape, pick_device(device), progress)
             if root.exists():
                 root.rmdir()
             os.replace(tmp, root)
@@ -190,7 +190,7 @@ class ShardStore:
         return cls.open(root)
 
     @classmethod
-    def _build(cls, root, datasets, config, public, image_shape, device, progress) -> ShardStore:
+    def _build(cls, root, datasets, config, public, image_shape, device, progress) -> None:
         scheduler = make_noise_schedule(config.schedule)
         scheduler.save_pretrained(root / "schedule")
         manifest = {"format": FORMAT, "created_at": _now(), "image_shape": list(image_shape),
@@ -205,7 +205,6 @@ class ShardStore:
         for data in tqdm(datasets, desc="shards", disable=not progress):
             store._write_shard(data, config.kind, scheduler, base, device, progress)
         store._write_classifier(store._train_classifier_from_scratch(device, progress))
-        return store
 
     def add(self, data: ContributorData, kind: str | None = None, public: torch.Tensor | None = None,
             device: str | None = None, progress: bool = True) -> dict:

@@ -25,6 +25,12 @@ class TrainConfig:
     lr: float = 2e-3
     warmup_steps: int = 50
 
+    def __post_init__(self):
+        if self.steps < 1 or self.batch_size < 1 or self.lr <= 0:
+            raise ValueError(f"steps, batch_size and lr must be positive: {self}")
+        if not 0 <= self.warmup_steps <= self.steps:
+            raise ValueError(f"warmup_steps={self.warmup_steps} must be in [0, steps={self.steps}]")
+
     def to_dict(self) -> dict:
         return asdict(self)
 

@@ -1,0 +1,147 @@
+"""Evidence for the core issue, on the default store. Prints measured numbers and
+writes benchmarks/results/core_evidence.{json,md} and sample grids; it does not pass
+or fail.
+
+1. Restricted to one contributor: share of samples that a digits classifier trained
+   on the held-out digits puts in that contributor's digit classes.
+2. All shards composed vs naive averaging vs one monolithic UNet (same architecture,
+   trained on the union of all contributors' data with as many steps as all shards
+   together): Frechet distance to held-out digits in that classifier's feature space.
+3. Restricted to {alice, bob} (disjoint digits): share of samples whose largest
+   attribution goes to the owner of the digit the sample shows.
+
+    python benchmarks/core_evidence.py --data var/demo-data --store var/store
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+from shards import ShardStore  # noqa: E402
+from shards.demo import load_heldout  # noqa: E402
+from shards.images import save_grid  # noqa: E402
+from shards.models import make_unet  # noqa: E402
+from shards.sampler import SCHEDULERS  # noqa: E402
+from shards.training import TrainConfig, train_denoiser  # noqa: E402
+from valuation.features import frechet_distance, gaussian_stats, train_feature_net  # noqa: E402
+
+RESULTS = Path(__file__).parent / "results"
+
+
+@torch.no_grad()
+def sample_monolithic(model, schedule_config, n, steps, seed, shape):
+    """Plain DDIM with one UNet, the same initial noise as the composed sampler."""
+    sched = SCHEDULERS["ddim"].from_config(schedule_config)
+    sched.set_timesteps(steps)
+    x = torch.randn((n, *shape), generator=torch.Generator().manual_seed(seed))
+    for t in sched.timesteps:
+        x = sched.step(model(x, t).sample, t, x).prev_sample
+    return (x.clamp(-1, 1) + 1) / 2
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--data", default="var/demo-data")
+    parser.add_argument("--store", default="var/store")
+    parser.add_argument("--n", type=int, default=1000, help="samples for the Frechet distances")
+    parser.add_argument("--n-single", type=int, default=200, help="samples per single contributor")
+    parser.add_argument("--steps", type=int, default=50)
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args()
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    owners = json.loads((Path(args.data) / "owners.json").read_text())["contributors"]
+    store = ShardStore.open(args.store)
+    sampler = store.load_sampler("cpu")
+
+    x_held, y_held = load_heldout(args.data)
+    x_held = (x_held + 1) / 2
+    net = train_feature_net(x_held, y_held, seed=args.seed)
+    # honest accuracy of the evaluator: fit on 80% of held-out, test on the other 20%
+    perm = np.random.default_rng(args.seed).permutation(len(y_held))
+    cut = int(0.8 * len(perm))
+    probe = train_feature_net(x_held[perm[:cut]], y_held[perm[:cut]], seed=args.seed)
+    with torch.no_grad():
+        acc = float((probe(torch.as_tensor(x_held[perm[cut:]])).argmax(1).numpy() == y_held[perm[cut:]]).mean())
+        ref = gaussian_stats(net.features(torch.as_tensor(x_held)).numpy())
+
+    def classify(images):
+        with torch.no_grad():
+            return net(images).argmax(1).numpy()
+
+    def fd(images):
+        with torch.no_grad():
+            return frechet_distance(*gaussian_stats(net.features(images).numpy()), *ref)
+
+    report: dict = {"evaluator_holdout_accuracy": acc, "steps": args.steps, "seed": args.seed}
+    print(f"evaluator accuracy on 20% of held-out digits (fit on the other 80%): {acc:.3f}")
+
+    # 1. single-contributor restriction
+    single = {}
+    for cid in store.contributor_ids:
+        out = sampler([cid], n=args.n_single, steps=args.steps, seed=args.seed)
+        share = float(np.isin(classify(out.images), owners[cid]["classes"]).mean())
+        single[cid] = share
+        save_grid(out.images[:64], RESULTS / f"single_{cid}.png")
+        print(f"restricted to {cid:8s}: {share:6.1%} of samples in its digits {owners[cid]['classes']}")
+    report["single_contributor_share"] = single
+
+    # 2. composed vs naive vs monolithic
+    t0 = time.perf_counter()
+    composed = sampler(None, n=args.n, steps=args.steps, seed=args.seed)
+    t_composed = time.perf_counter() - t0
+    naive = sampler(None, n=args.n, steps=args.steps, seed=args.seed, mode="naive")
+    union = torch.cat([store.contributor_images(c) for c in store.contributor_ids])
+    cfg = store.config
+    mono_steps = cfg.shard_train.steps * len(store.contributor_ids)
+    mono = make_unet(store.image_shape, cfg.unet, seed=args.seed)
+    t0 = time.perf_counter()
+    mono_loss = train_denoiser(mono, union, store.noise_schedule(),
+                               TrainConfig(**{**cfg.shard_train.to_dict(), "steps": mono_steps}),
+                               args.seed, desc="monolithic")
+    t_mono_train = time.perf_counter() - t0
+    mono_images = sample_monolithic(mono, dict(store.noise_schedule().config), args.n, args.steps,
+                                    args.seed, store.image_shape)
+    fds = {"composed": fd(composed.images), "naive": fd(naive.images), "monolithic": fd(mono_images),
+           "heldout_self": 0.0}
+    for name, imgs in [("composed", composed.images), ("naive", naive.images), ("monolithic", mono_images)]:
+        save_grid(imgs[:100], RESULTS / f"all_{name}.png", ncol=10)
+    report.update(frechet=fds, monolithic_steps=mono_steps, monolithic_final_loss=mono_loss,
+                  monolithic_train_s=t_mono_train, composed_sample_s=t_composed)
+    rel = fds["composed"] / fds["monolithic"] - 1
+    print(f"Frechet distance to held-out ({args.n} samples): composed {fds['composed']:.3f}, "
+          f"naive {fds['naive']:.3f}, monolithic {fds['monolithic']:.3f} "
+          f"(composed vs monolithic {rel:+.1%})")
+
+    # 3. attribution on {alice, bob}
+    pair = ["alice", "bob"]
+    out = sampler(pair, n=args.n_single * 2, steps=args.steps, seed=args.seed)
+    digits = classify(out.images)
+    owner = np.where(np.isin(digits, owners["alice"]["classes"]), 0,
+                     np.where(np.isin(digits, owners["bob"]["classes"]), 1, -1))
+    valid = owner >= 0
+    top = out.attribution_mean.argmax(1).numpy()
+    mass = out.attribution_mean.numpy()[np.arange(len(owner)), np.clip(owner, 0, 1)]
+    report["pair_attribution"] = {
+        "pair": pair, "samples": int(len(owner)), "samples_in_pair_digits": int(valid.sum()),
+        "argmax_is_owner": float((top[valid] == owner[valid]).mean()),
+        "mean_mass_on_owner": float(mass[valid].mean()),
+        "argmax_is_owner_last_step": float((out.attribution_last.argmax(1).numpy()[valid] == owner[valid]).mean()),
+    }
+    pa = report["pair_attribution"]
+    print(f"{{alice, bob}}: largest attribution on the digit's owner for {pa['argmax_is_owner']:.1%} "
+          f"of samples; mean attribution mass on the owner {pa['mean_mass_on_owner']:.3f}")
+    (RESULTS / "core_evidence.json").write_text(json.dumps(report, indent=2) + "\n")
+    print(f"wrote {RESULTS}/core_evidence.json and sample grids")
+
+
+if __name__ == "__main__":
+    main()

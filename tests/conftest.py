@@ -1,0 +1,70 @@
+"""Shared fixtures: tiny seeded data and stores (a few training steps each)."""
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("BENTOML_DO_NOT_TRACK", "true")
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+import torch  # noqa: E402
+from PIL import Image  # noqa: E402
+
+from shards import ShardStore, StoreConfig, TrainConfig, load_contributors  # noqa: E402
+from shards.data import load_image_folder  # noqa: E402
+
+TINY = TrainConfig(steps=12, batch_size=8, warmup_steps=2)
+TINY_CONFIG = StoreConfig(shard_train=TINY, base_train=TINY, lora_train=TINY,
+                          classifier_train=TINY, classifier_update_steps=4)
+
+
+def write_pngs(folder, images, mode="L"):
+    """Write uint8 arrays (N, H, W[, 3]) as PNGs into `folder`."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for i, img in enumerate(images):
+        Image.fromarray(img, mode=mode).save(folder / f"img-{i:03d}.png")
+
+
+@pytest.fixture(scope="session")
+def data_dir(tmp_path_factory):
+    """Three contributors of 8x8 grayscale digits: a={0}, b={1}, c={2}; plus public."""
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    root = tmp_path_factory.mktemp("data")
+    imgs = np.round(digits.images / 16 * 255).astype(np.uint8)
+    for cid, digit in [("a", 0), ("b", 1), ("c", 2)]:
+        write_pngs(root / "contributors" / cid, imgs[digits.target == digit][:20])
+    write_pngs(root / "public", imgs[digits.target >= 3][:30])
+    return root
+
+
+@pytest.fixture(scope="session")
+def datasets(data_dir):
+    return load_contributors(data_dir / "contributors")
+
+
+@pytest.fixture(scope="session")
+def full_store(tmp_path_factory, datasets):
+    return ShardStore.create(tmp_path_factory.mktemp("s") / "full", datasets, TINY_CONFIG,
+                             device="cpu", progress=False)
+
+
+@pytest.fixture(scope="session")
+def lora_store(tmp_path_factory, datasets, data_dir):
+    from dataclasses import replace
+
+    return ShardStore.create(tmp_path_factory.mktemp("s") / "lora", datasets,
+                             replace(TINY_CONFIG, kind="lora"),
+                             public=load_image_folder(data_dir / "public"), device="cpu",
+                             progress=False)
+
+
+@pytest.fixture()
+def tiny_config():
+    return TINY_CONFIG
+
+
+def assert_close(a: torch.Tensor, b: torch.Tensor, atol=1e-5):
+    assert a.shape == b.shape
+    assert torch.allclose(a, b, atol=atol), f"max diff {(a - b).abs().max().item()}"

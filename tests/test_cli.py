@@ -1,0 +1,64 @@
+import numpy as np
+import pytest
+from conftest import write_pngs
+
+from service.cli import main
+
+
+def test_train_sample_png_and_npz(tmp_path, data_dir, capsys):
+    store = tmp_path / "store"
+    args = ["train", str(data_dir / "contributors"), "--store", str(store),
+            "--shard-steps", "6", "--classifier-steps", "6", "--device", "cpu"]
+    assert main(args) == 0
+    assert main(["sample", "--store", str(store), "--contributors", "a,b", "--n", "4",
+                 "--steps", "3", "--out", str(tmp_path / "g.png")]) == 0
+    printed = capsys.readouterr().out
+    assert "mean attribution" in printed and "a " in printed
+    assert (tmp_path / "g.png").stat().st_size > 0
+    assert main(["sample", "--store", str(store), "--n", "3", "--steps", "2",
+                 "--out", str(tmp_path / "s.npz")]) == 0
+    npz = np.load(tmp_path / "s.npz")
+    assert npz["images"].shape == (3, 1, 8, 8)
+    assert 0 <= npz["images"].min() and npz["images"].max() <= 1
+    assert list(npz["contributor_ids"]) == ["a", "b", "c"]
+    np.testing.assert_allclose(npz["attribution_mean"].sum(1), 1, atol=1e-5)
+    np.testing.assert_allclose(npz["attribution_last"].sum(1), 1, atol=1e-5)
+
+
+def test_rgb_store_via_cli(tmp_path, capsys):
+    rng = np.random.default_rng(0)
+    for cid in ("red", "blue"):
+        write_pngs(tmp_path / "d" / cid, rng.integers(0, 256, (6, 8, 8, 3), dtype=np.uint8), mode="RGB")
+    store = tmp_path / "store"
+    assert main(["train", str(tmp_path / "d"), "--store", str(store), "--shard-steps", "4",
+                 "--classifier-steps", "4"]) == 0
+    write_pngs(tmp_path / "green", rng.integers(0, 256, (6, 8, 8, 3), dtype=np.uint8), mode="RGB")
+    assert main(["add", str(tmp_path / "green"), "--store", str(store)]) == 0
+    assert main(["sample", "--store", str(store), "--n", "2", "--steps", "2",
+                 "--out", str(tmp_path / "rgb.npz")]) == 0
+    npz = np.load(tmp_path / "rgb.npz")
+    assert npz["images"].shape == (2, 3, 8, 8)
+    assert list(npz["contributor_ids"]) == ["blue", "green", "red"]
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["sample", "--store", "{tmp}/missing", "--out", "{tmp}/x.png"], "no shard store"),
+    (["train", "{tmp}/nodata", "--store", "{tmp}/s"], "does not exist"),
+])
+def test_errors_are_one_line_with_status_2(tmp_path, capsys, argv, message):
+    argv = [a.format(tmp=tmp_path) for a in argv]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error:") and message in err
+
+
+def test_unknown_contributor_and_bad_out(tmp_path, data_dir, capsys):
+    store = tmp_path / "store"
+    assert main(["train", str(data_dir / "contributors"), "--store", str(store),
+                 "--shard-steps", "3", "--classifier-steps", "3"]) == 0
+    assert main(["sample", "--store", str(store), "--contributors", "a,zed",
+                 "--out", str(tmp_path / "x.png")]) == 2
+    assert "unknown contributor(s): zed" in capsys.readouterr().err
+    assert main(["sample", "--store", str(store), "--n", "1", "--steps", "1",
+                 "--out", str(tmp_path / "x.gif")]) == 2
+    assert ".png or .npz" in capsys.readouterr().err

@@ -1,0 +1,78 @@
+import pytest
+import torch
+from conftest import assert_close
+
+from shards.errors import UnknownContributorError
+from shards.sampler import SCHEDULERS
+
+
+@pytest.fixture(scope="module")
+def sampler(full_store):
+    return full_store.load_sampler("cpu")
+
+
+@pytest.mark.parametrize("scheduler", ["ddim", "ddpm"])
+def test_same_seed_same_images(sampler, scheduler):
+    o1 = sampler(None, n=4, steps=5, seed=3, scheduler=scheduler)
+    o2 = sampler(None, n=4, steps=5, seed=3, scheduler=scheduler)
+    o3 = sampler(None, n=4, steps=5, seed=4, scheduler=scheduler)
+    assert torch.equal(o1.images, o2.images)
+    assert not torch.equal(o1.images, o3.images)
+
+
+def test_images_and_attribution_shapes(sampler):
+    out = sampler(["c", "a"], n=5, steps=4, seed=0)
+    assert out.images.shape == (5, 1, 8, 8)
+    assert out.images.min() >= 0 and out.images.max() <= 1
+    assert out.contributor_ids == ["a", "c"]  # store order
+    for att in (out.attribution_mean, out.attribution_last):
+        assert att.shape == (5, 2)
+        assert_close(att.sum(1), torch.ones(5))
+        assert (att >= 0).all()
+
+
+def test_naive_mode_is_uniform(sampler):
+    out = sampler(None, n=3, steps=3, seed=0, mode="naive")
+    assert_close(out.attribution_mean, torch.full((3, 3), 1 / 3))
+
+
+def test_single_contributor_equals_that_shard_alone(sampler, full_store):
+    """Restricted to {b}, w_b = 1: the composition is shard b's own DDIM chain."""
+    out = sampler(["b"], n=3, steps=6, seed=2)
+    unet = full_store.load_ensemble(["b"]).full["b"]
+    sched = SCHEDULERS["ddim"].from_config(sampler.schedule_config)
+    sched.set_timesteps(6)
+    x = torch.randn((3, 1, 8, 8), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        for t in sched.timesteps:
+            x = sched.step(unet(x, t).sample, t, x).prev_sample
+    assert_close(out.images, (x.clamp(-1, 1) + 1) / 2, atol=1e-5)
+    assert torch.all(out.attribution_mean == 1)
+
+
+def test_restricted_weights_equal_renormalised_full_posterior(sampler):
+    """Masking to S equals renormalising the all-shard weights over S (eq. 1)."""
+    from shards.classifier import mixture_weights
+
+    x, t = torch.randn(6, 1, 8, 8), torch.full((6,), 400)
+    with torch.no_grad():
+        logits = sampler.classifier(x, t)
+    lf = sampler.classifier.log_train_freq
+    full = mixture_weights(logits, sampler.log_prior, lf, torch.ones(3, dtype=torch.bool))
+    subset = torch.tensor([True, False, True])
+    restricted = mixture_weights(logits, sampler.log_prior, lf, subset)
+    expected = full * subset / (full * subset).sum(1, keepdim=True)
+    assert_close(restricted, expected, atol=1e-6)
+
+
+def test_bad_requests(sampler):
+    with pytest.raises(UnknownContributorError, match="zed"):
+        sampler(["a", "zed"], n=1, steps=1)
+    with pytest.raises(ValueError, match="empty"):
+        sampler([], n=1, steps=1)
+    with pytest.raises(ValueError, match="scheduler='euler'"):
+        sampler(None, n=1, steps=1, scheduler="euler")
+    with pytest.raises(ValueError, match="mode='avg'"):
+        sampler(None, n=1, steps=1, mode="avg")
+    with pytest.raises(ValueError, match="n and steps"):
+        sampler(None, n=0, steps=1)
