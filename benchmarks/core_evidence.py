@@ -38,13 +38,15 @@ RESULTS = Path(__file__).parent / "results"
 
 
 @torch.no_grad()
-def sample_monolithic(model, schedule_config, n, steps, seed, shape):
-    """Plain DDIM with one UNet, the same initial noise as the composed sampler."""
-    sched = SCHEDULERS["ddim"].from_config(schedule_config)
+def sample_monolithic(model, schedule_config, scheduler, n, steps, seed, shape):
+    """One UNet, the same sampler, initial noise and step noise as the composed one."""
+    sched = SCHEDULERS[scheduler].from_config(schedule_config)
     sched.set_timesteps(steps)
-    x = torch.randn((n, *shape), generator=torch.Generator().manual_seed(seed))
+    generator = torch.Generator().manual_seed(seed)
+    x = torch.randn((n, *shape), generator=generator)
     for t in sched.timesteps:
-        x = sched.step(model(x, t).sample, t, x).prev_sample
+        step_gen = generator if scheduler == "ddpm" else None
+        x = sched.step(model(x, t).sample, t, x, generator=step_gen).prev_sample
     return (x.clamp(-1, 1) + 1) / 2
 
 
@@ -87,18 +89,14 @@ def main() -> None:
     # 1. single-contributor restriction
     single = {}
     for cid in store.contributor_ids:
-        out = sampler([cid], n=args.n_single, steps=args.steps, seed=args.seed)
+        out = sampler([cid], n=args.n_single, steps=args.steps, seed=args.seed)  # DDPM
         share = float(np.isin(classify(out.images), owners[cid]["classes"]).mean())
         single[cid] = share
         save_grid(out.images[:64], RESULTS / f"single_{cid}.png")
         print(f"restricted to {cid:8s}: {share:6.1%} of samples in its digits {owners[cid]['classes']}")
     report["single_contributor_share"] = single
 
-    # 2. composed vs naive vs monolithic
-    t0 = time.perf_counter()
-    composed = sampler(None, n=args.n, steps=args.steps, seed=args.seed)
-    t_composed = time.perf_counter() - t0
-    naive = sampler(None, n=args.n, steps=args.steps, seed=args.seed, mode="naive")
+    # 2. composed vs naive vs monolithic, under each sampler
     union = torch.cat([store.contributor_images(c) for c in store.contributor_ids])
     cfg = store.config
     mono_steps = cfg.shard_train.steps * len(store.contributor_ids)
@@ -107,19 +105,38 @@ def main() -> None:
     mono_loss = train_denoiser(mono, union, store.noise_schedule(),
                                TrainConfig(**{**cfg.shard_train.to_dict(), "steps": mono_steps}),
                                args.seed, desc="monolithic")
-    t_mono_train = time.perf_counter() - t0
-    mono_images = sample_monolithic(mono, dict(store.noise_schedule().config), args.n, args.steps,
-                                    args.seed, store.image_shape)
-    fds = {"composed": fd(composed.images), "naive": fd(naive.images), "monolithic": fd(mono_images),
-           "heldout_self": 0.0}
-    for name, imgs in [("composed", composed.images), ("naive", naive.images), ("monolithic", mono_images)]:
-        save_grid(imgs[:100], RESULTS / f"all_{name}.png", ncol=10)
-    report.update(frechet=fds, monolithic_steps=mono_steps, monolithic_final_loss=mono_loss,
-                  monolithic_train_s=t_mono_train, composed_sample_s=t_composed)
-    rel = fds["composed"] / fds["monolithic"] - 1
-    print(f"Frechet distance to held-out ({args.n} samples): composed {fds['composed']:.3f}, "
-          f"naive {fds['naive']:.3f}, monolithic {fds['monolithic']:.3f} "
-          f"(composed vs monolithic {rel:+.1%})")
+    report.update(monolithic_steps=mono_steps, monolithic_final_loss=mono_loss,
+                  monolithic_train_s=time.perf_counter() - t0,
+                  frechet_real_union=fd((union + 1) / 2), frechet={}, final_mass={})
+    low = [c for c in store.contributor_ids if owners[c].get("corrupted")]
+    priors = store.priors()
+    for scheduler in ("ddpm", "ddim"):
+        t0 = time.perf_counter()
+        composed = sampler(None, n=args.n, steps=args.steps, seed=args.seed, scheduler=scheduler)
+        t_composed = time.perf_counter() - t0
+        naive = sampler(None, n=args.n, steps=args.steps, seed=args.seed, scheduler=scheduler,
+                        mode="naive")
+        mono_images = sample_monolithic(mono, sampler.schedule_config, scheduler, args.n,
+                                        args.steps, args.seed, store.image_shape)
+        fds = {"composed": fd(composed.images), "naive": fd(naive.images),
+               "monolithic": fd(mono_images), "composed_sample_s": t_composed}
+        report["frechet"][scheduler] = fds
+        report["final_mass"][scheduler] = {
+            c: {"prior": priors[c] / sum(priors.values()),
+                "final_step_mass": float(composed.attribution_last[:, i].mean())}
+            for i, c in enumerate(composed.contributor_ids)}
+        for name, imgs in [("composed", composed.images), ("naive", naive.images),
+                           ("monolithic", mono_images)]:
+            save_grid(imgs[:100], RESULTS / f"all_{scheduler}_{name}.png", ncol=10)
+        rel = fds["composed"] / fds["monolithic"] - 1
+        print(f"[{scheduler} {args.steps} steps] Frechet distance to held-out ({args.n} samples): "
+              f"composed {fds['composed']:.3f}, naive {fds['naive']:.3f}, monolithic "
+              f"{fds['monolithic']:.3f} (composed vs monolithic {rel:+.1%}); real union "
+              f"{report['frechet_real_union']:.3f}")
+        for c in low:
+            m = report["final_mass"][scheduler][c]
+            print(f"[{scheduler}] final-step attribution mass of {c}: {m['final_step_mass']:.3f} "
+                  f"(prior {m['prior']:.3f})")
 
     # 3. attribution on {alice, bob}
     pair = ["alice", "bob"]

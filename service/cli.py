@@ -143,7 +143,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--n", type=int, default=16)
     p.add_argument("--steps", type=int, default=50)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--scheduler", choices=["ddim", "ddpm"], default="ddim")
+    p.add_argument("--scheduler", choices=["ddpm", "ddim"], default="ddpm")
     p.add_argument("--mode", choices=["composed", "naive"], default="composed")
     p.add_argument("--out", required=True, help=".png (grid) or .npz")
     p.add_argument("--device", default=None)

@@ -36,16 +36,19 @@ def test_naive_mode_is_uniform(sampler):
     assert_close(out.attribution_mean, torch.full((3, 3), 1 / 3))
 
 
-def test_single_contributor_equals_that_shard_alone(sampler, full_store):
-    """Restricted to {b}, w_b = 1: the composition is shard b's own DDIM chain."""
-    out = sampler(["b"], n=3, steps=6, seed=2)
+@pytest.mark.parametrize("scheduler", ["ddim", "ddpm"])
+def test_single_contributor_equals_that_shard_alone(sampler, full_store, scheduler):
+    """Restricted to {b}, w_b = 1: the composition is shard b's own sampling chain."""
+    out = sampler(["b"], n=3, steps=6, seed=2, scheduler=scheduler)
     unet = full_store.load_ensemble(["b"]).full["b"]
-    sched = SCHEDULERS["ddim"].from_config(sampler.schedule_config)
+    sched = SCHEDULERS[scheduler].from_config(sampler.schedule_config)
     sched.set_timesteps(6)
-    x = torch.randn((3, 1, 8, 8), generator=torch.Generator().manual_seed(2))
+    generator = torch.Generator().manual_seed(2)
+    x = torch.randn((3, 1, 8, 8), generator=generator)
+    step_gen = generator if scheduler == "ddpm" else None
     with torch.no_grad():
         for t in sched.timesteps:
-            x = sched.step(unet(x, t).sample, t, x).prev_sample
+            x = sched.step(unet(x, t).sample, t, x, generator=step_gen).prev_sample
     assert_close(out.images, (x.clamp(-1, 1) + 1) / 2, atol=1e-5)
     assert torch.all(out.attribution_mean == 1)
 

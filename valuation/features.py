@@ -69,12 +69,11 @@ def gaussian_stats(features: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return features.mean(axis=0), np.cov(features, rowvar=False)
 
 
-def frechet_distance(mu1, sigma1, mu2, sigma2) -> float:
-    """Eq. (6); the matrix square root's tiny imaginary part (numerical) is dropped."""
-    covmean, _ = scipy.linalg.sqrtm(sigma1 @ sigma2, disp=False)
-    if not np.isfinite(covmean).all():
-        eps = 1e-6 * np.eye(sigma1.shape[0])
-        covmean = scipy.linalg.sqrtm((sigma1 + eps) @ (sigma2 + eps))
-    covmean = np.real(covmean)
+def frechet_distance(mu1, sigma1, mu2, sigma2, eps: float = 1e-6) -> float:
+    """Eq. (6). `eps` on the diagonals keeps the product's square root defined when a
+    feature has zero variance (a ReLU unit that never fires); its effect on the
+    distance is O(eps * dim). The square root's tiny imaginary part is dropped."""
+    offset = eps * np.eye(sigma1.shape[0])
+    covmean = np.real(scipy.linalg.sqrtm((sigma1 + offset) @ (sigma2 + offset)))
     diff = mu1 - mu2
     return float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2.0 * np.trace(covmean))
