@@ -1,5 +1,5 @@
 """Evidence for the core issue, on the default store. Prints measured numbers and
-writes benchmarks/results/core_evidence.{json,md} and sample grids; it does not pass
+writes benchmarks/results/<store>/core_evidence.json and sample grids; it does not pass
 or fail.
 
 1. Restricted to one contributor: share of samples that a digits classifier trained
@@ -58,8 +58,11 @@ def main() -> None:
     parser.add_argument("--n-single", type=int, default=200, help="samples per single contributor")
     parser.add_argument("--steps", type=int, default=50)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--results", default=None,
+                        help="output folder (default: benchmarks/results/<store folder name>)")
     args = parser.parse_args()
-    RESULTS.mkdir(parents=True, exist_ok=True)
+    results = Path(args.results) if args.results else RESULTS / Path(args.store).name
+    results.mkdir(parents=True, exist_ok=True)
     owners = json.loads((Path(args.data) / "owners.json").read_text())["contributors"]
     store = ShardStore.open(args.store)
     sampler = store.load_sampler("cpu")
@@ -92,7 +95,7 @@ def main() -> None:
         out = sampler([cid], n=args.n_single, steps=args.steps, seed=args.seed)  # DDPM
         share = float(np.isin(classify(out.images), owners[cid]["classes"]).mean())
         single[cid] = share
-        save_grid(out.images[:64], RESULTS / f"single_{cid}.png")
+        save_grid(out.images[:64], results / f"single_{cid}.png")
         print(f"restricted to {cid:8s}: {share:6.1%} of samples in its digits {owners[cid]['classes']}")
     report["single_contributor_share"] = single
 
@@ -127,7 +130,7 @@ def main() -> None:
             for i, c in enumerate(composed.contributor_ids)}
         for name, imgs in [("composed", composed.images), ("naive", naive.images),
                            ("monolithic", mono_images)]:
-            save_grid(imgs[:100], RESULTS / f"all_{scheduler}_{name}.png", ncol=10)
+            save_grid(imgs[:100], results / f"all_{scheduler}_{name}.png", ncol=10)
         rel = fds["composed"] / fds["monolithic"] - 1
         print(f"[{scheduler} {args.steps} steps] Frechet distance to held-out ({args.n} samples): "
               f"composed {fds['composed']:.3f}, naive {fds['naive']:.3f}, monolithic "
@@ -156,8 +159,8 @@ def main() -> None:
     pa = report["pair_attribution"]
     print(f"{{alice, bob}}: largest attribution on the digit's owner for {pa['argmax_is_owner']:.1%} "
           f"of samples; mean attribution mass on the owner {pa['mean_mass_on_owner']:.3f}")
-    (RESULTS / "core_evidence.json").write_text(json.dumps(report, indent=2) + "\n")
-    print(f"wrote {RESULTS}/core_evidence.json and sample grids")
+    (results / "core_evidence.json").write_text(json.dumps(report, indent=2) + "\n")
+    print(f"wrote {results}/core_evidence.json and sample grids")
 
 
 if __name__ == "__main__":

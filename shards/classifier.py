@@ -86,12 +86,13 @@ def mixture_weights(
         logits: (B, n) classifier logits.
         log_prior: (n,) log lambda_i (any additive constant cancels).
         log_train_freq: (n,) log pi_i of the classifier's training draws.
-        allowed: (n,) bool, the subset S; at least one True.
+        allowed: (n,) or (B, n) bool, the subset S (one per sample if 2-d); at least
+            one True per row.
 
     Returns:
         (B, n) weights, zero outside S, each row summing to 1.
     """
-    if not bool(allowed.any()):
+    if not bool(allowed.any(dim=-1).all()):
         raise ValueError("the allowed subset S is empty")
     z = logits + log_prior - log_train_freq
     z = z.masked_fill(~allowed, float("-inf"))

@@ -5,16 +5,20 @@ For a subset S of contributors, at every step (DESIGN.md, classifier.py eq. 2):
     (3) eps_S(x_t, t) = sum_{i in S} w_i^S(x_t, t) eps_i(x_t, t)
 
 and a diffusers scheduler (DDPM ancestral, Ho et al. 2020 Algorithm 2, the default;
-or DDIM, Song et al. 2021 eq. 12 with eta = 0) turns eps_S into x_{t-1}.
+or DDIM, Song et al. 2021 eq. 12 with eta = 0) turns eps_S into x_{t-1}. `naive` mode
+uses w_i = 1/|S|, the baseline that mixes vector fields into blends of distributions.
 
 DDPM is the default because its fresh noise at every step corrects errors in the
 estimated weights; the deterministic DDIM ODE accumulates them. On the default store
-DDIM drifts mass toward the broad (corrupted) shard: 27% of final-step attribution
-against a 7.4% prior, where DDPM gives 7.3% (see README, "Evidence"). `naive` mode uses
-w_i = 1/|S|, the baseline that mixes vector fields into blends of distributions.
+DDIM drifts mass toward the broad (corrupted) shard: 26% of final-step attribution
+against a 7.4% prior, where DDPM gives 9% (see README, "Evidence").
 
 Per-sample attribution is the trajectory average of w^S over the sampling steps and
 the last step's w^S; each row sums to 1 over S.
+
+Several requests (each its own S, n and seed) can be sampled in one batch: every
+sample carries its own mask, every request its own generator, so a request's images
+do not depend on what it was batched with.
 """
 
 from __future__ import annotations
@@ -32,6 +36,15 @@ from .errors import UnknownContributorError
 
 SCHEDULERS = {"ddim": DDIMScheduler, "ddpm": DDPMScheduler}
 MODES = ("composed", "naive")
+
+
+@dataclass(frozen=True)
+class SampleRequest:
+    """One request of a batch: `contributors` None means every live contributor."""
+
+    contributors: tuple[str, ...] | None
+    n: int
+    seed: int
 
 
 @dataclass
@@ -53,41 +66,46 @@ class SampleOutput:
 
 
 class ComposedSampler:
-    """Samples from the mixture of shards restricted to any subset of contributors."""
+    """Samples from the mixture of shards restricted to any subset of live contributors.
+
+    The classifier may have outputs for contributors that are no longer live (excluded,
+    purge pending); those outputs are always masked out.
+    """
 
     def __init__(self, ensemble: ShardEnsemble, classifier: ShardClassifier,
                  schedule_config: dict, priors: dict[str, float],
                  image_shape: tuple[int, int, int]):
         self.ensemble = ensemble
-        self.image_shape = tuple(image_shape)
         self.classifier = classifier
+        self.image_shape = tuple(image_shape)
         self.schedule_config = dict(schedule_config)
-        self.contributor_ids = list(classifier.config.contributor_ids)
-        if sorted(self.contributor_ids) != ensemble.contributor_ids:
-            raise ValueError(
-                f"classifier covers {self.contributor_ids}, shards are {ensemble.contributor_ids}"
-            )
-        self.log_prior = torch.tensor([float(np.log(priors[c])) for c in self.contributor_ids])
+        self.classifier_ids = list(classifier.config.contributor_ids)
+        self.live_ids = ensemble.contributor_ids
+        missing = sorted(set(self.live_ids) - set(self.classifier_ids))
+        if missing:
+            raise ValueError(f"the classifier has no output for live shards {missing}")
+        self.contributor_ids = [c for c in self.classifier_ids if c in self.live_ids]
+        self.log_prior = torch.tensor([float(np.log(priors.get(c, 1.0))) for c in self.classifier_ids])
 
     @property
     def device(self) -> torch.device:
         return next(self.classifier.parameters()).device
 
-    def _allowed(self, contributors: list[str] | None) -> torch.Tensor:
+    def _mask(self, contributors) -> torch.Tensor:
+        """(K,) bool over classifier outputs for one request's subset."""
         if contributors is None:
-            return torch.ones(len(self.contributor_ids), dtype=torch.bool)
-        if not contributors:
+            contributors = self.live_ids
+        if len(contributors) == 0:
             raise ValueError("contributors is empty: name at least one")
-        unknown = [c for c in contributors if c not in self.contributor_ids]
+        unknown = sorted({c for c in contributors if c not in self.live_ids})
         if unknown:
             raise UnknownContributorError(unknown)
-        return torch.tensor([c in contributors for c in self.contributor_ids])
+        return torch.tensor([c in contributors for c in self.classifier_ids])
 
-    @torch.no_grad()
     def __call__(self, contributors: list[str] | None = None, n: int = 16, steps: int = 50,
                  seed: int = 0, scheduler: str = "ddpm", mode: str = "composed",
                  progress: bool = False) -> SampleOutput:
-        """Draw `n` samples restricted to `contributors` (None = all).
+        """Draw `n` samples restricted to `contributors` (None = all live ones).
 
         The initial noise x_T and DDPM's per-step noise come from a CPU generator
         seeded with `seed` and do not depend on S (common random numbers).
@@ -96,37 +114,54 @@ class ComposedSampler:
             ValueError: bad n, steps, scheduler or mode; empty contributors.
             UnknownContributorError: a contributor this sampler does not hold.
         """
+        request = SampleRequest(None if contributors is None else tuple(contributors), n, seed)
+        return self.sample_batch([request], steps, scheduler, mode, progress)[0]
+
+    @torch.no_grad()
+    def sample_batch(self, requests: list[SampleRequest], steps: int = 50, scheduler: str = "ddpm",
+                     mode: str = "composed", progress: bool = False) -> list[SampleOutput]:
+        """Sample several requests in one batch; output i equals `self(**requests[i])`."""
         if scheduler not in SCHEDULERS:
             raise ValueError(f"scheduler={scheduler!r}; allowed: {sorted(SCHEDULERS)}")
         if mode not in MODES:
             raise ValueError(f"mode={mode!r}; allowed: {list(MODES)}")
-        if n < 1 or steps < 1:
-            raise ValueError(f"n and steps must be >= 1, got n={n}, steps={steps}")
-        allowed = self._allowed(contributors)
-        ids = [c for c, a in zip(self.contributor_ids, allowed.tolist(), strict=True) if a]
+        if steps < 1 or not requests or any(r.n < 1 for r in requests):
+            raise ValueError(f"n and steps must be >= 1, got n={[r.n for r in requests]}, steps={steps}")
         device = self.device
+        masks = [self._mask(r.contributors) for r in requests]
+        allowed = torch.cat([m.expand(r.n, -1) for m, r in zip(masks, requests, strict=True)]).to(device)
+        used = allowed.any(0)  # shards any sample of the batch may use
+        ids = [c for c, u in zip(self.classifier_ids, used.tolist(), strict=True) if u]
+        chunks = np.cumsum([0] + [r.n for r in requests]).tolist()
         sched = SCHEDULERS[scheduler].from_config(self.schedule_config)
         sched.set_timesteps(steps)
-        generator = torch.Generator().manual_seed(seed)
-        # 1. x_T ~ N(0, I), shared by every subset S for the same seed
-        shape = (n, *self.image_shape)
-        x = torch.randn(shape, generator=generator).to(device)
+        # 1. x_T ~ N(0, I) from each request's own seed, whatever S is (common random numbers)
+        generators = [torch.Generator().manual_seed(r.seed) for r in requests]
+        x = torch.cat([torch.randn((r.n, *self.image_shape), generator=g)
+                       for r, g in zip(requests, generators, strict=True)]).to(device)
+        batch = x.shape[0]
         log_prior, log_freq = self.log_prior.to(device), self.classifier.log_train_freq
-        w_sum = torch.zeros(n, len(ids), device=device)
+        w_sum = torch.zeros(batch, len(self.classifier_ids), device=device)
         for t in tqdm(sched.timesteps, desc="sample", disable=not progress, leave=False):
-            t_batch = t.to(device).expand(n)
-            # 2. eps_i(x_t, t) for every i in S, shape (|S|, N, C, H, W)
-            eps_all = self.ensemble.predict(x, t_batch, ids)
-            # 3. w^S(x_t, t): masked, prior-corrected posterior (eq. 2) or uniform
+            t_batch = t.to(device).expand(batch)
+            # 2. eps_i(x_t, t) for every shard any sample may use, (|S_used|, B, C, H, W)
+            eps_used = self.ensemble.predict(x, t_batch, ids)
+            # 3. w^S(x_t, t): masked, prior-corrected posterior (eq. 2) or uniform over S
             if mode == "composed":
-                logits = self.classifier(x, t_batch)
-                w = mixture_weights(logits, log_prior, log_freq, allowed.to(device))[:, allowed.to(device)]
+                w = mixture_weights(self.classifier(x, t_batch), log_prior, log_freq, allowed)
             else:
-                w = torch.full((n, len(ids)), 1.0 / len(ids), device=device)
+                w = allowed.float() / allowed.sum(1, keepdim=True)
             w_sum += w
-            # 4. eps_S = sum_i w_i eps_i (eq. 3), then the scheduler's x_{t-1}
-            eps = torch.einsum("bk,kbchw->bchw", w, eps_all)
-            step_noise_gen = generator if scheduler == "ddpm" else None
-            x = sched.step(eps, t, x, generator=step_noise_gen).prev_sample
-        images = (x.clamp(-1, 1) + 1) / 2
-        return SampleOutput(images.cpu(), ids, (w_sum / len(sched.timesteps)).cpu(), w.cpu())
+            # 4. eps_S = sum_i w_i eps_i (eq. 3), then x_{t-1}, noise from each request's generator
+            eps = torch.einsum("bk,kbchw->bchw", w[:, used], eps_used)
+            x = torch.cat([
+                sched.step(eps[a:b], t, x[a:b], generator=g if scheduler == "ddpm" else None).prev_sample
+                for a, b, g in zip(chunks[:-1], chunks[1:], generators, strict=True)
+            ])
+        images = ((x.clamp(-1, 1) + 1) / 2).cpu()
+        w_mean, w_last = (w_sum / len(sched.timesteps)).cpu(), w.cpu()
+        outputs = []
+        for mask, a, b in zip(masks, chunks[:-1], chunks[1:], strict=True):
+            sub = [c for c, m in zip(self.classifier_ids, mask.tolist(), strict=True) if m]
+            outputs.append(SampleOutput(images[a:b], sub, w_mean[a:b][:, mask], w_last[a:b][:, mask]))
+        return outputs

@@ -19,6 +19,7 @@ import hashlib
 import json
 import os
 import shutil
+import threading
 import time
 import uuid
 from pathlib import Path
@@ -71,7 +72,9 @@ class ShardStore:
     def __init__(self, root: Path, manifest: dict):
         self.root = Path(root)
         self.manifest = manifest
+        self.manifest.setdefault("excluded", {})
         self.config = StoreConfig.from_dict(manifest["config"])
+        self._lock = threading.RLock()  # serialises manifest mutations
 
     # ---------------------------------------------------------------- reading
     @classmethod
@@ -219,6 +222,8 @@ class ShardStore:
         cid = validate_contributor_id(data.contributor_id)
         if cid in self.manifest["contributors"]:
             raise DataError(f"contributor {cid!r} is already in the store")
+        if self.pending_purges:
+            raise StoreError(f"purge pending for {self.pending_purges}; add after it finishes")
         check_same_shape([data], self.image_shape)
         dev = pick_device(device)
         scheduler = self.noise_schedule()
@@ -241,15 +246,65 @@ class ShardStore:
         loss = train_classifier(classifier, [images[c] for c in ids], scheduler, train,
                                 derived_seed(self.config.seed, "classifier-update", str(version)),
                                 device=dev, progress=progress)
-        self.manifest["contributors"][cid] = new_entry
-        self._write_classifier((classifier.cpu(), {"trained": "update", "steps": train.steps,
-                                                   "final_loss": loss}))
+        with self._lock:
+            self.manifest["contributors"][cid] = new_entry
+            self._write_classifier((classifier.cpu(), {"trained": "update", "steps": train.steps,
+                                                       "final_loss": loss}))
         return new_entry
 
-    def _train_classifier_from_scratch(self, device, progress) -> tuple[ShardClassifier, dict]:
+    # ------------------------------------------------------------- forgetting
+    def exclude(self, contributor_id: str) -> dict:
+        """Stage 1 of forgetting: drop `contributor_id` from the live registry (one
+        atomic manifest write). Its files stay until `purge`. Returns its entry.
+
+        Raises:
+            UnknownContributorError: it is not live.
+        """
+        with self._lock:
+            entry = self.contributor(contributor_id)
+            del self.manifest["contributors"][contributor_id]
+            self.manifest["excluded"][contributor_id] = {**entry, "excluded_at": _now()}
+            self.save_manifest()
+        return entry
+
+    @property
+    def pending_purges(self) -> list[str]:
+        return sorted(self.manifest["excluded"])
+
+    def purge(self, contributor_id: str, device: str | None = None, progress: bool = False) -> dict:
+        """Stage 2: delete the excluded contributor's shard and data, retrain the
+        classifier from scratch on the live shards (it saw the deleted data), and drop
+        the exclusion record. Idempotent after a crash. Returns an audit record with
+        the hashes of what was deleted.
+
+        Raises:
+            StoreError: `contributor_id` was not excluded first.
+        """
+        entry = self.manifest["excluded"].get(contributor_id)
+        if entry is None:
+            raise StoreError(f"contributor {contributor_id!r} is not excluded; forget it first")
+        deleted = []
+        for rel in (entry["path"], entry["data_path"]):
+            if (self.root / rel).exists():
+                shutil.rmtree(self.root / rel)
+            deleted.append(rel)
+        before = self.manifest["classifier"]["weights_hash"]
+        trained = self._train_classifier_from_scratch(pick_device(device), progress)
+        with self._lock:
+            del self.manifest["excluded"][contributor_id]
+            self._write_classifier(trained)
+        return {"contributor_id": contributor_id, "data_hash": entry["data_hash"],
+                "weights_hash": entry["weights_hash"], "deleted": deleted,
+                "classifier_before": before,
+                "classifier_after": (self.manifest["classifier"] or {}).get("weights_hash")}
+
+    def _train_classifier_from_scratch(self, device, progress) -> tuple[ShardClassifier, dict] | None:
         """Deterministic in (sorted live ids, their data, store seed): a store that
-        retrains it after removing c equals a store that never had c."""
+        retrains it after removing c equals a store that never had c. None when no
+        contributor is live."""
         ids = self.contributor_ids
+        if not ids:
+            return None
         seed = derived_seed(self.config.seed, "classifier")
         with seeded(seed):
             classifier = ShardClassifier(contributor_ids=ids, in_channels=self.image_shape[0],
@@ -278,18 +333,22 @@ class ShardStore:
             self.manifest["contributors"][cid] = entry
         return entry
 
-    def _write_classifier(self, trained: tuple[ShardClassifier, dict]) -> None:
-        """Save as a new version, then switch the manifest to it, then drop the old."""
-        classifier, meta = trained
+    def _write_classifier(self, trained: tuple[ShardClassifier, dict] | None) -> None:
+        """Save as a new version, then switch the manifest to it, then drop the old.
+        `None` (no live contributor) leaves the store without a classifier."""
         previous = self.manifest.get("classifier")
-        version = (previous or {}).get("version", 0) + 1
-        path = f"classifier/v{version:04d}"
-        classifier.save_pretrained(self.root / path)
-        self.manifest["classifier"] = {**meta, "version": version, "path": path,
-                                       "contributor_ids": list(classifier.config.contributor_ids),
-                                       "weights_hash": files_hash(self.root / path)}
+        if trained is None:
+            self.manifest["classifier"] = None
+        else:
+            classifier, meta = trained
+            version = (previous or {}).get("version", 0) + 1
+            path = f"classifier/v{version:04d}"
+            classifier.save_pretrained(self.root / path)
+            self.manifest["classifier"] = {**meta, "version": version, "path": path,
+                                           "contributor_ids": list(classifier.config.contributor_ids),
+                                           "weights_hash": files_hash(self.root / path)}
         self.save_manifest()
-        if previous and previous["path"] != path:
+        if previous and previous["path"] != (self.manifest["classifier"] or {}).get("path"):
             shutil.rmtree(self.root / previous["path"], ignore_errors=True)
 
     def save_manifest(self) -> None:
