@@ -33,6 +33,8 @@ store: $(STORE)/manifest.json
 
 serve: store
 	$(BIN)/cdm sample --store $(STORE) --n 64 --seed 0 --out var/samples.png
+	$(BIN)/cdm keys demo --store $(STORE)
+	$(BIN)/cdm serve --store $(STORE) --port 3000
 
 test: install
 	$(BIN)/pytest -q

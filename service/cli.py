@@ -107,6 +107,43 @@ def cmd_sample(args) -> None:
         print(f"{cid:12s} {row['mean']:17.3f} {row['last']:10.3f}")
 
 
+def cmd_keys(args) -> None:
+    from shards import ShardStore
+
+    from .auth import create_key
+    from .db import Database
+
+    store = ShardStore.open(args.store)
+    db = Database(store.root / "service.db")
+    if args.keys_command == "demo":
+        live = store.contributor_ids
+        subset = live[: max(1, len(live) // 2)]
+        admin = create_key(db, "demo-admin", None, role="admin")
+        user = create_key(db, "demo-user", subset)
+        print(f"demo admin key (all contributors, admin):  {admin}")
+        print(f"demo user key (licensed for {','.join(subset)}): {user}")
+        return
+    license = None if args.license == "all" else _csv(args.license)
+    if license is not None:
+        unknown = sorted(set(license) - set(store.contributor_ids))
+        if unknown:
+            raise ValueError(f"--license names contributors not in the store: {', '.join(unknown)}")
+    key = create_key(db, args.user, license, role="admin" if args.admin else "user")
+    print(key)
+    print("(shown once: only its hash is stored)", file=sys.stderr)
+
+
+def cmd_serve(args) -> None:
+    from shards import ShardStore
+
+    ShardStore.open(args.store)  # fail here, with a clear message, not inside bentoml
+    env = {**os.environ, "CDM_STORE": str(Path(args.store).resolve())}
+    bentoml = Path(sys.executable).with_name("bentoml")
+    cmd = [str(bentoml), "serve", "service.app:CDMService", "--host", args.host,
+           "--port", str(args.port), "--working-dir", str(Path(__file__).resolve().parent.parent)]
+    os.execve(cmd[0], cmd, env)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="cdm", description="Compartmentalized diffusion: "
                                      "one shard per contributor, composed at sampling time.")
@@ -148,6 +185,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help=".png (grid) or .npz")
     p.add_argument("--device", default=None)
     p.set_defaults(func=cmd_sample)
+
+    p = sub.add_parser("keys", help="create API keys (printed once; stored hashed)")
+    keys = p.add_subparsers(dest="keys_command", required=True)
+    k = keys.add_parser("create", help="a key for one user")
+    k.add_argument("--store", required=True)
+    k.add_argument("--user", required=True)
+    k.add_argument("--license", required=True, help="comma-separated contributor ids, or 'all'")
+    k.add_argument("--admin", action="store_true")
+    k = keys.add_parser("demo", help="a demo admin key and a demo user key for half the store")
+    k.add_argument("--store", required=True)
+    p.set_defaults(func=cmd_keys)
+
+    p = sub.add_parser("serve", help="serve a store over HTTP (BentoML)")
+    p.add_argument("--store", default=os.environ.get("CDM_STORE", "var/store"))
+    p.add_argument("--port", type=int, default=3000)
+    p.add_argument("--host", default="127.0.0.1")
+    p.set_defaults(func=cmd_serve)
     return parser
 
 

@@ -68,3 +68,25 @@ def tiny_config():
 def assert_close(a: torch.Tensor, b: torch.Tensor, atol=1e-5):
     assert a.shape == b.shape
     assert torch.allclose(a, b, atol=atol), f"max diff {(a - b).abs().max().item()}"
+
+
+@pytest.fixture()
+def store_copy(full_store, tmp_path):
+    """A private, mutable copy of the tiny full store."""
+    import shutil
+
+    shutil.copytree(full_store.root, tmp_path / "store")
+    return ShardStore.open(tmp_path / "store")
+
+
+def wait_for_job(get_job, timeout=120.0):
+    """Poll `get_job()` until the job has finished; return it."""
+    import time
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        job = get_job()
+        if job["status"] in ("succeeded", "failed"):
+            return job
+        time.sleep(0.1)
+    raise TimeoutError(f"job still {job['status']} after {timeout}s")

@@ -11,12 +11,6 @@ from shards import ShardStore
 from shards.errors import StoreError, UnknownContributorError
 
 
-@pytest.fixture()
-def store_copy(full_store, tmp_path):
-    shutil.copytree(full_store.root, tmp_path / "copy")
-    return ShardStore.open(tmp_path / "copy")
-
-
 def test_forgotten_store_equals_store_built_without(store_copy, datasets, tiny_config, tmp_path):
     store_copy.exclude("b")
     audit = store_copy.purge("b")

@@ -1,0 +1,142 @@
+"""The BentoML app through an ASGI test client: authorization matrix, bad inputs,
+metrics and health endpoints."""
+
+import os
+
+import pytest
+from conftest import wait_for_job
+from starlette.testclient import TestClient
+
+from service.auth import create_key
+from service.db import Database
+
+
+@pytest.fixture(scope="module")
+def client(full_store, tmp_path_factory):
+    import shutil
+
+    root = tmp_path_factory.mktemp("app") / "store"
+    shutil.copytree(full_store.root, root)
+    prom = tmp_path_factory.mktemp("prom")
+    old = {k: os.environ.get(k) for k in ("CDM_STORE", "PROMETHEUS_MULTIPROC_DIR")}
+    os.environ.update(CDM_STORE=str(root), PROMETHEUS_MULTIPROC_DIR=str(prom))
+    from service.app import CDMService
+
+    db = Database(root / "service.db")
+    keys = {"user": create_key(db, "user", ["a", "b"]), "other": create_key(db, "other", ["c"]),
+            "admin": create_key(db, "admin", None, role="admin"), "none": None,
+            "bad": "cdm_000000000000_wrong"}
+    with TestClient(CDMService.to_asgi()) as c:
+        c.keys = keys
+        yield c
+    for k, v in old.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+
+
+def call(client, endpoint, who, body=None, **kw):
+    key = client.keys[who]
+    headers = {"Authorization": f"Bearer {key}"} if key else {}
+    return client.post(f"/{endpoint}", json={} if body is None else body, headers=headers, **kw)
+
+
+def test_generate_matrix_and_payload(client):
+    body = {"contributors": ["a"], "n": 2, "steps": 2, "seed": 0}
+    expected = {"none": 401, "bad": 401, "user": 200, "other": 403, "admin": 200}
+    for who, status in expected.items():
+        r = call(client, "generate", who, body)
+        assert r.status_code == status, (who, r.text)
+    r = call(client, "generate", "other", body)
+    assert "not licensed for: a" in r.json()["error"]
+    r = call(client, "generate", "user", {"contributors": ["zed"], "n": 1, "steps": 1})
+    assert r.status_code == 404 and "zed" in r.json()["error"]
+    out = call(client, "generate", "user", {"n": 2, "steps": 2}).json()
+    assert out["contributors"] == ["a", "b"] and len(out["images"]) == 2
+    assert set(out["attribution"]) == {"a", "b"}
+
+
+def test_attribution_matrix(client):
+    rid = call(client, "generate", "user", {"n": 1, "steps": 1}).json()["request_id"]
+    for who, status in {"none": 401, "user": 200, "other": 403, "admin": 200}.items():
+        assert call(client, "attribution", who, {"request_id": rid}).status_code == status, who
+    assert call(client, "attribution", "admin", {"request_id": "nope"}).status_code == 404
+
+
+@pytest.mark.parametrize("endpoint", ["contributors", "credit"])
+def test_read_endpoints_need_a_valid_key(client, endpoint):
+    for who, status in {"none": 401, "bad": 401, "user": 200, "other": 200, "admin": 200}.items():
+        assert call(client, endpoint, who).status_code == status, who
+
+
+def test_credit_and_contributors_payload(client):
+    call(client, "generate", "other", {"n": 3, "steps": 1})
+    credit = call(client, "credit", "user").json()["contributors"]
+    assert credit["c"]["samples"] >= 3 and 0 < credit["c"]["share"] <= 1
+    ids = [c["contributor_id"] for c in call(client, "contributors", "user").json()["contributors"]]
+    assert {"a", "b"} <= set(ids)
+
+
+@pytest.mark.parametrize("body, fragment", [
+    ({"n": 0}, "greater than or equal to 1"),
+    ({"n": 10000}, "less than or equal to 64"),
+    ({"n": "many"}, "valid integer"),
+    ({"n": 1, "colour": "red"}, "Extra inputs are not permitted"),
+    ({"contributors": "a"}, "valid array"),
+    ({"contributors": []}, "at least 1"),
+    ({"mode": "average"}, "composed"),
+    ({"steps": 0}, "greater than or equal to 1"),
+])
+def test_bad_generate_inputs_are_400_with_a_message(client, body, fragment):
+    r = call(client, "generate", "admin", body)
+    assert r.status_code == 400, r.text
+    assert fragment in r.text
+
+
+def test_malformed_json_is_400(client):
+    r = client.post("/generate", content=b"{not json", headers={
+        "Authorization": f"Bearer {client.keys['admin']}", "Content-Type": "application/json"})
+    assert r.status_code == 400 and "JSON" in r.text
+
+
+def test_forget_id_is_validated(client):
+    r = call(client, "forget", "admin", {"contributor_id": "../etc"})
+    assert r.status_code == 400
+    assert call(client, "forget", "admin", {"contributor_id": "zed"}).status_code == 404
+    assert call(client, "job", "admin", {"job_id": "nope"}).status_code == 404
+
+
+def test_metrics_and_health(client):
+    call(client, "generate", "user", {"contributors": ["b"], "n": 2, "steps": 1})
+    text = client.get("/metrics").text
+    assert 'cdm_generated_samples_total{contributor="b"}' in text
+    assert "cdm_generate_latency_seconds_bucket" in text
+    assert client.get("/readyz").status_code == 200 and client.get("/livez").status_code == 200
+    spec = client.get("/docs.json").json()
+    assert {"/generate", "/forget", "/job", "/add_contributor", "/contributors", "/attribution",
+            "/credit"} <= set(spec["paths"])
+
+
+def test_admin_endpoints_matrix_then_forget(client, data_dir, tmp_path):
+    import shutil
+
+    shutil.copytree(data_dir / "contributors" / "a", tmp_path / "eve")
+    body = {"folder": str(tmp_path / "eve")}
+    for who, status in {"none": 401, "user": 403, "other": 403}.items():
+        assert call(client, "add_contributor", who, body).status_code == status, who
+        assert call(client, "forget", who, {"contributor_id": "a"}).status_code == status, who
+    r = call(client, "add_contributor", "admin", body)
+    assert r.status_code == 200, r.text
+    job_id = r.json()["job_id"]
+    for who, status in {"none": 401, "user": 403, "other": 403}.items():
+        assert call(client, "job", who, {"job_id": job_id}).status_code == status, who
+    job = wait_for_job(lambda: call(client, "job", "admin", {"job_id": job_id}).json())
+    assert job["status"] == "succeeded", job
+    r = call(client, "forget", "admin", {"contributor_id": "eve"})
+    assert r.status_code == 200 and r.json()["excluded"] is True
+    purge_id = r.json()["job_id"]
+    r = call(client, "generate", "admin", {"contributors": ["eve"], "n": 1, "steps": 1})
+    assert r.status_code == 404
+    job = wait_for_job(lambda: call(client, "job", "admin", {"job_id": purge_id}).json())
+    assert job["status"] == "succeeded", job

@@ -1,0 +1,172 @@
+"""The service's logic through library calls, without HTTP."""
+
+import base64
+import io
+import threading
+
+import numpy as np
+import pytest
+from conftest import wait_for_job
+from PIL import Image
+
+from service.auth import ForbiddenError, create_key
+from service.db import Database
+from service.platform import NotFoundError, Platform
+from shards import ShardStore
+from shards.errors import UnknownContributorError
+
+
+@pytest.fixture()
+def platform(store_copy):
+    p = Platform(store_copy.root, device="cpu")
+    yield p
+    p.close()
+
+
+def principal(platform, user, license, role="user"):
+    return platform.verify(f"Bearer {create_key(platform.db, user, license, role)}")
+
+
+def decode(png_b64):
+    return np.asarray(Image.open(io.BytesIO(base64.b64decode(png_b64))))
+
+
+def test_generate_uses_exactly_the_licensed_live_contributors(platform):
+    user = principal(platform, "u", ["a", "b"])
+    out = platform.generate(user, n=3, steps=3, seed=1)
+    assert out["contributors"] == ["a", "b"]
+    assert len(out["images"]) == 3 and decode(out["images"][0]).shape == (8, 8)
+    att = np.array([out["attribution"][c] for c in ["a", "b"]])
+    np.testing.assert_allclose(att.sum(0), 1, atol=1e-5)
+    with pytest.raises(ForbiddenError, match="not licensed for: c"):
+        platform.generate(user, contributors=["a", "c"], n=1, steps=1)
+    with pytest.raises(UnknownContributorError, match="zed"):
+        platform.generate(user, contributors=["zed"], n=1, steps=1)
+    with pytest.raises(ValueError, match="twice"):
+        platform.generate(user, contributors=["a", "a"], n=1, steps=1)
+    nobody = principal(platform, "n", [])
+    with pytest.raises(ForbiddenError, match="licensed for no live contributor"):
+        platform.generate(nobody, n=1, steps=1)
+
+
+def test_same_seed_same_images(platform):
+    admin = principal(platform, "adm", None, "admin")
+    a = platform.generate(admin, n=2, steps=3, seed=9)
+    b = platform.generate(admin, n=2, steps=3, seed=9)
+    assert a["images"] == b["images"] and a["request_id"] != b["request_id"]
+
+
+def test_ledger_attribution_and_credit(platform):
+    user = principal(platform, "u", ["a", "b"])
+    other = principal(platform, "o", ["c"])
+    admin = principal(platform, "adm", None, "admin")
+    out = platform.generate(user, n=4, steps=2, seed=0)
+    # durable: a fresh connection (another process would do the same) sees the row
+    row = Database(platform.store.root / "service.db").get_request(out["request_id"])
+    assert row is not None and row["user"] == "u"
+    assert platform.attribution(user, out["request_id"])["attribution"] == out["attribution"]
+    assert platform.attribution(admin, out["request_id"])["user"] == "u"
+    with pytest.raises(ForbiddenError):
+        platform.attribution(other, out["request_id"])
+    with pytest.raises(NotFoundError):
+        platform.attribution(user, "nope")
+    platform.generate(other, n=2, steps=2, seed=0)
+    credit = platform.credit()["contributors"]
+    assert credit["a"]["samples"] == 4 and credit["c"]["samples"] == 2
+    assert credit["a"]["mass"] == pytest.approx(sum(out["attribution"]["a"]))
+    assert credit["c"]["mass"] == pytest.approx(2.0)
+    assert sum(r["share"] for r in credit.values()) == pytest.approx(1.0)
+    text = platform.metrics.exposition()
+    assert 'cdm_generated_samples_total{contributor="a"} 4.0' in text
+    assert "cdm_generate_latency_seconds_count 2.0" in text
+
+
+def test_forget_excludes_before_returning_then_purges(platform):
+    admin = principal(platform, "adm", None, "admin")
+    user = principal(platform, "u", ["a", "b"])
+    with pytest.raises(ForbiddenError, match="not an admin"):
+        platform.forget(user, "a")
+    job = platform.forget(admin, "b")
+    # from the acknowledgement on, no request may use b
+    assert platform.generate(user, n=1, steps=1)["contributors"] == ["a"]
+    with pytest.raises(UnknownContributorError, match="b"):
+        platform.generate(admin, contributors=["b"], n=1, steps=1)
+    done = wait_for_job(lambda: platform.job(admin, job["job_id"]))
+    assert done["status"] == "succeeded", done
+    assert not (platform.store.root / "shards" / "b").exists()
+    assert "b" not in platform._sampler.classifier_ids  # nothing in memory serves b
+    actions = [(e["action"], e["contributor_id"]) for e in platform.db.audit_log("b")]
+    assert actions == [("exclude", "b"), ("purge", "b")]
+    purge = platform.db.audit_log("b")[1]["details"]
+    assert purge["deleted"] == ["shards/b", "data/b"] and len(purge["data_hash"]) == 64
+    with pytest.raises(UnknownContributorError):
+        platform.forget(admin, "b")
+
+
+def test_forgotten_platform_generates_like_a_store_built_without(platform, datasets, tiny_config, tmp_path):
+    admin = principal(platform, "adm", None, "admin")
+    job = platform.forget(admin, "c")
+    assert wait_for_job(lambda: platform.job(admin, job["job_id"]))["status"] == "succeeded"
+    never = ShardStore.create(tmp_path / "never", datasets[:2], tiny_config, device="cpu", progress=False)
+    fresh = Platform(never.root, device="cpu")
+    try:
+        admin2 = principal(fresh, "adm", None, "admin")
+        a = platform.generate(admin, n=3, steps=4, seed=5)
+        b = fresh.generate(admin2, n=3, steps=4, seed=5)
+        for x, y in zip(a["images"], b["images"], strict=True):
+            assert np.abs(decode(x).astype(int) - decode(y).astype(int)).max() <= 1
+        np.testing.assert_allclose(a["attribution"]["a"], b["attribution"]["a"], atol=1e-5)
+    finally:
+        fresh.close()
+
+
+def test_forget_during_inflight_generation(platform):
+    admin = principal(platform, "adm", None, "admin")
+    results, errors = [], []
+    started = threading.Event()
+
+    def run():
+        started.set()
+        try:
+            results.append(platform.generate(admin, n=16, steps=40, seed=0))
+        except Exception as err:  # noqa: BLE001 - the assertion below reports it
+            errors.append(err)
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    started.wait()
+    job = platform.forget(admin, "a")
+    after = platform.generate(admin, n=2, steps=2, seed=1)
+    thread.join()
+    assert not errors and len(results[0]["images"]) == 16
+    assert "a" not in after["contributors"]
+    assert wait_for_job(lambda: platform.job(admin, job["job_id"]))["status"] == "succeeded"
+
+
+def test_purge_resumes_after_a_crash(store_copy):
+    store_copy.exclude("a")  # the process died after the exclusion, before the purge
+    platform = Platform(store_copy.root, device="cpu")
+    try:
+        [job] = platform.db.jobs()
+        assert job["kind"] == "purge" and job["actor"] == "system"
+        done = wait_for_job(lambda: platform.db.get_job(job["job_id"]))
+        assert done["status"] == "succeeded", done
+        assert platform.store.pending_purges == [] and not (store_copy.root / "shards" / "a").exists()
+    finally:
+        platform.close()
+
+
+def test_add_contributor_job(platform, data_dir, tmp_path):
+    import shutil
+
+    admin = principal(platform, "adm", None, "admin")
+    shutil.copytree(data_dir / "contributors" / "c", tmp_path / "dora")
+    with pytest.raises(ForbiddenError):
+        platform.add_contributor(principal(platform, "u", None), str(tmp_path / "dora"))
+    with pytest.raises(ValueError, match="no images|does not exist|not a directory"):
+        platform.add_contributor(admin, str(tmp_path / "missing"))
+    job = platform.add_contributor(admin, str(tmp_path / "dora"))
+    done = wait_for_job(lambda: platform.job(admin, job["job_id"]))
+    assert done["status"] == "succeeded", done
+    assert "dora" in [c["contributor_id"] for c in platform.contributors()]
+    assert platform.generate(admin, contributors=["dora"], n=1, steps=1)["contributors"] == ["dora"]
