@@ -8,11 +8,14 @@ forbid unknown fields. The store comes from `CDM_STORE` (default `var/store`).
 
 from __future__ import annotations
 
+import functools
 import os
 from typing import Literal
 
 import bentoml
+from bentoml._internal.marshal.dispatcher import CorkDispatcher
 from pydantic import BaseModel, ConfigDict, Field
+from starlette.concurrency import run_in_threadpool
 
 from shards.errors import CDMError, DataError, StoreError, UnknownContributorError
 
@@ -24,6 +27,8 @@ STATUS: list[tuple[type[Exception], int]] = [
     (NotFoundError, 404), (UnavailableError, 503), (DataError, 400), (StoreError, 409),
     (ValueError, 400),
 ]
+MAX_BATCH = 8  # generate requests sampled together
+MAX_LATENCY_MS = 300_000  # queued longer than this: 503
 ContributorId = Field(pattern=r"^[a-z0-9][a-z0-9_-]{0,63}$")
 
 
@@ -62,6 +67,10 @@ class Empty(Strict):
     pass
 
 
+def _overloaded():
+    raise UnavailableError("the service is overloaded; retry later")
+
+
 def status_for(err: Exception) -> int:
     return next(code for cls, code in STATUS if isinstance(err, cls))
 
@@ -83,9 +92,30 @@ class CDMService:
         return content + self.platform.metrics.exposition()
 
     @bentoml.api(input_spec=GenerateInput)
-    def generate(self, ctx: bentoml.Context, **kw) -> dict:
-        """Images (base64 PNG) from the licensed, live contributors, with attribution."""
-        return self._call(ctx, self.platform.generate, **kw)
+    async def generate(self, ctx: bentoml.Context, **kw) -> dict:
+        """Images (base64 PNG) from the licensed, live contributors, with attribution.
+
+        Checks and the ledger run per request; the sampling of concurrent requests is
+        grouped by BentoML's adaptive-batching dispatcher into one batch."""
+        try:
+            principal = self.platform.verify(ctx.request.headers.get("authorization"))
+            job = await run_in_threadpool(self.platform.prepare_generation, principal, **kw)
+            out = await self._batched_sample(job)
+            if isinstance(out, Exception):
+                raise out
+            return await run_in_threadpool(self.platform.finish_generation, job, out)
+        except (CDMError, ValueError) as err:
+            ctx.response.status_code = status_for(err)
+            return {"error": str(err)}
+
+    @functools.cached_property
+    def _batched_sample(self):
+        """BentoML's CorkDispatcher (the adaptive batching behind batchable APIs) in
+        front of `Platform.sample_many`. Not a batchable endpoint: that would share
+        one request context, and so one API key, across the batch."""
+        dispatcher = CorkDispatcher(max_latency_in_ms=MAX_LATENCY_MS, max_batch_size=MAX_BATCH,
+                                    fallback=_overloaded, get_batch_size=lambda job: 1)
+        return dispatcher(self.platform.sample_many)
 
     @bentoml.api(input_spec=ForgetInput)
     def forget(self, ctx: bentoml.Context, contributor_id: str) -> dict:

@@ -20,6 +20,8 @@ class ServiceMetrics:
         self.latency = Histogram("cdm_generate_latency_seconds", "Sampling time per generate request",
                                  buckets=(0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60, 120),
                                  registry=self.registry)
+        self.batch_size = Histogram("cdm_generate_batch_requests", "Generate requests sampled in one batch",
+                                    buckets=(1, 2, 4, 8, 16), registry=self.registry)
 
     def record_generation(self, contributors: list[str], attribution: dict[str, list[float]],
                           seconds: float) -> None:

@@ -17,6 +17,7 @@ import json
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 
 from PIL import Image
@@ -24,6 +25,7 @@ from PIL import Image
 from shards import ShardStore, load_contributor
 from shards.data import to_uint8
 from shards.errors import CDMError, UnknownContributorError
+from shards.sampler import ComposedSampler, SampleOutput, SampleRequest
 
 from .auth import ForbiddenError, KeyVerifier, Principal
 from .db import Database
@@ -43,6 +45,18 @@ def png_base64(image_hwc) -> str:
     mode = "L" if image_hwc.shape[-1] == 1 else "RGB"
     Image.fromarray(image_hwc[..., 0] if mode == "L" else image_hwc, mode=mode).save(buf, "PNG")
     return base64.b64encode(buf.getvalue()).decode()
+
+
+@dataclass
+class GenerationJob:
+    """A generate request that passed its checks, bound to the sampler snapshot
+    taken when it started."""
+
+    principal: Principal
+    sampler: ComposedSampler
+    request: SampleRequest
+    params: dict
+    seconds: float = 0.0
 
 
 class Platform:
@@ -83,6 +97,15 @@ class Platform:
             ForbiddenError: a named contributor is not licensed (403), or none is.
             UnavailableError: no live contributor at all (503).
         """
+        job = self.prepare_generation(principal, contributors, n, steps, seed, mode, scheduler)
+        [out] = self.sample_many([job])
+        if isinstance(out, Exception):
+            raise out
+        return self.finish_generation(job, out)
+
+    def prepare_generation(self, principal: Principal, contributors: list[str] | None, n: int,
+                           steps: int, seed: int, mode: str, scheduler: str) -> GenerationJob:
+        """Check licence and liveness against a snapshot of the live sampler."""
         with self._lock:
             sampler, live = self._sampler, set(self.store.contributor_ids)
         if sampler is None:
@@ -99,12 +122,38 @@ class Platform:
                 raise UnknownContributorError(unknown)
             principal.check_license(contributors)
             allowed = sorted(contributors)
-        start = time.perf_counter()
-        out = sampler(allowed, n=n, steps=steps, seed=seed, scheduler=scheduler, mode=mode)
+        return GenerationJob(principal, sampler, SampleRequest(tuple(allowed), n, seed),
+                             {"n": n, "steps": steps, "seed": seed, "mode": mode,
+                              "scheduler": scheduler})
+
+    def sample_many(self, jobs: list[GenerationJob]) -> list[SampleOutput | Exception]:
+        """Sample several prepared jobs, batching those that share a sampler snapshot,
+        steps, scheduler and mode (a job's images do not depend on its batch)."""
+        self.metrics.batch_size.observe(len(jobs))
+        outputs: list[SampleOutput | Exception | None] = [None] * len(jobs)
+        groups: dict[tuple, list[int]] = {}
+        for i, job in enumerate(jobs):
+            p = job.params
+            groups.setdefault((id(job.sampler), p["steps"], p["scheduler"], p["mode"]), []).append(i)
+        for (_, steps, scheduler, mode), idx in groups.items():
+            start = time.perf_counter()
+            try:
+                outs = jobs[idx[0]].sampler.sample_batch([jobs[i].request for i in idx], steps,
+                                                         scheduler, mode)
+            except Exception as err:  # reported to each request of the group
+                outs = [err] * len(idx)
+            seconds = time.perf_counter() - start
+            for i, out in zip(idx, outs, strict=True):
+                jobs[i].seconds = seconds
+                outputs[i] = out
+        return outputs
+
+    def finish_generation(self, job: GenerationJob, out: SampleOutput) -> dict:
+        """Ledger row (durable before returning), metrics, and the response body."""
         attribution = {c: out.attribution_mean[:, i].tolist() for i, c in enumerate(out.contributor_ids)}
-        params = {"n": n, "steps": steps, "seed": seed, "mode": mode, "scheduler": scheduler}
-        request_id = self.db.record_request(principal.user, params, out.contributor_ids, attribution)
-        self.metrics.record_generation(out.contributor_ids, attribution, time.perf_counter() - start)
+        request_id = self.db.record_request(job.principal.user, job.params, out.contributor_ids,
+                                            attribution)
+        self.metrics.record_generation(out.contributor_ids, attribution, job.seconds)
         return {
             "request_id": request_id,
             "contributors": out.contributor_ids,

@@ -140,3 +140,17 @@ def test_admin_endpoints_matrix_then_forget(client, data_dir, tmp_path):
     assert r.status_code == 404
     job = wait_for_job(lambda: call(client, "job", "admin", {"job_id": purge_id}).json())
     assert job["status"] == "succeeded", job
+
+
+def test_concurrent_generates_match_sequential_ones(client):
+    from concurrent.futures import ThreadPoolExecutor
+
+    def gen(seed):
+        r = call(client, "generate", "admin", {"n": 2, "steps": 3, "seed": seed})
+        assert r.status_code == 200, r.text
+        return r.json()["images"]
+
+    with ThreadPoolExecutor(4) as pool:
+        concurrent = list(pool.map(gen, range(8)))
+    assert [gen(seed) for seed in range(8)] == concurrent
+    assert "cdm_generate_batch_requests_count" in client.get("/metrics").text
