@@ -6,8 +6,10 @@ and writes benchmarks/results/<store>/throughput.json; it does not pass or fail.
    run), for K = 1, 4, 8.
 2. HTTP: a real `cdm serve` on loopback (adaptive batching on), K client threads
    each sending generate requests back to back (concurrency 1, 4, 8): images/s,
-   latency percentiles, and the mean number of requests per batch so far. BentoML's
-   dispatcher runs its first ~20 requests one at a time to fit its latency model.
+   latency percentiles, and the mean number of requests per batch so far; once with
+   adaptive batching (CDM_MAX_BATCH=8) and once without (CDM_MAX_BATCH=1). BentoML's
+   dispatcher runs its first ~20 requests one at a time to fit its latency model, so
+   `--warmup` requests go first and are not measured.
 
     python benchmarks/service_throughput.py --store var/store
 """
@@ -56,7 +58,8 @@ def library(store: ShardStore, n: int, steps: int, concurrency: list[int]) -> di
     return rows
 
 
-def http(store_root: Path, n: int, steps: int, concurrency: list[int], requests_per_client: int) -> dict:
+def http(store_root: Path, n: int, steps: int, concurrency: list[int], requests_per_client: int,
+         max_batch: int, warmup: int) -> dict:
     work = Path(tempfile.mkdtemp())
     root = work / "store"
     shutil.copytree(store_root, root, ignore=shutil.ignore_patterns("service.db*"))
@@ -65,6 +68,7 @@ def http(store_root: Path, n: int, steps: int, concurrency: list[int], requests_
                           "--license", "all"], capture_output=True, text=True, check=True).stdout.strip()
     port = 3917
     proc = subprocess.Popen([cdm, "serve", "--store", str(root), "--port", str(port)],
+                            env={**os.environ, "CDM_MAX_BATCH": str(max_batch)},
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     url = f"http://127.0.0.1:{port}"
     try:
@@ -84,7 +88,8 @@ def http(store_root: Path, n: int, steps: int, concurrency: list[int], requests_
                 r.read()
             return time.perf_counter() - t0
 
-        one(0)  # warm-up
+        with ThreadPoolExecutor(max(concurrency)) as pool:  # past the dispatcher's training
+            list(pool.map(one, range(warmup)))
         rows = {}
         for k in concurrency:
             total = k * requests_per_client
@@ -103,7 +108,8 @@ def http(store_root: Path, n: int, steps: int, concurrency: list[int], requests_
                 elif line.startswith("cdm_generate_batch_requests_sum"):
                     sum_ = float(line.split()[-1])
             rows[k]["mean_batch_requests_so_far"] = sum_ / count if count else None
-            print(f"http     concurrency {k}: {rows[k]['images_per_s']:6.1f} img/s, latency p50 "
+            rows[k]["max_batch"] = max_batch
+            print(f"http max_batch={max_batch} concurrency {k}: {rows[k]['images_per_s']:6.1f} img/s, latency p50 "
                   f"{rows[k]['latency_p50_s']:.2f}s p95 {rows[k]['latency_p95_s']:.2f}s ({total} requests; "
                   f"mean requests per batch so far {rows[k]['mean_batch_requests_so_far']:.2f})")
         return rows
@@ -123,13 +129,18 @@ def main() -> None:
     parser.add_argument("--n", type=int, default=4, help="images per request")
     parser.add_argument("--steps", type=int, default=50)
     parser.add_argument("--requests-per-client", type=int, default=3)
+    parser.add_argument("--warmup", type=int, default=32,
+                        help="requests sent before measuring (BentoML's dispatcher trains first)")
     args = parser.parse_args()
     store = ShardStore.open(args.store)
     conc = [1, 4, 8]
     print(f"store {args.store}: {len(store.contributor_ids)} shards; n={args.n}, {args.steps} DDPM steps; "
           f"torch threads {__import__('torch').get_num_threads()}")
     report = {"n": args.n, "steps": args.steps, "library": library(store, args.n, args.steps, conc),
-              "http": http(store.root, args.n, args.steps, conc, args.requests_per_client)}
+              "http_batched": http(store.root, args.n, args.steps, conc, args.requests_per_client,
+                                   8, args.warmup),
+              "http_unbatched": http(store.root, args.n, args.steps, conc, args.requests_per_client,
+                                     1, args.warmup)}
     out = RESULTS / Path(args.store).name
     out.mkdir(parents=True, exist_ok=True)
     (out / "throughput.json").write_text(json.dumps(report, indent=2) + "\n")

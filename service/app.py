@@ -27,7 +27,7 @@ STATUS: list[tuple[type[Exception], int]] = [
     (NotFoundError, 404), (UnavailableError, 503), (DataError, 400), (StoreError, 409),
     (ValueError, 400),
 ]
-MAX_BATCH = 8  # generate requests sampled together
+MAX_BATCH = int(os.environ.get("CDM_MAX_BATCH", "8"))  # generate requests per batch; 1: off
 MAX_LATENCY_MS = 300_000  # queued longer than this: 503
 ContributorId = Field(pattern=r"^[a-z0-9][a-z0-9_-]{0,63}$")
 
