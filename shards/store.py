@@ -234,6 +234,11 @@ class ShardStore:
             base = UNet2DModel.from_pretrained(self.root / self.manifest["base"]["path"])
         self._cleanup_partials()
         new_entry = self._write_shard(data, kind, scheduler, base, dev, progress, commit=False)
+        if self.manifest["classifier"] is None:  # every earlier contributor was forgotten
+            with self._lock:
+                self.manifest["contributors"][cid] = new_entry
+                self._write_classifier(self._train_classifier_from_scratch(dev, progress))
+            return new_entry
         old = self.load_classifier()
         ids = sorted([*self.manifest["contributors"], cid])
         version = self.manifest["classifier"]["version"] + 1

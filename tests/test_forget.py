@@ -73,7 +73,7 @@ def test_purge_requires_exclusion_and_is_idempotent_after_crash(store_copy):
     assert ShardStore.open(store_copy.root).pending_purges == []
 
 
-def test_forgetting_everyone_leaves_an_empty_store(store_copy):
+def test_forgetting_everyone_leaves_an_empty_store(store_copy, datasets):
     for cid in ["a", "b", "c"]:
         store_copy.exclude(cid)
         store_copy.purge(cid)
@@ -81,6 +81,10 @@ def test_forgetting_everyone_leaves_an_empty_store(store_copy):
     assert store.contributor_ids == [] and store.manifest["classifier"] is None
     with pytest.raises(StoreError, match="no contributors"):
         store.load_sampler("cpu")
+    # the store can start again: the classifier is trained from scratch
+    store.add(datasets[0], progress=False)
+    assert store.manifest["classifier"]["trained"] == "scratch"
+    assert store.load_sampler("cpu")(None, n=1, steps=1).contributor_ids == ["a"]
 
 
 def test_batched_requests_equal_individual_ones(full_store):
