@@ -93,6 +93,24 @@ def _read_image(path: Path) -> np.ndarray:
     raise DataError(f"{path}: dtype {arr.dtype} is not uint8 or float")
 
 
+def _read_images(files: list[Path], who: str) -> torch.Tensor:
+    """Read `files` as one (N, C, H, W) tensor in [-1, 1]; `who` prefixes errors.
+
+    Raises:
+        DataError: naming the first file whose shape differs from the first file's.
+    """
+    arrays = []
+    for path in files:
+        arr = _read_image(path)
+        if arrays and arr.shape != arrays[0].shape:
+            raise DataError(
+                f"{who}: {path.name} has shape {arr.shape}, "
+                f"but {files[0].name} has {arrays[0].shape}; all images must match"
+            )
+        arrays.append(arr)
+    return torch.from_numpy(np.stack(arrays)) * 2.0 - 1.0
+
+
 def image_files(folder: Path) -> list[Path]:
     """The image files directly inside `folder`, sorted by name."""
     return sorted(
@@ -130,16 +148,7 @@ def load_contributor(folder: str | Path, contributor_id: str | None = None) -> C
             f"contributor {contributor_id!r}: no images ({', '.join(IMAGE_SUFFIXES)}) "
             f"in {folder}"
         )
-    arrays = []
-    for path in files:
-        arr = _read_image(path)
-        if arrays and arr.shape != arrays[0].shape:
-            raise DataError(
-                f"contributor {contributor_id!r}: {path.name} has shape {arr.shape}, "
-                f"but {files[0].name} has {arrays[0].shape}; all images must match"
-            )
-        arrays.append(arr)
-    images = torch.from_numpy(np.stack(arrays)) * 2.0 - 1.0
+    images = _read_images(files, f"contributor {contributor_id!r}")
     return ContributorData(contributor_id, images, hash_files(files))
 
 
@@ -186,10 +195,7 @@ def load_image_folder(folder: str | Path) -> torch.Tensor:
     files = image_files(folder)
     if not files:
         raise DataError(f"no images in {folder}")
-    arrays = [_read_image(p) for p in files]
-    if len({a.shape for a in arrays}) != 1:
-        raise DataError(f"images in {folder} differ in shape")
-    return torch.from_numpy(np.stack(arrays)) * 2.0 - 1.0
+    return _read_images(files, str(folder))
 
 
 def to_uint8(images: torch.Tensor) -> np.ndarray:
