@@ -80,13 +80,19 @@ class CDMService:
     def __init__(self) -> None:
         self.platform = Platform(os.environ.get("CDM_STORE", "var/store"))
 
+    def _principal(self, ctx: bentoml.Context):
+        return self.platform.verify(ctx.request.headers.get("authorization"))
+
+    @staticmethod
+    def _error(ctx: bentoml.Context, err: Exception) -> dict:
+        ctx.response.status_code = status_for(err)
+        return {"error": str(err)}
+
     def _call(self, ctx: bentoml.Context, method, **kwargs) -> dict | list:
         try:
-            principal = self.platform.verify(ctx.request.headers.get("authorization"))
-            return method(principal, **kwargs)
+            return method(self._principal(ctx), **kwargs)
         except (CDMError, ValueError) as err:
-            ctx.response.status_code = status_for(err)
-            return {"error": str(err)}
+            return self._error(ctx, err)
 
     def __metrics__(self, content: str) -> str:
         return content + self.platform.metrics.exposition()
@@ -98,15 +104,13 @@ class CDMService:
         Checks and the ledger run per request; the sampling of concurrent requests is
         grouped by BentoML's adaptive-batching dispatcher into one batch."""
         try:
-            principal = self.platform.verify(ctx.request.headers.get("authorization"))
-            job = await run_in_threadpool(self.platform.prepare_generation, principal, **kw)
+            job = await run_in_threadpool(self.platform.prepare_generation, self._principal(ctx), **kw)
             out = await self._batched_sample(job)
             if isinstance(out, Exception):
                 raise out
             return await run_in_threadpool(self.platform.finish_generation, job, out)
         except (CDMError, ValueError) as err:
-            ctx.response.status_code = status_for(err)
-            return {"error": str(err)}
+            return self._error(ctx, err)
 
     @functools.cached_property
     def _batched_sample(self):
