@@ -27,27 +27,25 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from shards import ShardStore  # noqa: E402
+from shards.classifier import ShardClassifier  # noqa: E402
 from shards.demo import load_heldout  # noqa: E402
+from shards.ensemble import ShardEnsemble  # noqa: E402
 from shards.images import save_grid  # noqa: E402
 from shards.models import make_unet  # noqa: E402
-from shards.sampler import SCHEDULERS  # noqa: E402
+from shards.sampler import ComposedSampler  # noqa: E402
 from shards.training import TrainConfig, train_denoiser  # noqa: E402
 from valuation.features import frechet_distance, gaussian_stats, train_feature_net  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results"
 
 
-@torch.no_grad()
-def sample_monolithic(model, schedule_config, scheduler, n, steps, seed, shape):
-    """One UNet, the same sampler, initial noise and step noise as the composed one."""
-    sched = SCHEDULERS[scheduler].from_config(schedule_config)
-    sched.set_timesteps(steps)
-    generator = torch.Generator().manual_seed(seed)
-    x = torch.randn((n, *shape), generator=generator)
-    for t in sched.timesteps:
-        step_gen = generator if scheduler == "ddpm" else None
-        x = sched.step(model(x, t).sample, t, x, generator=step_gen).prev_sample
-    return (x.clamp(-1, 1) + 1) / 2
+def single_model_sampler(model, schedule_config, shape) -> ComposedSampler:
+    """One UNet as a one-shard composition: its weight is exactly 1, so this is plain
+    sampling with that UNet (tests/test_sampler.py holds it against the chain), with
+    the same initial and step noise as the composed sampler for the same seed."""
+    ensemble = ShardEnsemble({"all": model.eval()})
+    return ComposedSampler(ensemble, ShardClassifier(contributor_ids=["all"]).eval(),
+                           schedule_config, {"all": 1.0}, shape)
 
 
 def main() -> None:
@@ -111,6 +109,7 @@ def main() -> None:
     report.update(monolithic_steps=mono_steps, monolithic_final_loss=mono_loss,
                   monolithic_train_s=time.perf_counter() - t0,
                   frechet_real_union=fd((union + 1) / 2), frechet={}, final_mass={})
+    mono_sampler = single_model_sampler(mono, sampler.schedule_config, store.image_shape)
     low = [c for c in store.contributor_ids if owners[c].get("corrupted")]
     priors = store.priors()
     for scheduler in ("ddpm", "ddim"):
@@ -119,8 +118,8 @@ def main() -> None:
         t_composed = time.perf_counter() - t0
         naive = sampler(None, n=args.n, steps=args.steps, seed=args.seed, scheduler=scheduler,
                         mode="naive")
-        mono_images = sample_monolithic(mono, sampler.schedule_config, scheduler, args.n,
-                                        args.steps, args.seed, store.image_shape)
+        mono_images = mono_sampler(None, n=args.n, steps=args.steps, seed=args.seed,
+                                   scheduler=scheduler).images
         fds = {"composed": fd(composed.images), "naive": fd(naive.images),
                "monolithic": fd(mono_images), "composed_sample_s": t_composed}
         report["frechet"][scheduler] = fds
