@@ -59,6 +59,17 @@ class AddContributorInput(Strict):
     kind: Literal["full", "lora"] | None = None
 
 
+class ValueInput(Strict):
+    property: Literal["quality", "diversity", "confidence"] = "quality"
+    methods: list[Literal["exact", "permutation", "kernelshap", "pruned", "retrain", "loo",
+                          "attribution"]] = Field(["exact"], min_length=1, max_length=7)
+    n: int = Field(256, ge=2, le=4096, description="samples per coalition")
+    steps: int = Field(25, ge=1, le=500, description="sampling steps per coalition")
+    seed: int = Field(0, ge=0, le=2**63 - 1)
+    heldout: str | None = Field(None, max_length=4096,
+                                description="held-out digits folder on the server (first run)")
+
+
 class AttributionInput(Strict):
     request_id: str = Field(min_length=1, max_length=64)
 
@@ -135,6 +146,11 @@ class CDMService:
     def add_contributor(self, ctx: bentoml.Context, folder: str, kind: str | None = None) -> dict:
         """Admin: train a shard from a folder on the server, in the background."""
         return self._call(ctx, self.platform.add_contributor, folder=folder, kind=kind)
+
+    @bentoml.api(input_spec=ValueInput)
+    def value(self, ctx: bentoml.Context, **kw) -> dict:
+        """Admin: start a valuation job; `credit` then shows its Shapley values."""
+        return self._call(ctx, self.platform.value, **kw)
 
     @bentoml.api(input_spec=Empty)
     def contributors(self, ctx: bentoml.Context) -> dict:

@@ -144,6 +144,39 @@ def cmd_serve(args) -> None:
     os.execve(cmd[0], cmd, env)
 
 
+def cmd_value(args) -> None:
+    from valuation.run import ValuationSettings, primary, run_valuation
+
+    from .db import Database
+
+    aesthetic = None
+    if args.property == "aesthetic":
+        aesthetic = {"arch": args.clip_arch, "checkpoint": args.clip_checkpoint,
+                     "head": args.aesthetic_head}
+    settings = ValuationSettings(
+        property=args.property, methods=tuple(_csv(args.methods)), n=args.n, steps=args.steps,
+        seed=args.seed, workers=args.workers, max_evaluations=args.max_evaluations,
+        stderr_tol=args.stderr_tol, pruning_ratio=args.pruning_ratio,
+        monolith_steps=args.monolith_steps, finetune_steps=args.finetune_steps,
+        subset_steps=args.subset_steps, retrain_steps=args.retrain_steps, aesthetic=aesthetic)
+    report, results = run_valuation(args.store, settings, heldout=args.heldout,
+                                    report_dir=args.report)
+    methods = list(results)
+    print(f"{'contributor':12s}" + "".join(f"{m:>14s}" for m in methods))
+    for c in report["players"]:
+        print(f"{c:12s}" + "".join(f"{results[m][c]:14.4f}" for m in methods))
+    print("seconds     " + "".join(f"{results[m].seconds:14.1f}" for m in methods))
+    for pair, v in report["correlations"].items():
+        print(f"{pair}: Pearson {v['pearson']:.3f}, Spearman {v['spearman']:.3f}")
+    best = primary(results)
+    if best is not None:
+        Database(Path(args.store) / "service.db").record_valuation(
+            best.property, best.method, best.as_dict()["values"])
+        print(f"recorded the {best.method} values as the store's latest {args.property} credit")
+    if args.report:
+        print(f"report: {args.report}/report.md")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="cdm", description="Compartmentalized diffusion: "
                                      "one shard per contributor, composed at sampling time.")
@@ -196,6 +229,35 @@ def build_parser() -> argparse.ArgumentParser:
     k = keys.add_parser("demo", help="a demo admin key and a demo user key for half the store")
     k.add_argument("--store", required=True)
     p.set_defaults(func=cmd_keys)
+
+    p = sub.add_parser("value", help="Shapley values of the contributors for a property")
+    p.add_argument("--store", required=True)
+    p.add_argument("--property", default="quality",
+                   choices=["quality", "diversity", "confidence", "aesthetic"])
+    p.add_argument("--methods", default="exact,loo,attribution",
+                   help="comma-separated: exact, permutation, kernelshap, pruned, retrain, "
+                        "loo, attribution")
+    p.add_argument("--heldout", default=None,
+                   help="held-out digits (heldout/<digit>/*.png) to build the store's evaluator")
+    p.add_argument("--report", default=None, help="folder for report.md/.json and plots")
+    p.add_argument("--n", type=int, default=256, help="samples per coalition")
+    p.add_argument("--steps", type=int, default=25, help="sampling steps per coalition")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--workers", type=int, default=1, help="local worker processes")
+    p.add_argument("--max-evaluations", type=int, default=400,
+                   help="coalition budget of the sampled estimators")
+    p.add_argument("--stderr-tol", type=float, default=0.0,
+                   help="stop sampled estimators once every stderr is below this")
+    p.add_argument("--pruning-ratio", type=float, default=0.3)
+    p.add_argument("--monolith-steps", type=int, default=2400)
+    p.add_argument("--finetune-steps", type=int, default=800)
+    p.add_argument("--subset-steps", type=int, default=100,
+                   help="pruned fine-tune: steps on D_S per coalition")
+    p.add_argument("--retrain-steps", type=int, default=800)
+    p.add_argument("--clip-arch", default=None, help="aesthetic: open_clip model name")
+    p.add_argument("--clip-checkpoint", default=None, help="aesthetic: local checkpoint file")
+    p.add_argument("--aesthetic-head", default=None, help="aesthetic: local safetensors head")
+    p.set_defaults(func=cmd_value)
 
     p = sub.add_parser("serve", help="serve a store over HTTP (BentoML)")
     p.add_argument("--store", default=os.environ.get("CDM_STORE", "var/store"))

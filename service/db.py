@@ -160,6 +160,14 @@ class Database:
             db.execute("INSERT INTO valuations (at, property, method, values_json) VALUES (?, ?, ?, ?)",
                        (time.time(), prop, method, json.dumps(values)))
 
+    def drop_valuations(self, contributor_id: str) -> int:
+        """Delete the recorded valuations that have a value for `contributor_id`."""
+        rows = self._conn().execute("SELECT id, values_json FROM valuations").fetchall()
+        ids = [r["id"] for r in rows if contributor_id in json.loads(r["values_json"])]
+        with self._tx() as db:
+            db.executemany("DELETE FROM valuations WHERE id = ?", [(i,) for i in ids])
+        return len(ids)
+
     def latest_valuations(self) -> dict[str, dict]:
         """{property: {"method", "at", "values"}} from the newest row per property."""
         rows = self._conn().execute(

@@ -1,5 +1,5 @@
 """The service's logic without HTTP: licensed generation, two-stage forgetting,
-contributor admission, attribution and credit. `app.py` only adapts it to BentoML.
+contributor admission, attribution, credit and valuation jobs. `app.py` only adapts it to BentoML.
 
 Consistency: the live sampler and live set are swapped under a lock. A request takes
 a snapshot at its start, so a forget acknowledged before a request starts is never
@@ -26,6 +26,9 @@ from shards import ShardStore, load_contributor
 from shards.data import to_uint8
 from shards.errors import CDMError, UnknownContributorError
 from shards.sampler import ComposedSampler, SampleOutput, SampleRequest
+from valuation.monolith import drop_pruned_bases
+from valuation.run import ValuationSettings, primary, run_valuation
+from valuation.utility import store_cache
 
 from .auth import ForbiddenError, KeyVerifier, Principal
 from .db import Database
@@ -184,8 +187,44 @@ class Platform:
         return audit
 
     def _drop_valuation_caches(self, contributor_id: str) -> int:
-        """Valuation caches live under STORE/valuation; none exist until valuation runs."""
-        return 0
+        """Delete every cached utility and pruned base whose numbers `contributor_id`'s
+        data shaped, and the recorded valuations that value it (their player set no
+        longer exists). Returns how many were deleted."""
+        dropped = store_cache(self.store).drop(contributor_id)
+        dropped += drop_pruned_bases(self.store.root, contributor_id)
+        return dropped + self.db.drop_valuations(contributor_id)
+
+    # ------------------------------------------------------------- valuation
+    def value(self, principal: Principal, property: str = "quality",
+              methods: list[str] | None = None, n: int = 256, steps: int = 25, seed: int = 0,
+              heldout: str | None = None) -> dict:
+        """Admin: start a valuation job of the live contributors (settings are checked
+        now); its most exact Shapley values become the property's latest credit."""
+        principal.require_admin()
+        settings = ValuationSettings(property=property, methods=tuple(methods or ("exact",)),
+                                     n=n, steps=steps, seed=seed)
+        if property == "aesthetic":
+            raise ValueError("property 'aesthetic' needs local model paths: use `cdm value`")
+        if not self.store.contributor_ids:
+            raise UnavailableError("no live contributor to value")
+        job_id = self.db.create_job("value", principal.user,
+                                    {"property": property, "methods": list(settings.methods)})
+        self._jobs.submit(self._run_job, job_id, self._value, principal.user, settings, heldout)
+        return {"job_id": job_id, "property": property, "methods": list(settings.methods)}
+
+    def _value(self, actor: str, settings: ValuationSettings, heldout: str | None) -> dict:
+        report, results = run_valuation(self.store.root, settings, heldout=heldout,
+                                        progress=False)
+        best = primary(results)
+        if best is not None:
+            self.db.record_valuation(best.property, best.method, best.as_dict()["values"])
+        self.db.audit(actor, "value", "*", {"property": settings.property,
+                                             "methods": list(settings.methods)})
+        return {"property": settings.property, "players": report["players"],
+                "methods": {m: {k: r[k] for k in ("values", "stderr", "u_full", "u_empty",
+                                                  "efficiency_gap", "seconds")}
+                            for m, r in report["methods"].items()},
+                "correlations": report["correlations"]}
 
     # ------------------------------------------------------------- admission
     def add_contributor(self, principal: Principal, folder: str, kind: str | None = None) -> dict:

@@ -40,6 +40,19 @@ def data_dir(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def heldout(tmp_path_factory):
+    """Held-out digits, 12 per class, in heldout/<digit>/ (for the valuation evaluator)."""
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    root = tmp_path_factory.mktemp("heldout")
+    imgs = np.round(digits.images / 16 * 255).astype(np.uint8)
+    for d in range(10):
+        write_pngs(root / str(d), imgs[digits.target == d][-12:])
+    return root
+
+
+@pytest.fixture(scope="session")
 def datasets(data_dir):
     return load_contributors(data_dir / "contributors")
 

@@ -154,3 +154,19 @@ def test_concurrent_generates_match_sequential_ones(client):
         concurrent = list(pool.map(gen, range(8)))
     assert [gen(seed) for seed in range(8)] == concurrent
     assert "cdm_generate_batch_requests_count" in client.get("/metrics").text
+
+
+def test_value_endpoint_matrix_and_inputs(client, heldout):
+    body = {"methods": ["exact"], "n": 8, "steps": 1, "heldout": str(heldout)}
+    for who, status in {"none": 401, "user": 403, "other": 403}.items():
+        assert call(client, "value", who, body).status_code == status, who
+    r = call(client, "value", "admin", {**body, "methods": ["magic"]})
+    assert r.status_code == 400
+    r = call(client, "value", "admin", {**body, "property": "aesthetic"})
+    assert r.status_code == 400
+    r = call(client, "value", "admin", body)
+    assert r.status_code == 200, r.text
+    job = wait_for_job(lambda: call(client, "job", "admin", {"job_id": r.json()["job_id"]}).json())
+    assert job["status"] == "succeeded", job
+    credit = call(client, "credit", "user").json()
+    assert credit["valuations"]["quality"]["method"] == "exact"

@@ -14,6 +14,7 @@ from service.db import Database
 from service.platform import NotFoundError, Platform
 from shards import ShardStore
 from shards.errors import UnknownContributorError
+from valuation.utility import store_cache
 
 
 @pytest.fixture()
@@ -170,3 +171,29 @@ def test_add_contributor_job(platform, data_dir, tmp_path):
     assert done["status"] == "succeeded", done
     assert "dora" in [c["contributor_id"] for c in platform.contributors()]
     assert platform.generate(admin, contributors=["dora"], n=1, steps=1)["contributors"] == ["dora"]
+
+
+def test_value_job_feeds_credit_and_forget_drops_what_depends_on_the_contributor(platform, heldout):
+    admin = principal(platform, "adm", None, "admin")
+    user = principal(platform, "u", ["a"])
+    with pytest.raises(ForbiddenError):
+        platform.value(user)
+    with pytest.raises(ValueError, match="allowed"):
+        platform.value(admin, methods=["magic"])
+    started = platform.value(admin, methods=["exact", "retrain"], n=16, steps=2, heldout=str(heldout))
+    job = wait_for_job(lambda: platform.job(admin, started["job_id"]))
+    assert job["status"] == "succeeded", job
+    exact = job["result"]["methods"]["exact"]
+    assert exact["efficiency_gap"] <= 1e-9
+    credit = platform.credit()
+    assert credit["valuations"]["quality"]["method"] == "exact"
+    assert credit["contributors"]["a"]["shapley"]["quality"] == exact["values"]["a"]
+
+    forget = platform.forget(admin, "c")
+    assert wait_for_job(lambda: platform.job(admin, forget["job_id"]))["status"] == "succeeded"
+    audit = [r for r in platform.db.audit_log("c") if r["action"] == "purge"][0]
+    # 8 composition + 4 retrain coalitions with c + the recorded valuation
+    assert audit["details"]["valuation_caches_dropped"] == 8 + 4 + 1
+    left = store_cache(platform.store).entries()
+    assert left and all("c" not in e["depends_on"] for _, e in left)
+    assert "quality" not in platform.credit()["valuations"]

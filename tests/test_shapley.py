@@ -1,0 +1,144 @@
+"""Shapley estimators on games with closed-form values, and the axioms."""
+
+import itertools
+import math
+
+import numpy as np
+import pytest
+
+from valuation.shapley import (
+    StoppingRule,
+    exact_shapley,
+    kernel_matrix,
+    kernel_shap,
+    leave_one_out,
+    permutation_shapley,
+)
+from valuation.utility import CachedUtility, GameUtility
+
+
+def game(players, fn):
+    return CachedUtility(GameUtility(players, fn))
+
+
+def additive(weights):
+    return game(list(weights), lambda s: sum(weights[i] for i in s))
+
+
+def glove():
+    """Two left gloves, one right glove: U(S) = number of pairs in S.
+    phi_right = 2/3, phi_left = 1/6 each."""
+    return game(["l1", "l2", "r"], lambda s: min(len(s & {"l1", "l2"}), len(s & {"r"})))
+
+
+def voting():
+    """Weighted majority [quota 6; 4, 2, 2, 1, 1] plus a dummy 'z' with weight 0;
+    phi by Shapley-Shubik, worked out by hand over orderings."""
+    weights = {"a": 4, "b": 2, "c": 2, "d": 1, "e": 1, "z": 0}
+    return game(list(weights), lambda s: float(sum(weights[i] for i in s) >= 6))
+
+
+def shapley_by_orderings(players, fn):
+    """Independent reference: the average marginal over all n! orderings."""
+    phi = dict.fromkeys(players, 0.0)
+    orders = list(itertools.permutations(players))
+    for order in orders:
+        for k, p in enumerate(order):
+            before = frozenset(order[:k])
+            phi[p] += (fn(before | {p}) - fn(before)) / len(orders)
+    return phi
+
+
+def test_exact_additive_game_returns_the_weights():
+    weights = {"a": 1.5, "b": -2.0, "c": 0.25, "d": 7.0}
+    r = exact_shapley(additive(weights))
+    assert r.values == pytest.approx(list(weights.values()), abs=1e-12)
+    assert r.evaluations == 16
+
+
+def test_exact_glove_game():
+    r = exact_shapley(glove())
+    assert r["r"] == pytest.approx(2 / 3) and r["l1"] == pytest.approx(1 / 6)
+
+
+def test_exact_voting_game_matches_orderings_and_dummy_gets_zero():
+    u = voting()
+    r = exact_shapley(u)
+    ref = shapley_by_orderings(u.players, u.source.fn)
+    assert r.values == pytest.approx([ref[p] for p in r.players], abs=1e-12)
+    assert r["z"] == 0.0  # null player
+    assert r["b"] == pytest.approx(r["c"]) and r["d"] == pytest.approx(r["e"])  # symmetry
+    assert r["a"] > r["b"] > r["d"] > 0
+
+
+def test_exact_efficiency_on_a_random_game():
+    rng = np.random.default_rng(0)
+    players = [f"p{i}" for i in range(8)]
+    table = {frozenset(c): float(rng.normal() * 100) for k in range(9)
+             for c in itertools.combinations(players, k)}
+    r = exact_shapley(game(players, table.__getitem__))
+    assert r.efficiency_gap() <= 1e-9
+    assert r.u_full - r.u_empty == pytest.approx(np.sum(r.values), rel=1e-9)
+
+
+@pytest.mark.parametrize("estimator", [permutation_shapley, kernel_shap])
+def test_sampled_estimators_are_exact_on_additive_games(estimator):
+    weights = {f"p{i}": float(i) - 3.0 for i in range(7)}
+    r = estimator(additive(weights), StoppingRule(max_evaluations=60), seed=1)
+    assert r.values == pytest.approx(list(weights.values()), abs=1e-9)
+    assert r.efficiency_gap() <= 1e-9
+
+
+@pytest.mark.parametrize("estimator", [permutation_shapley, kernel_shap])
+def test_sampled_estimators_converge_on_voting_with_honest_stderr(estimator):
+    u = voting()
+    exact = exact_shapley(u)
+    r = estimator(u, StoppingRule(max_evaluations=64), seed=3)  # all 64 coalitions seen
+    assert r.efficiency_gap() <= 1e-9
+    assert r.samples >= 8 and np.all(r.stderr[:5] > 0)
+    error = np.abs(r.values - exact.values)
+    assert np.all(error < 0.2), (r.values, exact.values)
+    assert np.all(error <= 4 * r.stderr + 1e-12), (error, r.stderr)  # stderr is honest
+
+
+def test_stopping_rule_stops_on_stderr_before_the_budget():
+    weights = {f"p{i}": 1.0 for i in range(10)}
+    table = {}
+
+    def noisy(s):  # nearly additive: tiny interaction so that stderr > 0
+        key = frozenset(s)
+        table.setdefault(key, sum(weights[i] for i in s) + 1e-3 * math.sin(len(table)))
+        return table[key]
+
+    r = permutation_shapley(game(list(weights), noisy), StoppingRule(10_000, 1e-3, 4), seed=0)
+    assert r.evaluations < 10_000 and np.max(r.stderr) <= 1e-3
+
+
+def test_stopping_rule_validates():
+    with pytest.raises(ValueError, match="max_evaluations"):
+        StoppingRule(max_evaluations=1)
+
+
+def test_kernel_matrix_matches_enumeration():
+    n = 5
+    p, a = kernel_matrix(n)
+    ref = np.zeros((n, n))
+    for k in range(1, n):
+        for c in itertools.combinations(range(n), k):
+            z = np.zeros(n)
+            z[list(c)] = 1
+            ref += p[k - 1] / math.comb(n, k) * np.outer(z, z)
+    assert a == pytest.approx(ref, abs=1e-12)
+
+
+def test_leave_one_out_on_glove():
+    r = leave_one_out(glove())
+    assert r["r"] == 1.0 and r["l1"] == 0.0  # LOO misses the left gloves' joint value
+
+
+def test_cached_utility_rejects_unknown_players_and_counts():
+    u = additive({"a": 1.0, "b": 2.0})
+    assert u.many([frozenset(), frozenset({"a"}), frozenset({"a"})]) == [0.0, 1.0, 1.0]
+    assert u.evaluations == 2
+    with pytest.raises(ValueError, match="not in"):
+        u(frozenset({"x"}))

@@ -1,0 +1,125 @@
+"""Valuation on a tiny store: properties, cached utilities, every method end to end,
+the report, and the cache's invalidation when a contributor is forgotten."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from valuation.properties import build_evaluator, load_labelled_folder, load_property
+from valuation.run import ValuationSettings, run_valuation
+from valuation.utility import CachedUtility, CompositionUtility, prior_images, store_cache
+
+TINY_VALUE = dict(n=16, steps=3, monolith_steps=10, finetune_steps=6, subset_steps=3,
+                  retrain_steps=6, lds_coalitions=6, top_k=2)
+
+
+@pytest.fixture()
+def valued_store(store_copy, heldout):
+    build_evaluator(store_copy.root, heldout)
+    return store_copy
+
+
+def test_properties_of_the_held_out_digits_themselves(valued_store, heldout):
+    images, labels = load_labelled_folder(heldout)
+    x = torch.as_tensor(images)
+    assert abs(load_property(valued_store.root, "quality")(x)) < 1e-3  # FD to itself
+    assert load_property(valued_store.root, "diversity")(x) > 0.9 * np.log(10)
+    noise = prior_images(120, (1, 8, 8), seed=0)
+    assert load_property(valued_store.root, "quality")(noise) < -1.0
+    conf = load_property(valued_store.root, "confidence")
+    assert 0.1 <= conf(noise) <= 1.0 and conf(x) > 0.9
+
+
+def test_property_errors_are_clear(store_copy, tmp_path):
+    with pytest.raises(ValueError, match="allowed"):
+        load_property(store_copy.root, "beauty")
+    with pytest.raises(Exception, match="no evaluator"):
+        load_property(store_copy.root, "quality")
+    with pytest.raises(Exception, match="one sub-folder per class"):
+        load_labelled_folder(tmp_path)
+    with pytest.raises(ValueError, match="arch, checkpoint and head"):
+        load_property(store_copy.root, "aesthetic")
+
+
+def test_aesthetic_refuses_non_local_paths(store_copy):
+    pytest.importorskip("open_clip")
+    with pytest.raises(Exception, match="not a local file"):
+        load_property(store_copy.root, "aesthetic",
+                      {"arch": "ViT-B-32", "checkpoint": "laion2b", "head": "head.safetensors"})
+
+
+def test_composition_utility_uses_common_random_numbers_and_the_cache(valued_store):
+    source = CompositionUtility(valued_store.root, "quality", n=16, steps=3)
+    u = CachedUtility(source, store_cache(valued_store))
+    a = frozenset({"a"})
+    first = u(a)
+    again = CachedUtility(CompositionUtility(valued_store.root, "quality", n=16, steps=3),
+                          store_cache(valued_store))
+    assert again(a) == first and again.hits == 1 and again.evaluations == 0
+    # same seed, any coalition: the same x_T; U(empty) is the property of that x_T
+    out = source.sampler(["a"], n=16, steps=3, seed=0)
+    assert source.measure(out.images) == first
+    assert u(frozenset()) == source.measure(prior_images(16, (1, 8, 8), 0))
+    other = CachedUtility(CompositionUtility(valued_store.root, "quality", n=16, steps=3, seed=1),
+                          store_cache(valued_store))
+    assert other(a) != first and other.evaluations == 1  # settings are part of the key
+
+
+def test_every_method_end_to_end_and_the_report(valued_store, tmp_path):
+    methods = ("exact", "permutation", "kernelshap", "pruned", "retrain", "loo", "attribution")
+    settings = ValuationSettings(methods=methods, **TINY_VALUE)
+    report, results = run_valuation(valued_store.root, settings, report_dir=tmp_path / "r",
+                                    progress=False)
+    assert set(results) == set(methods)
+    for m in ("exact", "permutation", "kernelshap", "pruned", "retrain", "attribution"):
+        assert results[m].efficiency_gap() <= 1e-9, m
+    # with 3 players the sampled estimators see all 8 coalitions and agree with exact
+    for m in ("permutation", "kernelshap"):
+        assert results[m].values == pytest.approx(results["exact"].values, abs=0.5 * np.ptp(
+            results["exact"].values) + 1e-9)
+    assert results["pruned"].extra["pruned_base"]["kept"] < 1.0
+    assert set(report["lds"]) == {"composition", "retrain"}
+    assert report["counterfactual"]["composition"]["k"] == [1, 2]
+    for name in ("report.md", "report.json", "values.png", "scatter.png"):
+        assert (tmp_path / "r" / name).stat().st_size > 0
+    assert json.loads((tmp_path / "r" / "report.json").read_text())["players"] == ["a", "b", "c"]
+    assert "| exact |" in (tmp_path / "r" / "report.md").read_text()
+
+    # a rerun reads every coalition from the cache and gives the same numbers
+    report2, results2 = run_valuation(valued_store.root, settings, progress=False)
+    for m in methods:
+        assert results2[m].extra["computed"] == 0, m
+        assert results2[m].values == pytest.approx(results[m].values, abs=0, rel=0), m
+
+
+def test_worker_processes_give_the_same_values(valued_store):
+    one, _ = run_valuation(valued_store.root, ValuationSettings(methods=("exact",), **TINY_VALUE),
+                           progress=False)
+    store_cache(valued_store).root.rename(valued_store.root / "old-cache")
+    two, res = run_valuation(valued_store.root, ValuationSettings(
+        methods=("exact",), workers=2, **TINY_VALUE), progress=False)
+    assert res["exact"].extra["computed"] == 8
+    assert two["methods"]["exact"]["values"] == one["methods"]["exact"]["values"]
+
+
+def test_bad_settings_and_missing_evaluator(store_copy):
+    with pytest.raises(ValueError, match="allowed"):
+        ValuationSettings(methods=("exact", "magic"))
+    with pytest.raises(Exception, match="no evaluator"):
+        run_valuation(store_copy.root, ValuationSettings(**TINY_VALUE), progress=False)
+
+
+def test_cache_drop_removes_exactly_what_depends_on_the_contributor(valued_store):
+    settings = ValuationSettings(methods=("exact", "retrain", "pruned"), **TINY_VALUE)
+    run_valuation(valued_store.root, settings, progress=False)
+    cache = store_cache(valued_store)
+    before = cache.entries()
+    assert len(before) == 3 * 8  # every coalition, the empty one included, per method
+    dropped = cache.drop("c")
+    after = cache.entries()
+    # composition and pruned values all saw c (classifier / monolith); retrain only if c in S
+    kept = [e for _, e in after]
+    assert all(e["method"] == "retrain" and "c" not in e["coalition"] for e in kept)
+    assert len(kept) == 4 and dropped == len(before) - 4

@@ -1,0 +1,164 @@
+"""Global properties of a batch of samples (images in [0, 1], (N, C, H, W)).
+
+With the digits evaluator (`features.py`, trained on held-out digits owned by nobody,
+stored once per store under STORE/valuation/evaluator/):
+
+    quality    = -FD(samples, held-out)  Frechet distance in the evaluator's features
+    diversity  = H(mean_x p(y | x))      entropy (nats) of the mean predicted class distribution
+    confidence = mean_x max_y p(y | x)   mean top-class probability (Inception-score-like)
+
+Optional (`pip install '.[clip]'`): aesthetic = mean of a linear head on normalised
+open_clip image embeddings; the checkpoint and head are read from local paths the user
+gives, never downloaded.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+
+from shards.data import load_image_folder
+from shards.errors import DataError
+from shards.shard import files_hash
+from shards.store import write_json_atomic
+
+from .features import (
+    frechet_distance,
+    gaussian_stats,
+    load_feature_net,
+    save_feature_net,
+    train_feature_net,
+)
+
+PROPERTIES = ("quality", "diversity", "confidence", "aesthetic")
+
+
+def evaluator_dir(store_root: str | Path) -> Path:
+    return Path(store_root) / "valuation" / "evaluator"
+
+
+def load_labelled_folder(heldout: str | Path) -> tuple[np.ndarray, np.ndarray]:
+    """Images in [0, 1] and labels from `heldout/<label>/*` (integer folder names)."""
+    root = Path(heldout)
+    folders = sorted((p for p in root.iterdir() if p.is_dir()), key=lambda p: p.name) \
+        if root.is_dir() else []
+    if not folders or not all(p.name.isdigit() for p in folders):
+        raise DataError(f"held-out folder {root} must hold one sub-folder per class, "
+                        f"named 0, 1, ...; found {[p.name for p in folders]}")
+    images, labels = [], []
+    for folder in folders:
+        x = load_image_folder(folder)
+        images.append((x.numpy() + 1) / 2)
+        labels += [int(folder.name)] * len(x)
+    return np.concatenate(images).astype(np.float32), np.asarray(labels)
+
+
+def build_evaluator(store_root: str | Path, heldout: str | Path, seed: int = 0) -> Path:
+    """Train the digits evaluator on `heldout` and store it with the held-out feature
+    statistics. Returns its folder. Rebuilt only if the held-out data changed."""
+    images, labels = load_labelled_folder(heldout)
+    data_hash = hashlib.sha256(images.tobytes() + labels.tobytes()).hexdigest()
+    folder = evaluator_dir(store_root)
+    meta_path = folder / "evaluator.json"
+    if meta_path.exists() and json.loads(meta_path.read_text())["heldout_hash"] == data_hash:
+        return folder
+    folder.mkdir(parents=True, exist_ok=True)
+    net = train_feature_net(images, labels, seed=seed)
+    with torch.no_grad():
+        feats = net.features(torch.as_tensor(images)).numpy().astype(np.float64)
+        accuracy = float((net(torch.as_tensor(images)).argmax(1).numpy() == labels).mean())
+    mu, sigma = gaussian_stats(feats)
+    save_feature_net(net, folder / "model.safetensors")
+    save_file({"mu": torch.as_tensor(mu), "sigma": torch.as_tensor(sigma)},
+              str(folder / "reference.safetensors"))
+    write_json_atomic(meta_path, {"heldout": str(heldout), "heldout_hash": data_hash,
+                                  "images": len(labels), "classes": int(labels.max()) + 1,
+                                  "train_accuracy": accuracy, "seed": seed})
+    return folder
+
+
+class DigitsProperty:
+    """quality / diversity / confidence with the store's evaluator."""
+
+    def __init__(self, store_root: str | Path, name: str):
+        folder = evaluator_dir(store_root)
+        if not (folder / "evaluator.json").exists():
+            raise DataError(f"store {store_root} has no evaluator yet: build it from "
+                            "held-out digits first (`cdm value --heldout DIR`)")
+        self.name = name
+        self.net = load_feature_net(folder / "model.safetensors")
+        ref = load_file(str(folder / "reference.safetensors"))
+        self.mu, self.sigma = ref["mu"].numpy(), ref["sigma"].numpy()
+        self.key = f"{name}:{files_hash(folder)}"
+
+    @torch.no_grad()
+    def __call__(self, images: torch.Tensor) -> float:
+        x = images.float()
+        if self.name == "quality":
+            return -frechet_distance(*gaussian_stats(self.net.features(x).double().numpy()),
+                                     self.mu, self.sigma)
+        probs = F.softmax(self.net(x).double(), dim=1)
+        if self.name == "confidence":
+            return float(probs.max(1).values.mean())
+        mean = probs.mean(0)
+        return float(-(mean * mean.clamp_min(1e-300).log()).sum())
+
+
+class AestheticProperty:
+    """Mean linear aesthetic score on L2-normalised open_clip image embeddings.
+
+    Args (the `aesthetic` dict): arch (open_clip model name), checkpoint (local file),
+    head (local safetensors with `weight` (1, D) and `bias` (1,)).
+    """
+
+    def __init__(self, arch: str, checkpoint: str, head: str):
+        try:
+            import open_clip
+        except ImportError as err:
+            raise DataError("the aesthetic property needs the optional extra: "
+                            "pip install '.[clip]'") from err
+        for path in (checkpoint, head):
+            if not Path(path).is_file():
+                raise DataError(f"aesthetic: {path} is not a local file (nothing is downloaded)")
+        self.model, _, preprocess = open_clip.create_model_and_transforms(arch, pretrained=checkpoint)
+        self.model.eval()
+        self.size = self.model.visual.image_size
+        self.size = self.size[0] if isinstance(self.size, tuple | list) else self.size
+        norm = [t for t in preprocess.transforms if type(t).__name__ == "Normalize"][0]
+        self.mean = torch.tensor(norm.mean).view(1, 3, 1, 1)
+        self.std = torch.tensor(norm.std).view(1, 3, 1, 1)
+        weights = load_file(head)
+        self.weight, self.bias = weights["weight"], weights["bias"]
+        digest = hashlib.sha256(Path(checkpoint).read_bytes() + Path(head).read_bytes())
+        self.key = f"aesthetic:{arch}:{digest.hexdigest()}"
+
+    @torch.no_grad()
+    def __call__(self, images: torch.Tensor) -> float:
+        x = images.float().expand(-1, 3, -1, -1) if images.shape[1] == 1 else images.float()
+        x = F.interpolate(x, size=(self.size, self.size), mode="bilinear", align_corners=False)
+        emb = F.normalize(self.model.encode_image((x - self.mean) / self.std), dim=-1)
+        return float((emb @ self.weight.T + self.bias).mean())
+
+
+def load_property(store_root: str | Path, name: str,
+                  aesthetic: dict | None = None) -> Callable[[torch.Tensor], float]:
+    """The measure for property `name`; it has a `.key` naming it and its weights.
+
+    Raises:
+        ValueError: unknown property, or aesthetic without its paths.
+        DataError: no evaluator in the store; open_clip missing; paths not files.
+    """
+    if name not in PROPERTIES:
+        raise ValueError(f"property={name!r}; allowed: {list(PROPERTIES)}")
+    if name == "aesthetic":
+        if not aesthetic:
+            raise ValueError("property 'aesthetic' needs arch, checkpoint and head paths")
+        return AestheticProperty(**aesthetic)
+    return DigitsProperty(store_root, name)

@@ -1,0 +1,201 @@
+"""One valuation run: the methods asked for, on the utilities they need, compared in
+one report. Used by `cdm value` and by the service's `value` job.
+
+    method        utility U(S)                           Shapley arithmetic
+    exact         composition of the shards in S         all 2^n coalitions (eq. 1)
+    permutation   composition                            antithetic permutations (eq. 2)
+    kernelshap    composition                            paired KernelSHAP (eq. 3)
+    pruned        pruned monolith fine-tuned on D_S      exact if n <= max_exact, else KernelSHAP
+    retrain       monolith retrained on D_S              exact if n <= max_exact, else KernelSHAP
+    loo           composition                            U(N) - U(N \\ i)
+    attribution   composition (U(N), U(empty) only)      split by mean sampler attribution
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from . import report as rpt
+from .monolith import PrunedFinetuneUtility, RetrainUtility
+from .properties import build_evaluator, evaluator_dir
+from .result import ValuationResult
+from .shapley import (
+    StoppingRule,
+    attribution_mass,
+    exact_shapley,
+    kernel_shap,
+    leave_one_out,
+    permutation_shapley,
+)
+from .utility import CachedUtility, CompositionUtility, store_cache
+
+METHODS = ("exact", "permutation", "kernelshap", "pruned", "retrain", "loo", "attribution")
+COMPOSITION_METHODS = ("exact", "permutation", "kernelshap", "loo", "attribution")
+TRUTH_UTILITIES = ("composition", "retrain")
+U_EMPTY = ("the property of the prior's samples: the common initial noise x_T ~ N(0, I), "
+           "clipped to [-1, 1] (what the sampler returns with no denoiser), for every method.")
+
+
+@dataclass
+class ValuationSettings:
+    """Everything a valuation run depends on besides the store."""
+
+    property: str = "quality"
+    methods: tuple[str, ...] = ("exact", "loo", "attribution")
+    n: int = 256
+    steps: int = 25
+    seed: int = 0
+    scheduler: str = "ddpm"
+    workers: int = 1
+    max_exact: int = 10
+    max_evaluations: int = 400
+    stderr_tol: float = 0.0
+    pruning_ratio: float = 0.3
+    monolith_steps: int = 2400
+    finetune_steps: int = 800
+    subset_steps: int = 100
+    retrain_steps: int = 800
+    lds_coalitions: int = 50
+    top_k: int = 3
+    aesthetic: dict | None = field(default=None)
+
+    def __post_init__(self):
+        self.methods = tuple(self.methods)
+        unknown = [m for m in self.methods if m not in METHODS]
+        if unknown or not self.methods:
+            raise ValueError(f"methods={list(self.methods)}; allowed: {list(METHODS)}")
+        if self.n < 2 or self.steps < 1 or self.workers < 1:
+            raise ValueError(f"n >= 2, steps >= 1 and workers >= 1 needed: n={self.n}, "
+                             f"steps={self.steps}, workers={self.workers}")
+
+
+def _train(steps: int, warmup: bool = True) -> dict:
+    """TrainConfig fields for `steps` steps: 50 warm-up steps, fewer for short runs."""
+    return {"steps": steps, "warmup_steps": min(50, steps // 5) if warmup else 0}
+
+
+def _sources(store_root: Path, s: ValuationSettings) -> dict[str, tuple[type, dict]]:
+    common = {"store_root": str(store_root), "property": s.property, "n": s.n,
+              "steps": s.steps, "seed": s.seed, "scheduler": s.scheduler,
+              "aesthetic": s.aesthetic}
+    return {
+        "composition": (CompositionUtility, common),
+        "pruned": (PrunedFinetuneUtility, {
+            **common, "ratio": s.pruning_ratio, "monolith": _train(s.monolith_steps),
+            "finetune": _train(s.finetune_steps), "subset": _train(s.subset_steps, False)}),
+        "retrain": (RetrainUtility, {**common, "train": _train(s.retrain_steps)}),
+    }
+
+
+def _utility_of(method: str) -> str:
+    return "composition" if method in COMPOSITION_METHODS else method
+
+
+def run_valuation(store_root: str | Path, settings: ValuationSettings,
+                  heldout: str | Path | None = None, report_dir: str | Path | None = None,
+                  progress: bool = True) -> tuple[dict, dict[str, ValuationResult]]:
+    """Run `settings.methods` on the store; returns (report dict, results by method).
+
+    Raises:
+        DataError: no evaluator in the store and no `heldout` folder to build one.
+        ValueError: bad settings.
+    """
+    store_root = Path(store_root)
+    if heldout is not None or not (evaluator_dir(store_root) / "evaluator.json").exists():
+        if heldout is None:
+            from shards.errors import DataError
+
+            raise DataError(f"store {store_root} has no evaluator: pass the held-out "
+                            "digits folder (heldout/<digit>/*.png) to build one")
+        build_evaluator(store_root, heldout, seed=settings.seed)
+    specs = _sources(store_root, settings)
+    needed = {_utility_of(m) for m in settings.methods} | {"composition"}
+    utilities: dict[str, CachedUtility] = {}
+    for name in sorted(needed):
+        factory, kwargs = specs[name]
+        source = factory(**kwargs)
+        if isinstance(source, PrunedFinetuneUtility):
+            source.prepare()  # steps 1-3 once, before any worker starts
+        utilities[name] = CachedUtility(source, store_cache(source.store), settings.workers,
+                                        (factory, kwargs), progress=progress)
+    rule = StoppingRule(settings.max_evaluations, settings.stderr_tol)
+    results: dict[str, ValuationResult] = {}
+    for method in settings.methods:
+        u = utilities[_utility_of(method)]
+        before = (u.evaluations, u.hits)
+        u.touched.clear()
+        start = time.perf_counter()
+        results[method] = _estimate(method, u, rule, settings, progress)
+        r = results[method]
+        r.method, r.seconds = method, time.perf_counter() - start
+        r.extra.update(computed=u.evaluations - before[0], cached=u.hits - before[1],
+                       utility=_utility_of(method),
+                       compute_seconds=sum(u.seconds[c] for c in u.touched))
+        if method == "pruned":
+            r.extra["pruned_base"] = u.source.prepare()
+    report = _compare(store_root, settings, utilities, results)
+    if report_dir is not None:
+        rpt.write_report(report, results, report_dir)
+    return report, results
+
+
+SHAPLEY_PREFERENCE = ("exact", "kernelshap", "permutation", "retrain", "pruned")
+
+
+def primary(results: dict[str, ValuationResult]) -> ValuationResult | None:
+    """The most exact Shapley result of a run (what `credit` shows), if any."""
+    method = next((m for m in SHAPLEY_PREFERENCE if m in results), None)
+    return results[method] if method else None
+
+
+def _estimate(method: str, u: CachedUtility, rule: StoppingRule, s: ValuationSettings,
+              progress: bool) -> ValuationResult:
+    n = len(u.players)
+    if method == "exact" or (method in ("pruned", "retrain") and n <= s.max_exact):
+        return exact_shapley(u, progress)
+    if method == "permutation":
+        return permutation_shapley(u, rule, s.seed, progress=progress)
+    if method in ("kernelshap", "pruned", "retrain"):
+        return kernel_shap(u, rule, s.seed, progress=progress)
+    if method == "loo":
+        return leave_one_out(u)
+    u_empty, u_full = u.many([frozenset(), frozenset(u.players)])
+    start = time.perf_counter()
+    out = u.source.sampler(None, n=s.n, steps=s.steps, seed=s.seed, scheduler=s.scheduler)
+    mass = {c: float(out.attribution_mean[:, i].mean()) for i, c in enumerate(out.contributor_ids)}
+    return attribution_mass(list(u.players), mass, u_full, u_empty, u.property,
+                            seconds=time.perf_counter() - start)
+
+
+def _compare(store_root: Path, s: ValuationSettings, utilities: dict[str, CachedUtility],
+             results: dict[str, ValuationResult]) -> dict:
+    players = list(utilities["composition"].players)
+    reference = "exact" if "exact" in results else next(iter(results))
+    halves = rpt.half_size_coalitions(players, s.lds_coalitions, s.seed)
+    lds, counterfactual = {}, {}
+    for target in TRUTH_UTILITIES:
+        if target not in utilities:
+            continue
+        u = utilities[target]
+        measured = u.many(halves)
+        lds[target] = {"coalitions": len(halves),
+                       "scores": {m: rpt.lds(r, halves, measured) for m, r in results.items()}}
+        u_full = u(frozenset(players))
+        block = {"u_full": u_full, "k": [], "methods": {}}
+        for m, r in results.items():
+            rows = []
+            for rest in rpt.top_k_removals(r, s.top_k):
+                value = u(rest)
+                rows.append({"removed": sorted(set(players) - rest), "u": value,
+                             "drop": u_full - value})
+            block["methods"][m] = rows
+            block["k"] = list(range(1, len(rows) + 1))
+        counterfactual[target] = block
+    return {"store": str(store_root), "property": s.property, "players": players,
+            "settings": {k: v for k, v in asdict(s).items() if k != "aesthetic"},
+            "u_empty_definition": U_EMPTY, "reference": reference,
+            "methods": {m: r.as_dict() for m, r in results.items()},
+            "correlations": rpt.correlations(results), "lds": lds,
+            "counterfactual": counterfactual}

@@ -1,0 +1,248 @@
+"""Utilities U(S): a global property of the samples of a model for coalition S.
+
+`CachedUtility` is what the estimators in `shapley.py` call. It wraps a *source*
+(how U(S) is obtained: composing the shards in S, fine-tuning a pruned model on D_S,
+retraining on D_S, or a closed-form game), looks each coalition up in a disk cache,
+and computes the misses, in local worker processes when asked.
+
+Common random numbers: every source samples with the same seed for every S, so the
+initial noise x_T and the sampler's step noise are the same across coalitions.
+
+U(empty set) is the property of the prior's samples: x_T ~ N(0, I) itself (the same
+x_T every coalition starts from), clipped to [-1, 1], i.e. what the sampler returns
+with no denoiser. It is the same for every method, so their values are comparable.
+
+Cache: one JSON file per (source key) under STORE/valuation/cache/<method>/. An
+entry records `depends_on`, the contributors whose data shaped the number (for
+composition: every contributor the classifier was trained on). Forgetting c deletes
+every entry that depends on c, and nothing else.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from collections.abc import Callable
+from concurrent.futures import ProcessPoolExecutor
+from multiprocessing import get_context
+from pathlib import Path
+from typing import Protocol
+
+import torch
+from tqdm.auto import tqdm
+
+from shards import ShardStore
+from shards.store import write_json_atomic
+
+from .properties import load_property
+
+
+class UtilitySource(Protocol):
+    method: str
+    players: tuple[str, ...]
+    property: str
+
+    def key(self, coalition: frozenset) -> str: ...
+    def depends_on(self, coalition: frozenset) -> list[str]: ...
+    def evaluate(self, coalition: frozenset) -> float: ...
+
+
+def digest(obj) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()
+
+
+def prior_images(n: int, image_shape, seed: int) -> torch.Tensor:
+    """The x_T that `ComposedSampler` draws first for `seed`, mapped to [0, 1]."""
+    x = torch.randn((n, *image_shape), generator=torch.Generator().manual_seed(seed))
+    return (x.clamp(-1, 1) + 1) / 2
+
+
+class UtilityCache:
+    """JSON entries under `root/<method>/<key>.json`, written atomically."""
+
+    def __init__(self, root: str | Path):
+        self.root = Path(root)
+
+    def get(self, method: str, key: str) -> dict | None:
+        path = self.root / method / f"{key}.json"
+        return json.loads(path.read_text()) if path.exists() else None
+
+    def put(self, method: str, key: str, entry: dict) -> None:
+        (self.root / method).mkdir(parents=True, exist_ok=True)
+        write_json_atomic(self.root / method / f"{key}.json", entry)
+
+    def entries(self) -> list[tuple[Path, dict]]:
+        return [(p, json.loads(p.read_text())) for p in sorted(self.root.glob("*/*.json"))]
+
+    def drop(self, contributor_id: str) -> int:
+        """Delete every entry whose value depends on `contributor_id`'s data."""
+        dropped = 0
+        for path, entry in self.entries():
+            if contributor_id in entry["depends_on"]:
+                path.unlink()
+                dropped += 1
+        return dropped
+
+
+def store_cache(store: ShardStore) -> UtilityCache:
+    return UtilityCache(store.root / "valuation" / "cache")
+
+
+_WORKER_SOURCE: UtilitySource | None = None
+
+
+def _init_worker(factory: Callable, kwargs: dict, threads: int) -> None:
+    global _WORKER_SOURCE
+    torch.set_num_threads(threads)
+    _WORKER_SOURCE = factory(**kwargs)
+
+
+def _evaluate_in_worker(coalition: frozenset) -> tuple[float, float]:
+    start = time.perf_counter()
+    value = _WORKER_SOURCE.evaluate(coalition)
+    return value, time.perf_counter() - start
+
+
+class CachedUtility:
+    """U(S) for the estimators: cache lookups, then the misses computed by `source`
+    in this process (workers=1) or in `workers` spawned processes, each of which
+    rebuilds the source from `spec = (factory, kwargs)`.
+
+    `evaluations` counts coalitions computed here, `hits` those read from the cache;
+    `seconds[S]` is what computing U(S) cost (now or when it was cached), and
+    `touched` the coalitions asked for since the caller last cleared it.
+    """
+
+    def __init__(self, source: UtilitySource, cache: UtilityCache | None = None,
+                 workers: int = 1, spec: tuple[Callable, dict] | None = None,
+                 progress: bool = False):
+        if workers < 1:
+            raise ValueError(f"workers={workers} must be >= 1")
+        if workers > 1 and spec is None:
+            raise ValueError("workers > 1 needs a spec (factory, kwargs) to rebuild the source")
+        self.source, self.cache, self.workers, self.spec = source, cache, workers, spec
+        self.players, self.property = source.players, source.property
+        self.progress = progress
+        self.evaluations = self.hits = 0
+        self.seconds: dict[frozenset, float] = {}
+        self.touched: set[frozenset] = set()
+        self._memo: dict[frozenset, float] = {}
+
+    def __call__(self, coalition) -> float:
+        return self.many([frozenset(coalition)])[0]
+
+    def many(self, coalitions: list[frozenset]) -> list[float]:
+        coalitions = [frozenset(c) for c in coalitions]
+        self.touched.update(coalitions)
+        unknown = set(coalitions) - set(self._memo)
+        missing = []
+        for coalition in sorted(unknown, key=lambda c: (len(c), sorted(c))):
+            bad = coalition - set(self.players)
+            if bad:
+                raise ValueError(f"coalition has players {sorted(bad)} not in {list(self.players)}")
+            entry = self.cache.get(self.source.method, self.source.key(coalition)) if self.cache else None
+            if entry is None:
+                missing.append(coalition)
+            else:
+                self._memo[coalition] = entry["value"]
+                self.seconds[coalition] = entry["seconds"]
+                self.hits += 1
+        for coalition, (value, seconds) in zip(missing, self._compute(missing), strict=True):
+            self._memo[coalition] = value
+            self.evaluations += 1
+            self.seconds[coalition] = seconds
+            if self.cache:
+                self.cache.put(self.source.method, self.source.key(coalition), {
+                    "method": self.source.method, "property": self.property,
+                    "coalition": sorted(coalition), "value": value, "seconds": seconds,
+                    "depends_on": sorted(self.source.depends_on(coalition)),
+                    "created_at": time.time()})
+        return [self._memo[c] for c in coalitions]
+
+    def _compute(self, missing: list[frozenset]):
+        desc = f"U(S) {self.source.method}/{self.property}"
+        bar = tqdm(total=len(missing), desc=desc, disable=not self.progress or not missing,
+                   leave=False)
+        if self.workers == 1 or len(missing) < 2:
+            for coalition in missing:
+                start = time.perf_counter()
+                value = self.source.evaluate(coalition)
+                bar.update()
+                yield value, time.perf_counter() - start
+        else:
+            factory, kwargs = self.spec
+            threads = max(1, (os.cpu_count() or 1) // self.workers)
+            with ProcessPoolExecutor(self.workers, mp_context=get_context("spawn"),
+                                     initializer=_init_worker,
+                                     initargs=(factory, kwargs, threads)) as pool:
+                for result in pool.map(_evaluate_in_worker, missing):
+                    bar.update()
+                    yield result
+        bar.close()
+
+
+class GameUtility:
+    """A closed-form game U(S) = fn(S) as a source (tests, examples)."""
+
+    method = "game"
+
+    def __init__(self, players, fn: Callable[[frozenset], float], name: str = "game"):
+        self.players, self.fn, self.property = tuple(players), fn, name
+
+    def key(self, coalition):
+        return digest(sorted(coalition))
+
+    def depends_on(self, coalition):
+        return sorted(coalition)
+
+    def evaluate(self, coalition):
+        return float(self.fn(frozenset(coalition)))
+
+
+class CompositionUtility:
+    """U(S) = property of samples of the store's composition restricted to S."""
+
+    method = "composition"
+
+    def __init__(self, store_root: str | Path, property: str, n: int = 256, steps: int = 25,
+                 seed: int = 0, scheduler: str = "ddpm", device: str | None = "cpu",
+                 aesthetic: dict | None = None):
+        self.store = ShardStore.open(store_root)
+        self.players = tuple(self.store.contributor_ids)
+        if not self.players:
+            raise ValueError(f"store {store_root} has no live contributor to value")
+        self.property = property
+        self.measure = load_property(self.store.root, property, aesthetic)
+        self.settings = {"n": n, "steps": steps, "seed": seed, "scheduler": scheduler}
+        self.device = device
+        self._sampler = None
+        classifier = self.store.manifest["classifier"]
+        self._classifier_hash = classifier["weights_hash"]
+        self._classifier_ids = list(classifier.get("contributor_ids") or self.players)
+
+    @property
+    def sampler(self):
+        if self._sampler is None:
+            self._sampler = self.store.load_sampler(self.device)
+        return self._sampler
+
+    def key(self, coalition):
+        return digest({"method": self.method, "property": self.measure.key,
+                       "settings": self.settings, "classifier": self._classifier_hash,
+                       "shards": {c: self.store.contributor(c)["weights_hash"]
+                                  for c in sorted(coalition)}})
+
+    def depends_on(self, coalition):
+        return sorted(set(self._classifier_ids) | set(coalition))
+
+    def images(self, coalition) -> torch.Tensor:
+        s = self.settings
+        if not coalition:
+            return prior_images(s["n"], self.store.image_shape, s["seed"])
+        return self.sampler(sorted(coalition), n=s["n"], steps=s["steps"], seed=s["seed"],
+                            scheduler=s["scheduler"]).images
+
+    def evaluate(self, coalition):
+        return self.measure(self.images(coalition))
