@@ -10,7 +10,7 @@ BIN    := $(VENV)/bin
 DATA   ?= var/demo-data
 STORE  ?= var/store
 
-.PHONY: install data store serve test lint bench clean
+.PHONY: install data store serve test lint bench value clean
 
 # torch 2.13.0 first: it is a local CPU wheel; letting a dependency resolve torch
 # would pull several GB of CUDA packages.
@@ -44,6 +44,14 @@ lint: install
 
 bench: store
 	$(BIN)/python benchmarks/core_evidence.py --data $(DATA) --store $(STORE)
+
+# Shapley values of the default store's contributors by every method, with a report
+# (benchmarks/results/valuation-quality/report.md); about an hour on 2 cores, most of
+# it the retrain-from-scratch ground truth. Utilities are cached in STORE/valuation.
+value: store
+	$(BIN)/cdm value --store $(STORE) --heldout $(DATA)/heldout --property quality \
+		--methods exact,permutation,kernelshap,pruned,retrain,loo,attribution \
+		--max-evaluations 64 --workers 2 --report benchmarks/results/valuation-quality
 
 clean:
 	rm -rf var

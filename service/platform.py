@@ -195,22 +195,23 @@ class Platform:
         return dropped + self.db.drop_valuations(contributor_id)
 
     # ------------------------------------------------------------- valuation
-    def value(self, principal: Principal, property: str = "quality",
-              methods: list[str] | None = None, n: int = 256, steps: int = 25, seed: int = 0,
-              heldout: str | None = None) -> dict:
-        """Admin: start a valuation job of the live contributors (settings are checked
-        now); its most exact Shapley values become the property's latest credit."""
+    def value(self, principal: Principal, heldout: str | None = None, **settings) -> dict:
+        """Admin: start a valuation job of the live contributors; `settings` are
+        `ValuationSettings` fields (property, methods, n, steps, seed, ...), checked
+        now. Its most exact Shapley values become the property's latest credit."""
         principal.require_admin()
-        settings = ValuationSettings(property=property, methods=tuple(methods or ("exact",)),
-                                     n=n, steps=steps, seed=seed)
-        if property == "aesthetic":
+        unknown = sorted(set(settings) - set(ValuationSettings.__dataclass_fields__))
+        if unknown:
+            raise ValueError(f"unknown valuation settings {unknown}")
+        settings = ValuationSettings(**{"methods": ("exact",), **settings})
+        if settings.property == "aesthetic":
             raise ValueError("property 'aesthetic' needs local model paths: use `cdm value`")
         if not self.store.contributor_ids:
             raise UnavailableError("no live contributor to value")
-        job_id = self.db.create_job("value", principal.user,
-                                    {"property": property, "methods": list(settings.methods)})
+        job_id = self.db.create_job("value", principal.user, {"property": settings.property,
+                                                              "methods": list(settings.methods)})
         self._jobs.submit(self._run_job, job_id, self._value, principal.user, settings, heldout)
-        return {"job_id": job_id, "property": property, "methods": list(settings.methods)}
+        return {"job_id": job_id, "property": settings.property, "methods": list(settings.methods)}
 
     def _value(self, actor: str, settings: ValuationSettings, heldout: str | None) -> dict:
         report, results = run_valuation(self.store.root, settings, heldout=heldout,

@@ -180,7 +180,10 @@ def test_value_job_feeds_credit_and_forget_drops_what_depends_on_the_contributor
         platform.value(user)
     with pytest.raises(ValueError, match="allowed"):
         platform.value(admin, methods=["magic"])
-    started = platform.value(admin, methods=["exact", "retrain"], n=16, steps=2, heldout=str(heldout))
+    with pytest.raises(ValueError, match="unknown valuation settings"):
+        platform.value(admin, colour="red")
+    started = platform.value(admin, methods=["exact", "retrain"], n=16, steps=2, retrain_steps=5,
+                             heldout=str(heldout))
     job = wait_for_job(lambda: platform.job(admin, started["job_id"]))
     assert job["status"] == "succeeded", job
     exact = job["result"]["methods"]["exact"]
@@ -192,8 +195,9 @@ def test_value_job_feeds_credit_and_forget_drops_what_depends_on_the_contributor
     forget = platform.forget(admin, "c")
     assert wait_for_job(lambda: platform.job(admin, forget["job_id"]))["status"] == "succeeded"
     audit = [r for r in platform.db.audit_log("c") if r["action"] == "purge"][0]
-    # 8 composition + 4 retrain coalitions with c + the recorded valuation
-    assert audit["details"]["valuation_caches_dropped"] == 8 + 4 + 1
+    # 8 composition values, their 7 sample files, 4 retrain coalitions with c, and the
+    # recorded valuation
+    assert audit["details"]["valuation_caches_dropped"] == 8 + 7 + 4 + 1
     left = store_cache(platform.store).entries()
     assert left and all("c" not in e["depends_on"] for _, e in left)
     assert "quality" not in platform.credit()["valuations"]

@@ -67,6 +67,16 @@ def test_composition_utility_uses_common_random_numbers_and_the_cache(valued_sto
     assert other(a) != first and other.evaluations == 1  # settings are part of the key
 
 
+def test_properties_share_one_sampling_run_per_coalition(valued_store):
+    quality = CompositionUtility(valued_store.root, "quality", n=16, steps=3)
+    quality.evaluate(frozenset({"a", "b"}))
+    confidence = CompositionUtility(valued_store.root, "confidence", n=16, steps=3)
+    value = confidence.evaluate(frozenset({"a", "b"}))
+    assert confidence._sampler is None  # read from the sample cache, not sampled again
+    out = quality.sampler(["a", "b"], n=16, steps=3, seed=0)
+    assert value == confidence.measure(out.images)
+
+
 def test_every_method_end_to_end_and_the_report(valued_store, tmp_path):
     methods = ("exact", "permutation", "kernelshap", "pruned", "retrain", "loo", "attribution")
     settings = ValuationSettings(methods=methods, **TINY_VALUE)
@@ -122,4 +132,6 @@ def test_cache_drop_removes_exactly_what_depends_on_the_contributor(valued_store
     # composition and pruned values all saw c (classifier / monolith); retrain only if c in S
     kept = [e for _, e in after]
     assert all(e["method"] == "retrain" and "c" not in e["coalition"] for e in kept)
-    assert len(kept) == 4 and dropped == len(before) - 4
+    samples = 7  # the composition's samples of every non-empty coalition saw c too
+    assert len(kept) == 4 and dropped == len(before) - 4 + samples
+    assert not list(cache.root.glob("samples/*"))

@@ -114,10 +114,10 @@ class _MonolithUtility:
         return self.measure(sampler(["all"], n=s["n"], steps=s["steps"], seed=s["seed"],
                                     scheduler=s["scheduler"]).images)
 
-    def train(self, model, images, config: TrainConfig, name: str) -> float:
+    def train(self, model, images, config: TrainConfig, name: str, progress: bool = False) -> float:
         seed = derived_seed(self.settings["seed"], self.method, name)
         return train_denoiser(model, images, self.schedule, config, seed, device=self.device,
-                              desc=name, progress=False)
+                              desc=name, progress=progress)
 
 
 class RetrainUtility(_MonolithUtility):
@@ -185,11 +185,11 @@ class PrunedFinetuneUtility(_MonolithUtility):
         start = time.perf_counter()
         model = make_unet(self.store.image_shape, self.store.config.unet,
                           seed=derived_seed(self.settings["seed"], "pruned", "init"))
-        loss = self.train(model, data, self.configs["monolith"], "monolith")  # 1.
+        loss = self.train(model, data, self.configs["monolith"], "monolith", self.progress)  # 1.
         model.save_pretrained(self.folder / "monolith")
         trained = time.perf_counter() - start
         info = prune_unet(model, self.ratio)  # 2.
-        ft_loss = self.train(model, data, self.configs["finetune"], "finetune")  # 3.
+        ft_loss = self.train(model, data, self.configs["finetune"], "finetune", self.progress)  # 3.
         save_file(model.state_dict(), str(self.folder / "pruned.safetensors"))
         meta = {**info, "ratio": self.ratio, "monolith_loss": loss, "finetune_loss": ft_loss,
                 "monolith_seconds": trained, "seconds": time.perf_counter() - start,

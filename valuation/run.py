@@ -117,9 +117,23 @@ def run_valuation(store_root: str | Path, settings: ValuationSettings,
         factory, kwargs = specs[name]
         source = factory(**kwargs)
         if isinstance(source, PrunedFinetuneUtility):
+            source.progress = progress
             source.prepare()  # steps 1-3 once, before any worker starts
         utilities[name] = CachedUtility(source, store_cache(source.store), settings.workers,
                                         (factory, kwargs), progress=progress)
+    try:
+        results = _run_methods(utilities, settings, progress)
+        report = _compare(store_root, settings, utilities, results)
+    finally:
+        for u in utilities.values():
+            u.close()
+    if report_dir is not None:
+        rpt.write_report(report, results, report_dir)
+    return report, results
+
+
+def _run_methods(utilities: dict[str, CachedUtility], settings: ValuationSettings,
+                 progress: bool) -> dict[str, ValuationResult]:
     rule = StoppingRule(settings.max_evaluations, settings.stderr_tol)
     results: dict[str, ValuationResult] = {}
     for method in settings.methods:
@@ -127,18 +141,14 @@ def run_valuation(store_root: str | Path, settings: ValuationSettings,
         before = (u.evaluations, u.hits)
         u.touched.clear()
         start = time.perf_counter()
-        results[method] = _estimate(method, u, rule, settings, progress)
-        r = results[method]
+        r = results[method] = _estimate(method, u, rule, settings, progress)
         r.method, r.seconds = method, time.perf_counter() - start
         r.extra.update(computed=u.evaluations - before[0], cached=u.hits - before[1],
                        utility=_utility_of(method),
                        compute_seconds=sum(u.seconds[c] for c in u.touched))
         if method == "pruned":
             r.extra["pruned_base"] = u.source.prepare()
-    report = _compare(store_root, settings, utilities, results)
-    if report_dir is not None:
-        rpt.write_report(report, results, report_dir)
-    return report, results
+    return results
 
 
 SHAPLEY_PREFERENCE = ("exact", "kernelshap", "permutation", "retrain", "pruned")

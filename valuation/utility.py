@@ -31,6 +31,8 @@ from pathlib import Path
 from typing import Protocol
 
 import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from shards import ShardStore
@@ -60,7 +62,9 @@ def prior_images(n: int, image_shape, seed: int) -> torch.Tensor:
 
 
 class UtilityCache:
-    """JSON entries under `root/<method>/<key>.json`, written atomically."""
+    """JSON entries under `root/<method>/<key>.json`, written atomically; sampled
+    images under `root/samples/<key>.safetensors` (so every property of a coalition
+    is measured on one sampling run), with `depends_on` in the file's metadata."""
 
     def __init__(self, root: str | Path):
         self.root = Path(root)
@@ -76,11 +80,30 @@ class UtilityCache:
     def entries(self) -> list[tuple[Path, dict]]:
         return [(p, json.loads(p.read_text())) for p in sorted(self.root.glob("*/*.json"))]
 
+    def get_images(self, key: str) -> torch.Tensor | None:
+        path = self.root / "samples" / f"{key}.safetensors"
+        return load_file(str(path))["images"] if path.exists() else None
+
+    def put_images(self, key: str, images: torch.Tensor, depends_on: list[str]) -> None:
+        folder = self.root / "samples"
+        folder.mkdir(parents=True, exist_ok=True)
+        tmp = folder / f".{key}.tmp"
+        save_file({"images": images.contiguous()}, str(tmp),
+                  metadata={"depends_on": json.dumps(sorted(depends_on))})
+        os.replace(tmp, folder / f"{key}.safetensors")
+
     def drop(self, contributor_id: str) -> int:
-        """Delete every entry whose value depends on `contributor_id`'s data."""
+        """Delete every entry and every sample file that depends on `contributor_id`'s
+        data. Returns how many files were deleted."""
         dropped = 0
         for path, entry in self.entries():
             if contributor_id in entry["depends_on"]:
+                path.unlink()
+                dropped += 1
+        for path in sorted(self.root.glob("samples/*.safetensors")):
+            with safe_open(str(path), "pt") as f:
+                depends_on = json.loads(f.metadata()["depends_on"])
+            if contributor_id in depends_on:
                 path.unlink()
                 dropped += 1
         return dropped
@@ -129,6 +152,7 @@ class CachedUtility:
         self.seconds: dict[frozenset, float] = {}
         self.touched: set[frozenset] = set()
         self._memo: dict[frozenset, float] = {}
+        self._pool: ProcessPoolExecutor | None = None
 
     def __call__(self, coalition) -> float:
         return self.many([frozenset(coalition)])[0]
@@ -172,15 +196,26 @@ class CachedUtility:
                 bar.update()
                 yield value, time.perf_counter() - start
         else:
+            for result in self._worker_pool().map(_evaluate_in_worker, missing):
+                bar.update()
+                yield result
+        bar.close()
+
+    def _worker_pool(self) -> ProcessPoolExecutor:
+        """Started at the first batch that needs it and kept until `close`, so that
+        sampled estimators do not pay the workers' start-up at every batch."""
+        if self._pool is None:
             factory, kwargs = self.spec
             threads = max(1, (os.cpu_count() or 1) // self.workers)
-            with ProcessPoolExecutor(self.workers, mp_context=get_context("spawn"),
-                                     initializer=_init_worker,
-                                     initargs=(factory, kwargs, threads)) as pool:
-                for result in pool.map(_evaluate_in_worker, missing):
-                    bar.update()
-                    yield result
-        bar.close()
+            self._pool = ProcessPoolExecutor(self.workers, mp_context=get_context("spawn"),
+                                             initializer=_init_worker,
+                                             initargs=(factory, kwargs, threads))
+        return self._pool
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown()
+            self._pool = None
 
 
 class GameUtility:
@@ -217,6 +252,7 @@ class CompositionUtility:
         self.measure = load_property(self.store.root, property, aesthetic)
         self.settings = {"n": n, "steps": steps, "seed": seed, "scheduler": scheduler}
         self.device = device
+        self.cache = store_cache(self.store)
         self._sampler = None
         classifier = self.store.manifest["classifier"]
         self._classifier_hash = classifier["weights_hash"]
@@ -238,11 +274,20 @@ class CompositionUtility:
         return sorted(set(self._classifier_ids) | set(coalition))
 
     def images(self, coalition) -> torch.Tensor:
+        """Samples of the composition restricted to `coalition`, from the sample cache
+        when another property already needed them."""
         s = self.settings
         if not coalition:
             return prior_images(s["n"], self.store.image_shape, s["seed"])
-        return self.sampler(sorted(coalition), n=s["n"], steps=s["steps"], seed=s["seed"],
-                            scheduler=s["scheduler"]).images
+        key = digest({"samples": self.settings, "classifier": self._classifier_hash,
+                      "shards": {c: self.store.contributor(c)["weights_hash"]
+                                 for c in sorted(coalition)}})
+        images = self.cache.get_images(key)
+        if images is None:
+            images = self.sampler(sorted(coalition), n=s["n"], steps=s["steps"], seed=s["seed"],
+                                  scheduler=s["scheduler"]).images
+            self.cache.put_images(key, images, self.depends_on(coalition))
+        return images
 
     def evaluate(self, coalition):
         return self.measure(self.images(coalition))
