@@ -27,25 +27,14 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from shards import ShardStore  # noqa: E402
-from shards.classifier import ShardClassifier  # noqa: E402
 from shards.demo import load_heldout  # noqa: E402
-from shards.ensemble import ShardEnsemble  # noqa: E402
 from shards.images import save_grid  # noqa: E402
 from shards.models import make_unet  # noqa: E402
-from shards.sampler import ComposedSampler  # noqa: E402
 from shards.training import TrainConfig, train_denoiser  # noqa: E402
 from valuation.features import frechet_distance, gaussian_stats, train_feature_net  # noqa: E402
+from valuation.monolith import single_model_sampler  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results"
-
-
-def single_model_sampler(model, schedule_config, shape) -> ComposedSampler:
-    """One UNet as a one-shard composition: its weight is exactly 1, so this is plain
-    sampling with that UNet (tests/test_sampler.py holds it against the chain), with
-    the same initial and step noise as the composed sampler for the same seed."""
-    ensemble = ShardEnsemble({"all": model.eval()})
-    return ComposedSampler(ensemble, ShardClassifier(contributor_ids=["all"]).eval(),
-                           schedule_config, {"all": 1.0}, shape)
 
 
 def main() -> None:

@@ -158,7 +158,8 @@ def cmd_value(args) -> None:
         seed=args.seed, workers=args.workers, max_evaluations=args.max_evaluations,
         stderr_tol=args.stderr_tol, pruning_ratio=args.pruning_ratio,
         monolith_steps=args.monolith_steps, finetune_steps=args.finetune_steps,
-        subset_steps=args.subset_steps, retrain_steps=args.retrain_steps, aesthetic=aesthetic)
+        subset_steps=args.subset_steps, retrain_steps=args.retrain_steps, aesthetic=aesthetic,
+        ray_address=args.ray)
     report, results = run_valuation(args.store, settings, heldout=args.heldout,
                                     report_dir=args.report)
     methods = list(results)
@@ -243,7 +244,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--n", type=int, default=256, help="samples per coalition")
     p.add_argument("--steps", type=int, default=25, help="sampling steps per coalition")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--workers", type=int, default=1, help="local worker processes")
+    p.add_argument("--workers", type=int, default=1,
+                   help="worker processes for coalition evaluations (local, or Ray actors)")
+    p.add_argument("--ray", default=None, metavar="ADDRESS",
+                   help="fan out over a Ray cluster at ADDRESS ('local': start Ray here); "
+                        "needs pip install '.[ray]'")
     p.add_argument("--max-evaluations", type=int, default=400,
                    help="coalition budget of the sampled estimators")
     p.add_argument("--stderr-tol", type=float, default=0.0,

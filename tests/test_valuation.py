@@ -135,3 +135,14 @@ def test_cache_drop_removes_exactly_what_depends_on_the_contributor(valued_store
     samples = 7  # the composition's samples of every non-empty coalition saw c too
     assert len(kept) == 4 and dropped == len(before) - 4 + samples
     assert not list(cache.root.glob("samples/*"))
+
+
+def test_ray_workers_give_the_same_values(valued_store):
+    pytest.importorskip("ray")  # optional extra: pip install '.[ray]'
+    one, _ = run_valuation(valued_store.root, ValuationSettings(methods=("exact",), **TINY_VALUE),
+                           progress=False)
+    store_cache(valued_store).root.rename(valued_store.root / "old-cache")
+    two, res = run_valuation(valued_store.root, ValuationSettings(
+        methods=("exact",), workers=2, ray_address="local", **TINY_VALUE), progress=False)
+    assert res["exact"].extra["computed"] == 8
+    assert two["methods"]["exact"]["values"] == one["methods"]["exact"]["values"]

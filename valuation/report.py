@@ -91,9 +91,13 @@ def plot_scatter(results: dict[str, ValuationResult], reference: str, path: Path
     others = [m for m in results if m != reference]
     if not others:
         return
-    fig, axes = plt.subplots(1, len(others), figsize=(3.2 * len(others), 3.2), squeeze=False)
+    cols = min(3, len(others))
+    rows = -(-len(others) // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(3.6 * cols, 3.3 * rows), squeeze=False)
+    for ax in axes.flat[len(others):]:
+        ax.axis("off")
     ref = results[reference]
-    for ax, name in zip(axes[0], others, strict=True):
+    for ax, name in zip(axes.flat, others, strict=False):
         r = results[name]
         ax.errorbar(ref.values, r.values, xerr=ref.stderr, yerr=r.stderr, fmt="o", ms=4)
         for c, xv, yv in zip(ref.players, ref.values, r.values, strict=True):
@@ -134,12 +138,18 @@ def markdown(report: dict) -> str:
         cells = [f"{_fmt(methods[m]['values'][c])} +- {_fmt(methods[m]['stderr'][c])}"
                  for m in methods]
         lines.append(f"| {c} | " + " | ".join(cells) + " |")
-    lines += ["", "| method | U(N) | U(empty) | efficiency gap | coalitions computed | "
-              "from cache | seconds |", "|---|---|---|---|---|---|---|"]
+    lines += ["", "Cost: *coalitions* is how many distinct U(S) a method used; *computed* how "
+              "many of them this run computed (the rest came from the cache or from an "
+              "earlier method of the run); *compute s* is what computing those U(S) cost, "
+              "whenever it happened (summed over coalitions; with several workers this "
+              "exceeds wall-clock); *run s* is this run's wall-clock for the method.", "",
+              "| method | utility | U(N) | U(empty) | efficiency gap | coalitions | computed | "
+              "compute s | run s |", "|---|---|---|---|---|---|---|---|---|"]
     for m, r in methods.items():
-        lines.append(f"| {m} | {_fmt(r['u_full'])} | {_fmt(r['u_empty'])} | "
-                     f"{r['efficiency_gap']:.2e} | {r.get('computed', r['evaluations'])} | "
-                     f"{r.get('cached', 0)} | {r['seconds']:.1f} |")
+        lines.append(f"| {m} | {r.get('utility', '')} | {_fmt(r['u_full'])} | "
+                     f"{_fmt(r['u_empty'])} | {r['efficiency_gap']:.2e} | {r['evaluations']} | "
+                     f"{r.get('computed', r['evaluations'])} | "
+                     f"{r.get('compute_seconds', 0.0):.1f} | {r['seconds']:.1f} |")
     lines += ["", "## Agreement between methods", "", "| pair | Pearson | Spearman |",
               "|---|---|---|"]
     lines += [f"| {k} | {_fmt(v['pearson'])} | {_fmt(v['spearman'])} |"

@@ -59,6 +59,7 @@ class ValuationSettings:
     retrain_steps: int = 800
     lds_coalitions: int = 50
     top_k: int = 3
+    ray_address: str | None = None
     aesthetic: dict | None = field(default=None)
 
     def __post_init__(self):
@@ -120,7 +121,7 @@ def run_valuation(store_root: str | Path, settings: ValuationSettings,
             source.progress = progress
             source.prepare()  # steps 1-3 once, before any worker starts
         utilities[name] = CachedUtility(source, store_cache(source.store), settings.workers,
-                                        (factory, kwargs), progress=progress)
+                                        (factory, kwargs), progress, settings.ray_address)
     try:
         results = _run_methods(utilities, settings, progress)
         report = _compare(store_root, settings, utilities, results)

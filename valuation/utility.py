@@ -140,12 +140,13 @@ class CachedUtility:
 
     def __init__(self, source: UtilitySource, cache: UtilityCache | None = None,
                  workers: int = 1, spec: tuple[Callable, dict] | None = None,
-                 progress: bool = False):
+                 progress: bool = False, ray_address: str | None = None):
         if workers < 1:
             raise ValueError(f"workers={workers} must be >= 1")
-        if workers > 1 and spec is None:
-            raise ValueError("workers > 1 needs a spec (factory, kwargs) to rebuild the source")
+        if (workers > 1 or ray_address) and spec is None:
+            raise ValueError("worker processes need a spec (factory, kwargs) to rebuild the source")
         self.source, self.cache, self.workers, self.spec = source, cache, workers, spec
+        self.ray_address = ray_address
         self.players, self.property = source.players, source.property
         self.progress = progress
         self.evaluations = self.hits = 0
@@ -189,33 +190,51 @@ class CachedUtility:
         desc = f"U(S) {self.source.method}/{self.property}"
         bar = tqdm(total=len(missing), desc=desc, disable=not self.progress or not missing,
                    leave=False)
-        if self.workers == 1 or len(missing) < 2:
+        if (self.workers == 1 and not self.ray_address) or len(missing) < 2:
             for coalition in missing:
                 start = time.perf_counter()
                 value = self.source.evaluate(coalition)
                 bar.update()
                 yield value, time.perf_counter() - start
         else:
-            for result in self._worker_pool().map(_evaluate_in_worker, missing):
+            pool = self._worker_pool()
+            run = pool.imap if self.ray_address else pool.map
+            for result in run(_evaluate_in_worker, missing):
                 bar.update()
                 yield result
         bar.close()
 
-    def _worker_pool(self) -> ProcessPoolExecutor:
+    def _worker_pool(self):
         """Started at the first batch that needs it and kept until `close`, so that
-        sampled estimators do not pay the workers' start-up at every batch."""
+        sampled estimators do not pay the workers' start-up at every batch: local
+        spawned processes, or actors of a Ray cluster (`ray_address`: an address, or
+        "local" to start Ray on this machine; needs `pip install '.[ray]'`, and on a
+        cluster every node needs this package and the store's path)."""
         if self._pool is None:
             factory, kwargs = self.spec
-            threads = max(1, (os.cpu_count() or 1) // self.workers)
-            self._pool = ProcessPoolExecutor(self.workers, mp_context=get_context("spawn"),
-                                             initializer=_init_worker,
-                                             initargs=(factory, kwargs, threads))
+            if self.ray_address:
+                try:
+                    from ray.util.multiprocessing import Pool
+                except ImportError as err:
+                    raise ValueError("ray is not installed: pip install '.[ray]'") from err
+                address = None if self.ray_address == "local" else self.ray_address
+                self._pool = Pool(self.workers, initializer=_init_worker,
+                                  initargs=(factory, kwargs, 1), ray_address=address)
+            else:
+                threads = max(1, (os.cpu_count() or 1) // self.workers)
+                self._pool = ProcessPoolExecutor(self.workers, mp_context=get_context("spawn"),
+                                                 initializer=_init_worker,
+                                                 initargs=(factory, kwargs, threads))
         return self._pool
 
     def close(self) -> None:
-        if self._pool is not None:
+        if self._pool is None:
+            return
+        if self.ray_address:
+            self._pool.terminate()
+        else:
             self._pool.shutdown()
-            self._pool = None
+        self._pool = None
 
 
 class GameUtility:
