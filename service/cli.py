@@ -244,8 +244,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--n", type=int, default=256, help="samples per coalition")
     p.add_argument("--steps", type=int, default=25, help="sampling steps per coalition")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--workers", type=int, default=1,
-                   help="worker processes for coalition evaluations (local, or Ray actors)")
+    p.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1),
+                   help="worker processes for coalition evaluations (local, or Ray actors); "
+                        "default: the CPU count, at most 4")
     p.add_argument("--ray", default=None, metavar="ADDRESS",
                    help="fan out over a Ray cluster at ADDRESS ('local': start Ray here); "
                         "needs pip install '.[ray]'")

@@ -62,3 +62,20 @@ def test_unknown_contributor_and_bad_out(tmp_path, data_dir, capsys):
     assert main(["sample", "--store", str(store), "--n", "1", "--steps", "1",
                  "--out", str(tmp_path / "x.gif")]) == 2
     assert ".png or .npz" in capsys.readouterr().err
+
+
+def test_value_prints_values_writes_a_report_and_records_credit(store_copy, heldout, tmp_path,
+                                                                capsys):
+    from service.db import Database
+
+    argv = ["value", "--store", str(store_copy.root), "--heldout", str(heldout), "--methods",
+            "exact,loo", "--n", "8", "--steps", "1", "--workers", "1", "--report",
+            str(tmp_path / "r")]
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert "exact" in out and "recorded the exact values" in out
+    assert (tmp_path / "r" / "report.md").exists()
+    latest = Database(store_copy.root / "service.db").latest_valuations()
+    assert set(latest["quality"]["values"]) == {"a", "b", "c"}
+    assert main(["value", "--store", str(store_copy.root), "--methods", "exact,magic"]) == 2
+    assert "allowed" in capsys.readouterr().err

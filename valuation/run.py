@@ -17,6 +17,8 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from shards import ShardStore
+
 from . import report as rpt
 from .monolith import PrunedFinetuneUtility, RetrainUtility
 from .properties import build_evaluator, evaluator_dir
@@ -103,7 +105,7 @@ def run_valuation(store_root: str | Path, settings: ValuationSettings,
         DataError: no evaluator in the store and no `heldout` folder to build one.
         ValueError: bad settings.
     """
-    store_root = Path(store_root)
+    store_root = ShardStore.open(store_root).root  # a clear error if there is no store
     if heldout is not None or not (evaluator_dir(store_root) / "evaluator.json").exists():
         if heldout is None:
             from shards.errors import DataError
