@@ -146,3 +146,24 @@ def test_ray_workers_give_the_same_values(valued_store):
         methods=("exact",), workers=2, ray_address="local", **TINY_VALUE), progress=False)
     assert res["exact"].extra["computed"] == 8
     assert two["methods"]["exact"]["values"] == one["methods"]["exact"]["values"]
+
+
+def test_an_interrupted_run_resumes_from_the_cache(tmp_path):
+    from valuation.shapley import exact_shapley
+    from valuation.utility import GameUtility, UtilityCache
+
+    calls = []
+
+    def fn(s):
+        calls.append(s)
+        if len(calls) == 5:
+            raise KeyboardInterrupt  # the run dies after four coalitions
+        return float(len(s) ** 2)
+
+    cache = UtilityCache(tmp_path / "cache")
+    with pytest.raises(KeyboardInterrupt):
+        exact_shapley(CachedUtility(GameUtility("abc", fn), cache))
+    u = CachedUtility(GameUtility("abc", fn), cache)
+    result = exact_shapley(u)
+    assert u.hits == 4 and u.evaluations == 4
+    assert result.values == pytest.approx([3.0, 3.0, 3.0])
