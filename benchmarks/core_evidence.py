@@ -27,12 +27,12 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from shards import ShardStore  # noqa: E402
-from shards.demo import load_heldout  # noqa: E402
 from shards.images import save_grid  # noqa: E402
 from shards.models import make_unet  # noqa: E402
 from shards.training import TrainConfig, train_denoiser  # noqa: E402
 from valuation.features import frechet_distance, gaussian_stats, train_feature_net  # noqa: E402
 from valuation.monolith import single_model_sampler  # noqa: E402
+from valuation.properties import load_labelled_folder  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results"
 
@@ -54,8 +54,7 @@ def main() -> None:
     store = ShardStore.open(args.store)
     sampler = store.load_sampler("cpu")
 
-    x_held, y_held = load_heldout(args.data)
-    x_held = (x_held + 1) / 2
+    x_held, y_held = load_labelled_folder(Path(args.data) / "heldout")  # in [0, 1]
     net = train_feature_net(x_held, y_held, seed=args.seed)
     # honest accuracy of the evaluator: fit on 80% of held-out, test on the other 20%
     perm = np.random.default_rng(args.seed).permutation(len(y_held))

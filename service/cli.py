@@ -145,9 +145,10 @@ def cmd_serve(args) -> None:
 
 
 def cmd_value(args) -> None:
-    from valuation.run import ValuationSettings, primary, run_valuation
+    from valuation.run import ValuationSettings, run_valuation
 
     from .db import Database
+    from .platform import record_primary
 
     aesthetic = None
     if args.property == "aesthetic":
@@ -169,10 +170,8 @@ def cmd_value(args) -> None:
     print("seconds     " + "".join(f"{results[m].seconds:14.1f}" for m in methods))
     for pair, v in report["correlations"].items():
         print(f"{pair}: Pearson {v['pearson']:.3f}, Spearman {v['spearman']:.3f}")
-    best = primary(results)
+    best = record_primary(Database(Path(args.store) / "service.db"), results)
     if best is not None:
-        Database(Path(args.store) / "service.db").record_valuation(
-            best.property, best.method, best.as_dict()["values"])
         print(f"recorded the {best.method} values as the store's latest {args.property} credit")
     if args.report:
         print(f"report: {args.report}/report.md")

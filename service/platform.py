@@ -27,6 +27,7 @@ from shards.data import to_uint8
 from shards.errors import CDMError, UnknownContributorError
 from shards.sampler import ComposedSampler, SampleOutput, SampleRequest
 from valuation.monolith import drop_pruned_bases
+from valuation.result import ValuationResult
 from valuation.run import ValuationSettings, primary, run_valuation
 from valuation.utility import store_cache
 
@@ -48,6 +49,15 @@ def png_base64(image_hwc) -> str:
     mode = "L" if image_hwc.shape[-1] == 1 else "RGB"
     Image.fromarray(image_hwc[..., 0] if mode == "L" else image_hwc, mode=mode).save(buf, "PNG")
     return base64.b64encode(buf.getvalue()).decode()
+
+
+def record_primary(db: Database, results: dict) -> ValuationResult | None:
+    """Record a valuation run's most exact Shapley values as their property's latest
+    credit (what `credit` shows). Returns the recorded result, if any."""
+    best = primary(results)
+    if best is not None:
+        db.record_valuation(best.property, best.method, best.as_dict()["values"])
+    return best
 
 
 @dataclass
@@ -216,9 +226,7 @@ class Platform:
     def _value(self, actor: str, settings: ValuationSettings, heldout: str | None) -> dict:
         report, results = run_valuation(self.store.root, settings, heldout=heldout,
                                         progress=False)
-        best = primary(results)
-        if best is not None:
-            self.db.record_valuation(best.property, best.method, best.as_dict()["values"])
+        record_primary(self.db, results)
         self.db.audit(actor, "value", "*", {"property": settings.property,
                                              "methods": list(settings.methods)})
         return {"property": settings.property, "players": report["players"],

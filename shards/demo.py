@@ -113,14 +113,3 @@ def _write(out_dir: Path, seed: int) -> dict:
     (out_dir / "owners.json").write_text(json.dumps(table, indent=2) + "\n")
     return table
 
-
-def load_heldout(data_dir: str | Path) -> tuple[np.ndarray, np.ndarray]:
-    """Held-out digits as float32 (N, 1, 8, 8) in [-1, 1] and int labels (N,)."""
-    from .data import load_image_folder
-
-    xs, ys = [], []
-    for digit in range(10):
-        imgs = load_image_folder(Path(data_dir) / "heldout" / str(digit))
-        xs.append(imgs.numpy())
-        ys.append(np.full(len(imgs), digit))
-    return np.concatenate(xs), np.concatenate(ys)

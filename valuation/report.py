@@ -58,12 +58,18 @@ def top_k_removals(result: ValuationResult, k_max: int) -> list[frozenset]:
     return [full - frozenset(order[:k]) for k in range(1, min(k_max, len(order) - 1) + 1)]
 
 
-def plot_values(results: dict[str, ValuationResult], path: Path, title: str) -> None:
+def _pyplot():
+    """matplotlib's pyplot on the file-only Agg backend (no display needed)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    return plt
+
+
+def plot_values(results: dict[str, ValuationResult], path: Path, title: str) -> None:
+    plt = _pyplot()
     players = next(iter(results.values())).players
     fig, ax = plt.subplots(figsize=(1.2 + 1.1 * len(players), 4))
     width = 0.8 / len(results)
@@ -83,11 +89,7 @@ def plot_values(results: dict[str, ValuationResult], path: Path, title: str) -> 
 
 
 def plot_scatter(results: dict[str, ValuationResult], reference: str, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = _pyplot()
     others = [m for m in results if m != reference]
     if not others:
         return

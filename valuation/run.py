@@ -18,6 +18,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from shards import ShardStore
+from shards.errors import DataError
 
 from . import report as rpt
 from .monolith import PrunedFinetuneUtility, RetrainUtility
@@ -108,8 +109,6 @@ def run_valuation(store_root: str | Path, settings: ValuationSettings,
     store_root = ShardStore.open(store_root).root  # a clear error if there is no store
     if heldout is not None or not (evaluator_dir(store_root) / "evaluator.json").exists():
         if heldout is None:
-            from shards.errors import DataError
-
             raise DataError(f"store {store_root} has no evaluator: pass the held-out "
                             "digits folder (heldout/<digit>/*.png) to build one")
         build_evaluator(store_root, heldout, seed=settings.seed)

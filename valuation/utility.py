@@ -283,11 +283,14 @@ class CompositionUtility:
             self._sampler = self.store.load_sampler(self.device)
         return self._sampler
 
+    def _model(self, coalition) -> dict:
+        """What the composition restricted to S is made of: classifier and shard hashes."""
+        return {"classifier": self._classifier_hash,
+                "shards": {c: self.store.contributor(c)["weights_hash"] for c in sorted(coalition)}}
+
     def key(self, coalition):
         return digest({"method": self.method, "property": self.measure.key,
-                       "settings": self.settings, "classifier": self._classifier_hash,
-                       "shards": {c: self.store.contributor(c)["weights_hash"]
-                                  for c in sorted(coalition)}})
+                       "settings": self.settings, **self._model(coalition)})
 
     def depends_on(self, coalition):
         return sorted(set(self._classifier_ids) | set(coalition))
@@ -298,9 +301,7 @@ class CompositionUtility:
         s = self.settings
         if not coalition:
             return prior_images(s["n"], self.store.image_shape, s["seed"])
-        key = digest({"samples": self.settings, "classifier": self._classifier_hash,
-                      "shards": {c: self.store.contributor(c)["weights_hash"]
-                                 for c in sorted(coalition)}})
+        key = digest({"samples": self.settings, **self._model(coalition)})
         images = self.cache.get_images(key)
         if images is None:
             images = self.sampler(sorted(coalition), n=s["n"], steps=s["steps"], seed=s["seed"],
