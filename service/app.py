@@ -44,6 +44,12 @@ class GenerateInput(Strict):
     seed: int = Field(0, ge=0, le=2**63 - 1)
     mode: Literal["composed", "naive"] = "composed"
     scheduler: Literal["ddpm", "ddim"] = "ddpm"
+    routing: Literal["dense", "topk"] | None = Field(
+        None, description="dense: every image on every contributor's shard; topk (default "
+                          "for mode composed): each image on its top shards only")
+    top_k: int | None = Field(None, ge=1, le=1024, description="topk: at most this many shards")
+    mass: float | None = Field(None, gt=0, le=1,
+                               description="topk: the fewest shards holding this much weight")
 
 
 class ForgetInput(Strict):

@@ -20,7 +20,7 @@ def cmd_demo_data(args) -> None:
     from shards.demo import write_demo_data
 
     out = Path(args.dir)
-    table = write_demo_data(out, seed=args.seed)
+    table = write_demo_data(out, seed=args.seed, contributors=args.contributors)
     for cid, entry in table["contributors"].items():
         note = "  (corrupted: planted low quality)" if entry["corrupted"] else ""
         print(f"{cid:10s} {entry['images']:4d} images  digits {entry['classes']}{note}")
@@ -37,7 +37,8 @@ def _store_config(args):
     def steps(train, n):
         return replace(train, steps=n, warmup_steps=min(train.warmup_steps, n // 5))
 
-    config = StoreConfig(seed=args.seed, kind=args.kind)
+    config = StoreConfig(seed=args.seed, kind=args.kind, router=args.router,
+                         keep_data=True if args.keep_data else None)
     if args.shard_steps is not None:
         n = args.shard_steps
         config = replace(config, shard_train=steps(config.shard_train, n),
@@ -46,6 +47,8 @@ def _store_config(args):
         n = args.classifier_steps
         config = replace(config, classifier_train=steps(config.classifier_train, n),
                          classifier_update_steps=max(1, n // 3))
+    if args.head_steps is not None:
+        config = replace(config, head_train=steps(config.head_train, args.head_steps))
     return config
 
 
@@ -65,8 +68,9 @@ def cmd_add(args) -> None:
 
     store = ShardStore.open(args.store)
     entry = store.add(load_contributor(args.folder), kind=args.kind, device=args.device)
+    router = "its head trained" if entry.get("head") else "classifier updated"
     print(f"added {entry['contributor_id']} ({entry['kind']}, {entry['images']} images, "
-          f"final loss {entry['final_loss']:.4f}); classifier updated")
+          f"final loss {entry['final_loss']:.4f}); {router}")
     _print_store(store)
 
 
@@ -77,7 +81,10 @@ def _print_store(store) -> None:
         print(f"  {cid:10s} {e['kind']:4s} {e['images']:5d} images  loss {e['final_loss']:.4f}  "
               f"data {e['data_hash'][:12]}")
     c = store.manifest["classifier"]
-    print(f"  classifier v{c['version']} ({c['trained']}, loss {c['final_loss']:.4f})")
+    if c is not None:
+        print(f"  classifier v{c['version']} ({c['trained']}, loss {c['final_loss']:.4f})")
+    else:
+        print(f"  router: one density-ratio head per contributor; data kept: {store.config.keeps_data}")
 
 
 def cmd_sample(args) -> None:
@@ -87,11 +94,16 @@ def cmd_sample(args) -> None:
     path = Path(args.out)
     if path.suffix not in (".png", ".npz"):
         raise ValueError(f"--out must end in .png or .npz, got {path.name!r}")
+    from shards.routing import Routing
+
+    routing = Routing.parse(args.routing, args.top_k, args.mass)
     store = ShardStore.open(args.store)
-    sampler = store.load_sampler(args.device)
+    sampler = store.load_sampler(args.device, cache_shards=args.cache_shards)
     contributors = _csv(args.contributors) if args.contributors else None
+    if args.mode == "naive" and args.routing is None:
+        routing = Routing()  # naive weights are uniform: nothing to route on
     out = sampler(contributors, n=args.n, steps=args.steps, seed=args.seed,
-                  scheduler=args.scheduler, mode=args.mode, progress=True)
+                  scheduler=args.scheduler, mode=args.mode, progress=True, routing=routing)
     path.parent.mkdir(parents=True, exist_ok=True)
     if path.suffix == ".npz":
         import numpy as np
@@ -101,7 +113,9 @@ def cmd_sample(args) -> None:
                  attribution_last=out.attribution_last.numpy())
     else:
         save_grid(out.images, path)
-    print(f"wrote {path} ({args.n} samples, {args.scheduler}, {args.steps} steps, {args.mode})")
+    rows = sampler.shard_rows / (args.n * args.steps)
+    print(f"wrote {path} ({args.n} samples, {args.scheduler}, {args.steps} steps, {args.mode}, "
+          f"routing {routing.kind}: {rows:.2f} shard evaluations per sample and step)")
     print(f"{'contributor':12s} {'mean attribution':>17s} {'last-step':>10s}")
     for cid, row in out.attribution_table().items():
         print(f"{cid:12s} {row['mean']:17.3f} {row['last']:10.3f}")
@@ -185,18 +199,30 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("demo-data", help="write the embedded default data (sklearn digits)")
     p.add_argument("dir")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--contributors", type=int, default=None, metavar="N",
+                   help="split the digits among N contributors (one to three digits each, "
+                        "one planted low-quality); default: the 7 of the default store")
     p.set_defaults(func=cmd_demo_data)
 
     p = sub.add_parser("train", help="train a new store: one shard per DATA_DIR/<id>/")
     p.add_argument("data_dir")
     p.add_argument("--store", required=True)
     p.add_argument("--kind", choices=["full", "lora"], default="full")
-    p.add_argument("--public", help="public images (no contributor owns them) for the LoRA base")
+    p.add_argument("--public", help="public images (no contributor owns them): the reference "
+                   "of router 'heads' and the base of LoRA shards")
+    p.add_argument("--router", choices=["heads", "joint"], default="heads",
+                   help="heads: one density-ratio head per contributor (forget and add touch "
+                        "no one else); joint: one classifier on everyone's data")
+    p.add_argument("--keep-data", action="store_true",
+                   help="keep a copy of each contributor's images in the store (always with "
+                        "--router joint; needed by the pruned/retrain valuation methods)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--shard-steps", type=int, default=None,
                    help="training steps per shard (and for the LoRA base); default 800")
     p.add_argument("--classifier-steps", type=int, default=None,
-                   help="training steps of the shard classifier; default 800")
+                   help="training steps of the joint classifier; default 800")
+    p.add_argument("--head-steps", type=int, default=None,
+                   help="training steps of each density-ratio head; default 600")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if present)")
     p.set_defaults(func=cmd_train)
 
@@ -215,6 +241,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--scheduler", choices=["ddpm", "ddim"], default="ddpm")
     p.add_argument("--mode", choices=["composed", "naive"], default="composed")
+    p.add_argument("--routing", choices=["dense", "topk"], default=None,
+                   help="dense: every sample on every shard of S; topk (default): each "
+                        "sample on its top shards only")
+    p.add_argument("--top-k", type=int, default=None,
+                   help="topk: at most this many shards per sample (default 2)")
+    p.add_argument("--mass", type=float, default=None,
+                   help="topk: the fewest shards holding this much weight, in (0, 1] "
+                        "(default 0.99)")
+    p.add_argument("--cache-shards", type=int, default=None,
+                   help="shards resident at once (default: $CDM_SHARD_CACHE, else 1024)")
     p.add_argument("--out", required=True, help=".png (grid) or .npz")
     p.add_argument("--device", default=None)
     p.set_defaults(func=cmd_sample)

@@ -3,8 +3,9 @@ contributor admission, attribution, credit and valuation jobs. `app.py` only ada
 
 Consistency: the live sampler and live set are swapped under a lock. A request takes
 a snapshot at its start, so a forget acknowledged before a request starts is never
-used by it, and a forget during a request does not disturb it (the snapshot keeps
-its shards until it finishes). Admin jobs (purge, add) run one at a time in a
+used by it, and a forget during a request does not disturb it: shards load lazily,
+so the purge first waits (up to PURGE_DRAIN_SECONDS) for the requests that started
+before the exclusion to finish, then deletes the files. Admin jobs (purge, add) run one at a time in a
 background thread; the job table is durable, and a purge interrupted by a crash is
 resumed at the next start from the store's own record of pending purges.
 """
@@ -25,6 +26,7 @@ from PIL import Image
 from shards import ShardStore, load_contributor
 from shards.data import to_uint8
 from shards.errors import CDMError, UnknownContributorError
+from shards.routing import Routing
 from shards.sampler import ComposedSampler, SampleOutput, SampleRequest
 from valuation.monolith import drop_pruned_bases
 from valuation.result import ValuationResult
@@ -34,6 +36,8 @@ from valuation.utility import store_cache
 from .auth import ForbiddenError, KeyVerifier, Principal
 from .db import Database
 from .metrics import ServiceMetrics
+
+PURGE_DRAIN_SECONDS = 600.0
 
 
 class NotFoundError(CDMError):
@@ -69,6 +73,8 @@ class GenerationJob:
     sampler: ComposedSampler
     request: SampleRequest
     params: dict
+    routing: Routing
+    seq: int = 0
     seconds: float = 0.0
 
 
@@ -82,6 +88,9 @@ class Platform:
         self.verify = KeyVerifier(self.db)
         self.metrics = ServiceMetrics()
         self._lock = threading.RLock()
+        self._drained = threading.Condition(self._lock)
+        self._inflight: set[int] = set()  # seq of each prepared, not yet sampled request
+        self._seq = 0
         self._sampler = self._load_sampler()
         self._jobs = ThreadPoolExecutor(max_workers=1, thread_name_prefix="cdm-job")
         self._resume_after_crash()
@@ -100,7 +109,8 @@ class Platform:
     # ------------------------------------------------------------ generation
     def generate(self, principal: Principal, contributors: list[str] | None = None, n: int = 4,
                  steps: int = 50, seed: int = 0, mode: str = "composed",
-                 scheduler: str = "ddpm") -> dict:
+                 scheduler: str = "ddpm", routing: str | None = None, top_k: int | None = None,
+                 mass: float | None = None) -> dict:
         """Sample with exactly the requested contributors (default: every live one the
         key is licensed for), record the request in the ledger, return PNGs (base64)
         and per-sample attribution keyed by contributor id.
@@ -110,15 +120,25 @@ class Platform:
             ForbiddenError: a named contributor is not licensed (403), or none is.
             UnavailableError: no live contributor at all (503).
         """
-        job = self.prepare_generation(principal, contributors, n, steps, seed, mode, scheduler)
+        job = self.prepare_generation(principal, contributors, n, steps, seed, mode, scheduler,
+                                      routing, top_k, mass)
         [out] = self.sample_many([job])
         if isinstance(out, Exception):
             raise out
         return self.finish_generation(job, out)
 
     def prepare_generation(self, principal: Principal, contributors: list[str] | None, n: int,
-                           steps: int, seed: int, mode: str, scheduler: str) -> GenerationJob:
-        """Check licence and liveness against a snapshot of the live sampler."""
+                           steps: int, seed: int, mode: str, scheduler: str,
+                           routing: str | None = None, top_k: int | None = None,
+                           mass: float | None = None) -> GenerationJob:
+        """Check licence, liveness and routing against a snapshot of the live sampler
+        (routing None: the default, dense for mode naive). The returned job counts as
+        in flight until `sample_many` has sampled it."""
+        if mode == "naive" and routing is None:
+            routing = "dense"
+        route = Routing.parse(routing, top_k, mass)
+        if mode == "naive" and route.kind != "dense":
+            raise ValueError(f"routing={routing!r} needs mode 'composed'")
         with self._lock:
             sampler, live = self._sampler, set(self.store.contributor_ids)
         if sampler is None:
@@ -135,9 +155,15 @@ class Platform:
                 raise UnknownContributorError(unknown)
             principal.check_license(contributors)
             allowed = sorted(contributors)
-        return GenerationJob(principal, sampler, SampleRequest(tuple(allowed), n, seed),
-                             {"n": n, "steps": steps, "seed": seed, "mode": mode,
-                              "scheduler": scheduler})
+        route.check_subset(len(allowed))
+        job = GenerationJob(principal, sampler, SampleRequest(tuple(allowed), n, seed),
+                            {"n": n, "steps": steps, "seed": seed, "mode": mode,
+                             "scheduler": scheduler, **route.to_dict()}, route)
+        with self._lock:
+            self._seq += 1
+            job.seq = self._seq
+            self._inflight.add(job.seq)
+        return job
 
     def sample_many(self, jobs: list[GenerationJob]) -> list[SampleOutput | Exception]:
         """Sample several prepared jobs, batching those that share a sampler snapshot,
@@ -147,14 +173,19 @@ class Platform:
         groups: dict[tuple, list[int]] = {}
         for i, job in enumerate(jobs):
             p = job.params
-            groups.setdefault((id(job.sampler), p["steps"], p["scheduler"], p["mode"]), []).append(i)
-        for (_, steps, scheduler, mode), idx in groups.items():
+            key = (id(job.sampler), p["steps"], p["scheduler"], p["mode"], job.routing)
+            groups.setdefault(key, []).append(i)
+        for (_, steps, scheduler, mode, routing), idx in groups.items():
             start = time.perf_counter()
             try:
                 outs = jobs[idx[0]].sampler.sample_batch([jobs[i].request for i in idx], steps,
-                                                         scheduler, mode)
+                                                         scheduler, mode, routing=routing)
             except Exception as err:  # reported to each request of the group
                 outs = [err] * len(idx)
+            finally:
+                with self._drained:
+                    self._inflight.difference_update(jobs[i].seq for i in idx)
+                    self._drained.notify_all()
             seconds = time.perf_counter() - start
             for i, out in zip(idx, outs, strict=True):
                 jobs[i].seconds = seconds
@@ -185,11 +216,15 @@ class Platform:
             self.db.audit(principal.user, "exclude", contributor_id,
                           {"data_hash": entry["data_hash"], "weights_hash": entry["weights_hash"]})
             job_id = self.db.create_job("purge", principal.user, {"contributor_id": contributor_id})
+            barrier = self._seq  # requests up to this one may have started with the contributor
         self.metrics.forgets.inc()
-        self._jobs.submit(self._run_job, job_id, self._purge, principal.user, contributor_id)
+        self._jobs.submit(self._run_job, job_id, self._purge, principal.user, contributor_id, barrier)
         return {"job_id": job_id, "contributor_id": contributor_id, "excluded": True}
 
-    def _purge(self, actor: str, contributor_id: str) -> dict:
+    def _purge(self, actor: str, contributor_id: str, barrier: int | None = None) -> dict:
+        with self._drained:  # let requests that started before the exclusion finish
+            self._drained.wait_for(lambda: not any(s <= (barrier or 0) for s in self._inflight),
+                                   timeout=PURGE_DRAIN_SECONDS)
         audit = self.store.purge(contributor_id, device=self.device)
         self._reload()
         audit["valuation_caches_dropped"] = self._drop_valuation_caches(contributor_id)

@@ -63,6 +63,10 @@ class ShardClassifier(ModelMixin, ConfigMixin):
         self.norm_out = torch.nn.GroupNorm(8, prev)
         self.head = torch.nn.Linear(prev, n)
 
+    @property
+    def contributor_ids(self) -> list[str]:
+        return list(self.config.contributor_ids)
+
     def forward(self, x_t: torch.Tensor, t: torch.Tensor | int) -> torch.Tensor:
         """Logits (B, n_shards)."""
         t = torch.as_tensor(t, device=x_t.device).expand(x_t.shape[0])
@@ -72,6 +76,11 @@ class ShardClassifier(ModelMixin, ConfigMixin):
             h = block(h, temb) if isinstance(block, ResnetBlock2D) else block(h)
         h = torch.nn.functional.silu(self.norm_out(h)).mean(dim=(2, 3))
         return self.head(h)
+
+    def log_ratios(self, x_t: torch.Tensor, t: torch.Tensor | int) -> torch.Tensor:
+        """f_i - log pi_i (B, n): log p_t^i(x_t) up to a constant shared by all i, the
+        router's scores in eq. (2)."""
+        return self(x_t, t) - self.log_train_freq
 
 
 def mixture_weights(
@@ -92,10 +101,25 @@ def mixture_weights(
     Returns:
         (B, n) weights, zero outside S, each row summing to 1.
     """
+    return posterior_weights(logits - log_train_freq, log_prior, allowed)
+
+
+def posterior_weights(log_ratios: torch.Tensor, log_prior: torch.Tensor,
+                      allowed: torch.Tensor) -> torch.Tensor:
+    """softmax over i in S of (s_i + log lambda_i), for any router's scores s_i that
+    equal log p_t^i(x_t) up to a constant shared by all i (eq. 2 and heads.py eq. 6).
+
+    Args:
+        log_ratios: (B, n) router scores.
+        log_prior: (n,) log lambda_i.
+        allowed: (n,) or (B, n) bool, the subset S; at least one True per row.
+
+    Returns:
+        (B, n) weights, zero outside S, each row summing to 1.
+    """
     if not bool(allowed.any(dim=-1).all()):
         raise ValueError("the allowed subset S is empty")
-    z = logits + log_prior - log_train_freq
-    z = z.masked_fill(~allowed, float("-inf"))
+    z = (log_ratios + log_prior).masked_fill(~allowed, float("-inf"))
     return torch.softmax(z, dim=-1)
 
 

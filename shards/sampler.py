@@ -13,8 +13,13 @@ estimated weights; the deterministic DDIM ODE accumulates them. On the default s
 DDIM drifts mass toward the broad (corrupted) shard: 26% of final-step attribution
 against a 7.4% prior, where DDPM gives 9% (see README, "Evidence").
 
-Per-sample attribution is the trajectory average of w^S over the sampling steps and
-the last step's w^S; each row sums to 1 over S.
+Sparse routing (routing.py eq. 4): the router's weights are computed first (cheap);
+each sample is then evaluated only on its routed shards, all (sample, shard) pairs of
+the step in one `ShardBank` pass, and eps_S ~= sum_{i in R_b} w~_{b,i} eps_i. Dense
+routing evaluates every pair of S and is the reference.
+
+Per-sample attribution is the trajectory average of the full w^S (not the routed w~)
+over the sampling steps and the last step's w^S; each row sums to 1 over S.
 
 Several requests (each its own S, n and seed) can be sampled in one batch: every
 sample carries its own mask, every request its own generator, so a request's images
@@ -30,9 +35,10 @@ import torch
 from diffusers import DDIMScheduler, DDPMScheduler
 from tqdm.auto import tqdm
 
-from .classifier import ShardClassifier, mixture_weights
-from .ensemble import ShardEnsemble
+from .bank import ShardBank
+from .classifier import posterior_weights
 from .errors import UnknownContributorError
+from .routing import Routing, route
 
 SCHEDULERS = {"ddim": DDIMScheduler, "ddpm": DDPMScheduler}
 MODES = ("composed", "naive")
@@ -68,28 +74,31 @@ class SampleOutput:
 class ComposedSampler:
     """Samples from the mixture of shards restricted to any subset of live contributors.
 
-    The classifier may have outputs for contributors that are no longer live (excluded,
-    purge pending); those outputs are always masked out.
+    `router` is the joint `ShardClassifier` or the per-contributor `HeadsRouter`:
+    anything with `contributor_ids` and `log_ratios(x_t, t) -> (B, K)` scores equal to
+    log p_t^i(x_t) up to a constant shared by all i. The joint classifier may have
+    outputs for contributors that are no longer live (excluded, purge pending); those
+    outputs are always masked out.
     """
 
-    def __init__(self, ensemble: ShardEnsemble, classifier: ShardClassifier,
-                 schedule_config: dict, priors: dict[str, float],
-                 image_shape: tuple[int, int, int]):
-        self.ensemble = ensemble
-        self.classifier = classifier
+    def __init__(self, bank: ShardBank, router, schedule_config: dict,
+                 priors: dict[str, float], image_shape: tuple[int, int, int]):
+        self.bank = bank
+        self.router = router
         self.image_shape = tuple(image_shape)
         self.schedule_config = dict(schedule_config)
-        self.classifier_ids = list(classifier.config.contributor_ids)
-        self.live_ids = ensemble.contributor_ids
+        self.classifier_ids = list(router.contributor_ids)
+        self.live_ids = bank.contributor_ids
         missing = sorted(set(self.live_ids) - set(self.classifier_ids))
         if missing:
-            raise ValueError(f"the classifier has no output for live shards {missing}")
+            raise ValueError(f"the router has no output for live shards {missing}")
         self.contributor_ids = [c for c in self.classifier_ids if c in self.live_ids]
         self.log_prior = torch.tensor([float(np.log(priors.get(c, 1.0))) for c in self.classifier_ids])
+        self.shard_rows = 0  # (sample, shard) evaluations so far, for cost accounting
 
     @property
     def device(self) -> torch.device:
-        return next(self.classifier.parameters()).device
+        return self.bank.device
 
     def _mask(self, contributors) -> torch.Tensor:
         """(K,) bool over classifier outputs for one request's subset."""
@@ -104,34 +113,41 @@ class ComposedSampler:
 
     def __call__(self, contributors: list[str] | None = None, n: int = 16, steps: int = 50,
                  seed: int = 0, scheduler: str = "ddpm", mode: str = "composed",
-                 progress: bool = False) -> SampleOutput:
+                 progress: bool = False, routing: Routing | None = None) -> SampleOutput:
         """Draw `n` samples restricted to `contributors` (None = all live ones).
 
         The initial noise x_T and DDPM's per-step noise come from a CPU generator
         seeded with `seed` and do not depend on S (common random numbers).
 
+        `routing` (default dense) picks the shards each sample is evaluated on
+        (routing.py); attribution is the full w^S whatever the routing.
+
         Raises:
-            ValueError: bad n, steps, scheduler or mode; empty contributors.
+            ValueError: bad n, steps, scheduler, mode or routing; empty contributors.
             UnknownContributorError: a contributor this sampler does not hold.
         """
         request = SampleRequest(None if contributors is None else tuple(contributors), n, seed)
-        return self.sample_batch([request], steps, scheduler, mode, progress)[0]
+        return self.sample_batch([request], steps, scheduler, mode, progress, routing)[0]
 
     @torch.no_grad()
     def sample_batch(self, requests: list[SampleRequest], steps: int = 50, scheduler: str = "ddpm",
-                     mode: str = "composed", progress: bool = False) -> list[SampleOutput]:
+                     mode: str = "composed", progress: bool = False,
+                     routing: Routing | None = None) -> list[SampleOutput]:
         """Sample several requests in one batch; output i equals `self(**requests[i])`."""
+        routing = routing or Routing()
         if scheduler not in SCHEDULERS:
             raise ValueError(f"scheduler={scheduler!r}; allowed: {sorted(SCHEDULERS)}")
         if mode not in MODES:
             raise ValueError(f"mode={mode!r}; allowed: {list(MODES)}")
+        if mode == "naive" and routing.kind != "dense":
+            raise ValueError(f"routing={routing.kind!r} needs mode 'composed' (naive weights are uniform)")
         if steps < 1 or not requests or any(r.n < 1 for r in requests):
             raise ValueError(f"n and steps must be >= 1, got n={[r.n for r in requests]}, steps={steps}")
         device = self.device
         masks = [self._mask(r.contributors) for r in requests]
+        for mask in masks:
+            routing.check_subset(int(mask.sum()))
         allowed = torch.cat([m.expand(r.n, -1) for m, r in zip(masks, requests, strict=True)]).to(device)
-        used = allowed.any(0)  # shards any sample of the batch may use
-        ids = [c for c, u in zip(self.classifier_ids, used.tolist(), strict=True) if u]
         chunks = np.cumsum([0] + [r.n for r in requests]).tolist()
         sched = SCHEDULERS[scheduler].from_config(self.schedule_config)
         sched.set_timesteps(steps)
@@ -140,20 +156,25 @@ class ComposedSampler:
         x = torch.cat([torch.randn((r.n, *self.image_shape), generator=g)
                        for r, g in zip(requests, generators, strict=True)]).to(device)
         batch = x.shape[0]
-        log_prior, log_freq = self.log_prior.to(device), self.classifier.log_train_freq
+        log_prior = self.log_prior.to(device)
         w_sum = torch.zeros(batch, len(self.classifier_ids), device=device)
         for t in tqdm(sched.timesteps, desc="sample", disable=not progress, leave=False):
             t_batch = t.to(device).expand(batch)
-            # 2. eps_i(x_t, t) for every shard any sample may use, (|S_used|, B, C, H, W)
-            eps_used = self.ensemble.predict(x, t_batch, ids)
-            # 3. w^S(x_t, t): masked, prior-corrected posterior (eq. 2) or uniform over S
+            # 2. w^S(x_t, t): masked, prior-corrected posterior (eq. 2) or uniform over S
             if mode == "composed":
-                w = mixture_weights(self.classifier(x, t_batch), log_prior, log_freq, allowed)
+                w = posterior_weights(self.router.log_ratios(x, t_batch), log_prior, allowed)
             else:
                 w = allowed.float() / allowed.sum(1, keepdim=True)
             w_sum += w
-            # 4. eps_S = sum_i w_i eps_i (eq. 3), then x_{t-1}, noise from each request's generator
-            eps = torch.einsum("bk,kbchw->bchw", w[:, used], eps_used)
+            # 3. route: each sample keeps its shards R_b, weights renormalised (eq. 4)
+            routed = route(w, routing)
+            rows, cols = routed.nonzero(as_tuple=True)
+            # 4. eps_i(x_t, t) for every routed (sample, shard) pair, in one bank pass
+            eps_pairs = self.bank.evaluate(x[rows], t_batch[rows],
+                                           [self.classifier_ids[k] for k in cols.tolist()])
+            self.shard_rows += len(rows)
+            # 5. eps_S = sum_{i in R_b} w~_i eps_i (eq. 3), then x_{t-1} with each request's noise
+            eps = torch.zeros_like(x).index_add_(0, rows, eps_pairs * routed[rows, cols][:, None, None, None])
             x = torch.cat([
                 sched.step(eps[a:b], t, x[a:b], generator=g if scheduler == "ddpm" else None).prev_sample
                 for a, b, g in zip(chunks[:-1], chunks[1:], generators, strict=True)

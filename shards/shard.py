@@ -24,6 +24,7 @@ from .models import DEFAULT_SCHEDULE, DEFAULT_UNET, make_lora_config, make_unet,
 from .training import TrainConfig, train_denoiser
 
 KINDS = ("full", "lora")
+ROUTERS = ("heads", "joint")
 
 
 @dataclass(frozen=True)
@@ -42,12 +43,26 @@ class StoreConfig:
     classifier_update_steps: int = 300
     classifier_channels: tuple[int, ...] = (32, 64)
     priors: str = "size"
+    router: str = "heads"
+    head_train: TrainConfig = TrainConfig(steps=600, batch_size=64)
+    head_hidden: int = 64
+    keep_data: bool | None = None  # None: only where the router needs it (joint)
 
     def __post_init__(self):
         if self.kind not in KINDS:
             raise ValueError(f"kind={self.kind!r}; allowed: {list(KINDS)}")
+        if self.router not in ROUTERS:
+            raise ValueError(f"router={self.router!r}; allowed: {list(ROUTERS)}")
+        if self.router == "joint" and self.keep_data is False:
+            raise ValueError("router 'joint' retrains on every contributor's data at each "
+                             "forget, so it needs keep_data=True")
         if self.priors not in ("size", "uniform"):
             raise ValueError(f"priors={self.priors!r}; allowed: ['size', 'uniform']")
+
+    @property
+    def keeps_data(self) -> bool:
+        """Whether the store keeps each contributor's images (always for `joint`)."""
+        return self.router == "joint" if self.keep_data is None else self.keep_data
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -55,6 +70,11 @@ class StoreConfig:
     @classmethod
     def from_dict(cls, d: dict) -> StoreConfig:
         d = dict(d)
+        # stores written before routers were configurable: joint classifier, data kept
+        d.setdefault("router", "joint")
+        d.setdefault("keep_data", True)
+        if "head_train" in d:
+            d["head_train"] = TrainConfig(**d["head_train"])
         for key in ("shard_train", "base_train", "lora_train", "classifier_train"):
             d[key] = TrainConfig(**d[key])
         d["classifier_channels"] = tuple(d["classifier_channels"])

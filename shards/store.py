@@ -5,8 +5,16 @@
       schedule/scheduler_config.json the shared forward process (diffusers)
       base/                          public base UNet (LoRA stores only)
       shards/<id>/                   config + safetensors + shard.json
-      data/<id>/images.safetensors   the contributor's data (classifier replay)
-      classifier/v<NNNN>/            config.json + safetensors; the manifest names one
+      router/<id>/                   the contributor's density-ratio head (router `heads`)
+      reference/images.safetensors   public reference data of the heads (owned by nobody)
+      classifier/v<NNNN>/            joint classifier (router `joint`); the manifest names one
+      data/<id>/images.safetensors   the contributor's data, only with keep_data
+
+Router `heads` (the default): everything derived from contributor c is
+shards/c and router/c, trained on D_c alone; forgetting deletes them and retrains
+nothing, adding trains them and touches nothing else, and D_c is not kept unless
+asked for. Router `joint`: one classifier saw everyone's data, so a forget retrains
+it from scratch on the kept data of the others and an add fine-tunes it on replay.
 
 A directory not named by the manifest is not part of the store. New stores are built
 in a sibling temp folder and renamed into place; additions write new folders first
@@ -30,17 +38,19 @@ from peft import PeftModel
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
+from .bank import DEFAULT_CAPACITY, ShardBank
 from .classifier import ShardClassifier, expand_classifier, train_classifier
 from .data import ContributorData, check_same_shape, validate_contributor_id
-from .ensemble import ShardEnsemble
 from .errors import DataError, StoreError, UnknownContributorError
-from .models import make_noise_schedule, pick_device, seeded
+from .heads import DensityRatioHead, HeadsRouter, feature_dim, train_head
+from .models import make_noise_schedule, make_unet, pick_device, seeded
 from .sampler import ComposedSampler
 from .shard import StoreConfig, derived_seed, files_hash, save_shard, train_base, train_shard
 from .training import TrainConfig
 
 FORMAT = 1
 MANIFEST = "manifest.json"
+CACHE_ENV = "CDM_SHARD_CACHE"
 
 
 def write_json_atomic(path: Path, obj) -> None:
@@ -118,38 +128,91 @@ class ShardStore:
         return DDPMScheduler.from_pretrained(self.root / "schedule")
 
     def contributor_images(self, contributor_id: str) -> torch.Tensor:
+        """The kept copy of a live contributor's data.
+
+        Raises:
+            StoreError: the store does not keep contributor data (keep_data off).
+        """
         entry = self.contributor(contributor_id)
+        if not entry.get("data_path"):
+            raise StoreError(f"store {self.root} keeps no contributor data (keep_data is off); "
+                             "rebuild it with keep_data (cdm train --keep-data) for methods "
+                             "that retrain on raw data")
         return load_file(self.root / entry["data_path"] / "images.safetensors")["images"]
 
     def load_classifier(self) -> ShardClassifier:
+        if self.manifest.get("classifier") is None:
+            raise StoreError(f"store {self.root} has no joint classifier (router "
+                             f"{self.config.router!r})")
         return ShardClassifier.from_pretrained(self.root / self.manifest["classifier"]["path"]).eval()
 
-    def load_ensemble(self, contributor_ids: list[str] | None = None) -> ShardEnsemble:
-        """Load the shards of `contributor_ids` (default: all live ones)."""
-        ids = self.contributor_ids if contributor_ids is None else list(contributor_ids)
-        entries = {c: self.contributor(c) for c in ids}
-        full = {c: UNet2DModel.from_pretrained(self.root / e["path"]).eval()
-                for c, e in entries.items() if e["kind"] == "full"}
-        lora_ids = [c for c, e in entries.items() if e["kind"] == "lora"]
-        lora = None
-        for cid in lora_ids:
-            folder = self.root / entries[cid]["path"]
-            if lora is None:
-                base = UNet2DModel.from_pretrained(self.root / self.manifest["base"]["path"])
-                lora = PeftModel.from_pretrained(base, folder, adapter_name=cid)
-            else:
-                lora.load_adapter(folder, adapter_name=cid)
-        if lora is not None:
-            lora.eval()
-        return ShardEnsemble(full, lora, lora_ids)
+    def load_router(self) -> ShardClassifier | HeadsRouter:
+        """The joint classifier, or every live contributor's head stacked."""
+        if self.config.router == "joint":
+            return self.load_classifier()
+        return HeadsRouter([DensityRatioHead.from_pretrained(self.root / self.contributor(c)["head"]["path"]).eval()
+                            for c in self.contributor_ids])
 
-    def load_sampler(self, device: str | None = None) -> ComposedSampler:
-        """Every live shard and the classifier, ready to sample on `device`."""
+    def router_fingerprint(self, coalition) -> dict:
+        """What the router restricted to S is made of (weights hashes), and whose data
+        shaped it: the joint classifier depends on everyone it saw, heads on S only."""
+        if self.config.router == "joint":
+            c = self.manifest["classifier"]
+            return {"hashes": {"classifier": c["weights_hash"]},
+                    "depends_on": sorted(set(c.get("contributor_ids") or self.contributor_ids)
+                                         | set(coalition))}
+        return {"hashes": {"heads": {c: self.contributor(c)["head"]["weights_hash"]
+                                     for c in sorted(coalition)}},
+                "depends_on": sorted(coalition)}
+
+    def load_shard(self, contributor_id: str, entry: dict | None = None) -> UNet2DModel:
+        """One live shard (or the shard of `entry`) as a plain UNet (a LoRA adapter
+        merged into the base).
+
+        Raises:
+            StoreError: its files are gone (purged after `entry` was read).
+        """
+        entry = entry or self.contributor(contributor_id)
+        folder = self.root / entry["path"]
+        if not folder.is_dir():
+            raise StoreError(f"shard {contributor_id!r} was purged; it can no longer be loaded")
+        if entry["kind"] == "full":
+            return UNet2DModel.from_pretrained(folder).eval()
+        base = UNet2DModel.from_pretrained(self.root / self.manifest["base"]["path"])
+        return PeftModel.from_pretrained(base, folder).merge_and_unload().eval()
+
+    def load_bank(self, capacity: int | None = None) -> ShardBank:
+        """A lazy, bounded cache over the live shards: `capacity` shards (default: the
+        environment variable CDM_SHARD_CACHE, else 1024) are resident at once.
+
+        The bank keeps the registry entries of the moment it was made: a sampler in
+        flight can still load a shard excluded after it started, until its purge
+        deletes the files (then that load fails; it never uses deleted weights)."""
+        if capacity is None:
+            raw = os.environ.get(CACHE_ENV)
+            try:
+                capacity = int(raw) if raw else DEFAULT_CAPACITY
+            except ValueError:
+                raise ValueError(f"{CACHE_ENV}={raw!r}; allowed: an integer >= 1") from None
+        entries = {c: dict(self.contributor(c)) for c in self.contributor_ids}
+
+        def load_state(cid: str) -> dict[str, torch.Tensor]:
+            entry = entries[cid]
+            weights = self.root / entry["path"] / "diffusion_pytorch_model.safetensors"
+            if entry["kind"] == "full" and weights.is_file():
+                return load_file(weights)
+            return self.load_shard(cid, entry).state_dict()
+
+        template = make_unet(self.image_shape, self.config.unet)
+        return ShardBank(template, load_state, list(entries), capacity)
+
+    def load_sampler(self, device: str | None = None, cache_shards: int | None = None) -> ComposedSampler:
+        """The live shards (loaded lazily) and the router, ready to sample on `device`."""
         if not self.contributor_ids:
             raise StoreError(f"store {self.root} has no contributors")
         dev = pick_device(device)
         schedule = dict(self.noise_schedule().config)
-        return ComposedSampler(self.load_ensemble().to(dev), self.load_classifier().to(dev),
+        return ComposedSampler(self.load_bank(cache_shards).to(dev), self.load_router().to(dev),
                                schedule, self.priors(), self.image_shape)
 
     # ---------------------------------------------------------------- writing
@@ -157,11 +220,13 @@ class ShardStore:
     def create(cls, root: str | Path, datasets: list[ContributorData],
                config: StoreConfig | None = None, public: torch.Tensor | None = None,
                device: str | None = None, progress: bool = True) -> ShardStore:
-        """Train one shard per contributor and the classifier; write a new store.
+        """Train one shard (and, with router `heads`, one head) per contributor, and
+        the joint classifier with router `joint`; write a new store.
 
         Raises:
             StoreError: `root` exists and is not empty.
-            DataError: no data, duplicate ids, mismatched shapes, LoRA without public data.
+            DataError: no data, duplicate ids, mismatched shapes, no public data where
+                LoRA shards or router `heads` need it.
         """
         root = Path(root)
         config = config or StoreConfig()
@@ -174,9 +239,13 @@ class ShardStore:
             raise DataError(f"duplicate contributor ids: {sorted({i for i in ids if ids.count(i) > 1})}")
         check_same_shape(datasets)
         image_shape = datasets[0].image_shape
-        if config.kind == "lora":
+        needs_public = [w for w, on in (("kind 'lora' (its base model)", config.kind == "lora"),
+                                        ("router 'heads' (its reference)", config.router == "heads"))
+                        if on]
+        if needs_public:
             if public is None or len(public) == 0:
-                raise DataError("kind 'lora' needs public data (--public DIR) for the base model")
+                raise DataError(f"{' and '.join(needs_public)} need(s) public data owned by "
+                                "nobody (--public DIR)")
             if tuple(public.shape[1:]) != image_shape:
                 raise DataError(f"public images have shape {tuple(public.shape[1:])}, contributors {image_shape}")
         tmp = root.parent / f".{root.name}.partial-{uuid.uuid4().hex[:8]}"
@@ -197,26 +266,37 @@ class ShardStore:
         scheduler = make_noise_schedule(config.schedule)
         scheduler.save_pretrained(root / "schedule")
         manifest = {"format": FORMAT, "created_at": _now(), "image_shape": list(image_shape),
-                    "config": config.to_dict(), "base": None, "contributors": {}, "classifier": None}
+                    "config": config.to_dict(), "base": None, "contributors": {},
+                    "classifier": None, "reference": None}
         base = None
         if config.kind == "lora":
             base, loss = train_base(public, image_shape, config, scheduler, device, progress)
             base.save_pretrained(root / "base")
             manifest["base"] = {"path": "base", "images": len(public), "final_loss": loss,
                                 "data_hash": _tensor_hash(public), "weights_hash": files_hash(root / "base")}
+        if config.router == "heads":
+            (root / "reference").mkdir()
+            save_file({"images": public.contiguous()}, str(root / "reference" / "images.safetensors"))
+            manifest["reference"] = {"path": "reference", "images": len(public),
+                                     "data_hash": _tensor_hash(public)}
         store = cls(root, manifest)
         for data in tqdm(datasets, desc="shards", disable=not progress):
             store._write_shard(data, config.kind, scheduler, base, device, progress)
-        store._write_classifier(store._train_classifier_from_scratch(device, progress))
+        if config.router == "joint":
+            store._write_classifier(store._train_classifier_from_scratch(device, progress))
+        else:
+            store.save_manifest()
 
     def add(self, data: ContributorData, kind: str | None = None, public: torch.Tensor | None = None,
             device: str | None = None, progress: bool = True) -> dict:
-        """Train a shard for a new contributor and update the classifier (continual:
-        the old classifier's weights are kept, a head row is added, and it is fine-tuned
-        on replayed data of all shards). Returns the new manifest entry.
+        """Train a shard for a new contributor, then its router part: with router
+        `heads` its own head only (nothing else changes); with `joint` the classifier
+        is updated (old weights kept, a head row added, fine-tuned on replayed data
+        of all shards). Returns the new manifest entry.
 
         Raises:
             DataError: the id is already live, or the image shape differs.
+            StoreError: a purge is pending.
         """
         kind = kind or self.config.kind
         cid = validate_contributor_id(data.contributor_id)
@@ -234,6 +314,11 @@ class ShardStore:
             base = UNet2DModel.from_pretrained(self.root / self.manifest["base"]["path"])
         self._cleanup_partials()
         new_entry = self._write_shard(data, kind, scheduler, base, dev, progress, commit=False)
+        if self.config.router == "heads":
+            with self._lock:
+                self.manifest["contributors"][cid] = new_entry
+                self.save_manifest()
+            return new_entry
         if self.manifest["classifier"] is None:  # every earlier contributor was forgotten
             with self._lock:
                 self.manifest["contributors"][cid] = new_entry
@@ -277,10 +362,11 @@ class ShardStore:
         return sorted(self.manifest["excluded"])
 
     def purge(self, contributor_id: str, device: str | None = None, progress: bool = False) -> dict:
-        """Stage 2: delete the excluded contributor's shard and data, retrain the
-        classifier from scratch on the live shards (it saw the deleted data), and drop
-        the exclusion record. Idempotent after a crash. Returns an audit record with
-        the hashes of what was deleted.
+        """Stage 2: delete everything derived from the excluded contributor (shard,
+        head, kept data) and drop the exclusion record. Router `heads` retrains
+        nothing; router `joint` retrains the classifier from scratch on the live
+        shards' kept data (it saw the deleted data). Idempotent after a crash.
+        Returns an audit record with the hashes of what was deleted.
 
         Raises:
             StoreError: `contributor_id` was not excluded first.
@@ -289,19 +375,29 @@ class ShardStore:
         if entry is None:
             raise StoreError(f"contributor {contributor_id!r} is not excluded; forget it first")
         deleted = []
-        for rel in (entry["path"], entry["data_path"]):
-            if (self.root / rel).exists():
+        for rel in (entry["path"], (entry.get("head") or {}).get("path"), entry.get("data_path")):
+            if rel and (self.root / rel).exists():
                 shutil.rmtree(self.root / rel)
-            deleted.append(rel)
-        before = self.manifest["classifier"]["weights_hash"]
-        trained = self._train_classifier_from_scratch(pick_device(device), progress)
+            if rel:
+                deleted.append(rel)
+        before = (self.manifest["classifier"] or {}).get("weights_hash")
+        joint = self.config.router == "joint"
+        trained = self._train_classifier_from_scratch(pick_device(device), progress) if joint else None
         with self._lock:
             del self.manifest["excluded"][contributor_id]
-            self._write_classifier(trained)
-        return {"contributor_id": contributor_id, "data_hash": entry["data_hash"],
-                "weights_hash": entry["weights_hash"], "deleted": deleted,
-                "classifier_before": before,
-                "classifier_after": (self.manifest["classifier"] or {}).get("weights_hash")}
+            if joint:
+                self._write_classifier(trained)
+            else:
+                self.save_manifest()
+        audit = {"contributor_id": contributor_id, "data_hash": entry["data_hash"],
+                 "weights_hash": entry["weights_hash"], "deleted": deleted,
+                 "retrained": "classifier" if self.config.router == "joint" else "nothing"}
+        if entry.get("head"):
+            audit["head_weights_hash"] = entry["head"]["weights_hash"]
+        if self.config.router == "joint":
+            audit["classifier_before"] = before
+            audit["classifier_after"] = (self.manifest["classifier"] or {}).get("weights_hash")
+        return audit
 
     def _train_classifier_from_scratch(self, device, progress) -> tuple[ShardClassifier, dict] | None:
         """Deterministic in (sorted live ids, their data, store seed): a store that
@@ -321,22 +417,45 @@ class ShardStore:
                                   "final_loss": loss}
 
     def _write_shard(self, data, kind, scheduler, base, device, progress, commit=True) -> dict:
+        """Train and write shards/<id> (and router/<id>, data/<id> where configured);
+        each folder is staged and renamed, the manifest is the caller's to switch."""
         cid = data.contributor_id
         model, meta = train_shard(data, kind, self.config, scheduler, base, device, progress)
         staging = self.root / "shards" / f".{cid}.partial"
         weights_hash = save_shard(model, meta, staging)
+        entry = {**meta, "path": f"shards/{cid}", "data_path": None,
+                 "weights_hash": weights_hash, "added_at": _now()}
+        if self.config.router == "heads":
+            entry["head"] = self._write_head(data, scheduler, device, progress)
         shard_dir, data_dir = self.root / "shards" / cid, self.root / "data" / cid
         for orphan in (shard_dir, data_dir):  # left by a crash before a manifest switch
             shutil.rmtree(orphan, ignore_errors=True)
-        data_dir.mkdir(parents=True)
-        save_file({"images": data.images.contiguous()}, str(data_dir / "images.safetensors"),
-                  metadata={"data_hash": data.data_hash})
+        if self.config.keeps_data:
+            data_dir.mkdir(parents=True)
+            save_file({"images": data.images.contiguous()}, str(data_dir / "images.safetensors"),
+                      metadata={"data_hash": data.data_hash})
+            entry["data_path"] = f"data/{cid}"
         os.replace(staging, shard_dir)
-        entry = {**meta, "path": f"shards/{cid}", "data_path": f"data/{cid}",
-                 "weights_hash": weights_hash, "added_at": _now()}
         if commit:
             self.manifest["contributors"][cid] = entry
         return entry
+
+    def _write_head(self, data, scheduler, device, progress) -> dict:
+        """Train router/<id> on D_id against the reference (heads.py eq. 5)."""
+        cid = data.contributor_id
+        seed = derived_seed(self.config.seed, "head", cid)
+        with seeded(seed):
+            head = DensityRatioHead(contributor_id=cid, in_features=feature_dim(self.image_shape),
+                                    hidden=self.config.head_hidden)
+        reference = load_file(self.root / self.manifest["reference"]["path"] / "images.safetensors")["images"]
+        loss = train_head(head, data.images, reference, scheduler, self.config.head_train, seed,
+                          device=device, progress=progress)
+        staging, final = self.root / "router" / f".{cid}.partial", self.root / "router" / cid
+        head.cpu().save_pretrained(staging)
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(staging, final)
+        return {"path": f"router/{cid}", "weights_hash": files_hash(final), "seed": seed,
+                "steps": self.config.head_train.steps, "final_loss": loss}
 
     def _write_classifier(self, trained: tuple[ShardClassifier, dict] | None) -> None:
         """Save as a new version, then switch the manifest to it, then drop the old.
@@ -360,8 +479,9 @@ class ShardStore:
         write_json_atomic(self.root / MANIFEST, self.manifest)
 
     def _cleanup_partials(self) -> None:
-        for stale in (self.root / "shards").glob(".*.partial"):
-            shutil.rmtree(stale, ignore_errors=True)
+        for folder in ("shards", "router"):
+            for stale in (self.root / folder).glob(".*.partial"):
+                shutil.rmtree(stale, ignore_errors=True)
 
 
 def _tensor_hash(images: torch.Tensor) -> str:

@@ -15,7 +15,9 @@ from shards.data import load_image_folder  # noqa: E402
 
 TINY = TrainConfig(steps=12, batch_size=8, warmup_steps=2)
 TINY_CONFIG = StoreConfig(shard_train=TINY, base_train=TINY, lora_train=TINY,
-                          classifier_train=TINY, classifier_update_steps=4)
+                          classifier_train=TINY, classifier_update_steps=4, head_train=TINY)
+TINY_JOINT = StoreConfig(shard_train=TINY, base_train=TINY, lora_train=TINY,
+                         classifier_train=TINY, classifier_update_steps=4, router="joint")
 
 
 def write_pngs(folder, images, mode="L"):
@@ -58,18 +60,30 @@ def datasets(data_dir):
 
 
 @pytest.fixture(scope="session")
-def full_store(tmp_path_factory, datasets):
+def public(data_dir):
+    return load_image_folder(data_dir / "public")
+
+
+@pytest.fixture(scope="session")
+def full_store(tmp_path_factory, datasets, public):
+    """Full shards, router `heads` (the default)."""
     return ShardStore.create(tmp_path_factory.mktemp("s") / "full", datasets, TINY_CONFIG,
+                             public=public, device="cpu", progress=False)
+
+
+@pytest.fixture(scope="session")
+def joint_store(tmp_path_factory, datasets):
+    """Full shards, router `joint` (one classifier on everyone's kept data)."""
+    return ShardStore.create(tmp_path_factory.mktemp("s") / "joint", datasets, TINY_JOINT,
                              device="cpu", progress=False)
 
 
 @pytest.fixture(scope="session")
-def lora_store(tmp_path_factory, datasets, data_dir):
+def lora_store(tmp_path_factory, datasets, public):
     from dataclasses import replace
 
     return ShardStore.create(tmp_path_factory.mktemp("s") / "lora", datasets,
-                             replace(TINY_CONFIG, kind="lora"),
-                             public=load_image_folder(data_dir / "public"), device="cpu",
+                             replace(TINY_CONFIG, kind="lora"), public=public, device="cpu",
                              progress=False)
 
 
@@ -90,6 +104,15 @@ def store_copy(full_store, tmp_path):
 
     shutil.copytree(full_store.root, tmp_path / "store")
     return ShardStore.open(tmp_path / "store")
+
+
+@pytest.fixture()
+def joint_copy(joint_store, tmp_path):
+    """A private, mutable copy of the tiny joint-router store (contributor data kept)."""
+    import shutil
+
+    shutil.copytree(joint_store.root, tmp_path / "joint")
+    return ShardStore.open(tmp_path / "joint")
 
 
 def wait_for_job(get_job, timeout=120.0):

@@ -8,6 +8,7 @@ from service.cli import main
 def test_train_sample_png_and_npz(tmp_path, data_dir, capsys):
     store = tmp_path / "store"
     args = ["train", str(data_dir / "contributors"), "--store", str(store),
+            "--public", str(data_dir / "public"), "--head-steps", "6",
             "--shard-steps", "6", "--classifier-steps", "6", "--device", "cpu"]
     assert main(args) == 0
     assert main(["sample", "--store", str(store), "--contributors", "a,b", "--n", "4",
@@ -31,7 +32,7 @@ def test_rgb_store_via_cli(tmp_path, capsys):
         write_pngs(tmp_path / "d" / cid, rng.integers(0, 256, (6, 8, 8, 3), dtype=np.uint8), mode="RGB")
     store = tmp_path / "store"
     assert main(["train", str(tmp_path / "d"), "--store", str(store), "--shard-steps", "4",
-                 "--classifier-steps", "4"]) == 0
+                 "--classifier-steps", "4", "--router", "joint"]) == 0
     write_pngs(tmp_path / "green", rng.integers(0, 256, (6, 8, 8, 3), dtype=np.uint8), mode="RGB")
     assert main(["add", str(tmp_path / "green"), "--store", str(store)]) == 0
     assert main(["sample", "--store", str(store), "--n", "2", "--steps", "2",
@@ -55,7 +56,7 @@ def test_errors_are_one_line_with_status_2(tmp_path, capsys, argv, message):
 def test_unknown_contributor_and_bad_out(tmp_path, data_dir, capsys):
     store = tmp_path / "store"
     assert main(["train", str(data_dir / "contributors"), "--store", str(store),
-                 "--shard-steps", "3", "--classifier-steps", "3"]) == 0
+                 "--shard-steps", "3", "--classifier-steps", "3", "--router", "joint"]) == 0
     assert main(["sample", "--store", str(store), "--contributors", "a,zed",
                  "--out", str(tmp_path / "x.png")]) == 2
     assert "unknown contributor(s): zed" in capsys.readouterr().err

@@ -11,38 +11,66 @@ from shards import ShardStore
 from shards.errors import StoreError, UnknownContributorError
 
 
-def test_forgotten_store_equals_store_built_without(store_copy, datasets, tiny_config, tmp_path):
-    store_copy.exclude("b")
-    audit = store_copy.purge("b")
+@pytest.fixture(params=["heads", "joint"])
+def any_copy(request, tmp_path):
+    """A private, mutable copy of the tiny store of each router."""
+    source = request.getfixturevalue("full_store" if request.param == "heads" else "joint_store")
+    shutil.copytree(source.root, tmp_path / "store")
+    return ShardStore.open(tmp_path / "store")
+
+
+def test_forgotten_store_equals_store_built_without(any_copy, datasets, public, tmp_path):
+    config = any_copy.config
+    any_copy.exclude("b")
+    audit = any_copy.purge("b")
     never = ShardStore.create(tmp_path / "never", [d for d in datasets if d.contributor_id != "b"],
-                              tiny_config, device="cpu", progress=False)
-    forgot = ShardStore.open(store_copy.root)
+                              config, public=public, device="cpu", progress=False)
+    forgot = ShardStore.open(any_copy.root)
     assert forgot.contributor_ids == never.contributor_ids == ["a", "c"]
-    assert forgot.manifest["classifier"]["weights_hash"] == never.manifest["classifier"]["weights_hash"]
+    for c in ("a", "c"):
+        assert forgot.contributor(c)["weights_hash"] == never.contributor(c)["weights_hash"]
+        assert forgot.contributor(c).get("head") == never.contributor(c).get("head")
+    assert forgot.manifest["classifier"] == never.manifest["classifier"] or (
+        forgot.manifest["classifier"]["weights_hash"] == never.manifest["classifier"]["weights_hash"])
     for seed in (0, 1):
         o1 = forgot.load_sampler("cpu")(None, n=4, steps=5, seed=seed)
         o2 = never.load_sampler("cpu")(None, n=4, steps=5, seed=seed)
         assert_close(o1.images, o2.images, atol=1e-6)
         assert_close(o1.attribution_mean, o2.attribution_mean, atol=1e-6)
-    assert audit["deleted"] == ["shards/b", "data/b"]
-    assert audit["classifier_after"] == never.manifest["classifier"]["weights_hash"]
+    if config.router == "joint":
+        assert audit["deleted"] == ["shards/b", "data/b"] and audit["retrained"] == "classifier"
+        assert audit["classifier_after"] == never.manifest["classifier"]["weights_hash"]
+    else:
+        assert audit["deleted"] == ["shards/b", "router/b"] and audit["retrained"] == "nothing"
 
 
-def test_no_file_or_manifest_entry_of_the_forgotten_remains(store_copy, datasets):
-    entry = store_copy.contributor("b")
+def test_heads_purge_touches_no_other_contributor(store_copy):
+    """Router heads: a purge deletes b's folders and rewrites only the manifest."""
+    others = {p: (p.stat().st_mtime_ns, p.read_bytes()) for p in store_copy.root.rglob("*")
+              if p.is_file() and p.name != "manifest.json" and "/b/" not in str(p)}
     store_copy.exclude("b")
     store_copy.purge("b")
-    root = store_copy.root
-    assert not (root / "shards" / "b").exists() and not (root / "data" / "b").exists()
+    for path, (mtime, data) in others.items():
+        assert path.stat().st_mtime_ns == mtime and path.read_bytes() == data, path
+
+
+def test_no_file_or_manifest_entry_of_the_forgotten_remains(any_copy, datasets):
+    entry = any_copy.contributor("b")
+    any_copy.exclude("b")
+    any_copy.purge("b")
+    root = any_copy.root
+    for folder in ("shards", "router", "data"):
+        assert not (root / folder / "b").exists()
     manifest = (root / "manifest.json").read_text()
     assert '"b"' not in manifest and entry["data_hash"] not in manifest
+    assert entry["weights_hash"] not in manifest
     b_images = datasets[1].images
     for path in root.rglob("*.safetensors"):
         from safetensors.torch import load_file
 
         for tensor in load_file(path).values():
             assert not (tensor.shape == b_images.shape and torch.equal(tensor, b_images)), path
-    assert "b" not in ShardStore.open(root).load_classifier().config.contributor_ids
+    assert "b" not in ShardStore.open(root).load_router().contributor_ids
 
 
 def test_exclusion_is_immediate_and_durable(store_copy):
@@ -81,7 +109,18 @@ def test_forgetting_everyone_leaves_an_empty_store(store_copy, datasets):
     assert store.contributor_ids == [] and store.manifest["classifier"] is None
     with pytest.raises(StoreError, match="no contributors"):
         store.load_sampler("cpu")
-    # the store can start again: the classifier is trained from scratch
+    # the store can start again
+    store.add(datasets[0], progress=False)
+    assert store.load_sampler("cpu")(None, n=1, steps=1).contributor_ids == ["a"]
+
+
+def test_joint_forgetting_everyone_then_adding_trains_from_scratch(joint_store, datasets, tmp_path):
+    shutil.copytree(joint_store.root, tmp_path / "j")
+    store = ShardStore.open(tmp_path / "j")
+    for cid in ["a", "b", "c"]:
+        store.exclude(cid)
+        store.purge(cid)  # the last purge leaves no classifier, and must not fail
+    assert store.manifest["classifier"] is None and store.pending_purges == []
     store.add(datasets[0], progress=False)
     assert store.manifest["classifier"]["trained"] == "scratch"
     assert store.load_sampler("cpu")(None, n=1, steps=1).contributor_ids == ["a"]

@@ -99,16 +99,18 @@ def test_forget_excludes_before_returning_then_purges(platform):
     actions = [(e["action"], e["contributor_id"]) for e in platform.db.audit_log("b")]
     assert actions == [("exclude", "b"), ("purge", "b")]
     purge = platform.db.audit_log("b")[1]["details"]
-    assert purge["deleted"] == ["shards/b", "data/b"] and len(purge["data_hash"]) == 64
+    assert purge["deleted"] == ["shards/b", "router/b"] and len(purge["data_hash"]) == 64
     with pytest.raises(UnknownContributorError):
         platform.forget(admin, "b")
 
 
-def test_forgotten_platform_generates_like_a_store_built_without(platform, datasets, tiny_config, tmp_path):
+def test_forgotten_platform_generates_like_a_store_built_without(platform, datasets, tiny_config,
+                                                                 public, tmp_path):
     admin = principal(platform, "adm", None, "admin")
     job = platform.forget(admin, "c")
     assert wait_for_job(lambda: platform.job(admin, job["job_id"]))["status"] == "succeeded"
-    never = ShardStore.create(tmp_path / "never", datasets[:2], tiny_config, device="cpu", progress=False)
+    never = ShardStore.create(tmp_path / "never", datasets[:2], tiny_config, public=public,
+                              device="cpu", progress=False)
     fresh = Platform(never.root, device="cpu")
     try:
         admin2 = principal(fresh, "adm", None, "admin")
@@ -144,6 +146,26 @@ def test_forget_during_inflight_generation(platform):
     assert wait_for_job(lambda: platform.job(admin, job["job_id"]))["status"] == "succeeded"
 
 
+def test_generate_routing_options(platform):
+    admin = principal(platform, "adm", None, "admin")
+    dense = platform.generate(admin, n=2, steps=3, seed=1, routing="dense")
+    full_mass = platform.generate(admin, n=2, steps=3, seed=1, routing="topk", mass=1.0)
+    assert dense["images"] == full_mass["images"]
+    for cid, values in dense["attribution"].items():
+        assert values == pytest.approx(full_mass["attribution"][cid], abs=1e-6)
+    top1 = platform.generate(admin, n=2, steps=3, seed=1, routing="topk", top_k=1)
+    assert set(top1["attribution"]) == {"a", "b", "c"}  # attribution keeps the full w^S
+    with pytest.raises(ValueError, match="top_k=4 is larger than the 3"):
+        platform.generate(admin, n=1, steps=1, routing="topk", top_k=4)
+    with pytest.raises(ValueError, match="top_k=2 is larger than the 1"):
+        platform.generate(admin, contributors=["a"], n=1, steps=1, routing="topk", top_k=2)
+    with pytest.raises(ValueError, match="mass=1.5"):
+        platform.generate(admin, n=1, steps=1, routing="topk", mass=1.5)
+    with pytest.raises(ValueError, match="needs mode 'composed'"):
+        platform.generate(admin, n=1, steps=1, mode="naive", routing="topk", top_k=1)
+    assert platform._inflight == set()  # every prepared request was released
+
+
 def test_purge_resumes_after_a_crash(store_copy):
     store_copy.exclude("a")  # the process died after the exclusion, before the purge
     platform = Platform(store_copy.root, device="cpu")
@@ -173,7 +195,16 @@ def test_add_contributor_job(platform, data_dir, tmp_path):
     assert platform.generate(admin, contributors=["dora"], n=1, steps=1)["contributors"] == ["dora"]
 
 
-def test_value_job_feeds_credit_and_forget_drops_what_depends_on_the_contributor(platform, heldout):
+@pytest.fixture()
+def joint_platform(joint_copy):
+    p = Platform(joint_copy.root, device="cpu")
+    yield p
+    p.close()
+
+
+def test_value_job_feeds_credit_and_forget_drops_what_depends_on_the_contributor(joint_platform,
+                                                                               heldout):
+    platform = joint_platform
     admin = principal(platform, "adm", None, "admin")
     user = principal(platform, "u", ["a"])
     with pytest.raises(ForbiddenError):

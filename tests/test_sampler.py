@@ -40,7 +40,7 @@ def test_naive_mode_is_uniform(sampler):
 def test_single_contributor_equals_that_shard_alone(sampler, full_store, scheduler):
     """Restricted to {b}, w_b = 1: the composition is shard b's own sampling chain."""
     out = sampler(["b"], n=3, steps=6, seed=2, scheduler=scheduler)
-    unet = full_store.load_ensemble(["b"]).full["b"]
+    unet = full_store.load_shard("b")
     sched = SCHEDULERS[scheduler].from_config(sampler.schedule_config)
     sched.set_timesteps(6)
     generator = torch.Generator().manual_seed(2)
@@ -53,17 +53,19 @@ def test_single_contributor_equals_that_shard_alone(sampler, full_store, schedul
     assert torch.all(out.attribution_mean == 1)
 
 
-def test_restricted_weights_equal_renormalised_full_posterior(sampler):
-    """Masking to S equals renormalising the all-shard weights over S (eq. 1)."""
-    from shards.classifier import mixture_weights
+@pytest.mark.parametrize("store_name", ["full_store", "joint_store"])
+def test_restricted_weights_equal_renormalised_full_posterior(request, store_name):
+    """Masking to S equals renormalising the all-shard weights over S (eq. 1), for
+    either router."""
+    from shards.classifier import posterior_weights
 
+    sampler = request.getfixturevalue(store_name).load_sampler("cpu")
     x, t = torch.randn(6, 1, 8, 8), torch.full((6,), 400)
     with torch.no_grad():
-        logits = sampler.classifier(x, t)
-    lf = sampler.classifier.log_train_freq
-    full = mixture_weights(logits, sampler.log_prior, lf, torch.ones(3, dtype=torch.bool))
+        scores = sampler.router.log_ratios(x, t)
+    full = posterior_weights(scores, sampler.log_prior, torch.ones(3, dtype=torch.bool))
     subset = torch.tensor([True, False, True])
-    restricted = mixture_weights(logits, sampler.log_prior, lf, subset)
+    restricted = posterior_weights(scores, sampler.log_prior, subset)
     expected = full * subset / (full * subset).sum(1, keepdim=True)
     assert_close(restricted, expected, atol=1e-6)
 

@@ -32,25 +32,50 @@ def test_round_trip_gives_identical_outputs(full_store):
     assert torch.equal(o1.attribution_mean, o2.attribution_mean)
 
 
-def test_training_is_deterministic(tmp_path, datasets, tiny_config, full_store):
-    again = ShardStore.create(tmp_path / "again", datasets, tiny_config, device="cpu", progress=False)
+def test_training_is_deterministic(tmp_path, datasets, tiny_config, public, full_store, joint_store):
+    from conftest import TINY_JOINT
+
+    again = ShardStore.create(tmp_path / "again", datasets, tiny_config, public=public,
+                              device="cpu", progress=False)
     for cid in again.contributor_ids:
-        assert again.contributor(cid)["weights_hash"] == full_store.contributor(cid)["weights_hash"]
-    assert again.manifest["classifier"]["weights_hash"] == full_store.manifest["classifier"]["weights_hash"]
+        for key in ("weights_hash",):
+            assert again.contributor(cid)[key] == full_store.contributor(cid)[key]
+        assert again.contributor(cid)["head"] == full_store.contributor(cid)["head"]
+    joint = ShardStore.create(tmp_path / "joint", datasets, TINY_JOINT, device="cpu", progress=False)
+    assert joint.manifest["classifier"]["weights_hash"] == joint_store.manifest["classifier"]["weights_hash"]
 
 
-def test_shard_does_not_depend_on_other_contributors(tmp_path, datasets, tiny_config, full_store):
-    alone = ShardStore.create(tmp_path / "alone", datasets[:1], tiny_config, device="cpu", progress=False)
+def test_shard_and_head_do_not_depend_on_other_contributors(tmp_path, datasets, tiny_config, public,
+                                                           full_store):
+    alone = ShardStore.create(tmp_path / "alone", datasets[:1], tiny_config, public=public,
+                              device="cpu", progress=False)
     assert alone.contributor("a")["weights_hash"] == full_store.contributor("a")["weights_hash"]
+    assert alone.contributor("a")["head"]["weights_hash"] == full_store.contributor("a")["head"]["weights_hash"]
+
+
+def test_heads_store_keeps_no_contributor_data_unless_asked(full_store, joint_store):
+    assert not (full_store.root / "data").exists()
+    with pytest.raises(StoreError, match="keeps no contributor data"):
+        full_store.contributor_images("a")
+    assert joint_store.contributor_images("a").shape == (20, 1, 8, 8)
+    for cid in full_store.contributor_ids:
+        assert (full_store.root / "router" / cid / "config.json").exists()
 
 
 def test_create_refuses_existing_store_and_leaves_nothing_on_failure(tmp_path, datasets, tiny_config, full_store):
+    from dataclasses import replace
+
     with pytest.raises(StoreError, match="not empty"):
         ShardStore.create(full_store.root, datasets, tiny_config, progress=False)
-    with pytest.raises(DataError, match="needs public data"):
-        from dataclasses import replace
-
-        ShardStore.create(tmp_path / "x", datasets, replace(tiny_config, kind="lora"), progress=False)
+    with pytest.raises(DataError, match="router 'heads'.*public data"):
+        ShardStore.create(tmp_path / "x", datasets, tiny_config, progress=False)
+    with pytest.raises(DataError, match="kind 'lora'.*public data"):
+        ShardStore.create(tmp_path / "x", datasets, replace(tiny_config, kind="lora", router="joint"),
+                          progress=False)
+    with pytest.raises(ValueError, match="router='magic'; allowed"):
+        replace(tiny_config, router="magic")
+    with pytest.raises(ValueError, match="needs keep_data=True"):
+        replace(tiny_config, router="joint", keep_data=False)
     assert not (tmp_path / "x").exists()
     assert not list(tmp_path.glob(".x.partial-*"))
 
@@ -60,8 +85,31 @@ def test_open_missing_store(tmp_path):
         ShardStore.open(tmp_path)
 
 
-def test_add_trains_one_shard_and_updates_classifier(tmp_path, datasets, tiny_config, full_store):
-    store = ShardStore.create(tmp_path / "s", datasets[:2], tiny_config, device="cpu", progress=False)
+def test_add_with_heads_trains_only_its_own_shard_and_head(tmp_path, datasets, tiny_config, public,
+                                                          full_store):
+    store = ShardStore.create(tmp_path / "s", datasets[:2], tiny_config, public=public,
+                              device="cpu", progress=False)
+    before = {c: dict(store.contributor(c)) for c in store.contributor_ids}
+    files_before = {p: p.stat().st_mtime_ns for p in store.root.rglob("*") if p.is_file()
+                    and p.name != "manifest.json"}
+    store.add(datasets[2], progress=False)
+    reopened = ShardStore.open(store.root)
+    assert reopened.contributor_ids == ["a", "b", "c"]
+    assert {c: reopened.contributor(c) for c in before} == before
+    for path, mtime in files_before.items():  # nothing of a and b was rewritten
+        assert path.stat().st_mtime_ns == mtime, path
+    # shard and head equal those trained in a fresh store (they depend only on D_c)
+    assert reopened.contributor("c")["weights_hash"] == full_store.contributor("c")["weights_hash"]
+    assert reopened.contributor("c")["head"] == full_store.contributor("c")["head"]
+    a = reopened.load_sampler("cpu")(None, n=3, steps=3, seed=4)
+    b = full_store.load_sampler("cpu")(None, n=3, steps=3, seed=4)
+    assert_close(a.images, b.images, atol=1e-6)
+
+
+def test_add_trains_one_shard_and_updates_classifier(tmp_path, datasets, full_store):
+    from conftest import TINY_JOINT
+
+    store = ShardStore.create(tmp_path / "s", datasets[:2], TINY_JOINT, device="cpu", progress=False)
     before = {c: store.contributor(c)["weights_hash"] for c in store.contributor_ids}
     store.add(datasets[2], progress=False)
     reopened = ShardStore.open(store.root)
@@ -107,12 +155,22 @@ def test_lora_store_trains_saves_loads_samples(lora_store):
     assert_close(out.attribution_mean.sum(1), torch.ones(3))
 
 
-def test_lora_mixed_batch_equals_one_adapter_at_a_time(lora_store):
-    ensemble = lora_store.load_ensemble()
-    x, t = torch.randn(4, 1, 8, 8, generator=torch.Generator().manual_seed(0)), torch.full((4,), 300)
-    mixed = ensemble.predict(x, t, ["a", "b", "c"])
-    for k, cid in enumerate(["a", "b", "c"]):
-        ensemble.lora.set_adapter(cid)
+def test_lora_bank_rows_equal_peft_one_adapter_at_a_time(lora_store):
+    """The bank merges each adapter into the base (W + scale B A); every row must equal
+    peft's unmerged adapter on the plain base."""
+    root = lora_store.root
+    peft = PeftModel.from_pretrained(UNet2DModel.from_pretrained(root / "base"),
+                                     root / "shards" / "a", adapter_name="a")
+    for cid in ("b", "c"):
+        peft.load_adapter(root / "shards" / cid, adapter_name=cid)
+    peft.eval()
+    bank = lora_store.load_bank()
+    x, t = torch.randn(6, 1, 8, 8, generator=torch.Generator().manual_seed(0)), torch.full((6,), 300)
+    ids = ["a", "b", "c", "c", "a", "b"]
+    mixed = bank.evaluate(x, t, ids)
+    for cid in ("a", "b", "c"):
+        peft.set_adapter(cid)
         with torch.no_grad():
-            single = ensemble.lora(x, t).sample
-        assert_close(mixed[k], single, atol=1e-5)
+            single = peft(x, t).sample
+        rows = [r for r, c in enumerate(ids) if c == cid]
+        assert_close(mixed[rows], single[rows], atol=1e-5)

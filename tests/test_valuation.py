@@ -16,9 +16,10 @@ TINY_VALUE = dict(n=16, steps=3, monolith_steps=10, finetune_steps=6, subset_ste
 
 
 @pytest.fixture()
-def valued_store(store_copy, heldout):
-    build_evaluator(store_copy.root, heldout)
-    return store_copy
+def valued_store(joint_copy, heldout):
+    """Joint router, data kept: every method (pruned and retrain read the raw data)."""
+    build_evaluator(joint_copy.root, heldout)
+    return joint_copy
 
 
 def test_properties_of_the_held_out_digits_themselves(valued_store, heldout):
@@ -135,6 +136,23 @@ def test_cache_drop_removes_exactly_what_depends_on_the_contributor(valued_store
     samples = 7  # the composition's samples of every non-empty coalition saw c too
     assert len(kept) == 4 and dropped == len(before) - 4 + samples
     assert not list(cache.root.glob("samples/*"))
+
+
+def test_with_heads_a_composition_value_depends_only_on_its_coalition(store_copy, heldout):
+    """Router heads: U(S) of the composition saw only the data of S, so forgetting c
+    drops exactly the coalitions holding c (and keeps the others valid)."""
+    build_evaluator(store_copy.root, heldout)
+    run_valuation(store_copy.root, ValuationSettings(methods=("exact",), **TINY_VALUE),
+                  progress=False)
+    cache = store_cache(store_copy)
+    before = cache.entries()
+    assert all(e["depends_on"] == sorted(e["coalition"]) for _, e in before)
+    dropped = cache.drop("c")
+    assert dropped == 4 + 4  # the 4 values of coalitions with c, and their 4 sample files
+    assert all("c" not in e["coalition"] for _, e in cache.entries())
+    with pytest.raises(Exception, match="keeps no contributor data"):
+        run_valuation(store_copy.root, ValuationSettings(methods=("retrain",), **TINY_VALUE),
+                      progress=False)
 
 
 def test_ray_workers_give_the_same_values(valued_store):

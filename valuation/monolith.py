@@ -35,8 +35,8 @@ from diffusers.models.upsampling import Upsample2D
 from safetensors.torch import load_file, save_file
 
 from shards import ShardStore
+from shards.bank import ShardBank
 from shards.classifier import ShardClassifier
-from shards.ensemble import ShardEnsemble
 from shards.models import make_unet
 from shards.sampler import ComposedSampler
 from shards.shard import derived_seed
@@ -51,8 +51,9 @@ def single_model_sampler(model: torch.nn.Module, schedule_config: dict, shape) -
     """One UNet as a one-shard composition: its weight is exactly 1, so this is plain
     sampling with that UNet (tests/test_sampler.py holds it against the chain), with
     the same initial and step noise as the composed sampler for the same seed."""
-    ensemble = ShardEnsemble({"all": model.eval()})
-    return ComposedSampler(ensemble, ShardClassifier(contributor_ids=["all"]).eval(),
+    state = model.eval().state_dict()
+    bank = ShardBank(model, lambda _: state, ["all"], capacity=1)
+    return ComposedSampler(bank, ShardClassifier(contributor_ids=["all"]).eval(),
                            schedule_config, {"all": 1.0}, shape)
 
 

@@ -14,7 +14,8 @@ with no denoiser. It is the same for every method, so their values are comparabl
 
 Cache: one JSON file per (source key) under STORE/valuation/cache/<method>/. An
 entry records `depends_on`, the contributors whose data shaped the number (for
-composition: every contributor the classifier was trained on). Forgetting c deletes
+composition: S with the per-contributor heads router; every contributor the joint
+classifier was trained on with that router). Forgetting c deletes
 every entry that depends on c, and nothing else.
 """
 
@@ -273,9 +274,6 @@ class CompositionUtility:
         self.device = device
         self.cache = store_cache(self.store)
         self._sampler = None
-        classifier = self.store.manifest["classifier"]
-        self._classifier_hash = classifier["weights_hash"]
-        self._classifier_ids = list(classifier.get("contributor_ids") or self.players)
 
     @property
     def sampler(self):
@@ -284,8 +282,9 @@ class CompositionUtility:
         return self._sampler
 
     def _model(self, coalition) -> dict:
-        """What the composition restricted to S is made of: classifier and shard hashes."""
-        return {"classifier": self._classifier_hash,
+        """What the composition restricted to S is made of: router and shard hashes
+        (for the joint router, {"classifier": hash}, the key of earlier versions)."""
+        return {**self.store.router_fingerprint(coalition)["hashes"],
                 "shards": {c: self.store.contributor(c)["weights_hash"] for c in sorted(coalition)}}
 
     def key(self, coalition):
@@ -293,7 +292,7 @@ class CompositionUtility:
                        "settings": self.settings, **self._model(coalition)})
 
     def depends_on(self, coalition):
-        return sorted(set(self._classifier_ids) | set(coalition))
+        return self.store.router_fingerprint(coalition)["depends_on"]
 
     def images(self, coalition) -> torch.Tensor:
         """Samples of the composition restricted to `coalition`, from the sample cache

@@ -1,0 +1,259 @@
+"""A bounded cache of shards that evaluates any mix of (sample, shard) pairs in one
+forward pass.
+
+All shards of a store share one UNet architecture, so a batch whose rows need
+different shards can run through one copy of that architecture whose every
+convolution, linear layer and group norm holds the weights of up to `capacity`
+shards stacked along a leading slot axis. Row b of the batch uses slot s_b:
+
+    conv:  y_b = W[s_b] * x_b + c[s_b]     (one grouped convolution, groups = rows)
+    norm:  y_b = gamma[s_b] GN(x_b) + beta[s_b]
+    linear y_b = W[s_b] x_b + c[s_b]       (a batched matmul)
+
+Rows are ordered by shard; a shard with many rows (`solo_rows` or more) runs as a
+plain call with its own weights (one call's overhead amortised over its rows), the
+remaining rows run together in one stacked call. So a routed step costs about one
+UNet pass over the routed rows whatever the number of distinct shards, where calling
+each shard separately would cost one call's fixed overhead per shard (measured: a
+UNet call on 2 CPU cores costs about 6.5 ms at batch 1 and 29 ms at batch 64).
+
+LoRA shards are loaded with their adapter merged into the base weights
+(W + scale * B A): they then evaluate like full shards, at the base's cost per row.
+
+The cache is an LRU over slots; `hits`, `misses` and `evictions` count shard
+look-ups (one per distinct shard per pass). A step that needs more distinct shards
+than the cache holds runs in several passes (correct, only slower).
+"""
+
+from __future__ import annotations
+
+import copy
+import threading
+from collections import OrderedDict
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from diffusers import UNet2DModel
+
+DEFAULT_CAPACITY = 1024
+SOLO_ROWS = 32
+MAX_ROWS = 256
+
+
+class _Route:
+    """The slot of every row of the batch now in flight (shared by all layers)."""
+
+    def __init__(self):
+        self.slots: torch.Tensor | None = None  # (rows,) long
+        self.single: int | None = None  # every row uses this slot
+
+
+class _Stacked(torch.nn.Module):
+    """Mixin state: stacked parameters (capacity, *shape) and the shared route."""
+
+    def _stack(self, source: torch.nn.Module, capacity: int, route: _Route) -> None:
+        self.route = route
+        for name in ("weight", "bias"):
+            p = getattr(source, name, None)
+            stacked = None if p is None else torch.zeros(capacity, *p.shape, dtype=p.dtype)
+            self.register_buffer(f"{name}_stack", stacked, persistent=False)
+
+    def _param(self, name: str) -> torch.Tensor | None:
+        stack = getattr(self, f"{name}_stack")
+        if stack is None:
+            return None
+        if self.route.single is not None:
+            return stack[self.route.single]
+        return stack[self.route.slots]
+
+
+class StackedConv2d(_Stacked):
+    def __init__(self, conv: torch.nn.Conv2d, capacity: int, route: _Route):
+        super().__init__()
+        if conv.groups != 1 or conv.padding_mode != "zeros":
+            raise ValueError("StackedConv2d supports groups=1, zero padding")
+        self.stride, self.padding, self.dilation = conv.stride, conv.padding, conv.dilation
+        self._stack(conv, capacity, route)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        weight, bias = self._param("weight"), self._param("bias")
+        if self.route.single is not None:
+            return F.conv2d(x, weight, bias, self.stride, self.padding, self.dilation)
+        rows, cin, h, w = x.shape
+        cout = weight.shape[1]
+        y = F.conv2d(x.reshape(1, rows * cin, h, w), weight.reshape(rows * cout, *weight.shape[2:]),
+                     None, self.stride, self.padding, self.dilation, groups=rows)
+        y = y.reshape(rows, cout, *y.shape[2:])
+        return y if bias is None else y + bias[:, :, None, None]
+
+
+class StackedLinear(_Stacked):
+    def __init__(self, linear: torch.nn.Linear, capacity: int, route: _Route):
+        super().__init__()
+        self._stack(linear, capacity, route)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        weight, bias = self._param("weight"), self._param("bias")
+        if self.route.single is not None:
+            return F.linear(x, weight, bias)
+        flat = x.reshape(x.shape[0], -1, x.shape[-1])  # (rows, tokens, in)
+        y = torch.bmm(flat, weight.transpose(1, 2))
+        if bias is not None:
+            y = y + bias[:, None, :]
+        return y.reshape(*x.shape[:-1], weight.shape[1])
+
+
+class StackedGroupNorm(_Stacked):
+    def __init__(self, norm: torch.nn.GroupNorm, capacity: int, route: _Route):
+        super().__init__()
+        if not norm.affine:
+            raise ValueError("StackedGroupNorm needs an affine GroupNorm")
+        self.num_groups, self.eps = norm.num_groups, norm.eps
+        self._stack(norm, capacity, route)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        weight, bias = self._param("weight"), self._param("bias")
+        if self.route.single is not None:
+            return F.group_norm(x, self.num_groups, weight, bias, self.eps)
+        y = F.group_norm(x, self.num_groups, None, None, self.eps)
+        extra = (1,) * (x.ndim - 2)
+        return y * weight.reshape(*weight.shape, *extra) + bias.reshape(*bias.shape, *extra)
+
+
+_STACKED = {torch.nn.Conv2d: StackedConv2d, torch.nn.Linear: StackedLinear,
+            torch.nn.GroupNorm: StackedGroupNorm}
+
+
+def _stack_modules(net: torch.nn.Module, capacity: int, route: _Route) -> dict[str, _Stacked]:
+    """Replace every parametric layer of `net` by its stacked twin, in place."""
+    stacked = {}
+    for name, module in list(net.named_modules()):
+        for child_name, child in list(module.named_children()):
+            kind = _STACKED.get(type(child))
+            if kind is not None:
+                twin = kind(child, capacity, route)
+                setattr(module, child_name, twin)
+                stacked[f"{name}.{child_name}" if name else child_name] = twin
+            elif type(child) not in _STACKED and any(True for _ in child.parameters(recurse=False)):
+                raise ValueError(f"ShardBank cannot stack layer {child_name} of type {type(child).__name__}")
+    return stacked
+
+
+class ShardBank(torch.nn.Module):
+    """Loaded shards in `capacity` slots, evaluated by (sample, shard) pairs.
+
+    Args:
+        template: a UNet of the store's architecture (its weights are not used).
+        loader: contributor id -> that shard's UNet state dict (full weights).
+        contributor_ids: the shards this bank may load (the live ones).
+        capacity: how many shards stay resident (at least 1).
+    """
+
+    def __init__(self, template: UNet2DModel, loader: Callable[[str], dict[str, torch.Tensor]],
+                 contributor_ids: list[str], capacity: int = DEFAULT_CAPACITY,
+                 solo_rows: int = SOLO_ROWS, max_rows: int = MAX_ROWS):
+        super().__init__()
+        if not isinstance(capacity, int) or capacity < 1:
+            raise ValueError(f"shard cache capacity={capacity!r}; it must hold at least 1 shard")
+        self.capacity = min(capacity, max(1, len(contributor_ids)))
+        self.contributor_ids = sorted(contributor_ids)
+        self._known = set(self.contributor_ids)
+        self.loader = loader
+        self.solo_rows, self.max_rows = solo_rows, max_rows
+        self.route = _Route()
+        self.net = copy.deepcopy(template).eval()
+        self.layers = _stack_modules(self.net, self.capacity, self.route)
+        self.slots: OrderedDict[str, int] = OrderedDict()  # contributor -> slot, LRU first
+        self.hits = self.misses = self.evictions = 0
+        # one pass at a time: the route and the slots are shared by every thread
+        self._lock = threading.Lock()
+
+    @property
+    def device(self) -> torch.device:
+        return next(iter(self.layers.values())).weight_stack.device
+
+    def stats(self) -> dict:
+        looks = self.hits + self.misses
+        return {"capacity": self.capacity, "resident": len(self.slots), "hits": self.hits,
+                "misses": self.misses, "evictions": self.evictions,
+                "hit_rate": self.hits / looks if looks else None}
+
+    def _ensure(self, ids: list[str]) -> dict[str, int]:
+        """Make every shard of `ids` (at most `capacity`) resident; return their slots."""
+        needed = set(ids)
+        for cid in ids:
+            if cid in self.slots:
+                self.hits += 1
+                self.slots.move_to_end(cid)
+                continue
+            self.misses += 1
+            if len(self.slots) < self.capacity:
+                slot = len(self.slots)
+            else:
+                victim = next(c for c in self.slots if c not in needed)
+                slot = self.slots.pop(victim)
+                self.evictions += 1
+            self._write(slot, self.loader(cid))
+            self.slots[cid] = slot
+        return {cid: self.slots[cid] for cid in ids}
+
+    @torch.no_grad()
+    def _write(self, slot: int, state: dict[str, torch.Tensor]) -> None:
+        for name, layer in self.layers.items():
+            for part in ("weight", "bias"):
+                stack = getattr(layer, f"{part}_stack")
+                if stack is not None:
+                    stack[slot].copy_(state[f"{name}.{part}"])
+
+    @torch.no_grad()
+    def evaluate(self, x_t: torch.Tensor, t: torch.Tensor, shard_ids: list[str]) -> torch.Tensor:
+        """eps_{shard_ids[r]}(x_t[r], t[r]) for every row r, as (rows, C, H, W).
+
+        Raises:
+            KeyError: a shard id this bank does not hold.
+        """
+        unknown = sorted(set(shard_ids) - self._known)
+        if unknown:
+            raise KeyError(f"shards not in this bank: {unknown}")
+        with self._lock:
+            return self._evaluate(x_t, t, shard_ids)
+
+    def _evaluate(self, x_t, t, shard_ids) -> torch.Tensor:
+        out = torch.empty_like(x_t)
+        groups: dict[str, list[int]] = {}
+        for r, cid in enumerate(shard_ids):
+            groups.setdefault(cid, []).append(r)
+        solo = [c for c, rows in groups.items() if len(rows) >= self.solo_rows]
+        rest = [c for c in groups if c not in solo]
+        for cid in solo:
+            rows = torch.tensor(groups[cid], device=x_t.device)
+            slot = self._ensure([cid])[cid]
+            out[rows] = self._forward(x_t[rows], t[rows], single=slot)
+        for chunk in self._passes(rest, groups):
+            slots = self._ensure(chunk)
+            rows = [r for c in chunk for r in groups[c]]
+            row_slots = [slots[c] for c in chunk for _ in groups[c]]
+            idx = torch.tensor(rows, device=x_t.device)
+            out[idx] = self._forward(x_t[idx], t[idx],
+                                     slots=torch.tensor(row_slots, device=x_t.device))
+        return out
+
+    def _passes(self, ids: list[str], groups: dict[str, list[int]]) -> list[list[str]]:
+        """Split shards into passes of at most `capacity` shards and `max_rows` rows."""
+        passes, current, rows = [], [], 0
+        for cid in ids:
+            n = len(groups[cid])
+            if current and (len(current) == self.capacity or rows + n > self.max_rows):
+                passes.append(current)
+                current, rows = [], 0
+            current.append(cid)
+            rows += n
+        return passes + ([current] if current else [])
+
+    def _forward(self, x, t, slots=None, single=None) -> torch.Tensor:
+        self.route.slots, self.route.single = slots, single
+        try:
+            return self.net(x, t).sample
+        finally:
+            self.route.slots = self.route.single = None

@@ -1,0 +1,135 @@
+"""A router compartmentalized like the shards: one density-ratio head per contributor.
+
+Head i is trained only on contributor i's data D_i and on a reference data set owned
+by nobody (the public split), both forward-noised. Logistic regression of noised D_i
+(label 1) against noised reference images (label 0), in balanced batches and with
+t drawn the same way for both classes, has the optimum
+
+    (5) r_i(x_t, t) = log p_t^i(x_t) / p_t^ref(x_t)
+
+so for any subset S, with priors lambda_i (DESIGN.md eq. 1):
+
+    (6) softmax_{i in S}( r_i + log lambda_i ) = lambda_i p_t^i / sum_{j in S} lambda_j p_t^j
+
+the reference density cancels. Forgetting c deletes head c; adding c trains head c;
+no head ever sees another contributor's data. Where the reference has little mass
+the ratios are poorly estimated (README compares this router with the joint one).
+
+A head is a small time-conditioned MLP on the image (average-pooled to at most
+16 x 16 pixels): h1 = silu(W1 x + T1 e(t) + b1), h2 = silu(W2 h1 + T2 e(t) + b2),
+r = w3 . h2 + b3, with e(t) a fixed sinusoidal embedding. `HeadsRouter` stacks the
+live heads' weights and evaluates all of them in three batched matmuls.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from diffusers import DDPMScheduler
+from diffusers.configuration_utils import ConfigMixin, register_to_config
+from diffusers.models.embeddings import Timesteps
+from diffusers.models.modeling_utils import ModelMixin
+from diffusers.optimization import get_cosine_schedule_with_warmup
+from tqdm.auto import tqdm
+
+from .training import TrainConfig, forward_noise
+
+MAX_SIDE = 16
+
+
+def _features(x_t: torch.Tensor) -> torch.Tensor:
+    """(B, C, H, W) -> (B, D): the image average-pooled to at most MAX_SIDE a side."""
+    h, w = x_t.shape[-2:]
+    if max(h, w) > MAX_SIDE:
+        x_t = F.adaptive_avg_pool2d(x_t, (min(h, MAX_SIDE), min(w, MAX_SIDE)))
+    return x_t.flatten(1)
+
+
+def feature_dim(image_shape: tuple[int, int, int]) -> int:
+    c, h, w = image_shape
+    return c * min(h, MAX_SIDE) * min(w, MAX_SIDE)
+
+
+class DensityRatioHead(ModelMixin, ConfigMixin):
+    """r_i(x_t, t) of one contributor (eq. 5); saved as config.json + safetensors."""
+
+    @register_to_config
+    def __init__(self, contributor_id: str = "a", in_features: int = 64, hidden: int = 64,
+                 time_dim: int = 32):
+        super().__init__()
+        self.time_proj = Timesteps(time_dim, flip_sin_to_cos=True, downscale_freq_shift=0)
+        self.lin1 = torch.nn.Linear(in_features, hidden)
+        self.time1 = torch.nn.Linear(time_dim, hidden, bias=False)
+        self.lin2 = torch.nn.Linear(hidden, hidden)
+        self.time2 = torch.nn.Linear(time_dim, hidden, bias=False)
+        self.out = torch.nn.Linear(hidden, 1)
+
+    def forward(self, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """(B,) log-ratio estimates."""
+        e = self.time_proj(torch.as_tensor(t).expand(x_t.shape[0])).to(x_t.dtype)
+        h = F.silu(self.lin1(_features(x_t)) + self.time1(e))
+        h = F.silu(self.lin2(h) + self.time2(e))
+        return self.out(h).squeeze(-1)
+
+
+class HeadsRouter(torch.nn.Module):
+    """Every live head at once: (x_t, t) -> (B, K) log ratios r_i (eq. 5)."""
+
+    def __init__(self, heads: list[DensityRatioHead]):
+        super().__init__()
+        if not heads:
+            raise ValueError("HeadsRouter needs at least one head")
+        self.contributor_ids = [h.config.contributor_id for h in heads]
+        self.time_proj = heads[0].time_proj
+        names = ["lin1.weight", "lin1.bias", "time1.weight", "lin2.weight", "lin2.bias",
+                 "time2.weight", "out.weight", "out.bias"]
+        states = [h.state_dict() for h in heads]
+        for name in names:
+            self.register_buffer(name.replace(".", "_"), torch.stack([s[name] for s in states]))
+
+    def log_ratios(self, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        e = self.time_proj(torch.as_tensor(t).expand(x_t.shape[0])).to(x_t.dtype)  # (B, E)
+        x = _features(x_t)  # (B, D)
+        # (K, B, H): every head on every sample, batched over heads
+        h = torch.einsum("bd,khd->kbh", x, self.lin1_weight) + self.lin1_bias[:, None]
+        h = F.silu(h + torch.einsum("be,khe->kbh", e, self.time1_weight))
+        h2 = torch.bmm(h, self.lin2_weight.transpose(1, 2)) + self.lin2_bias[:, None]
+        h2 = F.silu(h2 + torch.einsum("be,khe->kbh", e, self.time2_weight))
+        r = torch.bmm(h2, self.out_weight.transpose(1, 2)).squeeze(-1) + self.out_bias
+        return r.transpose(0, 1)  # (B, K)
+
+    def forward(self, x_t, t):
+        return self.log_ratios(x_t, t)
+
+
+def train_head(head: DensityRatioHead, images: torch.Tensor, reference: torch.Tensor,
+               scheduler: DDPMScheduler, config: TrainConfig, seed: int, *,
+               device: torch.device | str = "cpu", progress: bool = True) -> float:
+    """Logistic regression of noised `images` (1) against noised `reference` (0), in
+    balanced batches of `config.batch_size` each (eq. 5). Returns the mean loss over
+    the last 10% of steps."""
+    if images.shape[1:] != reference.shape[1:]:
+        raise ValueError(f"images {tuple(images.shape[1:])} and reference "
+                         f"{tuple(reference.shape[1:])} differ in shape")
+    generator = torch.Generator().manual_seed(seed)
+    optimizer = torch.optim.AdamW(head.parameters(), lr=config.lr, weight_decay=1e-4)
+    lr_schedule = get_cosine_schedule_with_warmup(optimizer, config.warmup_steps, config.steps)
+    head.to(device).train()
+    b = config.batch_size
+    labels = torch.cat([torch.ones(b), torch.zeros(b)]).to(device)
+    tail, recent = max(1, config.steps // 10), []
+    bar = tqdm(range(config.steps), desc=f"head {head.config.contributor_id}",
+               disable=not progress, leave=False)
+    for step in bar:
+        own = images[torch.randint(0, len(images), (b,), generator=generator)]
+        ref = reference[torch.randint(0, len(reference), (b,), generator=generator)]
+        x_t, t, _ = forward_noise(scheduler, torch.cat([own, ref]), generator)
+        loss = F.binary_cross_entropy_with_logits(head(x_t.to(device), t.to(device)), labels)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        lr_schedule.step()
+        if step >= config.steps - tail:
+            recent.append(loss.item())
+    head.eval()
+    return float(sum(recent) / len(recent))

@@ -1,0 +1,103 @@
+"""Sparse routing: which shards each sample is evaluated on at a denoising step.
+
+Given the masked mixture weights w^S (B, K) of a step (rows sum to 1 over S), a
+routing picks for every sample b a set R_b within S and renormalises over it:
+
+    dense   R_b = S                                                  (the reference)
+    topk    R_b = the top_k shards by w_b, or the smallest set (in decreasing weight)
+            holding at least `mass` of it, or, with both, that set cut to top_k
+
+    (4) w~_{b,i} = w_{b,i} / sum_{j in R_b} w_{b,j}   for i in R_b, else 0
+
+and eps_S(x_b) ~= sum_{i in R_b} w~_{b,i} eps_i(x_b). With mass = 1 (or top_k = |S|)
+every sample keeps its whole S: dense within float tolerance. Attribution is always
+the full w^S (what a sample is attributed to), never the truncated w~.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+KINDS = ("dense", "topk")
+
+
+@dataclass(frozen=True)
+class Routing:
+    """How many shards a sample is evaluated on: `dense`, or `topk` with `top_k`
+    and/or `mass`."""
+
+    kind: str = "dense"
+    top_k: int | None = None
+    mass: float | None = None
+    default_k: bool = False  # top_k is the default's: cut to |S|, not an error
+
+    def __post_init__(self):
+        if self.kind not in KINDS:
+            raise ValueError(f"routing={self.kind!r}; allowed: {list(KINDS)}")
+        if self.kind == "dense":
+            if self.top_k is not None or self.mass is not None:
+                raise ValueError("routing 'dense' takes no top_k or mass; use routing 'topk'")
+            return
+        if self.top_k is None and self.mass is None:
+            raise ValueError("routing 'topk' needs top_k (an integer >= 1) and/or mass in (0, 1]")
+        if self.top_k is not None and (isinstance(self.top_k, bool) or not isinstance(self.top_k, int)
+                                       or self.top_k < 1):
+            raise ValueError(f"top_k={self.top_k!r}; allowed: an integer >= 1")
+        if self.mass is not None and not (isinstance(self.mass, (int, float)) and 0 < self.mass <= 1):
+            raise ValueError(f"mass={self.mass!r}; allowed: a number in (0, 1]")
+
+    @classmethod
+    def parse(cls, kind: str | None = None, top_k: int | None = None,
+              mass: float | None = None) -> Routing:
+        """From user input: no kind means the default routing; `topk` with neither
+        top_k nor mass takes the default's."""
+        kind = kind or DEFAULT_ROUTING.kind
+        if kind == "topk" and top_k is None and mass is None:
+            return DEFAULT_ROUTING
+        if isinstance(mass, int) and not isinstance(mass, bool):
+            mass = float(mass)
+        return cls(kind, top_k, mass)
+
+    def check_subset(self, size: int) -> None:
+        """Raise ValueError if a requested `top_k` exceeds a subset of `size` shards."""
+        if self.top_k is not None and not self.default_k and self.top_k > size:
+            raise ValueError(f"top_k={self.top_k} is larger than the {size} contributor(s) "
+                             f"requested; allowed: 1..{size}")
+
+    def to_dict(self) -> dict:
+        return {"routing": self.kind, "top_k": self.top_k, "mass": self.mass}
+
+    def __str__(self) -> str:
+        parts = [f"top_k={self.top_k}"] * (self.top_k is not None) + [f"mass={self.mass}"] * (
+            self.mass is not None)
+        return self.kind + (f" ({', '.join(parts)})" if parts else "")
+
+
+DEFAULT_TOP_K, DEFAULT_MASS = 2, 0.99
+# Chosen from benchmarks/scale.py (README, "Scaling"): see there for the measurements.
+DEFAULT_ROUTING = Routing("topk", top_k=DEFAULT_TOP_K, mass=DEFAULT_MASS, default_k=True)
+
+
+def route(w: torch.Tensor, routing: Routing) -> torch.Tensor:
+    """Equation (4): the renormalised weights w~ (B, K), zero outside each R_b.
+
+    Args:
+        w: (B, K) weights, zero outside S, rows summing to 1.
+    """
+    if routing.kind == "dense":
+        return w
+    order = torch.argsort(w, dim=1, descending=True)
+    sorted_w = torch.gather(w, 1, order)
+    rank = torch.arange(w.shape[1], device=w.device).expand_as(w)
+    keep = sorted_w > 0
+    if routing.mass is not None and routing.mass < 1:
+        # keep shard r if the mass of the shards ranked above it is still below `mass`
+        before = torch.cumsum(sorted_w, dim=1) - sorted_w
+        keep &= before < routing.mass
+    if routing.top_k is not None:
+        keep &= rank < routing.top_k
+    keep[:, 0] = True  # the largest weight is always kept
+    routed = torch.zeros_like(w).scatter(1, order, sorted_w * keep)
+    return routed / routed.sum(dim=1, keepdim=True)
