@@ -19,10 +19,8 @@ from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.models.embeddings import TimestepEmbedding, Timesteps
 from diffusers.models.modeling_utils import ModelMixin
 from diffusers.models.resnet import ResnetBlock2D
-from diffusers.optimization import get_cosine_schedule_with_warmup
-from tqdm.auto import tqdm
 
-from .training import TrainConfig, forward_noise
+from .training import TrainConfig, forward_noise, optimize
 
 
 class ShardClassifier(ModelMixin, ConfigMixin):
@@ -148,27 +146,16 @@ def train_classifier(
     pool = torch.cat(datasets)
     sizes = torch.tensor([d.shape[0] for d in datasets])
     offsets = torch.cumsum(sizes, 0) - sizes
-    optimizer = torch.optim.AdamW(classifier.parameters(), lr=config.lr, weight_decay=1e-4)
-    lr_schedule = get_cosine_schedule_with_warmup(optimizer, config.warmup_steps, config.steps)
-    classifier.to(device).train()
-    tail, recent = max(1, config.steps // 10), []
-    bar = tqdm(range(config.steps), desc="classifier", disable=not progress, leave=False)
-    for step in bar:
+
+    def batch_loss() -> torch.Tensor:
         labels = torch.multinomial(freqs, config.batch_size, replacement=True, generator=generator)
         within = (torch.rand(config.batch_size, generator=generator) * sizes[labels]).long()
-        x0 = pool[offsets[labels] + within]
-        x_t, t, _ = forward_noise(scheduler, x0, generator)
-        loss = torch.nn.functional.cross_entropy(classifier(x_t.to(device), t.to(device)), labels.to(device))
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        lr_schedule.step()
-        if step >= config.steps - tail:
-            recent.append(loss.item())
-        if step % 50 == 0:
-            bar.set_postfix(loss=f"{loss.item():.4f}")
-    classifier.eval()
-    return float(sum(recent) / len(recent))
+        x_t, t, _ = forward_noise(scheduler, pool[offsets[labels] + within], generator)
+        logits = classifier(x_t.to(device), t.to(device))
+        return torch.nn.functional.cross_entropy(logits, labels.to(device))
+
+    return optimize(classifier, batch_loss, config, weight_decay=1e-4, device=device,
+                    desc="classifier", progress=progress)
 
 
 def expand_classifier(old: ShardClassifier, contributor_ids: list[str]) -> ShardClassifier:

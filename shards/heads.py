@@ -29,10 +29,8 @@ from diffusers import DDPMScheduler
 from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.models.embeddings import Timesteps
 from diffusers.models.modeling_utils import ModelMixin
-from diffusers.optimization import get_cosine_schedule_with_warmup
-from tqdm.auto import tqdm
 
-from .training import TrainConfig, forward_noise
+from .training import TrainConfig, forward_noise, optimize
 
 MAX_SIDE = 16
 
@@ -112,24 +110,14 @@ def train_head(head: DensityRatioHead, images: torch.Tensor, reference: torch.Te
         raise ValueError(f"images {tuple(images.shape[1:])} and reference "
                          f"{tuple(reference.shape[1:])} differ in shape")
     generator = torch.Generator().manual_seed(seed)
-    optimizer = torch.optim.AdamW(head.parameters(), lr=config.lr, weight_decay=1e-4)
-    lr_schedule = get_cosine_schedule_with_warmup(optimizer, config.warmup_steps, config.steps)
-    head.to(device).train()
     b = config.batch_size
     labels = torch.cat([torch.ones(b), torch.zeros(b)]).to(device)
-    tail, recent = max(1, config.steps // 10), []
-    bar = tqdm(range(config.steps), desc=f"head {head.config.contributor_id}",
-               disable=not progress, leave=False)
-    for step in bar:
+
+    def batch_loss() -> torch.Tensor:
         own = images[torch.randint(0, len(images), (b,), generator=generator)]
         ref = reference[torch.randint(0, len(reference), (b,), generator=generator)]
         x_t, t, _ = forward_noise(scheduler, torch.cat([own, ref]), generator)
-        loss = F.binary_cross_entropy_with_logits(head(x_t.to(device), t.to(device)), labels)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        lr_schedule.step()
-        if step >= config.steps - tail:
-            recent.append(loss.item())
-    head.eval()
-    return float(sum(recent) / len(recent))
+        return F.binary_cross_entropy_with_logits(head(x_t.to(device), t.to(device)), labels)
+
+    return optimize(head, batch_loss, config, weight_decay=1e-4, device=device,
+                    desc=f"head {head.config.contributor_id}", progress=progress)

@@ -8,6 +8,7 @@ Denoising loss (DDPM, Ho et al. 2020, eq. 14):
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
 import torch
@@ -45,6 +46,37 @@ def forward_noise(
     return scheduler.add_noise(x0, eps, t), t, eps
 
 
+def optimize(model: torch.nn.Module, batch_loss: Callable[[], torch.Tensor], config: TrainConfig,
+             *, weight_decay: float = 0.0, device: torch.device | str = "cpu",
+             desc: str = "train", progress: bool = True) -> float:
+    """The optimisation loop every trainer shares: AdamW on the parameters that
+    require grad, cosine schedule with warm-up, `config.steps` steps of
+    `batch_loss()` (which draws its own batch). Leaves `model` in eval mode.
+
+    Returns:
+        The mean loss over the last 10% of steps (at least one step).
+    """
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=weight_decay)
+    lr_schedule = get_cosine_schedule_with_warmup(optimizer, config.warmup_steps, config.steps)
+    model.to(device).train()
+    tail = max(1, config.steps // 10)
+    recent: list[float] = []
+    bar = tqdm(range(config.steps), desc=desc, disable=not progress, leave=False)
+    for step in bar:
+        loss = batch_loss()
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        lr_schedule.step()
+        if step >= config.steps - tail:
+            recent.append(loss.item())
+        if step % 50 == 0:
+            bar.set_postfix(loss=f"{loss.item():.4f}")
+    model.eval()
+    return float(sum(recent) / len(recent))
+
+
 def train_denoiser(
     model: torch.nn.Module,
     images: torch.Tensor,
@@ -68,25 +100,10 @@ def train_denoiser(
     if images.ndim != 4 or images.shape[0] == 0:
         raise ValueError(f"images must be a non-empty (N, C, H, W) tensor, got {tuple(images.shape)}")
     generator = torch.Generator().manual_seed(seed)
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=0.0)
-    lr_schedule = get_cosine_schedule_with_warmup(optimizer, config.warmup_steps, config.steps)
-    model.to(device).train()
-    tail = max(1, config.steps // 10)
-    recent: list[float] = []
-    bar = tqdm(range(config.steps), desc=desc, disable=not progress, leave=False)
-    for step in bar:
+
+    def batch_loss() -> torch.Tensor:
         idx = torch.randint(0, images.shape[0], (config.batch_size,), generator=generator)
         x_t, t, eps = forward_noise(scheduler, images[idx], generator)
-        pred = model(x_t.to(device), t.to(device)).sample
-        loss = torch.nn.functional.mse_loss(pred, eps.to(device))
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        lr_schedule.step()
-        if step >= config.steps - tail:
-            recent.append(loss.item())
-        if step % 50 == 0:
-            bar.set_postfix(loss=f"{loss.item():.4f}")
-    model.eval()
-    return float(sum(recent) / len(recent))
+        return torch.nn.functional.mse_loss(model(x_t.to(device), t.to(device)).sample, eps.to(device))
+
+    return optimize(model, batch_loss, config, device=device, desc=desc, progress=progress)
