@@ -98,7 +98,7 @@ def cmd_sample(args) -> None:
 
     routing = Routing.parse(args.routing, args.top_k, args.mass)
     store = ShardStore.open(args.store)
-    sampler = store.load_sampler(args.device, cache_shards=args.cache_shards)
+    sampler = store.load_sampler(args.device, cache_shards=args.cache_shards, router=args.router)
     contributors = _csv(args.contributors) if args.contributors else None
     if args.mode == "naive" and args.routing is None:
         routing = Routing()  # naive weights are uniform: nothing to route on
@@ -222,7 +222,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--classifier-steps", type=int, default=None,
                    help="training steps of the joint classifier; default 800")
     p.add_argument("--head-steps", type=int, default=None,
-                   help="training steps of each density-ratio head; default 600")
+                   help="training steps of each density-ratio head; default 4000")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if present)")
     p.set_defaults(func=cmd_train)
 
@@ -245,12 +245,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="dense: every sample on every shard of S; topk (default): each "
                         "sample on its top shards only")
     p.add_argument("--top-k", type=int, default=None,
-                   help="topk: at most this many shards per sample (default 2)")
+                   help="topk: at most this many shards per sample (default 3)")
     p.add_argument("--mass", type=float, default=None,
                    help="topk: the fewest shards holding this much weight, in (0, 1] "
-                        "(default 0.99)")
+                        "(default 0.9)")
     p.add_argument("--cache-shards", type=int, default=None,
                    help="shards resident at once (default: $CDM_SHARD_CACHE, else 1024)")
+    p.add_argument("--router", choices=["heads", "joint"], default=None,
+                   help="check that the store has this router (it is fixed at train time)")
     p.add_argument("--out", required=True, help=".png (grid) or .npz")
     p.add_argument("--device", default=None)
     p.set_defaults(func=cmd_sample)

@@ -75,7 +75,7 @@ class Routing:
         return self.kind + (f" ({', '.join(parts)})" if parts else "")
 
 
-DEFAULT_TOP_K, DEFAULT_MASS = 2, 0.99
+DEFAULT_TOP_K, DEFAULT_MASS = 3, 0.9
 # Chosen from benchmarks/scale.py (README, "Scaling"): see there for the measurements.
 DEFAULT_ROUTING = Routing("topk", top_k=DEFAULT_TOP_K, mass=DEFAULT_MASS, default_k=True)
 

@@ -44,8 +44,8 @@ class StoreConfig:
     classifier_channels: tuple[int, ...] = (32, 64)
     priors: str = "size"
     router: str = "heads"
-    head_train: TrainConfig = TrainConfig(steps=600, batch_size=64)
-    head_hidden: int = 64
+    head_train: TrainConfig = TrainConfig(steps=4000, batch_size=128)
+    head_hidden: int = 128
     keep_data: bool | None = None  # None: only where the router needs it (joint)
 
     def __post_init__(self):
