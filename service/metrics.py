@@ -3,7 +3,15 @@ appends to its own `/metrics` output (via its `__metrics__` hook)."""
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from collections.abc import Callable
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+CACHE_STATS = {"capacity": "Shards the live sampler's cache can hold",
+               "resident": "Shards now resident in the live sampler's cache",
+               "hits": "Shard look-ups served from the cache since the live sampler was loaded",
+               "misses": "Shard loads from disk since the live sampler was loaded",
+               "evictions": "Shards evicted since the live sampler was loaded"}
 
 
 class ServiceMetrics:
@@ -22,6 +30,12 @@ class ServiceMetrics:
                                  registry=self.registry)
         self.batch_size = Histogram("cdm_generate_batch_requests", "Generate requests sampled in one batch",
                                     buckets=(1, 2, 4, 8, 16), registry=self.registry)
+
+    def watch_shard_cache(self, stats: Callable[[], dict]) -> None:
+        """Expose `stats()` (the live sampler's `ShardBank.stats`) as gauges."""
+        for key, doc in CACHE_STATS.items():
+            gauge = Gauge(f"cdm_shard_cache_{key}", doc, registry=self.registry)
+            gauge.set_function(lambda key=key: float(stats().get(key) or 0))
 
     def record_generation(self, contributors: list[str], attribution: dict[str, list[float]],
                           seconds: float) -> None:

@@ -92,6 +92,7 @@ class Platform:
         self._inflight: set[int] = set()  # seq of each prepared, not yet sampled request
         self._seq = 0
         self._sampler = self._load_sampler()
+        self.metrics.watch_shard_cache(lambda: self._sampler.bank.stats() if self._sampler else {})
         self._jobs = ThreadPoolExecutor(max_workers=1, thread_name_prefix="cdm-job")
         self._resume_after_crash()
 

@@ -100,6 +100,12 @@ class ComposedSampler:
     def device(self) -> torch.device:
         return self.bank.device
 
+    def to(self, device: torch.device | str) -> ComposedSampler:
+        """Move the shard cache and the router to `device`; returns self."""
+        self.bank.to(device)
+        self.router.to(device)
+        return self
+
     def _mask(self, contributors) -> torch.Tensor:
         """(K,) bool over classifier outputs for one request's subset."""
         if contributors is None:

@@ -206,8 +206,17 @@ class ShardStore:
         template = make_unet(self.image_shape, self.config.unet)
         return ShardBank(template, load_state, list(entries), capacity)
 
-    def load_sampler(self, device: str | None = None, cache_shards: int | None = None) -> ComposedSampler:
-        """The live shards (loaded lazily) and the router, ready to sample on `device`."""
+    def load_sampler(self, device: str | None = None, cache_shards: int | None = None,
+                     router: str | None = None) -> ComposedSampler:
+        """The live shards (loaded lazily) and the router, ready to sample on `device`.
+
+        Raises:
+            StoreError: no live contributor, or `router` is not the one the store has.
+        """
+        if router is not None and router != self.config.router:
+            raise StoreError(f"router={router!r}, but store {self.root} was built with router "
+                             f"{self.config.router!r}; allowed: {self.config.router!r} "
+                             "(rebuild with cdm train --router for the other)")
         if not self.contributor_ids:
             raise StoreError(f"store {self.root} has no contributors")
         dev = pick_device(device)

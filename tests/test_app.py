@@ -112,6 +112,9 @@ def test_metrics_and_health(client):
     text = client.get("/metrics").text
     assert 'cdm_generated_samples_total{contributor="b"}' in text
     assert "cdm_generate_latency_seconds_bucket" in text
+    resident = [line for line in text.splitlines() if line.startswith("cdm_shard_cache_resident ")]
+    assert resident and float(resident[0].split()[1]) >= 1  # b was loaded on demand
+    assert "cdm_shard_cache_misses " in text and "cdm_shard_cache_hits " in text
     assert client.get("/readyz").status_code == 200 and client.get("/livez").status_code == 200
     spec = client.get("/docs.json").json()
     assert {"/generate", "/forget", "/job", "/add_contributor", "/contributors", "/attribution",
