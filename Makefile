@@ -10,7 +10,7 @@ BIN    := $(VENV)/bin
 DATA   ?= var/demo-data
 STORE  ?= var/store
 
-.PHONY: install data store serve test lint bench value clean
+.PHONY: install data store serve test lint bench scale value clean
 
 # torch 2.13.0 first: it is a local CPU wheel; letting a dependency resolve torch
 # would pull several GB of CUDA packages.
@@ -25,8 +25,11 @@ install: $(VENV)/.installed
 $(DATA)/owners.json: | $(VENV)/.installed
 	$(BIN)/cdm demo-data $(DATA)
 
+# Router `heads` (the default) needs the public split as its reference; the demo store
+# keeps the contributors' images (--keep-data) because `make value`'s baselines
+# (pruned fine-tune, retrain) train on them. New stores keep no data by default.
 $(STORE)/manifest.json: | $(DATA)/owners.json
-	$(BIN)/cdm train $(DATA)/contributors --store $(STORE)
+	$(BIN)/cdm train $(DATA)/contributors --store $(STORE) --public $(DATA)/public --keep-data
 
 data: $(DATA)/owners.json
 store: $(STORE)/manifest.json
@@ -44,6 +47,11 @@ lint: install
 
 bench: store
 	$(BIN)/python benchmarks/core_evidence.py --data $(DATA) --store $(STORE)
+	$(BIN)/python benchmarks/routing_quality.py --data $(DATA) --store $(STORE)
+
+# cost per image against the number of contributors (7, 32, 128), forget and add
+scale: install
+	$(BIN)/python benchmarks/scale.py --ns 7,32,128
 
 # Shapley values of the default store's contributors by every method, with a report
 # (benchmarks/results/valuation-quality/report.md); about an hour on 2 cores, most of

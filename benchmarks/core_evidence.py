@@ -25,14 +25,13 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
+from evaluator import DigitsEvaluator, pair_attribution  # noqa: E402
 
 from shards import ShardStore  # noqa: E402
 from shards.images import save_grid  # noqa: E402
 from shards.models import make_unet  # noqa: E402
 from shards.training import TrainConfig, train_denoiser  # noqa: E402
-from valuation.features import frechet_distance, gaussian_stats, train_feature_net  # noqa: E402
 from valuation.monolith import single_model_sampler  # noqa: E402
-from valuation.properties import load_labelled_folder  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results"
 
@@ -54,24 +53,8 @@ def main() -> None:
     store = ShardStore.open(args.store)
     sampler = store.load_sampler("cpu")
 
-    x_held, y_held = load_labelled_folder(Path(args.data) / "heldout")  # in [0, 1]
-    net = train_feature_net(x_held, y_held, seed=args.seed)
-    # honest accuracy of the evaluator: fit on 80% of held-out, test on the other 20%
-    perm = np.random.default_rng(args.seed).permutation(len(y_held))
-    cut = int(0.8 * len(perm))
-    probe = train_feature_net(x_held[perm[:cut]], y_held[perm[:cut]], seed=args.seed)
-    with torch.no_grad():
-        acc = float((probe(torch.as_tensor(x_held[perm[cut:]])).argmax(1).numpy() == y_held[perm[cut:]]).mean())
-        ref = gaussian_stats(net.features(torch.as_tensor(x_held)).numpy())
-
-    def classify(images):
-        with torch.no_grad():
-            return net(images).argmax(1).numpy()
-
-    def fd(images):
-        with torch.no_grad():
-            return frechet_distance(*gaussian_stats(net.features(images).numpy()), *ref)
-
+    evaluator = DigitsEvaluator(Path(args.data) / "heldout", seed=args.seed)
+    classify, fd, acc = evaluator.classify, evaluator.fd, evaluator.accuracy
     report: dict = {"evaluator_holdout_accuracy": acc, "steps": args.steps, "seed": args.seed}
     print(f"evaluator accuracy on 20% of held-out digits (fit on the other 80%): {acc:.3f}")
 
@@ -131,18 +114,8 @@ def main() -> None:
     # 3. attribution on {alice, bob}
     pair = ["alice", "bob"]
     out = sampler(pair, n=args.n_single * 2, steps=args.steps, seed=args.seed)
-    digits = classify(out.images)
-    owner = np.where(np.isin(digits, owners["alice"]["classes"]), 0,
-                     np.where(np.isin(digits, owners["bob"]["classes"]), 1, -1))
-    valid = owner >= 0
-    top = out.attribution_mean.argmax(1).numpy()
-    mass = out.attribution_mean.numpy()[np.arange(len(owner)), np.clip(owner, 0, 1)]
-    report["pair_attribution"] = {
-        "pair": pair, "samples": int(len(owner)), "samples_in_pair_digits": int(valid.sum()),
-        "argmax_is_owner": float((top[valid] == owner[valid]).mean()),
-        "mean_mass_on_owner": float(mass[valid].mean()),
-        "argmax_is_owner_last_step": float((out.attribution_last.argmax(1).numpy()[valid] == owner[valid]).mean()),
-    }
+    report["pair_attribution"] = pair_attribution(
+        evaluator, out, {c: owners[c]["classes"] for c in pair})
     pa = report["pair_attribution"]
     print(f"{{alice, bob}}: largest attribution on the digit's owner for {pa['argmax_is_owner']:.1%} "
           f"of samples; mean attribution mass on the owner {pa['mean_mass_on_owner']:.3f}")

@@ -58,11 +58,11 @@ def du(path: Path) -> int:
     return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
 
 
-def sampling_costs(store: ShardStore, n: int, steps: int) -> dict:
+def sampling_costs(store: ShardStore, n: int, steps: int, device: str) -> dict:
     """Seconds per image: one shard alone, and all shards dense / routed."""
-    sampler = store.load_sampler("cpu")
+    sampler = store.load_sampler(device)
     one = single_model_sampler(store.load_shard(store.contributor_ids[0]),
-                               sampler.schedule_config, store.image_shape)
+                               sampler.schedule_config, store.image_shape).to(device)
     one(None, n=n, steps=2, seed=1)  # warm-up
     sampler(None, n=n, steps=2, seed=1, routing=DEFAULT_ROUTING)  # warm-up, loads shards
     _, t_one = timed(one, None, n=n, steps=steps, seed=0)
@@ -73,7 +73,7 @@ def sampling_costs(store: ShardStore, n: int, steps: int) -> dict:
         out[name] = sec / n
         out[f"{name}_ratio"] = sec / t_one
         out[f"{name}_rows_per_sample_step"] = (sampler.shard_rows - rows) / (n * steps)
-    x, t = torch.randn(n, *store.image_shape), torch.full((n,), 500)
+    x, t = torch.randn(n, *store.image_shape, device=device), torch.full((n,), 500, device=device)
     with torch.no_grad():
         sampler.router.log_ratios(x, t)
         _, sec = timed(lambda: [sampler.router.log_ratios(x, t) for _ in range(steps)])
@@ -83,19 +83,20 @@ def sampling_costs(store: ShardStore, n: int, steps: int) -> dict:
     return out
 
 
-def forget_and_add(store: ShardStore, newcomer: ContributorData, count: int = 5) -> dict:
+def forget_and_add(store: ShardStore, newcomer: ContributorData, device: str,
+                   count: int = 5) -> dict:
     victims = store.contributor_ids[1:1 + count]
     excl, purge = [], []
     for cid in victims:
         excl.append(timed(store.exclude, cid)[1])
         purge.append(timed(store.purge, cid)[1])
-    _, add = timed(store.add, newcomer, progress=False)
+    _, add = timed(store.add, newcomer, device=device, progress=False)
     return {"exclusion_ms": 1000 * statistics.median(excl),
             "purge_s": statistics.median(purge), "add_s": add}
 
 
 def zipf_cache(store: ShardStore, capacity: int, requests: int, n: int, steps: int,
-               seed: int = 0) -> dict:
+               device: str, seed: int = 0) -> dict:
     """Requests licensing 1-4 contributors drawn from a Zipf(1.1) popularity."""
     rng = np.random.default_rng(seed)
     ids = store.contributor_ids
@@ -105,7 +106,7 @@ def zipf_cache(store: ShardStore, capacity: int, requests: int, n: int, steps: i
             for i in range(requests)]
     out = {}
     for name, cap in (("bounded", capacity), ("unbounded", None)):
-        sampler = store.load_sampler("cpu", cache_shards=cap)
+        sampler = store.load_sampler(device, cache_shards=cap)
         start = time.perf_counter()
         for r in reqs:
             sampler.sample_batch([r], steps=steps, routing=DEFAULT_ROUTING)
@@ -114,11 +115,12 @@ def zipf_cache(store: ShardStore, capacity: int, requests: int, n: int, steps: i
     return out
 
 
-def monolith_seconds(store_config: StoreConfig, images: torch.Tensor, schedule,
+def monolith_seconds(store_config: StoreConfig, images: torch.Tensor, schedule, device: str,
                      total_steps: int = 5600, timed_steps: int = 300) -> float:
     model = make_unet(tuple(images.shape[1:]), store_config.unet, seed=0)
     train = TrainConfig(steps=timed_steps, warmup_steps=10)
-    _, sec = timed(train_denoiser, model, images, schedule, train, 0, progress=False)
+    _, sec = timed(train_denoiser, model, images, schedule, train, 0, device=device,
+                   progress=False)
     return sec * total_steps / timed_steps
 
 
@@ -130,14 +132,14 @@ def run_n(n_contrib: int, work: Path, args) -> dict:
     config = StoreConfig(shard_train=TrainConfig(steps=args.shard_steps, warmup_steps=2),
                          head_train=TrainConfig(steps=args.head_steps, warmup_steps=2))
     store, build = timed(ShardStore.create, work / f"store-{n_contrib}", datasets, config,
-                         public=public, device="cpu", progress=False)
+                         public=public, device=args.device, progress=False)
     row = {"n": n_contrib, "build_s_per_contributor": build / n_contrib,
            "store_mib": du(store.root) / 2**20}
-    row.update(sampling_costs(store, args.images, args.steps))
+    row.update(sampling_costs(store, args.images, args.steps, args.device))
     if n_contrib == max(args.ns):
-        row["zipf_cache"] = zipf_cache(store, args.cache, args.zipf_requests, 8, 10)
+        row["zipf_cache"] = zipf_cache(store, args.cache, args.zipf_requests, 8, 10, args.device)
     held = load_image_folder(data / "heldout" / "0")[:40]
-    row.update(forget_and_add(store, ContributorData("newcomer", held, "fixed")))
+    row.update(forget_and_add(store, ContributorData("newcomer", held, "fixed"), args.device))
     return row
 
 
@@ -172,6 +174,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=25, help="DDPM steps per sampling run")
     parser.add_argument("--cache", type=int, default=16, help="bounded cache size (shards)")
     parser.add_argument("--zipf-requests", type=int, default=40)
+    parser.add_argument("--device", default="cpu", help="cpu or cuda")
     parser.add_argument("--results", default=str(RESULTS))
     args = parser.parse_args()
     torch.manual_seed(0)
@@ -185,10 +188,13 @@ def main() -> None:
             print(json.dumps(rows[-1], indent=1), flush=True)
         data = load_image_folder(work / f"data-{args.ns[0]}" / "public")
         store = ShardStore.open(work / f"store-{args.ns[0]}")
-        mono = monolith_seconds(store.config, data, store.noise_schedule())  # a step costs the same on any data
+        # a training step costs the same on any data
+        mono = monolith_seconds(store.config, data, store.noise_schedule(), args.device)
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    report = {"settings": vars(args), "default_routing": str(DEFAULT_ROUTING), "rows": rows,
+    device = torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu"
+    report = {"settings": vars(args), "device": device, "threads": torch.get_num_threads(),
+              "default_routing": str(DEFAULT_ROUTING), "rows": rows,
               "monolith_retrain_s_extrapolated": mono}
     (results / "scale.json").write_text(json.dumps(report, indent=2) + "\n")
     plot(rows, results / "cost.png")

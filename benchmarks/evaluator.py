@@ -1,0 +1,59 @@
+"""The digits evaluator the benchmarks share: an MLP trained on the held-out digits
+(owned by nobody) classifies samples and gives the feature space of the Frechet
+distance (FD) to the held-out digits; and the measurements built on it."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from valuation.features import frechet_distance, gaussian_stats, train_feature_net
+from valuation.properties import load_labelled_folder
+
+
+class DigitsEvaluator:
+    """Fit on `heldout/<digit>/`; `accuracy` is measured on 20% held back from a
+    second fit on the other 80% (the honest accuracy of the same recipe)."""
+
+    def __init__(self, heldout: str | Path, seed: int = 0):
+        x_held, y_held = load_labelled_folder(Path(heldout))  # in [0, 1]
+        self.net = train_feature_net(x_held, y_held, seed=seed)
+        perm = np.random.default_rng(seed).permutation(len(y_held))
+        cut = int(0.8 * len(perm))
+        probe = train_feature_net(x_held[perm[:cut]], y_held[perm[:cut]], seed=seed)
+        with torch.no_grad():
+            pred = probe(torch.as_tensor(x_held[perm[cut:]])).argmax(1).numpy()
+            self.accuracy = float((pred == y_held[perm[cut:]]).mean())
+            self.reference = gaussian_stats(self.net.features(torch.as_tensor(x_held)).numpy())
+
+    def classify(self, images: torch.Tensor) -> np.ndarray:
+        """Predicted digit of each image in [0, 1]."""
+        with torch.no_grad():
+            return self.net(images).argmax(1).numpy()
+
+    def fd(self, images: torch.Tensor) -> float:
+        """Frechet distance of images in [0, 1] to the held-out digits."""
+        with torch.no_grad():
+            return frechet_distance(*gaussian_stats(self.net.features(images).numpy()),
+                                    *self.reference)
+
+
+def pair_attribution(evaluator: DigitsEvaluator, out, classes: dict[str, list[int]]) -> dict:
+    """For samples of a pair with disjoint digits: how often the largest attribution
+    goes to the owner of the digit the sample shows, and the mean mass on it."""
+    pair = out.contributor_ids
+    digits = evaluator.classify(out.images)
+    owner = np.where(np.isin(digits, classes[pair[0]]), 0,
+                     np.where(np.isin(digits, classes[pair[1]]), 1, -1))
+    valid = owner >= 0
+    top = out.attribution_mean.argmax(1).numpy()
+    mass = out.attribution_mean.numpy()[np.arange(len(owner)), np.clip(owner, 0, 1)]
+    return {
+        "pair": pair, "samples": int(len(owner)), "samples_in_pair_digits": int(valid.sum()),
+        "argmax_is_owner": float((top[valid] == owner[valid]).mean()),
+        "mean_mass_on_owner": float(mass[valid].mean()),
+        "argmax_is_owner_last_step": float(
+            (out.attribution_last.argmax(1).numpy()[valid] == owner[valid]).mean()),
+    }
