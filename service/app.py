@@ -122,7 +122,10 @@ class CDMService:
         grouped by BentoML's adaptive-batching dispatcher into one batch."""
         try:
             job = await run_in_threadpool(self.platform.prepare_generation, self._principal(ctx), **kw)
-            out = await self._batched_sample(job)
+            try:
+                out = await self._batched_sample(job)
+            finally:  # the dispatcher may drop a queued job (timeout, disconnect)
+                self.platform.release(job.seq)
             if isinstance(out, Exception):
                 raise out
             return await run_in_threadpool(self.platform.finish_generation, job, out)

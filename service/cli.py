@@ -96,12 +96,10 @@ def cmd_sample(args) -> None:
         raise ValueError(f"--out must end in .png or .npz, got {path.name!r}")
     from shards.routing import Routing
 
-    routing = Routing.parse(args.routing, args.top_k, args.mass)
+    routing = Routing.parse(args.routing, args.top_k, args.mass, args.mode)
     store = ShardStore.open(args.store)
     sampler = store.load_sampler(args.device, cache_shards=args.cache_shards, router=args.router)
     contributors = _csv(args.contributors) if args.contributors else None
-    if args.mode == "naive" and args.routing is None:
-        routing = Routing()  # naive weights are uniform: nothing to route on
     out = sampler(contributors, n=args.n, steps=args.steps, seed=args.seed,
                   scheduler=args.scheduler, mode=args.mode, progress=True, routing=routing)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -245,10 +243,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="dense: every sample on every shard of S; topk (default): each "
                         "sample on its top shards only")
     p.add_argument("--top-k", type=int, default=None,
-                   help="topk: at most this many shards per sample (default 3)")
+                   help="topk: at most this many shards per sample (the default routing: "
+                        "3 with --mass 0.9; giving --top-k and/or --mass sets just those)")
     p.add_argument("--mass", type=float, default=None,
-                   help="topk: the fewest shards holding this much weight, in (0, 1] "
-                        "(default 0.9)")
+                   help="topk: the fewest shards holding this much weight, in (0, 1]")
     p.add_argument("--cache-shards", type=int, default=None,
                    help="shards resident at once (default: $CDM_SHARD_CACHE, else 1024)")
     p.add_argument("--router", choices=["heads", "joint"], default=None,

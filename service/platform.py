@@ -135,13 +135,27 @@ class Platform:
         """Check licence, liveness and routing against a snapshot of the live sampler
         (routing None: the default, dense for mode naive). The returned job counts as
         in flight until `sample_many` has sampled it."""
-        if mode == "naive" and routing is None:
-            routing = "dense"
-        route = Routing.parse(routing, top_k, mass)
-        if mode == "naive" and route.kind != "dense":
-            raise ValueError(f"routing={routing!r} needs mode 'composed'")
-        with self._lock:
+        route = Routing.parse(routing, top_k, mass, mode)
+        with self._lock:  # snapshot and in-flight registration in one critical section
             sampler, live = self._sampler, set(self.store.contributor_ids)
+            self._seq += 1
+            seq = self._seq
+            self._inflight.add(seq)
+        try:
+            return self._check_generation(principal, contributors, n, steps, seed, mode,
+                                          scheduler, route, sampler, live, seq)
+        except BaseException:
+            self.release(seq)
+            raise
+
+    def release(self, seq: int) -> None:
+        """The request `seq` no longer holds its sampler snapshot (idempotent)."""
+        with self._drained:
+            self._inflight.discard(seq)
+            self._drained.notify_all()
+
+    def _check_generation(self, principal, contributors, n, steps, seed, mode, scheduler,
+                          route, sampler, live, seq) -> GenerationJob:
         if sampler is None:
             raise UnavailableError("the store has no live contributors")
         if contributors is None:
@@ -157,14 +171,9 @@ class Platform:
             principal.check_license(contributors)
             allowed = sorted(contributors)
         route.check_subset(len(allowed))
-        job = GenerationJob(principal, sampler, SampleRequest(tuple(allowed), n, seed),
-                            {"n": n, "steps": steps, "seed": seed, "mode": mode,
-                             "scheduler": scheduler, **route.to_dict()}, route)
-        with self._lock:
-            self._seq += 1
-            job.seq = self._seq
-            self._inflight.add(job.seq)
-        return job
+        return GenerationJob(principal, sampler, SampleRequest(tuple(allowed), n, seed),
+                             {"n": n, "steps": steps, "seed": seed, "mode": mode,
+                              "scheduler": scheduler, **route.to_dict()}, route, seq)
 
     def sample_many(self, jobs: list[GenerationJob]) -> list[SampleOutput | Exception]:
         """Sample several prepared jobs, batching those that share a sampler snapshot,
@@ -184,9 +193,8 @@ class Platform:
             except Exception as err:  # reported to each request of the group
                 outs = [err] * len(idx)
             finally:
-                with self._drained:
-                    self._inflight.difference_update(jobs[i].seq for i in idx)
-                    self._drained.notify_all()
+                for i in idx:
+                    self.release(jobs[i].seq)
             seconds = time.perf_counter() - start
             for i, out in zip(idx, outs, strict=True):
                 jobs[i].seconds = seconds

@@ -180,7 +180,8 @@ class ShardBank(torch.nn.Module):
                 "hit_rate": self.hits / looks if looks else None}
 
     def _ensure(self, ids: list[str]) -> dict[str, int]:
-        """Make every shard of `ids` (at most `capacity`) resident; return their slots."""
+        """Make every shard of `ids` (at most `capacity`) resident; return their slots.
+        A load that fails leaves its slot free, never shared."""
         needed = set(ids)
         for cid in ids:
             if cid in self.slots:
@@ -188,8 +189,9 @@ class ShardBank(torch.nn.Module):
                 self.slots.move_to_end(cid)
                 continue
             self.misses += 1
-            if len(self.slots) < self.capacity:
-                slot = len(self.slots)
+            free = sorted(set(range(self.capacity)) - set(self.slots.values()))
+            if free:
+                slot = free[0]
             else:
                 victim = next(c for c in self.slots if c not in needed)
                 slot = self.slots.pop(victim)

@@ -50,10 +50,20 @@ class Routing:
 
     @classmethod
     def parse(cls, kind: str | None = None, top_k: int | None = None,
-              mass: float | None = None) -> Routing:
-        """From user input: no kind means the default routing; `topk` with neither
-        top_k nor mass takes the default's."""
-        kind = kind or DEFAULT_ROUTING.kind
+              mass: float | None = None, mode: str = "composed") -> Routing:
+        """From user input (CLI, API). No kind: `topk` if top_k or mass is given, else
+        the default routing (dense for mode `naive`, whose weights are uniform).
+        `topk` with neither top_k nor mass is the default routing; giving one of them
+        sets exactly what is given (the other is then unset, not defaulted).
+
+        Raises:
+            ValueError: bad values, or sparse routing with mode `naive`.
+        """
+        if kind is None:
+            kind = "topk" if (top_k is not None or mass is not None) else (
+                "dense" if mode == "naive" else DEFAULT_ROUTING.kind)
+        if mode == "naive" and kind != "dense":
+            raise ValueError(f"routing={kind!r} needs mode 'composed' (naive weights are uniform)")
         if kind == "topk" and top_k is None and mass is None:
             return DEFAULT_ROUTING
         if isinstance(mass, int) and not isinstance(mass, bool):
@@ -76,7 +86,7 @@ class Routing:
 
 
 DEFAULT_TOP_K, DEFAULT_MASS = 3, 0.9
-# Chosen from benchmarks/scale.py (README, "Scaling"): see there for the measurements.
+# Chosen from benchmarks/routing_sweep.py (README, "Choosing the default routing").
 DEFAULT_ROUTING = Routing("topk", top_k=DEFAULT_TOP_K, mass=DEFAULT_MASS, default_k=True)
 
 

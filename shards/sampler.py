@@ -163,11 +163,12 @@ class ComposedSampler:
                        for r, g in zip(requests, generators, strict=True)]).to(device)
         batch = x.shape[0]
         log_prior = self.log_prior.to(device)
+        alone = bool((allowed.sum(1) == 1).all())  # |S| = 1 everywhere: w = 1, no router needed
         w_sum = torch.zeros(batch, len(self.classifier_ids), device=device)
         for t in tqdm(sched.timesteps, desc="sample", disable=not progress, leave=False):
             t_batch = t.to(device).expand(batch)
             # 2. w^S(x_t, t): masked, prior-corrected posterior (eq. 2) or uniform over S
-            if mode == "composed":
+            if mode == "composed" and not alone:
                 w = posterior_weights(self.router.log_ratios(x, t_batch), log_prior, allowed)
             else:
                 w = allowed.float() / allowed.sum(1, keepdim=True)

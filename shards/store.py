@@ -185,9 +185,10 @@ class ShardStore:
         """A lazy, bounded cache over the live shards: `capacity` shards (default: the
         environment variable CDM_SHARD_CACHE, else 1024) are resident at once.
 
-        The bank keeps the registry entries of the moment it was made: a sampler in
-        flight can still load a shard excluded after it started, until its purge
-        deletes the files (then that load fails; it never uses deleted weights)."""
+        The bank keeps the registry entries of the moment it was made: a request that
+        started before an exclusion can still load the excluded shard until the purge
+        deletes its files (the service's purge waits for such requests first); a load
+        after that fails with StoreError rather than use anything else."""
         if capacity is None:
             raw = os.environ.get(CACHE_ENV)
             try:

@@ -164,6 +164,11 @@ def test_generate_routing_options(platform):
     with pytest.raises(ValueError, match="needs mode 'composed'"):
         platform.generate(admin, n=1, steps=1, mode="naive", routing="topk", top_k=1)
     assert platform._inflight == set()  # every prepared request was released
+    # a prepared request that is never sampled (the dispatcher dropped it) is released
+    job = platform.prepare_generation(admin, None, 1, 1, 0, "composed", "ddpm")
+    assert platform._inflight == {job.seq}
+    platform.release(job.seq)
+    assert platform._inflight == set()
 
 
 def test_purge_resumes_after_a_crash(store_copy):

@@ -108,3 +108,34 @@ def test_cache_size_errors(full_store, monkeypatch):
         full_store.load_sampler("cpu")
     monkeypatch.setenv("CDM_SHARD_CACHE", "2")
     assert full_store.load_sampler("cpu").bank.capacity == 2
+
+
+def test_a_failed_load_leaves_its_slot_free_not_shared():
+    """A shard whose load fails (e.g. purged) must not make two shards share a slot."""
+    from shards.bank import ShardBank
+
+    unets = {f"s{i}": make_unet((1, 8, 8), seed=i).eval() for i in range(4)}
+
+    def load(cid):
+        if cid == "s3":
+            raise OSError("gone")
+        return unets[cid].state_dict()
+
+    bank = ShardBank(unets["s0"], load, list(unets), capacity=2)
+    x, t = torch.randn(1, 1, 8, 8), torch.full((1,), 300)
+    bank.evaluate(x, t, ["s0"])
+    bank.evaluate(x, t, ["s1"])
+    with pytest.raises(OSError):
+        bank.evaluate(x, t, ["s3"])
+    bank.evaluate(x, t, ["s2"])
+    assert len(set(bank.slots.values())) == len(bank.slots)
+    with torch.no_grad():
+        for cid in list(bank.slots):
+            assert_close(bank.evaluate(x, t, [cid]), unets[cid](x, t).sample, atol=1e-5)
+
+
+def test_parse_from_user_input():
+    assert Routing.parse(top_k=2) == Routing("topk", top_k=2)
+    assert Routing.parse(mode="naive") == Routing()
+    with pytest.raises(ValueError, match="routing='topk' needs mode 'composed'"):
+        Routing.parse(top_k=2, mode="naive")
