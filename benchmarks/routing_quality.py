@@ -124,7 +124,8 @@ def main() -> None:
     evaluator = DigitsEvaluator(Path(args.data) / "heldout", seed=args.seed)
     heads = ShardStore.open(args.store)
     if heads.config.router != "heads" or not heads.config.keeps_data:
-        raise SystemExit(f"{args.store} must be a heads store that keeps data (make store)")
+        raise SystemExit(f"{args.store} must be a heads store that keeps data: remove it "
+                         "(rm -rf var/store) and run make store")
     work = Path(tempfile.mkdtemp(prefix="cdm-routing-"))
     try:
         joint, classifier_s = joint_copy(heads, work / "joint")

@@ -23,7 +23,8 @@ over the sampling steps and the last step's w^S; each row sums to 1 over S.
 
 Several requests (each its own S, n and seed) can be sampled in one batch: every
 sample carries its own mask, every request its own generator, so a request's images
-do not depend on what it was batched with.
+do not depend on what it was batched with, up to float rounding (a shard's rows may
+run in a plain or a stacked pass depending on the batch; differences ~1e-6).
 """
 
 from __future__ import annotations
@@ -139,7 +140,8 @@ class ComposedSampler:
     def sample_batch(self, requests: list[SampleRequest], steps: int = 50, scheduler: str = "ddpm",
                      mode: str = "composed", progress: bool = False,
                      routing: Routing | None = None) -> list[SampleOutput]:
-        """Sample several requests in one batch; output i equals `self(**requests[i])`."""
+        """Sample several requests in one batch; output i equals `self(**requests[i])`
+        up to float rounding."""
         routing = routing or Routing()
         if scheduler not in SCHEDULERS:
             raise ValueError(f"scheduler={scheduler!r}; allowed: {sorted(SCHEDULERS)}")
