@@ -5,9 +5,10 @@ Consistency: the live sampler and live set are swapped under a lock. A request t
 a snapshot at its start, so a forget acknowledged before a request starts is never
 used by it, and a forget during a request does not disturb it: shards load lazily,
 so the purge first waits (up to PURGE_DRAIN_SECONDS) for the requests that started
-before the exclusion to finish, then deletes the files. Admin jobs (purge, add) run one at a time in a
-background thread; the job table is durable, and a purge interrupted by a crash is
-resumed at the next start from the store's own record of pending purges.
+before the exclusion to finish, then deletes the files. Admin jobs (purge, add) run
+one at a time in a background thread; the job table is durable, and a purge
+interrupted by a crash is resumed at the next start from the store's own record of
+pending purges.
 """
 
 from __future__ import annotations

@@ -135,7 +135,7 @@ def _stack_modules(net: torch.nn.Module, capacity: int, route: _Route) -> dict[s
                 twin = kind(child, capacity, route)
                 setattr(module, child_name, twin)
                 stacked[f"{name}.{child_name}" if name else child_name] = twin
-            elif type(child) not in _STACKED and any(True for _ in child.parameters(recurse=False)):
+            elif any(True for _ in child.parameters(recurse=False)):
                 raise ValueError(f"ShardBank cannot stack layer {child_name} of type {type(child).__name__}")
     return stacked
 
@@ -227,7 +227,7 @@ class ShardBank(torch.nn.Module):
         for r, cid in enumerate(shard_ids):
             groups.setdefault(cid, []).append(r)
         solo = [c for c, rows in groups.items() if len(rows) >= self.solo_rows]
-        rest = [c for c in groups if c not in solo]
+        rest = [c for c, rows in groups.items() if len(rows) < self.solo_rows]
         for cid in solo:
             rows = torch.tensor(groups[cid], device=x_t.device)
             slot = self._ensure([cid])[cid]

@@ -62,13 +62,17 @@ class Routing:
         if kind is None:
             kind = "topk" if (top_k is not None or mass is not None) else (
                 "dense" if mode == "naive" else DEFAULT_ROUTING.kind)
-        if mode == "naive" and kind != "dense":
-            raise ValueError(f"routing={kind!r} needs mode 'composed' (naive weights are uniform)")
         if kind == "topk" and top_k is None and mass is None:
-            return DEFAULT_ROUTING
+            return DEFAULT_ROUTING.check_mode(mode)
         if isinstance(mass, int) and not isinstance(mass, bool):
             mass = float(mass)
-        return cls(kind, top_k, mass)
+        return cls(kind, top_k, mass).check_mode(mode)
+
+    def check_mode(self, mode: str) -> Routing:
+        """Return self; raise ValueError if this sparse routing meets mode `naive`."""
+        if mode == "naive" and self.kind != "dense":
+            raise ValueError(f"routing={self.kind!r} needs mode 'composed' (naive weights are uniform)")
+        return self
 
     def check_subset(self, size: int) -> None:
         """Raise ValueError if a requested `top_k` exceeds a subset of `size` shards."""

@@ -147,8 +147,7 @@ class ComposedSampler:
             raise ValueError(f"scheduler={scheduler!r}; allowed: {sorted(SCHEDULERS)}")
         if mode not in MODES:
             raise ValueError(f"mode={mode!r}; allowed: {list(MODES)}")
-        if mode == "naive" and routing.kind != "dense":
-            raise ValueError(f"routing={routing.kind!r} needs mode 'composed' (naive weights are uniform)")
+        routing.check_mode(mode)
         if steps < 1 or not requests or any(r.n < 1 for r in requests):
             raise ValueError(f"n and steps must be >= 1, got n={[r.n for r in requests]}, steps={steps}")
         device = self.device
