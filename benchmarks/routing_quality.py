@@ -19,6 +19,7 @@ from scratch as `cdm train --router joint` would). For each router:
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import os
 import shutil
@@ -52,7 +53,9 @@ def joint_copy(store: ShardStore, dest: Path) -> tuple[ShardStore, float]:
     shutil.rmtree(dest / "router")
     joint = ShardStore.open(dest)
     start = time.perf_counter()
-    joint._write_classifier(joint._train_classifier_from_scratch("cpu", True))
+    trained = joint._train_classifier_from_scratch("cpu", True)
+    with joint.write_lock():
+        joint._write_classifier(trained, copy.deepcopy(joint.manifest))
     return joint, time.perf_counter() - start
 
 

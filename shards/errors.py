@@ -1,6 +1,9 @@
 """Domain errors raised by the library; the CLI and the service map them to messages
 and HTTP statuses in one place each."""
 
+import os
+import signal
+
 
 class CDMError(Exception):
     """Base class of every error this project raises on purpose."""
@@ -21,7 +24,27 @@ class UnknownContributorError(StoreError, KeyError):
         if isinstance(contributor_ids, str):
             contributor_ids = [contributor_ids]
         self.contributor_ids = list(contributor_ids)
-        super().__init__(f"unknown contributor(s): {', '.join(self.contributor_ids)}")
+        shown = ", ".join(short(c, 64) for c in self.contributor_ids[:8])
+        more = f" and {len(self.contributor_ids) - 8} more" if len(self.contributor_ids) > 8 else ""
+        super().__init__(f"unknown contributor(s): {shown}{more}")
 
     def __str__(self) -> str:  # KeyError would quote the message
         return self.args[0]
+
+
+def short(value: object, limit: int = 80) -> str:
+    """`value` as text, cut to `limit` characters: ids from a request are echoed in
+    errors, and an error must not be as large as the input that caused it."""
+    text = str(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+CRASH_ENV = "CDM_CRASH_AT"
+
+
+def crashpoint(name: str) -> None:
+    """Fault injection for the crash tests: `CDM_CRASH_AT=<name>` kills this process
+    with SIGKILL here, as a power cut would (no cleanup, no `finally`). Does nothing
+    when the variable is unset or names another point."""
+    if os.environ.get(CRASH_ENV) == name:
+        os.kill(os.getpid(), signal.SIGKILL)

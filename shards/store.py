@@ -19,10 +19,19 @@ it from scratch on the kept data of the others and an add fine-tunes it on repla
 A directory not named by the manifest is not part of the store. New stores are built
 in a sibling temp folder and renamed into place; additions write new folders first
 and switch the manifest last, so a crash leaves the previous store intact.
+
+Several processes (service workers, replicas on a shared disk, the CLI) may open one
+store. Every manifest change runs under an exclusive `fcntl` lock on STORE/.lock,
+re-reads the manifest from disk first and writes it back with `generation` + 1;
+readers call `refresh()` (one `stat`) to pick up another process's change. So no
+writer works from a stale copy, and an exclusion written by one process is seen by
+every other at its next `refresh()`.
 """
 
 from __future__ import annotations
 
+import contextlib
+import copy
 import hashlib
 import json
 import os
@@ -34,6 +43,7 @@ from pathlib import Path
 
 import torch
 from diffusers import DDPMScheduler, UNet2DModel
+from filelock import FileLock
 from peft import PeftModel
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
@@ -41,7 +51,7 @@ from tqdm.auto import tqdm
 from .bank import DEFAULT_CAPACITY, ShardBank
 from .classifier import ShardClassifier, expand_classifier, train_classifier
 from .data import ContributorData, check_same_shape, validate_contributor_id
-from .errors import DataError, StoreError, UnknownContributorError
+from .errors import DataError, StoreError, UnknownContributorError, crashpoint
 from .heads import DensityRatioHead, HeadsRouter, feature_dim, train_head
 from .models import make_noise_schedule, make_unet, pick_device, seeded
 from .sampler import ComposedSampler
@@ -50,6 +60,8 @@ from .training import TrainConfig
 
 FORMAT = 1
 MANIFEST = "manifest.json"
+LOCK = ".lock"
+ADMIN_LOCK = ".admin.lock"
 CACHE_ENV = "CDM_SHARD_CACHE"
 
 
@@ -79,28 +91,83 @@ class ShardStore:
     Use `ShardStore.create` for a new store and `ShardStore.open` for an existing one.
     """
 
-    def __init__(self, root: Path, manifest: dict):
+    def __init__(self, root: Path, manifest: dict, stamp: tuple | None = None):
         self.root = Path(root)
+        self._set_manifest(manifest, stamp)
+        self._lock = threading.RLock()
+        # one lock file each; thread-local: two threads of one process exclude each other
+        self._write_lock = FileLock(self.root / LOCK, preserve_lock_file=True)
+        self._admin_lock = FileLock(self.root / ADMIN_LOCK, preserve_lock_file=True)
+
+    def _set_manifest(self, manifest: dict, stamp: tuple | None) -> None:
+        manifest.setdefault("excluded", {})
+        manifest.setdefault("generation", 0)
         self.manifest = manifest
-        self.manifest.setdefault("excluded", {})
         self.config = StoreConfig.from_dict(manifest["config"])
-        self._lock = threading.RLock()  # serialises manifest mutations
+        self._stamp = stamp
 
     # ---------------------------------------------------------------- reading
-    @classmethod
-    def open(cls, root: str | Path) -> ShardStore:
-        """Open an existing store. Raises StoreError if there is none at `root`."""
-        root = Path(root)
+    @staticmethod
+    def _read(root: Path) -> tuple[dict, tuple]:
         path = root / MANIFEST
-        if not path.is_file():
-            raise StoreError(f"no shard store at {root} (missing {MANIFEST})")
         try:
-            manifest = json.loads(path.read_text())
+            with open(path) as f:
+                st = os.fstat(f.fileno())
+                text = f.read()
+        except FileNotFoundError:
+            raise StoreError(f"no shard store at {root} (missing {MANIFEST})") from None
+        try:
+            manifest = json.loads(text)
         except json.JSONDecodeError as err:
             raise StoreError(f"{path} is not valid JSON: {err}") from err
         if manifest.get("format") != FORMAT:
             raise StoreError(f"{path}: format {manifest.get('format')!r}, expected {FORMAT}")
-        return cls(root, manifest)
+        return manifest, (st.st_ino, st.st_mtime_ns, st.st_size)
+
+    @classmethod
+    def open(cls, root: str | Path) -> ShardStore:
+        """Open an existing store. Raises StoreError if there is none at `root`."""
+        root = Path(root)
+        manifest, stamp = cls._read(root)
+        return cls(root, manifest, stamp)
+
+    @property
+    def generation(self) -> int:
+        """Counts manifest writes: changes whenever any process changed the registry."""
+        return int(self.manifest["generation"])
+
+    def refresh(self) -> bool:
+        """Re-read the manifest if another process (or another ShardStore) replaced it
+        since this one last read or wrote it; one `stat` when nothing changed.
+        Returns whether it was re-read."""
+        try:
+            st = os.stat(self.root / MANIFEST)
+        except FileNotFoundError:
+            raise StoreError(f"store {self.root} lost its {MANIFEST}") from None
+        if (st.st_ino, st.st_mtime_ns, st.st_size) == self._stamp:
+            return False
+        with self._lock:
+            self._set_manifest(*self._read(self.root))
+        return True
+
+    @contextlib.contextmanager
+    def write_lock(self):
+        """Hold the store's exclusive lock (against this process's other threads and
+        other processes alike), with the manifest re-read from disk on entry. Every
+        change to the manifest happens inside; reentrant within one thread. Held for
+        milliseconds: training runs outside it."""
+        with self._write_lock:
+            self.refresh()
+            yield self
+
+    @contextlib.contextmanager
+    def admin_lock(self):
+        """Serialises the long operations that change what is on disk (add, purge)
+        across threads and processes; exclusions do not wait for it. Reentrant
+        within one thread."""
+        with self._admin_lock:
+            self.refresh()
+            yield self
 
     @property
     def contributor_ids(self) -> list[str]:
@@ -291,11 +358,12 @@ class ShardStore:
                                      "data_hash": _tensor_hash(public)}
         store = cls(root, manifest)
         for data in tqdm(datasets, desc="shards", disable=not progress):
-            store._write_shard(data, config.kind, scheduler, base, device, progress)
+            manifest["contributors"][data.contributor_id] = store._write_shard(
+                data, config.kind, scheduler, base, device, progress)
         if config.router == "joint":
-            store._write_classifier(store._train_classifier_from_scratch(device, progress))
+            store._write_classifier(store._train_classifier_from_scratch(device, progress), manifest)
         else:
-            store.save_manifest()
+            store._commit(manifest)
 
     def add(self, data: ContributorData, kind: str | None = None, public: torch.Tensor | None = None,
             device: str | None = None, progress: bool = True) -> dict:
@@ -304,36 +372,63 @@ class ShardStore:
         is updated (old weights kept, a head row added, fine-tuned on replayed data
         of all shards). Returns the new manifest entry.
 
+        One add or purge at a time (`admin_lock`, across processes); new folders are
+        staged and renamed, the manifest switched last under `write_lock`.
+
         Raises:
-            DataError: the id is already live, or the image shape differs.
-            StoreError: a purge is pending.
+            DataError: the id is already live or excluded, or the image shape differs.
+            StoreError: a purge is pending (router `joint`).
         """
         kind = kind or self.config.kind
         cid = validate_contributor_id(data.contributor_id)
+        with self.admin_lock():
+            self._check_addable(cid, kind)
+            check_same_shape([data], self.image_shape)
+            dev = pick_device(device)
+            scheduler = self.noise_schedule()
+            base = None
+            if kind == "lora":
+                base = UNet2DModel.from_pretrained(self.root / self.manifest["base"]["path"])
+            self.cleanup_orphans()
+            new_entry = self._write_shard(data, kind, scheduler, base, dev, progress)
+            crashpoint("add:shard-written")
+            trained = None
+            if self.config.router == "joint":
+                trained = self._update_classifier(data, cid, dev, progress)
+            with self.write_lock():
+                self._check_addable(cid, kind)
+                m = copy.deepcopy(self.manifest)
+                m["contributors"][cid] = new_entry
+                if self.config.router == "joint":
+                    self._write_classifier(trained, m)
+                else:
+                    self._commit(m)
+            return new_entry
+
+    def _check_addable(self, cid: str, kind: str) -> None:
         if cid in self.manifest["contributors"]:
             raise DataError(f"contributor {cid!r} is already in the store")
-        if self.pending_purges:
+        if cid in self.manifest["excluded"]:
+            raise DataError(f"contributor {cid!r} is being forgotten; add it after the purge")
+        if self.config.router == "joint" and self.pending_purges:
             raise StoreError(f"purge pending for {self.pending_purges}; add after it finishes")
-        check_same_shape([data], self.image_shape)
-        dev = pick_device(device)
-        scheduler = self.noise_schedule()
-        base = None
-        if kind == "lora":
-            if self.manifest["base"] is None:
-                raise DataError("this store has no public base model; add with --kind full")
-            base = UNet2DModel.from_pretrained(self.root / self.manifest["base"]["path"])
-        self._cleanup_partials()
-        new_entry = self._write_shard(data, kind, scheduler, base, dev, progress, commit=False)
-        if self.config.router == "heads":
-            with self._lock:
-                self.manifest["contributors"][cid] = new_entry
-                self.save_manifest()
-            return new_entry
+        if kind == "lora" and self.manifest["base"] is None:
+            raise DataError("this store has no public base model; add with --kind full")
+
+    def _update_classifier(self, data, cid, dev, progress):
+        """Router `joint`: the classifier with a new output for `cid`, fine-tuned on
+        replayed data of every live contributor and `cid`'s."""
         if self.manifest["classifier"] is None:  # every earlier contributor was forgotten
-            with self._lock:
-                self.manifest["contributors"][cid] = new_entry
-                self._write_classifier(self._train_classifier_from_scratch(dev, progress))
-            return new_entry
+            ids = [cid]
+            images = {cid: data.images}
+            seed = derived_seed(self.config.seed, "classifier")
+            with seeded(seed):
+                classifier = ShardClassifier(contributor_ids=ids, in_channels=self.image_shape[0],
+                                             block_out_channels=list(self.config.classifier_channels))
+            loss = train_classifier(classifier, [data.images], self.noise_schedule(),
+                                    self.config.classifier_train, seed, device=dev, progress=progress)
+            return classifier.cpu(), {"trained": "scratch", "steps": self.config.classifier_train.steps,
+                                      "final_loss": loss}
         old = self.load_classifier()
         ids = sorted([*self.manifest["contributors"], cid])
         version = self.manifest["classifier"]["version"] + 1
@@ -343,28 +438,26 @@ class ShardStore:
         images[cid] = data.images
         train = TrainConfig(**{**self.config.classifier_train.to_dict(),
                                "steps": self.config.classifier_update_steps, "warmup_steps": 0})
-        loss = train_classifier(classifier, [images[c] for c in ids], scheduler, train,
+        loss = train_classifier(classifier, [images[c] for c in ids], self.noise_schedule(), train,
                                 derived_seed(self.config.seed, "classifier-update", str(version)),
                                 device=dev, progress=progress)
-        with self._lock:
-            self.manifest["contributors"][cid] = new_entry
-            self._write_classifier((classifier.cpu(), {"trained": "update", "steps": train.steps,
-                                                       "final_loss": loss}))
-        return new_entry
+        return classifier.cpu(), {"trained": "update", "steps": train.steps, "final_loss": loss}
 
     # ------------------------------------------------------------- forgetting
     def exclude(self, contributor_id: str) -> dict:
         """Stage 1 of forgetting: drop `contributor_id` from the live registry (one
-        atomic manifest write). Its files stay until `purge`. Returns its entry.
+        atomic manifest write under the store lock, seen by every process at its next
+        `refresh`). Its files stay until `purge`. Returns its entry.
 
         Raises:
             UnknownContributorError: it is not live.
         """
-        with self._lock:
+        with self.write_lock():
             entry = self.contributor(contributor_id)
-            del self.manifest["contributors"][contributor_id]
-            self.manifest["excluded"][contributor_id] = {**entry, "excluded_at": _now()}
-            self.save_manifest()
+            m = copy.deepcopy(self.manifest)
+            del m["contributors"][contributor_id]
+            m["excluded"][contributor_id] = {**entry, "excluded_at": _now()}
+            self._commit(m)
         return entry
 
     @property
@@ -373,41 +466,79 @@ class ShardStore:
 
     def purge(self, contributor_id: str, device: str | None = None, progress: bool = False) -> dict:
         """Stage 2: delete everything derived from the excluded contributor (shard,
-        head, kept data) and drop the exclusion record. Router `heads` retrains
-        nothing; router `joint` retrains the classifier from scratch on the live
-        shards' kept data (it saw the deleted data). Idempotent after a crash.
-        Returns an audit record with the hashes of what was deleted.
+        head, kept data, any staging folder of them) and drop the exclusion record.
+        Router `heads` retrains nothing; router `joint` retrains the classifier from
+        scratch on the live shards' kept data (it saw the deleted data). Idempotent
+        after a crash at any point. Returns an audit record with the hashes of what
+        was deleted (`purge_plan` gives the same record before anything is deleted).
 
         Raises:
             StoreError: `contributor_id` was not excluded first.
         """
+        with self.admin_lock():
+            audit = self.purge_plan(contributor_id)
+            entry = self.manifest["excluded"][contributor_id]
+            for rel in self._derived_paths(contributor_id, entry):
+                if (self.root / rel).exists():
+                    shutil.rmtree(self.root / rel)
+            crashpoint("purge:files-deleted")
+            joint = self.config.router == "joint"
+            trained = self._train_classifier_from_scratch(pick_device(device), progress) if joint else None
+            with self.write_lock():
+                m = copy.deepcopy(self.manifest)
+                del m["excluded"][contributor_id]
+                if joint:
+                    self._write_classifier(trained, m)
+                else:
+                    self._commit(m)
+            if joint:
+                audit["classifier_after"] = (self.manifest["classifier"] or {}).get("weights_hash")
+            return audit
+
+    def purge_plan(self, contributor_id: str) -> dict:
+        """The audit record `purge` will return, from the exclusion record.
+
+        Raises:
+            StoreError: `contributor_id` is not excluded (never was, or already purged).
+        """
+        self.refresh()
         entry = self.manifest["excluded"].get(contributor_id)
         if entry is None:
             raise StoreError(f"contributor {contributor_id!r} is not excluded; forget it first")
-        deleted = []
-        for rel in (entry["path"], (entry.get("head") or {}).get("path"), entry.get("data_path")):
-            if rel and (self.root / rel).exists():
-                shutil.rmtree(self.root / rel)
-            if rel:
-                deleted.append(rel)
-        before = (self.manifest["classifier"] or {}).get("weights_hash")
-        joint = self.config.router == "joint"
-        trained = self._train_classifier_from_scratch(pick_device(device), progress) if joint else None
-        with self._lock:
-            del self.manifest["excluded"][contributor_id]
-            if joint:
-                self._write_classifier(trained)
-            else:
-                self.save_manifest()
         audit = {"contributor_id": contributor_id, "data_hash": entry["data_hash"],
-                 "weights_hash": entry["weights_hash"], "deleted": deleted,
+                 "weights_hash": entry["weights_hash"],
+                 "deleted": self._derived_paths(contributor_id, entry, staging=False),
                  "retrained": "classifier" if self.config.router == "joint" else "nothing"}
         if entry.get("head"):
             audit["head_weights_hash"] = entry["head"]["weights_hash"]
         if self.config.router == "joint":
-            audit["classifier_before"] = before
-            audit["classifier_after"] = (self.manifest["classifier"] or {}).get("weights_hash")
+            audit["classifier_before"] = (self.manifest["classifier"] or {}).get("weights_hash")
         return audit
+
+    @staticmethod
+    def _derived_paths(cid: str, entry: dict, staging: bool = True) -> list[str]:
+        """Store-relative folders derived from contributor `cid` (and, with
+        `staging`, the partial folders an interrupted add of `cid` may have left)."""
+        paths = [entry["path"], (entry.get("head") or {}).get("path"), entry.get("data_path")]
+        if staging:
+            paths += [f"shards/.{cid}.partial", f"router/.{cid}.partial", f"data/.{cid}.partial"]
+        return [p for p in paths if p]
+
+    def cleanup_orphans(self) -> list[str]:
+        """Delete staging folders and folders of contributors the manifest does not
+        name (left by an add that crashed before its manifest switch). Returns the
+        store-relative paths deleted. Takes the admin lock: no add is mid-way."""
+        deleted = []
+        with self.admin_lock():
+            known = set(self.manifest["contributors"]) | set(self.manifest["excluded"])
+            for folder in ("shards", "router", "data"):
+                if not (self.root / folder).is_dir():
+                    continue
+                for child in sorted((self.root / folder).iterdir()):
+                    if child.name.endswith(".partial") or child.name not in known:
+                        shutil.rmtree(child, ignore_errors=True)
+                        deleted.append(f"{folder}/{child.name}")
+        return deleted
 
     def _train_classifier_from_scratch(self, device, progress) -> tuple[ShardClassifier, dict] | None:
         """Deterministic in (sorted live ids, their data, store seed): a store that
@@ -426,9 +557,10 @@ class ShardStore:
         return classifier.cpu(), {"trained": "scratch", "steps": self.config.classifier_train.steps,
                                   "final_loss": loss}
 
-    def _write_shard(self, data, kind, scheduler, base, device, progress, commit=True) -> dict:
+    def _write_shard(self, data, kind, scheduler, base, device, progress) -> dict:
         """Train and write shards/<id> (and router/<id>, data/<id> where configured);
-        each folder is staged and renamed, the manifest is the caller's to switch."""
+        each folder is staged and renamed. The manifest is the caller's to switch:
+        until it names <id>, these folders are orphans `cleanup_orphans` deletes."""
         cid = data.contributor_id
         model, meta = train_shard(data, kind, self.config, scheduler, base, device, progress)
         staging = self.root / "shards" / f".{cid}.partial"
@@ -441,13 +573,13 @@ class ShardStore:
         for orphan in (shard_dir, data_dir):  # left by a crash before a manifest switch
             shutil.rmtree(orphan, ignore_errors=True)
         if self.config.keeps_data:
-            data_dir.mkdir(parents=True)
-            save_file({"images": data.images.contiguous()}, str(data_dir / "images.safetensors"),
+            data_staging = self.root / "data" / f".{cid}.partial"
+            data_staging.mkdir(parents=True)
+            save_file({"images": data.images.contiguous()}, str(data_staging / "images.safetensors"),
                       metadata={"data_hash": data.data_hash})
+            os.replace(data_staging, data_dir)
             entry["data_path"] = f"data/{cid}"
         os.replace(staging, shard_dir)
-        if commit:
-            self.manifest["contributors"][cid] = entry
         return entry
 
     def _write_head(self, data, scheduler, device, progress) -> dict:
@@ -467,31 +599,32 @@ class ShardStore:
         return {"path": f"router/{cid}", "weights_hash": files_hash(final), "seed": seed,
                 "steps": self.config.head_train.steps, "final_loss": loss}
 
-    def _write_classifier(self, trained: tuple[ShardClassifier, dict] | None) -> None:
-        """Save as a new version, then switch the manifest to it, then drop the old.
+    def _write_classifier(self, trained: tuple[ShardClassifier, dict] | None, manifest: dict) -> None:
+        """Save as a new version, then commit `manifest` naming it, then drop the old.
         `None` (no live contributor) leaves the store without a classifier."""
-        previous = self.manifest.get("classifier")
+        previous = manifest.get("classifier")
         if trained is None:
-            self.manifest["classifier"] = None
+            manifest["classifier"] = None
         else:
             classifier, meta = trained
             version = (previous or {}).get("version", 0) + 1
             path = f"classifier/v{version:04d}"
             classifier.save_pretrained(self.root / path)
-            self.manifest["classifier"] = {**meta, "version": version, "path": path,
-                                           "contributor_ids": list(classifier.config.contributor_ids),
-                                           "weights_hash": files_hash(self.root / path)}
-        self.save_manifest()
-        if previous and previous["path"] != (self.manifest["classifier"] or {}).get("path"):
+            manifest["classifier"] = {**meta, "version": version, "path": path,
+                                      "contributor_ids": list(classifier.config.contributor_ids),
+                                      "weights_hash": files_hash(self.root / path)}
+        self._commit(manifest)
+        if previous and previous["path"] != (manifest["classifier"] or {}).get("path"):
             shutil.rmtree(self.root / previous["path"], ignore_errors=True)
 
-    def save_manifest(self) -> None:
-        write_json_atomic(self.root / MANIFEST, self.manifest)
-
-    def _cleanup_partials(self) -> None:
-        for folder in ("shards", "router"):
-            for stale in (self.root / folder).glob(".*.partial"):
-                shutil.rmtree(stale, ignore_errors=True)
+    def _commit(self, manifest: dict) -> None:
+        """Write `manifest` as the next generation and make it this object's view.
+        Callers hold `write_lock` (or own a store no one else can see yet)."""
+        manifest["generation"] = int(manifest.get("generation", 0)) + 1
+        write_json_atomic(self.root / MANIFEST, manifest)
+        st = os.stat(self.root / MANIFEST)
+        with self._lock:
+            self._set_manifest(manifest, (st.st_ino, st.st_mtime_ns, st.st_size))
 
 
 def _tensor_hash(images: torch.Tensor) -> str:

@@ -8,7 +8,7 @@ import torch
 from conftest import assert_close
 
 from shards import ShardStore
-from shards.errors import StoreError, UnknownContributorError
+from shards.errors import DataError, StoreError, UnknownContributorError
 
 
 @pytest.fixture(params=["heads", "joint"])
@@ -86,10 +86,10 @@ def test_exclusion_is_immediate_and_durable(store_copy):
     assert out.contributor_ids == ["b", "c"]
     # an in-flight sampler snapshot is untouched (no crash), it still holds its shards
     assert sampler_before(["a"], n=1, steps=1).images.shape == (1, 1, 8, 8)
-    with pytest.raises(StoreError, match="purge pending"):
-        from shards.data import ContributorData
+    from shards.data import ContributorData
 
-        reopened.add(ContributorData("d", torch.zeros(2, 1, 8, 8), "x"), progress=False)
+    with pytest.raises(DataError, match="being forgotten"):  # the same id, before its purge
+        reopened.add(ContributorData("a", torch.zeros(2, 1, 8, 8), "x"), progress=False)
 
 
 def test_purge_requires_exclusion_and_is_idempotent_after_crash(store_copy):
