@@ -13,6 +13,9 @@ properties of diffusion models to data groups"):
     Steps 1-3 run once and are stored under STORE/valuation/pruned/<key>/ (the
     unpruned monolith in diffusers layout and the pruned weights as safetensors; the
     pruned structure is rebuilt by pruning the monolith again, which is deterministic).
+    A base is built in a staging folder and renamed into place with its pruned.json,
+    which names the contributors whose data shaped it, so that a forget always finds
+    it (`drop_pruned_bases` deletes staging folders whoever they were built for).
 
 Both sample with the one-model sampler below, with the same seed for every S
 (common random numbers), and share U(empty set) with composition (`prior_images`).
@@ -22,8 +25,10 @@ from __future__ import annotations
 
 import copy
 import json
+import os
 import shutil
 import time
+import uuid
 from pathlib import Path
 
 import torch
@@ -45,6 +50,8 @@ from shards.training import TrainConfig, train_denoiser
 
 from .properties import load_property
 from .utility import digest, prior_images
+
+STAGING_PREFIX = ".staging-"  # STORE/valuation/pruned/.staging-<key>-<random>/: being built
 
 
 def single_model_sampler(model: torch.nn.Module, schedule_config: dict, shape) -> ComposedSampler:
@@ -178,24 +185,92 @@ class PrunedFinetuneUtility(_MonolithUtility):
         return list(self.players)  # steps 1-3 saw everyone's data
 
     def prepare(self) -> dict:
-        """Steps 1-3, stored; returns their metadata (timings, parameter counts)."""
-        meta_path = self.folder / "pruned.json"
-        if meta_path.exists():
-            return json.loads(meta_path.read_text())
+        """Steps 1-3, stored; returns their metadata (timings, parameter counts).
+
+        Built in a staging folder beside the final one; its pruned.json (with
+        `depends_on`, every player) is written last, then the folder is renamed into
+        place. So on disk a base is complete and names its contributors, or is a staging
+        folder, which `drop_pruned_bases` deletes whatever it is for; an interrupted
+        build leaves nothing else. A base whose staging folder a forget deleted, or one
+        of whose players is no longer live when it is done, is discarded, not published.
+
+        Raises:
+            RuntimeError: the base was discarded for one of those two reasons (a forget
+                ran while it was built); running the valuation again rebuilds it from the
+                live contributors.
+        """
+        meta = _read_meta(self.folder)
+        if meta is not None:
+            return meta
+        self.folder.parent.mkdir(parents=True, exist_ok=True)
+        staging = self.folder.parent / f"{STAGING_PREFIX}{self.folder.name}-{uuid.uuid4().hex[:8]}"
+        staging.mkdir()
+        # held open so that its inode cannot be reused: tells our folder from a new one
+        # that a writer below (save_pretrained makes parents) created after a forget
+        # deleted ours
+        handle = os.open(staging, os.O_RDONLY)
+        try:
+            try:
+                meta = self._build_base(staging)
+            except Exception as err:  # OSError, or safetensors' own for a missing folder
+                if not _same_folder(staging, handle):
+                    raise RuntimeError(f"pruned base {self.folder.name} discarded, run the "
+                                       "valuation again: its staging folder was deleted while "
+                                       "it was built (a forget dropped the pruned bases)") from err
+                raise
+            return self._publish(staging, handle, meta)
+        finally:
+            os.close(handle)
+            shutil.rmtree(staging, ignore_errors=True)  # gone already once published
+
+    def _build_base(self, staging: Path) -> dict:
+        """Steps 1-3 into `staging`: monolith/, pruned.safetensors, then pruned.json,
+        whose content it returns."""
         data = self.data(self.players)
         start = time.perf_counter()
         model = make_unet(self.store.image_shape, self.store.config.unet,
                           seed=derived_seed(self.settings["seed"], "pruned", "init"))
         loss = self.train(model, data, self.configs["monolith"], "monolith", self.progress)  # 1.
-        model.save_pretrained(self.folder / "monolith")
+        model.save_pretrained(staging / "monolith")
         trained = time.perf_counter() - start
         info = prune_unet(model, self.ratio)  # 2.
         ft_loss = self.train(model, data, self.configs["finetune"], "finetune", self.progress)  # 3.
-        save_file(model.state_dict(), str(self.folder / "pruned.safetensors"))
+        save_file(model.state_dict(), str(staging / "pruned.safetensors"))
         meta = {**info, "ratio": self.ratio, "monolith_loss": loss, "finetune_loss": ft_loss,
                 "monolith_seconds": trained, "seconds": time.perf_counter() - start,
                 "depends_on": list(self.players)}
-        write_json_atomic(meta_path, meta)
+        write_json_atomic(staging / "pruned.json", meta)
+        return meta
+
+    def _publish(self, staging: Path, handle: int, meta: dict) -> dict:
+        """Rename the built `staging` folder (open as `handle`, holding `meta`) to
+        `self.folder`; returns the metadata of the base now there (another writer's, if
+        it won the race).
+
+        Raises:
+            RuntimeError: `staging` was deleted or replaced while it was built, or a
+                player is no longer live.
+        """
+        discarded = f"pruned base {self.folder.name} discarded, run the valuation again"
+        if not _same_folder(staging, handle):
+            raise RuntimeError(f"{discarded}: its staging folder was deleted while it was "
+                               "built (a forget dropped the pruned bases)")
+        gone = sorted(set(self.players) - set(ShardStore.open(self.store.root).contributor_ids))
+        if gone:
+            raise RuntimeError(f"{discarded}: contributors {gone} whose data it was trained "
+                               "on were forgotten while it was built")
+        try:
+            os.rename(staging, self.folder)
+        except FileNotFoundError as err:
+            raise RuntimeError(f"{discarded}: its staging folder was deleted before it was "
+                               "renamed into place (a forget dropped the pruned bases)") from err
+        except OSError:  # the final folder exists: another writer's, or a partial one
+            theirs = _read_meta(self.folder)
+            if theirs is not None:
+                return theirs
+            shutil.rmtree(self.folder)  # untrusted: no readable pruned.json
+            os.rename(staging, self.folder)
+        _fsync_dir(self.folder.parent)
         return meta
 
     def base(self) -> UNet2DModel:
@@ -215,11 +290,62 @@ class PrunedFinetuneUtility(_MonolithUtility):
         return self.measure_model(model, coalition)
 
 
+def _read_meta(folder: Path) -> dict | None:
+    """`folder`'s pruned.json if it is readable JSON with a `depends_on` list, else None
+    (missing, half written, or not what `prepare` writes)."""
+    try:
+        meta = json.loads((folder / "pruned.json").read_text())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(meta, dict) or not isinstance(meta.get("depends_on"), list):
+        return None
+    return meta
+
+
+def _same_folder(path: Path, handle: int) -> bool:
+    """Whether `path` is still the folder open as `handle` (not deleted, not replaced)."""
+    try:
+        return os.path.samestat(os.fstat(handle), os.stat(path))
+    except FileNotFoundError:
+        return False
+
+
+def _fsync_dir(folder: Path) -> None:
+    """Make a rename in `folder` durable."""
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def drop_pruned_bases(store_root: str | Path, contributor_id: str) -> int:
-    """Delete stored pruned bases whose training data included `contributor_id`."""
+    """Delete stored pruned bases whose training data included `contributor_id`, and
+    everything under STORE/valuation/pruned/ that cannot say whose data it holds:
+    staging folders (a base being built, or left by an interrupted build, whoever it is
+    for), folders without a readable pruned.json, and stray files. Returns how many
+    entries were deleted.
+
+    A build in progress whose staging folder this deletes fails (see `prepare`) rather
+    than publish a base.
+    """
+    root = Path(store_root, "valuation", "pruned")
+    if not root.is_dir():
+        return 0
     dropped = 0
-    for meta in Path(store_root, "valuation", "pruned").glob("*/pruned.json"):
-        if contributor_id in json.loads(meta.read_text())["depends_on"]:
-            shutil.rmtree(meta.parent)
-            dropped += 1
+    for path in sorted(root.iterdir()):
+        if path.is_dir() and not path.is_symlink():
+            meta = None if path.name.startswith(STAGING_PREFIX) else _read_meta(path)
+            if meta is not None and contributor_id not in meta["depends_on"]:
+                continue
+            try:
+                shutil.rmtree(path)
+            except FileNotFoundError:  # a concurrent drop, or its build failed meanwhile
+                continue
+        else:
+            try:
+                path.unlink()
+            except FileNotFoundError:
+                continue
+        dropped += 1
     return dropped

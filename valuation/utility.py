@@ -16,7 +16,9 @@ Cache: one JSON file per (source key) under STORE/valuation/cache/<method>/. An
 entry records `depends_on`, the contributors whose data shaped the number (for
 composition: S with the per-contributor heads router; every contributor the joint
 classifier was trained on with that router). Forgetting c deletes
-every entry that depends on c, and nothing else.
+every entry that depends on c, and nothing else that can say what it depends on:
+temporary files of interrupted writes, and entries or sample files that cannot be
+read, are deleted too.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ import hashlib
 import json
 import os
 import time
+import uuid
 from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
 from multiprocessing import get_context
@@ -62,6 +65,11 @@ def prior_images(n: int, image_shape, seed: int) -> torch.Tensor:
     return (x.clamp(-1, 1) + 1) / 2
 
 
+# Temporary files under the cache: ours and write_json_atomic's (`.<name>.<random>.tmp`),
+# and safetensors' own (`.tmpXXXXXX`, which save_file writes and then renames).
+TMP_PATTERNS = ("*.tmp", ".tmp*")
+
+
 class UtilityCache:
     """JSON entries under `root/<method>/<key>.json`, written atomically; sampled
     images under `root/samples/<key>.safetensors` (so every property of a coalition
@@ -75,8 +83,13 @@ class UtilityCache:
         return json.loads(path.read_text()) if path.exists() else None
 
     def put(self, method: str, key: str, entry: dict) -> None:
+        """Write one entry atomically (through a `.<name>.<random>.tmp` file). If a
+        concurrent `drop` deleted the temporary file, the entry is not cached."""
         (self.root / method).mkdir(parents=True, exist_ok=True)
-        write_json_atomic(self.root / method / f"{key}.json", entry)
+        try:
+            write_json_atomic(self.root / method / f"{key}.json", entry)
+        except FileNotFoundError:
+            pass  # a forget ran meanwhile: caching is optional, publishing untrusted is not
 
     def entries(self) -> list[tuple[Path, dict]]:
         return [(p, json.loads(p.read_text())) for p in sorted(self.root.glob("*/*.json"))]
@@ -86,28 +99,57 @@ class UtilityCache:
         return load_file(str(path))["images"] if path.exists() else None
 
     def put_images(self, key: str, images: torch.Tensor, depends_on: list[str]) -> None:
+        """Write the samples of `key` atomically, through a `.<key>.<random>.tmp` file
+        (unique, so that concurrent writers of one key do not share it). If a concurrent
+        `drop` deleted the temporary file, the samples are not cached."""
         folder = self.root / "samples"
         folder.mkdir(parents=True, exist_ok=True)
-        tmp = folder / f".{key}.tmp"
-        save_file({"images": images.contiguous()}, str(tmp),
-                  metadata={"depends_on": json.dumps(sorted(depends_on))})
-        os.replace(tmp, folder / f"{key}.safetensors")
+        tmp = folder / f".{key}.{uuid.uuid4().hex[:8]}.tmp"
+        try:
+            save_file({"images": images.contiguous()}, str(tmp),
+                      metadata={"depends_on": json.dumps(sorted(depends_on))})
+            os.replace(tmp, folder / f"{key}.safetensors")
+        except FileNotFoundError:
+            pass  # a forget ran meanwhile (see `put`)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
 
     def drop(self, contributor_id: str) -> int:
         """Delete every entry and every sample file that depends on `contributor_id`'s
-        data. Returns how many files were deleted."""
+        data, and every file that cannot say what it depends on: the temporary files of
+        writes in progress or interrupted (`TMP_PATTERNS`, whoever they are for: a
+        write in progress then skips caching), entries and sample files that cannot be
+        read. Returns how many files were deleted."""
         dropped = 0
-        for path, entry in self.entries():
-            if contributor_id in entry["depends_on"]:
-                path.unlink()
-                dropped += 1
+        for path in sorted(self.root.glob("*/*.json")):
+            try:
+                depends_on = json.loads(path.read_text())["depends_on"]
+            except (OSError, ValueError, KeyError, TypeError):
+                depends_on = None  # unreadable: untrusted
+            if depends_on is None or contributor_id in depends_on:
+                dropped += _unlink(path)
         for path in sorted(self.root.glob("samples/*.safetensors")):
-            with safe_open(str(path), "pt") as f:
-                depends_on = json.loads(f.metadata()["depends_on"])
-            if contributor_id in depends_on:
-                path.unlink()
-                dropped += 1
+            try:
+                with safe_open(str(path), "pt") as f:
+                    depends_on = json.loads(f.metadata()["depends_on"])
+            except Exception:  # truncated or foreign; safetensors raises its own errors
+                depends_on = None
+            if depends_on is None or contributor_id in depends_on:
+                dropped += _unlink(path)
+        for path in sorted({p for pattern in TMP_PATTERNS for p in self.root.rglob(pattern)}):
+            if path.is_file():
+                dropped += _unlink(path)
         return dropped
+
+
+def _unlink(path: Path) -> int:
+    """Delete file `path`; 1 if this call deleted it, 0 if it was gone already."""
+    try:
+        path.unlink()
+    except FileNotFoundError:
+        return 0
+    return 1
 
 
 def store_cache(store: ShardStore) -> UtilityCache:
