@@ -1,43 +1,59 @@
 """The BentoML service: a thin adapter over `service.platform.Platform`.
 
-Every endpoint authenticates the `Authorization: Bearer <key>` header, calls one
-library method and returns JSON. Domain errors become HTTP statuses in `STATUS`,
-the one place they are mapped; the body is `{"error": "<message>"}`. Input models
-forbid unknown fields. The store comes from `CDM_STORE` (default `var/store`).
+`Gate`, an ASGI middleware (BentoML's public `add_asgi_middleware`), sees every
+request first: it authenticates the `Authorization: Bearer <key>` header (in a
+thread, off the event loop), then validates the JSON body against the endpoint's
+strict input model (no type coercion, unknown fields refused), so a request without
+a valid key learns nothing about the body, and a bad body costs one log line, not a
+traceback. It writes one structured log line per request (request id, user, path,
+status, seconds), adds the security scheme and every error status to the OpenAPI
+document, and guards /metrics. Endpoints call one `Platform` method each; domain
+errors become HTTP statuses in `STATUS`, the one place they are mapped; every error
+body is `{"error": "<message>"}` (plus `detail` for a 400 from validation).
+
+Environment: CDM_STORE (default var/store), CDM_WORKERS (worker processes, default
+1), CDM_METRICS_PUBLIC (1: /metrics without a key), CDM_AUTH_FAILURES_PER_MINUTE
+(failed key checks a client may make per minute and worker before 429, default 20), the limits of `platform.Limits`
+and CDM_DATA_ROOTS (`paths.py`).
 """
 
 from __future__ import annotations
 
-import functools
+import asyncio
+import json
+import logging
 import os
-from typing import Literal
+import time
+import uuid
+from typing import Annotated, Literal
 
 import bentoml
-from bentoml._internal.marshal.dispatcher import CorkDispatcher
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.concurrency import run_in_threadpool
 
-from shards.errors import CDMError, DataError, StoreError, UnknownContributorError
+from shards.errors import CDMError, DataError, StoreError, UnknownContributorError, short
 
-from .auth import AuthError, ForbiddenError
+from .auth import AuthError, FailureLimiter, ForbiddenError, KeyVerifier, Principal, RateLimitError
+from .db import Database
 from .platform import NotFoundError, Platform, UnavailableError
 
 STATUS: list[tuple[type[Exception], int]] = [
     (AuthError, 401), (ForbiddenError, 403), (UnknownContributorError, 404),
-    (NotFoundError, 404), (UnavailableError, 503), (DataError, 400), (StoreError, 409),
-    (ValueError, 400),
+    (NotFoundError, 404), (RateLimitError, 429), (UnavailableError, 503), (DataError, 400),
+    (StoreError, 409), (ValueError, 400),
 ]
-MAX_BATCH = int(os.environ.get("CDM_MAX_BATCH", "8"))  # generate requests per batch; 1: off
-MAX_LATENCY_MS = 300_000  # queued longer than this: 503
+WORKERS = int(os.environ.get("CDM_WORKERS", "1") or 1)
+MAX_BODY = 1 << 20  # bytes of JSON a request may send
 ContributorId = Field(pattern=r"^[a-z0-9][a-z0-9_-]{0,63}$")
+access_log = logging.getLogger("cdm.access")
 
 
 class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
 
 
 class GenerateInput(Strict):
-    contributors: list[str] | None = Field(None, min_length=1, max_length=256,
+    contributors: list[Annotated[str, Field(max_length=64)]] | None = Field(None, min_length=1, max_length=256,
                                            description="contributor ids; default: all licensed")
     n: int = Field(4, ge=1, le=64, description="number of images")
     steps: int = Field(50, ge=1, le=500, description="denoising steps")
@@ -61,7 +77,8 @@ class JobInput(Strict):
 
 
 class AddContributorInput(Strict):
-    folder: str = Field(min_length=1, max_length=4096, description="a folder on the server")
+    folder: str = Field(min_length=1, max_length=4096,
+                        description="a folder on the server, under CDM_DATA_ROOTS")
     kind: Literal["full", "lora"] | None = None
 
 
@@ -72,7 +89,7 @@ class ValueInput(Strict):
     n: int = Field(256, ge=2, le=4096, description="samples per coalition")
     steps: int = Field(25, ge=1, le=500, description="sampling steps per coalition")
     seed: int = Field(0, ge=0, le=2**63 - 1)
-    heldout: str | None = Field(None, max_length=4096,
+    heldout: str | None = Field(None, min_length=1, max_length=4096,
                                 description="held-out digits folder on the server (first run)")
 
 
@@ -80,29 +97,203 @@ class AttributionInput(Strict):
     request_id: str = Field(min_length=1, max_length=64)
 
 
+class HistoryInput(Strict):
+    limit: int = Field(100, ge=1, le=1000)
+    before: float | None = Field(None, description="only requests created before this time (s)")
+
+
 class Empty(Strict):
     pass
 
 
-def _overloaded():
-    raise UnavailableError("the service is overloaded; retry later")
+INPUTS = {"/generate": GenerateInput, "/forget": ForgetInput, "/job": JobInput,
+          "/add_contributor": AddContributorInput, "/value": ValueInput,
+          "/contributors": Empty, "/attribution": AttributionInput, "/credit": Empty,
+          "/history": HistoryInput}
+# the statuses each endpoint can answer besides 200 (OpenAPI), all with ERROR_SCHEMA
+ERRORS = {"/generate": (400, 401, 403, 404, 409, 429, 503), "/forget": (400, 401, 403, 404, 409, 429),
+          "/job": (400, 401, 404, 429), "/add_contributor": (400, 401, 403, 409, 429),
+          "/value": (400, 401, 403, 409, 429, 503), "/contributors": (400, 401, 429),
+          "/attribution": (400, 401, 404, 429), "/credit": (400, 401, 429),
+          "/history": (400, 401, 429)}
+ERROR_SCHEMA = {"type": "object", "required": ["error"], "properties": {
+    "error": {"type": "string"},
+    "detail": {"type": "array", "items": {"type": "object", "properties": {
+        "loc": {"type": "array", "items": {"type": ["string", "integer"]}},
+        "msg": {"type": "string"}, "type": {"type": "string"}}}}}}
 
 
 def status_for(err: Exception) -> int:
     return next(code for cls, code in STATUS if isinstance(err, cls))
 
 
-@bentoml.service(name="cdm", traffic={"timeout": 600})
+def _json_response(status: int, body: dict, headers: dict | None = None):
+    from starlette.responses import JSONResponse
+
+    return JSONResponse(body, status_code=status, headers=headers)
+
+
+class Gate:
+    """Authentication, validation, access log, OpenAPI security and /metrics guard,
+    in front of every BentoML route."""
+
+    def __init__(self, app):
+        self.app = app
+        store = os.environ.get("CDM_STORE", "var/store")
+        failures = int(os.environ.get("CDM_AUTH_FAILURES_PER_MINUTE", "20"))
+        if failures < 1:
+            raise ValueError(f"CDM_AUTH_FAILURES_PER_MINUTE={failures}; allowed: an integer >= 1")
+        self.verify = KeyVerifier(Database(os.path.join(store, "service.db")),
+                                  FailureLimiter(limit=failures))
+        self.metrics_public = os.environ.get("CDM_METRICS_PUBLIC", "") in ("1", "true")
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        path, method = scope["path"], scope["method"]
+        start, request_id = time.perf_counter(), uuid.uuid4().hex[:16]
+        state = {"status": 500, "user": "-"}
+
+        async def send_logged(message):
+            if message["type"] == "http.response.start":
+                state["status"] = message["status"]
+                message.setdefault("headers", [])
+                message["headers"] = [*message["headers"], (b"x-request-id", request_id.encode()),
+                                      (b"x-cdm-worker", str(os.getpid()).encode())]
+            await send(message)
+
+        try:
+            if path == "/docs.json" and method == "GET":
+                return await self._openapi(scope, receive, send_logged)
+            guarded = path in INPUTS or (path == "/metrics" and not self.metrics_public)
+            if not guarded:
+                return await self.app(scope, receive, send_logged)
+            headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
+            client = (scope.get("client") or ("-",))[0]
+            try:
+                principal = await run_in_threadpool(self.verify, headers.get("authorization"), client)
+            except RateLimitError as err:
+                return await _json_response(429, {"error": str(err)},
+                                            {"Retry-After": str(err.retry_after)})(scope, receive, send_logged)
+            except AuthError as err:
+                return await _json_response(401, {"error": str(err)},
+                                            {"WWW-Authenticate": "Bearer"})(scope, receive, send_logged)
+            state["user"] = principal.user
+            scope.setdefault("state", {})["cdm_principal"] = principal
+            if path == "/metrics":
+                if not principal.is_admin:
+                    return await _json_response(403, {"error": "/metrics needs an admin key"})(
+                        scope, receive, send_logged)
+                return await self.app(scope, receive, send_logged)
+            if method != "POST":
+                return await self.app(scope, receive, send_logged)
+            body, error = await self._read_body(receive)
+            if error is None:
+                error = self._validate(INPUTS[path], body)
+            if error is not None:
+                return await _json_response(*error)(scope, receive, send_logged)
+            return await self.app(scope, _replay(body), send_logged)
+        finally:
+            access_log.info(json.dumps({
+                "request_id": request_id, "method": method, "path": short(path, 100),
+                "user": state["user"], "status": state["status"],
+                "seconds": round(time.perf_counter() - start, 4)}))
+
+    @staticmethod
+    async def _read_body(receive) -> tuple[bytes, tuple | None]:
+        chunks, size = [], 0
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return b"", (400, {"error": "client disconnected"})
+            chunks.append(message.get("body", b""))
+            size += len(chunks[-1])
+            if size > MAX_BODY:
+                return b"", (413, {"error": f"request body larger than {MAX_BODY} bytes"})
+            if not message.get("more_body"):
+                return b"".join(chunks), None
+
+    @staticmethod
+    def _validate(model: type[BaseModel], body: bytes) -> tuple | None:
+        try:
+            model.model_validate_json(body or b"{}")
+        except ValidationError as err:
+            detail = [{"loc": [short(p, 64) if isinstance(p, str) else p for p in e["loc"]],
+                       "msg": e["msg"], "type": e["type"]}
+                      for e in err.errors(include_url=False, include_input=False)[:20]]
+            return 400, {"error": f"invalid request body: {len(detail)} error(s)", "detail": detail}
+        return None
+
+    async def _openapi(self, scope, receive, send):
+        """BentoML's OpenAPI document, with the bearer scheme on every endpoint and
+        the error statuses each can answer."""
+        chunks, start = [], {}
+
+        async def capture(message):
+            if message["type"] == "http.response.start":
+                start.update(message)
+            else:
+                chunks.append(message.get("body", b""))
+
+        await self.app(scope, receive, capture)
+        spec = json.loads(b"".join(chunks))
+        components = spec.setdefault("components", {})
+        components.setdefault("securitySchemes", {})["bearer"] = {"type": "http", "scheme": "bearer"}
+        components.setdefault("schemas", {})["Error"] = ERROR_SCHEMA
+        for path, codes in ERRORS.items():
+            for op in (spec.get("paths", {}).get(path) or {}).values():
+                op["security"] = [{"bearer": []}]
+                responses = {k: v for k, v in op.get("responses", {}).items() if k.startswith("2")}
+                for code in codes:
+                    responses[str(code)] = {"description": _REASONS[code], "content": {
+                        "application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}}
+                op["responses"] = responses
+        await _json_response(start.get("status", 200), spec)(scope, receive, send)
+
+
+_REASONS = {400: "Bad input", 401: "Missing, invalid, revoked or expired key",
+            403: "The key lacks the right or the licence", 404: "Not found",
+            409: "Conflicts with the store's state", 413: "Body too large",
+            429: "Rate limited; see Retry-After", 503: "No live contributor"}
+
+
+def _replay(body: bytes):
+    sent = False
+
+    async def receive():
+        nonlocal sent
+        if not sent:
+            sent = True
+            return {"type": "http.request", "body": body, "more_body": False}
+        await asyncio.Event().wait()  # nothing more; wait for the response to finish
+        return {"type": "http.disconnect"}
+
+    return receive
+
+
+@bentoml.service(name="cdm", traffic={"timeout": 600}, workers=WORKERS)
 class CDMService:
     def __init__(self) -> None:
+        import torch
+
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // WORKERS))
         self.platform = Platform(os.environ.get("CDM_STORE", "var/store"))
 
-    def _principal(self, ctx: bentoml.Context):
-        return self.platform.verify(ctx.request.headers.get("authorization"))
+    @bentoml.on_shutdown
+    def _close(self) -> None:
+        self.platform.close()
+
+    def _principal(self, ctx: bentoml.Context) -> Principal:
+        principal = getattr(ctx.request.state, "cdm_principal", None)
+        if principal is None:  # never reached behind Gate; kept for direct use
+            raise AuthError("missing API key: send 'Authorization: Bearer <key>'")
+        return principal
 
     @staticmethod
     def _error(ctx: bentoml.Context, err: Exception) -> dict:
         ctx.response.status_code = status_for(err)
+        if isinstance(err, RateLimitError):
+            ctx.response.headers["Retry-After"] = str(err.retry_after)
         return {"error": str(err)}
 
     def _call(self, ctx: bentoml.Context, method, **kwargs) -> dict | list:
@@ -112,43 +303,35 @@ class CDMService:
             return self._error(ctx, err)
 
     def __metrics__(self, content: str) -> str:
-        return content + self.platform.metrics.exposition()
+        return content + self.platform.metrics.exposition(content)
 
     @bentoml.api(input_spec=GenerateInput)
     async def generate(self, ctx: bentoml.Context, **kw) -> dict:
         """Images (base64 PNG) from the licensed, live contributors, with attribution.
 
-        Checks and the ledger run per request; the sampling of concurrent requests is
-        grouped by BentoML's adaptive-batching dispatcher into one batch."""
+        Checks and the ledger run per request, in threads; sampling runs on this
+        worker's step scheduler, which batches requests that arrive together and
+        never makes a small request wait for more than one step of a big one."""
         try:
-            job = await run_in_threadpool(self.platform.prepare_generation, self._principal(ctx), **kw)
+            principal = self._principal(ctx)
+            job = await run_in_threadpool(self.platform.prepare_generation, principal, **kw)
             try:
-                out = await self._batched_sample(job)
-            finally:  # the dispatcher may drop a queued job (timeout, disconnect)
-                self.platform.release(job.seq)
-            if isinstance(out, Exception):
-                raise out
+                out = await asyncio.wrap_future(self.platform.submit(job))
+            finally:
+                await run_in_threadpool(self.platform.release, job.seq)
             return await run_in_threadpool(self.platform.finish_generation, job, out)
         except (CDMError, ValueError) as err:
             return self._error(ctx, err)
 
-    @functools.cached_property
-    def _batched_sample(self):
-        """BentoML's CorkDispatcher (the adaptive batching behind batchable APIs) in
-        front of `Platform.sample_many`. Not a batchable endpoint: that would share
-        one request context, and so one API key, across the batch."""
-        dispatcher = CorkDispatcher(max_latency_in_ms=MAX_LATENCY_MS, max_batch_size=MAX_BATCH,
-                                    fallback=_overloaded, get_batch_size=lambda job: 1)
-        return dispatcher(self.platform.sample_many)
-
     @bentoml.api(input_spec=ForgetInput)
     def forget(self, ctx: bentoml.Context, contributor_id: str) -> dict:
-        """Admin: exclude now, purge in the background; returns the purge job."""
+        """Admin, or the contributor's own key: exclude now, purge in the background;
+        returns the purge job."""
         return self._call(ctx, self.platform.forget, contributor_id=contributor_id)
 
     @bentoml.api(input_spec=JobInput)
     def job(self, ctx: bentoml.Context, job_id: str) -> dict:
-        """Admin: status of a background job."""
+        """Status of a background job (admin; a contributor key: its own forgetting)."""
         return self._call(ctx, self.platform.job, job_id=job_id)
 
     @bentoml.api(input_spec=AddContributorInput)
@@ -173,5 +356,15 @@ class CDMService:
 
     @bentoml.api(input_spec=Empty)
     def credit(self, ctx: bentoml.Context) -> dict:
-        """Per contributor: samples, attribution mass, share, latest Shapley values."""
-        return self._call(ctx, lambda p: self.platform.credit())
+        """Per contributor: samples, attribution mass, share, latest Shapley values
+        (admin: all; contributor key: its own row; user key: its own usage)."""
+        return self._call(ctx, self.platform.credit)
+
+    @bentoml.api(input_spec=HistoryInput)
+    def history(self, ctx: bentoml.Context, limit: int = 100, before: float | None = None) -> dict:
+        """Past requests, newest first (admin: all; user: its own; contributor key:
+        the requests that used its contributor, with its samples and mass)."""
+        return self._call(ctx, self.platform.history, limit=limit, before=before)
+
+
+CDMService.add_asgi_middleware(Gate)

@@ -1,9 +1,16 @@
-"""API keys and licences.
+"""API keys, roles and licences.
 
 A key reads `cdm_<key_id>_<secret>`. Only `key_id`, a random salt and
-scrypt(secret, salt) are stored; verification recomputes the hash and compares in
-constant time. A principal is a user name, a role (user or admin) and a licence:
-the contributor ids the key may generate with, or None for all.
+scrypt(secret, salt) are stored. Every check reads the key's row (so a revocation
+or expiry counts on the next request, in every worker) and runs scrypt unless this
+process already verified this exact key against this exact hash; an unknown key id
+runs scrypt against a dummy hash, so a wrong key costs the same whether its id
+exists or not. Failed checks are rate limited per client.
+
+A principal is a user name, a role and a licence:
+  user         generates with the contributors it is licensed for; sees its own requests
+  contributor  acts for one contributor: its own credit and history, its own forgetting
+  admin        everything
 """
 
 from __future__ import annotations
@@ -13,22 +20,34 @@ import hmac
 import json
 import secrets
 import threading
+import time
+from collections import deque
 from dataclasses import dataclass
 
+from shards.data import validate_contributor_id
 from shards.errors import CDMError
 
 from .db import Database
 
 SCRYPT = {"n": 2**14, "r": 8, "p": 1, "dklen": 32}
-ROLES = ("user", "admin")
+ROLES = ("user", "contributor", "admin")
+_DUMMY_SALT, _DUMMY_HASH = secrets.token_bytes(16), secrets.token_bytes(32)
 
 
 class AuthError(CDMError):
-    """Missing or invalid API key (HTTP 401)."""
+    """Missing, invalid, revoked or expired API key (HTTP 401)."""
 
 
 class ForbiddenError(CDMError):
     """A valid key without the right (HTTP 403)."""
+
+
+class RateLimitError(CDMError):
+    """Too many failed key checks, or too much spend for one key (HTTP 429)."""
+
+    def __init__(self, message: str, retry_after: float):
+        super().__init__(message)
+        self.retry_after = max(1, int(retry_after + 0.999))
 
 
 @dataclass(frozen=True)
@@ -36,6 +55,8 @@ class Principal:
     user: str
     role: str
     license: frozenset[str] | None  # None: every contributor
+    key_id: str = ""
+    contributor_id: str | None = None  # role contributor: whom it acts for
 
     @property
     def is_admin(self) -> bool:
@@ -45,58 +66,118 @@ class Principal:
         if not self.is_admin:
             raise ForbiddenError(f"user {self.user!r} is not an admin")
 
+    def may_act_for(self, contributor_id: str) -> bool:
+        return self.is_admin or (self.role == "contributor" and self.contributor_id == contributor_id)
+
     def check_license(self, contributor_ids) -> None:
         """Raises ForbiddenError naming every contributor the key is not licensed for."""
         if self.license is None:
             return
         missing = sorted(set(contributor_ids) - self.license)
         if missing:
-            raise ForbiddenError(f"key of {self.user!r} is not licensed for: {', '.join(missing)}")
+            shown = ", ".join(missing[:8]) + (f" and {len(missing) - 8} more" if len(missing) > 8 else "")
+            raise ForbiddenError(f"key of {self.user!r} is not licensed for: {shown}")
 
 
 def _hash(secret: str, salt: bytes) -> bytes:
     return hashlib.scrypt(secret.encode(), salt=salt, **SCRYPT)
 
 
-def create_key(db: Database, user: str, license: list[str] | None, role: str = "user") -> str:
-    """Store a new key and return it; it cannot be recovered later."""
+def create_key(db: Database, user: str, license: list[str] | None, role: str = "user",
+               expires_days: float | None = None, contributor_id: str | None = None) -> str:
+    """Store a new key and return it; it cannot be recovered later.
+
+    Raises:
+        ValueError: unknown role, bad user name, expiry not positive, a contributor
+            key without a contributor id (or another role with one).
+    """
     if role not in ROLES:
         raise ValueError(f"role={role!r}; allowed: {list(ROLES)}")
     if not user or len(user) > 128:
         raise ValueError("user must be 1 to 128 characters")
+    if (role == "contributor") != (contributor_id is not None):
+        raise ValueError("a contributor key names exactly one contributor (--contributor ID); "
+                         "other roles name none")
+    if contributor_id is not None:
+        validate_contributor_id(contributor_id)
+        license = []  # a contributor key does not generate
+    if expires_days is not None and not expires_days > 0:
+        raise ValueError(f"expires_days={expires_days!r}; allowed: a number > 0")
+    expires_at = time.time() + expires_days * 86400 if expires_days is not None else None
     key_id, secret, salt = secrets.token_hex(6), secrets.token_urlsafe(24), secrets.token_bytes(16)
     db.insert_key(key_id, user, role, sorted(license) if license is not None else None,
-                  salt, _hash(secret, salt))
+                  salt, _hash(secret, salt), expires_at, contributor_id)
     return f"cdm_{key_id}_{secret}"
 
 
-class KeyVerifier:
-    """Maps an `Authorization` header to a Principal; caches verified keys by their
-    sha256 so scrypt runs once per key per process."""
+class FailureLimiter:
+    """At most `limit` failed key checks per client in any `window` seconds; beyond,
+    a client is refused without a key check (no scrypt) until its oldest failure
+    leaves the window. Per process: with W workers a client gets up to W x limit."""
 
-    def __init__(self, db: Database):
-        self.db = db
-        self._cache: dict[bytes, Principal] = {}
+    def __init__(self, limit: int = 20, window: float = 60.0, max_clients: int = 100_000):
+        self.limit, self.window, self.max_clients = limit, window, max_clients
+        self._failures: dict[str, deque] = {}
         self._lock = threading.Lock()
 
-    def __call__(self, authorization: str | None) -> Principal:
+    def check(self, client: str) -> None:
+        now = time.monotonic()
+        with self._lock:
+            times = self._failures.get(client)
+            while times and times[0] <= now - self.window:
+                times.popleft()
+            if times is not None and len(times) >= self.limit:
+                raise RateLimitError("too many failed API key checks from this client; retry later",
+                                     times[0] + self.window - now)
+
+    def fail(self, client: str) -> None:
+        with self._lock:
+            if len(self._failures) >= self.max_clients:  # bounded memory under a flood
+                self._failures.clear()
+            self._failures.setdefault(client, deque()).append(time.monotonic())
+
+
+class KeyVerifier:
+    """Maps an `Authorization` header (and the client's address) to a Principal."""
+
+    def __init__(self, db: Database, limiter: FailureLimiter | None = None):
+        self.db = db
+        self.limiter = limiter or FailureLimiter()
+        self._verified: dict[bytes, bytes] = {}  # sha256(key) -> the stored hash it matched
+        self._lock = threading.Lock()
+
+    def __call__(self, authorization: str | None, client: str = "-") -> Principal:
+        self.limiter.check(client)
+        try:
+            return self._verify(authorization)
+        except AuthError:
+            self.limiter.fail(client)
+            raise
+
+    def _verify(self, authorization: str | None) -> Principal:
         if not authorization:
             raise AuthError("missing API key: send 'Authorization: Bearer <key>'")
         scheme, _, key = authorization.partition(" ")
-        if scheme.lower() != "bearer" or not key.strip():
-            raise AuthError("malformed Authorization header: expected 'Bearer <key>'")
         key = key.strip()
+        if scheme.lower() != "bearer" or not key or len(key) > 256:
+            raise AuthError("malformed Authorization header: expected 'Bearer <key>'")
+        parts = key.split("_", 2)
+        well_formed = len(parts) == 3 and parts[0] == "cdm"
+        row = self.db.get_key(parts[1]) if well_formed else None
+        salt, stored = (row["salt"], row["key_hash"]) if row is not None else (_DUMMY_SALT, _DUMMY_HASH)
         digest = hashlib.sha256(key.encode()).digest()
         with self._lock:
-            cached = self._cache.get(digest)
-        if cached is not None:
-            return cached
-        parts = key.split("_", 2)
-        row = self.db.get_key(parts[1]) if len(parts) == 3 and parts[0] == "cdm" else None
-        if row is None or not hmac.compare_digest(_hash(parts[2], row["salt"]), row["key_hash"]):
-            raise AuthError("invalid API key")
+            known = self._verified.get(digest)
+        if known is None or not hmac.compare_digest(known, stored):
+            ok = hmac.compare_digest(_hash(parts[2] if well_formed else key, salt), stored)
+            if not ok or row is None:
+                raise AuthError("invalid API key")
+            with self._lock:
+                self._verified[digest] = stored
+        if row["revoked_at"] is not None:
+            raise AuthError("API key revoked")
+        if row["expires_at"] is not None and row["expires_at"] <= time.time():
+            raise AuthError("API key expired")
         license = json.loads(row["license"])
-        principal = Principal(row["user"], row["role"], None if license is None else frozenset(license))
-        with self._lock:
-            self._cache[digest] = principal
-        return principal
+        return Principal(row["user"], row["role"], None if license is None else frozenset(license),
+                         row["key_id"], row["contributor_id"])

@@ -120,6 +120,8 @@ def cmd_sample(args) -> None:
 
 
 def cmd_keys(args) -> None:
+    import time
+
     from shards import ShardStore
 
     from .auth import create_key
@@ -135,21 +137,93 @@ def cmd_keys(args) -> None:
         print(f"demo admin key (all contributors, admin):  {admin}")
         print(f"demo user key (licensed for {','.join(subset)}): {user}")
         return
-    license = None if args.license == "all" else _csv(args.license)
-    if license is not None:
+    if args.keys_command == "list":
+        print(f"{'key id':14s} {'user':16s} {'role':11s} {'status':8s} {'expires':20s} licence")
+        now = time.time()
+        for k in db.list_keys():
+            status = ("revoked" if k["revoked_at"] else
+                      "expired" if k["expires_at"] and k["expires_at"] <= now else "active")
+            expires = (time.strftime("%Y-%m-%d %H:%M", time.gmtime(k["expires_at"]))
+                       if k["expires_at"] else "never")
+            licence = (f"acts for {k['contributor_id']}" if k["contributor_id"] else
+                       "all" if k["license"] is None else ",".join(k["license"]) or "-")
+            print(f"{k['key_id']:14s} {k['user'][:16]:16s} {k['role']:11s} {status:8s} "
+                  f"{expires:20s} {licence}")
+        return
+    if args.keys_command == "revoke":
+        if not db.revoke_key(args.key_id):
+            raise ValueError(f"no active key with id {args.key_id!r} (see cdm keys list)")
+        print(f"revoked {args.key_id}: refused from the next request, in every worker")
+        return
+    role = "admin" if args.admin else "contributor" if args.contributor else "user"
+    if args.contributor:
+        if args.license is not None:
+            raise ValueError("--contributor keys act for one contributor and generate with "
+                             "none: drop --license")
+        store.contributor(args.contributor)  # must be live
+        license = []
+    elif args.license is None:
+        raise ValueError("--license is required (comma-separated ids, or 'all')")
+    else:
+        license = None if args.license == "all" else _csv(args.license)
+    if license:
         unknown = sorted(set(license) - set(store.contributor_ids))
         if unknown:
             raise ValueError(f"--license names contributors not in the store: {', '.join(unknown)}")
-    key = create_key(db, args.user, license, role="admin" if args.admin else "user")
+    key = create_key(db, args.user, license, role=role, expires_days=args.expires,
+                     contributor_id=args.contributor)
     print(key)
     print("(shown once: only its hash is stored)", file=sys.stderr)
+
+
+def _cli_principal():
+    import getpass
+
+    from .auth import Principal
+
+    return Principal(f"cli:{getpass.getuser()}", "admin", None)
+
+
+def cmd_forget(args) -> None:
+    from shards.errors import StoreError
+
+    from .platform import Platform
+
+    platform = Platform(args.store, device=args.device, serve=False)
+    job = platform.forget(_cli_principal(), args.contributor_id)
+    print(f"excluded {args.contributor_id} (no request from now on uses it); purging ...")
+    platform.run_jobs()
+    done = platform.db.get_job(job["job_id"])
+    if done["status"] != "succeeded":
+        raise StoreError(f"purge job {job['job_id']} {done['status']}: {done['error']}")
+    result = done["result"]
+    print(f"forgot {args.contributor_id}: deleted {', '.join(result['deleted'])}; retrained "
+          f"{result['retrained']}; valuation entries dropped: {result['valuation_caches_dropped']}")
+    print(f"audit: data {result['data_hash'][:12]}, weights {result['weights_hash'][:12]} "
+          f"(job {job['job_id']})")
+
+
+def cmd_jobs(args) -> None:
+    from .platform import Platform
+
+    platform = Platform(args.store, device=args.device, serve=False)
+    if args.run:
+        ran = platform.run_jobs()
+        print(f"ran {ran} job(s) (queued, and any a crash interrupted)")
+    for job in platform.db.jobs()[-args.last:]:
+        cid = job["params"].get("contributor_id", "*")
+        print(f"{job['job_id']}  {job['kind']:6s} {cid:12s} {job['status']:10s} "
+              f"{job['error'] or ''}")
 
 
 def cmd_serve(args) -> None:
     from shards import ShardStore
 
     ShardStore.open(args.store)  # fail here, with a clear message, not inside bentoml
-    env = {**os.environ, "CDM_STORE": str(Path(args.store).resolve())}
+    if args.workers < 1:
+        raise ValueError(f"--workers={args.workers}; allowed: an integer >= 1")
+    env = {**os.environ, "CDM_STORE": str(Path(args.store).resolve()),
+           "CDM_WORKERS": str(args.workers)}
     bentoml = Path(sys.executable).with_name("bentoml")
     cmd = [str(bentoml), "serve", "service.app:CDMService", "--host", args.host,
            "--port", str(args.port), "--working-dir", str(Path(__file__).resolve().parent.parent)]
@@ -173,8 +247,20 @@ def cmd_value(args) -> None:
         monolith_steps=args.monolith_steps, finetune_steps=args.finetune_steps,
         subset_steps=args.subset_steps, retrain_steps=args.retrain_steps, aesthetic=aesthetic,
         ray_address=args.ray)
-    report, results = run_valuation(args.store, settings, heldout=args.heldout,
-                                    report_dir=args.report)
+    from shards import ShardStore
+
+    store = ShardStore.open(args.store)
+    # the admin lock: no forget's purge runs meanwhile (it would race the utility cache);
+    # exclusions still take effect at once, and a forgotten player voids the run
+    with store.admin_lock():
+        players = set(store.contributor_ids)
+        report, results = run_valuation(args.store, settings, heldout=args.heldout,
+                                        report_dir=args.report)
+        store.refresh()
+        gone = sorted(players - set(store.contributor_ids))
+    if gone:
+        raise ValueError(f"contributor(s) {', '.join(gone)} were forgotten during the valuation; "
+                         "nothing was recorded as credit; run it again")
     methods = list(results)
     print(f"{'contributor':12s}" + "".join(f"{m:>14s}" for m in methods))
     for c in report["players"]:
@@ -255,16 +341,40 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default=None)
     p.set_defaults(func=cmd_sample)
 
-    p = sub.add_parser("keys", help="create API keys (printed once; stored hashed)")
+    p = sub.add_parser("keys", help="create, list and revoke API keys (stored hashed)")
     keys = p.add_subparsers(dest="keys_command", required=True)
-    k = keys.add_parser("create", help="a key for one user")
+    k = keys.add_parser("create", help="a key for one user (printed once)")
     k.add_argument("--store", required=True)
     k.add_argument("--user", required=True)
-    k.add_argument("--license", required=True, help="comma-separated contributor ids, or 'all'")
+    k.add_argument("--license", default=None, help="comma-separated contributor ids, or 'all'")
     k.add_argument("--admin", action="store_true")
+    k.add_argument("--contributor", default=None, metavar="ID",
+                   help="a contributor key: sees its own credit and history, may forget itself")
+    k.add_argument("--expires", type=float, default=None, metavar="DAYS",
+                   help="refused after this many days (default: never)")
+    k = keys.add_parser("list", help="every key: id, user, role, status, expiry, licence")
+    k.add_argument("--store", required=True)
+    k = keys.add_parser("revoke", help="refuse a key from the next request on")
+    k.add_argument("key_id")
+    k.add_argument("--store", required=True)
     k = keys.add_parser("demo", help="a demo admin key and a demo user key for half the store")
     k.add_argument("--store", required=True)
     p.set_defaults(func=cmd_keys)
+
+    p = sub.add_parser("forget", help="forget a contributor now: exclude, delete everything "
+                       "derived from it, write the audit record")
+    p.add_argument("contributor_id")
+    p.add_argument("--store", required=True)
+    p.add_argument("--device", default=None)
+    p.set_defaults(func=cmd_forget)
+
+    p = sub.add_parser("jobs", help="list admin jobs; --run runs queued and interrupted ones")
+    p.add_argument("--store", required=True)
+    p.add_argument("--run", action="store_true",
+                   help="run queued jobs and recover those a crash interrupted, then list")
+    p.add_argument("--last", type=int, default=20)
+    p.add_argument("--device", default=None)
+    p.set_defaults(func=cmd_jobs)
 
     p = sub.add_parser("value", help="Shapley values of the contributors for a property")
     p.add_argument("--store", required=True)
@@ -304,6 +414,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--store", default=os.environ.get("CDM_STORE", "var/store"))
     p.add_argument("--port", type=int, default=3000)
     p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--workers", type=int, default=int(os.environ.get("CDM_WORKERS", "1")),
+                   help="worker processes; each checks the store before every request")
     p.set_defaults(func=cmd_serve)
     return parser
 

@@ -1,6 +1,8 @@
 """SQLite state of the service: API keys (hashed), the credit ledger, the forgetting
-audit log and background jobs. WAL journal with synchronous=FULL: a transaction that
-returned is on disk, so a request acknowledged with 200 survives a kill right after.
+audit log, background jobs, per-key spend and the requests in flight in every
+worker. WAL journal with synchronous=FULL: a transaction that returned is on disk,
+so a request acknowledged with 200 survives a kill right after. Every worker and
+replica of one store opens the same file; SQLite serialises their writes.
 """
 
 from __future__ import annotations
@@ -22,6 +24,8 @@ CREATE TABLE IF NOT EXISTS requests (
 CREATE TABLE IF NOT EXISTS credit (
     request_id TEXT NOT NULL REFERENCES requests(request_id), contributor_id TEXT NOT NULL,
     samples INTEGER NOT NULL, mass REAL NOT NULL, PRIMARY KEY (request_id, contributor_id));
+CREATE INDEX IF NOT EXISTS credit_by_contributor ON credit (contributor_id);
+CREATE INDEX IF NOT EXISTS requests_by_user ON requests (user, created_at);
 CREATE TABLE IF NOT EXISTS audit (
     id INTEGER PRIMARY KEY AUTOINCREMENT, at REAL NOT NULL, actor TEXT NOT NULL,
     action TEXT NOT NULL, contributor_id TEXT NOT NULL, details TEXT NOT NULL);
@@ -31,7 +35,16 @@ CREATE TABLE IF NOT EXISTS jobs (
 CREATE TABLE IF NOT EXISTS valuations (
     id INTEGER PRIMARY KEY AUTOINCREMENT, at REAL NOT NULL, property TEXT NOT NULL,
     method TEXT NOT NULL, values_json TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS spend (
+    key_id TEXT NOT NULL, at REAL NOT NULL, cost INTEGER NOT NULL);
+CREATE INDEX IF NOT EXISTS spend_by_key ON spend (key_id, at);
+CREATE TABLE IF NOT EXISTS inflight (
+    worker TEXT NOT NULL, seq INTEGER NOT NULL, generation INTEGER NOT NULL,
+    started_at REAL NOT NULL, PRIMARY KEY (worker, seq));
 """
+# columns added after the first release; added in place to older databases
+MIGRATIONS = {"keys": {"expires_at": "REAL", "revoked_at": "REAL", "contributor_id": "TEXT"},
+              "jobs": {"plan": "TEXT"}}
 
 
 class Database:
@@ -41,6 +54,12 @@ class Database:
         self.path = Path(path)
         self._local = threading.local()
         self._conn().executescript(SCHEMA)
+        with self._tx() as db:
+            for table, columns in MIGRATIONS.items():
+                have = {r["name"] for r in db.execute(f"PRAGMA table_info({table})")}
+                for name, kind in columns.items():
+                    if name not in have:
+                        db.execute(f"ALTER TABLE {table} ADD COLUMN {name} {kind}")
 
     def _conn(self) -> sqlite3.Connection:
         conn = getattr(self._local, "conn", None)
@@ -48,6 +67,7 @@ class Database:
             conn = sqlite3.connect(self.path, timeout=30, isolation_level=None)
             conn.execute("PRAGMA journal_mode=WAL")
             conn.execute("PRAGMA synchronous=FULL")
+            conn.execute("PRAGMA busy_timeout=30000")
             conn.row_factory = sqlite3.Row
             self._local.conn = conn
         return conn
@@ -67,13 +87,30 @@ class Database:
 
     # ------------------------------------------------------------------ keys
     def insert_key(self, key_id: str, user: str, role: str, license: list[str] | None,
-                   salt: bytes, key_hash: bytes) -> None:
+                   salt: bytes, key_hash: bytes, expires_at: float | None = None,
+                   contributor_id: str | None = None) -> None:
         with self._tx() as db:
-            db.execute("INSERT INTO keys VALUES (?, ?, ?, ?, ?, ?, ?)",
-                       (key_id, user, role, json.dumps(license), salt, key_hash, time.time()))
+            db.execute("INSERT INTO keys (key_id, user, role, license, salt, key_hash, created_at, "
+                       "expires_at, contributor_id) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                       (key_id, user, role, json.dumps(license), salt, key_hash, time.time(),
+                        expires_at, contributor_id))
 
     def get_key(self, key_id: str) -> sqlite3.Row | None:
         return self._conn().execute("SELECT * FROM keys WHERE key_id = ?", (key_id,)).fetchone()
+
+    def list_keys(self) -> list[dict]:
+        rows = self._conn().execute(
+            "SELECT key_id, user, role, license, contributor_id, created_at, expires_at, revoked_at "
+            "FROM keys ORDER BY created_at").fetchall()
+        return [{**dict(r), "license": json.loads(r["license"])} for r in rows]
+
+    def revoke_key(self, key_id: str) -> bool:
+        """Mark a key revoked (kept for the audit trail). Returns whether it existed
+        and was not already revoked."""
+        with self._tx() as db:
+            cur = db.execute("UPDATE keys SET revoked_at = ? WHERE key_id = ? AND revoked_at IS NULL",
+                             (time.time(), key_id))
+            return cur.rowcount == 1
 
     # ---------------------------------------------------------------- ledger
     def record_request(self, user: str, params: dict, contributors: list[str],
@@ -94,19 +131,49 @@ class Database:
         return self._conn().execute("SELECT * FROM requests WHERE request_id = ?",
                                     (request_id,)).fetchone()
 
-    def credit_totals(self) -> dict[str, dict[str, float]]:
-        rows = self._conn().execute(
-            "SELECT contributor_id, SUM(samples) AS samples, SUM(mass) AS mass "
-            "FROM credit GROUP BY contributor_id").fetchall()
+    def credit_totals(self, user: str | None = None) -> dict[str, dict[str, float]]:
+        """Samples and attribution mass per contributor, over every request or over
+        `user`'s requests only."""
+        sql = ("SELECT c.contributor_id, SUM(c.samples) AS samples, SUM(c.mass) AS mass "
+               "FROM credit c")
+        args: tuple = ()
+        if user is not None:
+            sql += " JOIN requests r ON r.request_id = c.request_id WHERE r.user = ?"
+            args = (user,)
+        rows = self._conn().execute(sql + " GROUP BY c.contributor_id", args).fetchall()
         return {r["contributor_id"]: {"samples": int(r["samples"]), "mass": float(r["mass"])}
                 for r in rows}
 
+    def history(self, user: str | None = None, contributor_id: str | None = None,
+                limit: int = 100, before: float | None = None) -> list[dict]:
+        """Newest first: a user's requests (with their contributors), or the requests
+        that used a contributor (with its samples and mass, without the user)."""
+        before = time.time() + 1 if before is None else before
+        if contributor_id is not None:
+            rows = self._conn().execute(
+                "SELECT r.request_id, r.created_at, c.samples, c.mass FROM credit c "
+                "JOIN requests r ON r.request_id = c.request_id "
+                "WHERE c.contributor_id = ? AND r.created_at < ? "
+                "ORDER BY r.created_at DESC LIMIT ?", (contributor_id, before, limit)).fetchall()
+            return [dict(r) for r in rows]
+        sql, args = "SELECT * FROM requests WHERE created_at < ?", [before]
+        if user is not None:
+            sql, args = sql + " AND user = ?", [*args, user]
+        rows = self._conn().execute(sql + " ORDER BY created_at DESC LIMIT ?",
+                                    (*args, limit)).fetchall()
+        return [{"request_id": r["request_id"], "user": r["user"], "created_at": r["created_at"],
+                 "params": json.loads(r["params"]), "contributors": json.loads(r["contributors"])}
+                for r in rows]
+
     # ----------------------------------------------------------------- audit
-    def audit(self, actor: str, action: str, contributor_id: str, details: dict) -> None:
-        with self._tx() as db:
-            db.execute("INSERT INTO audit (at, actor, action, contributor_id, details) "
-                       "VALUES (?, ?, ?, ?, ?)",
-                       (time.time(), actor, action, contributor_id, json.dumps(details)))
+    def audit(self, actor: str, action: str, contributor_id: str, details: dict,
+              db: sqlite3.Connection | None = None) -> None:
+        if db is None:
+            with self._tx() as db:
+                return self.audit(actor, action, contributor_id, details, db)
+        db.execute("INSERT INTO audit (at, actor, action, contributor_id, details) "
+                   "VALUES (?, ?, ?, ?, ?)",
+                   (time.time(), actor, action, contributor_id, json.dumps(details)))
 
     def audit_log(self, contributor_id: str | None = None) -> list[dict]:
         sql, args = "SELECT * FROM audit", ()
@@ -115,23 +182,45 @@ class Database:
         return [{**dict(r), "details": json.loads(r["details"])}
                 for r in self._conn().execute(sql + " ORDER BY id", args)]
 
+    def has_audit(self, action: str, job_id: str) -> bool:
+        """Whether the job `job_id` already wrote its `action` record."""
+        return self._conn().execute(
+            "SELECT 1 FROM audit WHERE action = ? AND json_extract(details, '$.job_id') = ?",
+            (action, job_id)).fetchone() is not None
+
     # ------------------------------------------------------------------ jobs
-    def create_job(self, kind: str, actor: str, params: dict) -> str:
+    def create_job(self, kind: str, actor: str, params: dict,
+                   db: sqlite3.Connection | None = None) -> str:
+        if db is None:
+            with self._tx() as db:
+                return self.create_job(kind, actor, params, db)
         job_id = uuid.uuid4().hex
-        with self._tx() as db:
-            db.execute("INSERT INTO jobs (job_id, kind, actor, params, status, created_at) "
-                       "VALUES (?, ?, ?, ?, 'queued', ?)",
-                       (job_id, kind, actor, json.dumps(params), time.time()))
+        db.execute("INSERT INTO jobs (job_id, kind, actor, params, status, created_at) "
+                   "VALUES (?, ?, ?, ?, 'queued', ?)",
+                   (job_id, kind, actor, json.dumps(params), time.time()))
         return job_id
 
     def update_job(self, job_id: str, status: str, result: dict | None = None,
-                   error: str | None = None) -> None:
+                   error: str | None = None, db: sqlite3.Connection | None = None) -> None:
+        if db is None:
+            with self._tx() as db:
+                return self.update_job(job_id, status, result, error, db)
         finished = time.time() if status in ("succeeded", "failed") else None
+        db.execute("UPDATE jobs SET status = ?, result = ?, error = ?, finished_at = ? "
+                   "WHERE job_id = ?",
+                   (status, json.dumps(result) if result is not None else None, error,
+                    finished, job_id))
+
+    def set_job_plan(self, job_id: str, plan: dict) -> None:
+        """What a job is about to do, written before it does it (crash recovery)."""
         with self._tx() as db:
-            db.execute("UPDATE jobs SET status = ?, result = ?, error = ?, finished_at = ? "
-                       "WHERE job_id = ?",
-                       (status, json.dumps(result) if result is not None else None, error,
-                        finished, job_id))
+            db.execute("UPDATE jobs SET plan = ? WHERE job_id = ?", (json.dumps(plan), job_id))
+
+    def claim_job(self, job_id: str) -> bool:
+        """queued -> running; False if another runner took it first."""
+        with self._tx() as db:
+            return db.execute("UPDATE jobs SET status = 'running' WHERE job_id = ? AND "
+                              "status = 'queued'", (job_id,)).rowcount == 1
 
     def get_job(self, job_id: str) -> dict | None:
         row = self._conn().execute("SELECT * FROM jobs WHERE job_id = ?", (job_id,)).fetchone()
@@ -140,6 +229,7 @@ class Database:
         job = dict(row)
         job["params"] = json.loads(job["params"])
         job["result"] = json.loads(job["result"]) if job["result"] else None
+        job["plan"] = json.loads(job["plan"]) if job.get("plan") else None
         return job
 
     def jobs(self, statuses: tuple[str, ...] | None = None) -> list[dict]:
@@ -154,6 +244,46 @@ class Database:
     def interrupted_jobs(self) -> list[dict]:
         return self.jobs(("queued", "running"))
 
+    # ------------------------------------------------------- admission, spend
+    def admit(self, key_id: str, cost: int, per_minute: int | None, worker: str, seq: int,
+              generation: int) -> float | None:
+        """Charge `cost` to `key_id` and register request `seq` of `worker` as in
+        flight at store `generation`, in one transaction. Returns None, or the seconds
+        to wait when the key's spend over the last minute plus `cost` would pass
+        `per_minute` (nothing is charged then)."""
+        now = time.time()
+        with self._tx() as db:
+            if per_minute is not None:
+                rows = db.execute("SELECT at, cost FROM spend WHERE key_id = ? AND at > ? "
+                                  "ORDER BY at", (key_id, now - 60)).fetchall()
+                spent = sum(r["cost"] for r in rows)
+                if spent + cost > per_minute:
+                    # the earliest moment enough of the window's spend has expired
+                    need, freed = spent + cost - per_minute, 0
+                    for r in rows:
+                        freed += r["cost"]
+                        if freed >= need:
+                            return max(1.0, r["at"] + 60 - now)
+                    return 60.0
+                db.execute("DELETE FROM spend WHERE at <= ?", (now - 60,))
+                db.execute("INSERT INTO spend VALUES (?, ?, ?)", (key_id, now, cost))
+            db.execute("INSERT INTO inflight VALUES (?, ?, ?, ?)", (worker, seq, generation, now))
+        return None
+
+    def release(self, worker: str, seq: int) -> None:
+        with self._tx() as db:
+            db.execute("DELETE FROM inflight WHERE worker = ? AND seq = ?", (worker, seq))
+
+    def inflight_since(self, generation: int) -> list[dict]:
+        """Requests of any worker admitted at store generation <= `generation`."""
+        return [dict(r) for r in self._conn().execute(
+            "SELECT * FROM inflight WHERE generation <= ?", (generation,))]
+
+    def drop_inflight(self, workers: list[str]) -> None:
+        """Forget the in-flight rows of workers known to be dead."""
+        with self._tx() as db:
+            db.executemany("DELETE FROM inflight WHERE worker = ?", [(w,) for w in workers])
+
     # ------------------------------------------------------------ valuations
     def record_valuation(self, prop: str, method: str, values: dict) -> None:
         with self._tx() as db:
@@ -162,9 +292,9 @@ class Database:
 
     def drop_valuations(self, contributor_id: str) -> int:
         """Delete the recorded valuations that have a value for `contributor_id`."""
-        rows = self._conn().execute("SELECT id, values_json FROM valuations").fetchall()
-        ids = [r["id"] for r in rows if contributor_id in json.loads(r["values_json"])]
         with self._tx() as db:
+            rows = db.execute("SELECT id, values_json FROM valuations").fetchall()
+            ids = [r["id"] for r in rows if contributor_id in json.loads(r["values_json"])]
             db.executemany("DELETE FROM valuations WHERE id = ?", [(i,) for i in ids])
         return len(ids)
 

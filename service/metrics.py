@@ -1,17 +1,38 @@
 """Prometheus metrics of the service, in a private registry that the BentoML service
-appends to its own `/metrics` output (via its `__metrics__` hook)."""
+appends to its own `/metrics` output (via its `__metrics__` hook).
+
+Under `bentoml serve`, prometheus_client runs in multiprocess mode
+(PROMETHEUS_MULTIPROC_DIR): counters and histograms of every worker are written to
+shared files and BentoML's own output already holds them, summed over workers; only
+the families missing from that output (the live-callback gauges, which multiprocess
+mode cannot share) are appended, so no family is printed twice."""
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
 
 CACHE_STATS = {"capacity": "Shards the live sampler's cache can hold",
                "resident": "Shards now resident in the live sampler's cache",
                "hits": "Shard look-ups served from the cache since the live sampler was loaded",
                "misses": "Shard loads from disk since the live sampler was loaded",
                "evictions": "Shards evicted since the live sampler was loaded"}
+
+
+class _CacheCollector(Collector):
+    def __init__(self, stats: Callable[[], dict]):
+        self.stats = stats
+
+    def collect(self):
+        stats = self.stats()
+        for key, doc in CACHE_STATS.items():
+            family = GaugeMetricFamily(f"cdm_shard_cache_{key}", doc, labels=["worker"])
+            family.add_metric([str(os.getpid())], float(stats.get(key) or 0))
+            yield family
 
 
 class ServiceMetrics:
@@ -32,10 +53,10 @@ class ServiceMetrics:
                                     buckets=(1, 2, 4, 8, 16), registry=self.registry)
 
     def watch_shard_cache(self, stats: Callable[[], dict]) -> None:
-        """Expose `stats()` (the live sampler's `ShardBank.stats`) as gauges."""
-        for key, doc in CACHE_STATS.items():
-            gauge = Gauge(f"cdm_shard_cache_{key}", doc, registry=self.registry)
-            gauge.set_function(lambda key=key: float(stats().get(key) or 0))
+        """Expose `stats()` (this worker's `ShardBank.stats`) as gauges labelled with
+        the worker's pid. A collector, not `Gauge` objects: multiprocess mode would
+        write a Gauge to the shared files as 0 and print it beside the live value."""
+        self.registry.register(_CacheCollector(stats))
 
     def record_generation(self, contributors: list[str], attribution: dict[str, list[float]],
                           seconds: float) -> None:
@@ -45,5 +66,14 @@ class ServiceMetrics:
             self.samples.labels(contributor=c).inc(len(attribution[c]))
             self.attribution.labels(contributor=c).inc(sum(attribution[c]))
 
-    def exposition(self) -> str:
-        return generate_latest(self.registry).decode()
+    def exposition(self, already: str = "") -> str:
+        """This registry in the text format, without the families `already` has."""
+        present = {line.split()[2] for line in already.splitlines() if line.startswith("# TYPE ")}
+        out, keep = [], True
+        for line in generate_latest(self.registry).decode().splitlines(keepends=True):
+            if line.startswith("# HELP "):
+                name = line.split()[2]
+                keep = name not in present and name.removesuffix("_total") not in present
+            if keep:
+                out.append(line)
+        return "".join(out)

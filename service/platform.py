@@ -1,14 +1,31 @@
-"""The service's logic without HTTP: licensed generation, two-stage forgetting,
-contributor admission, attribution, credit and valuation jobs. `app.py` only adapts it to BentoML.
+"""The service's logic without HTTP: licensed generation, crash-safe forgetting,
+contributor admission, attribution, credit and valuation jobs. `app.py` only adapts
+it to BentoML; `cdm forget` and `cdm jobs` call it directly.
 
-Consistency: the live sampler and live set are swapped under a lock. A request takes
-a snapshot at its start, so a forget acknowledged before a request starts is never
-used by it, and a forget during a request does not disturb it: shards load lazily,
-so the purge first waits (up to PURGE_DRAIN_SECONDS) for the requests that started
-before the exclusion to finish, then deletes the files. Admin jobs (purge, add) run
-one at a time in a background thread; the job table is durable, and a purge
-interrupted by a crash is resumed at the next start from the store's own record of
-pending purges.
+Several workers (processes) and replicas may serve one store. Each checks the
+store's generation before every request (`ShardStore.refresh`, one stat) and
+reloads its sampler when the live set changed, so an exclusion acknowledged by any
+worker holds for every request that starts after the acknowledgement, in every
+worker. Requests in flight are registered in the shared SQLite file with the store
+generation they started at; a purge waits (up to PURGE_DRAIN_SECONDS) until no
+worker holds a request that started before the exclusion, then deletes the files.
+
+Admin jobs (purge, add, value) are rows in the jobs table. Every worker runs a job
+runner; a runner executes jobs only while holding the store's admin lock, so each
+job runs once, in one process, and a job found `running` by the lock's holder was
+orphaned by a crash: purges resume from their recorded plan and write any missing
+audit record, adds remove their partial files, valuations are marked failed.
+
+Forgetting, step by step (crash points in brackets; `CDM_CRASH_AT`):
+  1. job row `purge`, queued                         [forget:job-created]
+  2. exclusion in the manifest (the registry)        [forget:excluded]
+  3. audit `exclude`; the request is acknowledged    [forget:acknowledged]
+  4. plan (the purge's audit record) on the job row  [purge:planned]
+  5. valuation caches, pruned bases and valuations dropped  [purge:caches-dropped]
+  6. shard, head, data and staging folders deleted   [purge:files-deleted]
+  7. exclusion record dropped from the manifest      [purge:committed]
+  8. audit `purge` and job `succeeded`, one transaction
+Recovery after a crash at any point finishes the work and writes the records.
 """
 
 from __future__ import annotations
@@ -16,9 +33,12 @@ from __future__ import annotations
 import base64
 import io
 import json
+import logging
+import os
+import socket
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,7 +46,7 @@ from PIL import Image
 
 from shards import ShardStore, load_contributor
 from shards.data import to_uint8
-from shards.errors import CDMError, UnknownContributorError
+from shards.errors import CDMError, StoreError, UnknownContributorError, crashpoint, short
 from shards.routing import Routing
 from shards.sampler import ComposedSampler, SampleOutput, SampleRequest
 from valuation.monolith import drop_pruned_bases
@@ -34,11 +54,50 @@ from valuation.result import ValuationResult
 from valuation.run import ValuationSettings, primary, run_valuation
 from valuation.utility import store_cache
 
-from .auth import ForbiddenError, KeyVerifier, Principal
+from .auth import ForbiddenError, KeyVerifier, Principal, RateLimitError
 from .db import Database
 from .metrics import ServiceMetrics
+from .paths import allowed_roots, resolve_data_folder
+from .scheduler import StepScheduler
 
+log = logging.getLogger("cdm")
 PURGE_DRAIN_SECONDS = 600.0
+
+
+def _env_int(name: str, default: int | None, low: int = 1) -> int | None:
+    raw = os.environ.get(name)
+    if raw is None or raw == "":
+        return default
+    if raw.lower() == "none":
+        return None
+    try:
+        value = int(raw)
+    except ValueError:
+        value = low - 1
+    if value < low:
+        raise ValueError(f"{name}={raw!r}; allowed: an integer >= {low}, or 'none'")
+    return value
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Per-request and per-key budgets, in images x steps. From the environment:
+    CDM_MAX_REQUEST_COST (default 64 x 500: the largest request the API accepts),
+    CDM_KEY_COST_PER_MINUTE (default 100000; 'none' for no limit), CDM_MAX_BATCH_ROWS
+    (images sampled in one batch, default 64), CDM_MAX_BATCH (requests per batch;
+    1 turns batching off)."""
+
+    request_cost: int = 64 * 500
+    key_cost_per_minute: int | None = 100_000
+    batch_rows: int = 64
+    batch_requests: int = 64
+
+    @classmethod
+    def from_env(cls) -> Limits:
+        return cls(_env_int("CDM_MAX_REQUEST_COST", cls.request_cost),
+                   _env_int("CDM_KEY_COST_PER_MINUTE", cls.key_cost_per_minute),
+                   _env_int("CDM_MAX_BATCH_ROWS", cls.batch_rows),
+                   _env_int("CDM_MAX_BATCH", cls.batch_requests))
 
 
 class NotFoundError(CDMError):
@@ -79,34 +138,74 @@ class GenerationJob:
     seconds: float = 0.0
 
 
-class Platform:
-    """One store, its SQLite state, the live sampler and a background job worker."""
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
-    def __init__(self, store_path: str | Path, device: str | None = None):
+
+class Platform:
+    """One store, its SQLite state, this worker's sampler, step scheduler and job runner.
+
+    `serve=False` (the CLI) loads no sampler and starts no threads: call
+    `run_jobs()` to execute queued and orphaned jobs in the calling thread."""
+
+    def __init__(self, store_path: str | Path, device: str | None = None, serve: bool = True,
+                 limits: Limits | None = None):
         self.store = ShardStore.open(store_path)
         self.device = device
         self.db = Database(self.store.root / "service.db")
         self.verify = KeyVerifier(self.db)
         self.metrics = ServiceMetrics()
+        self.limits = limits or Limits.from_env()
+        self.data_roots = allowed_roots(self.store.root)
+        self.worker = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
         self._lock = threading.RLock()
-        self._drained = threading.Condition(self._lock)
-        self._inflight: set[int] = set()  # seq of each prepared, not yet sampled request
         self._seq = 0
-        self._sampler = self._load_sampler()
-        self.metrics.watch_shard_cache(lambda: self._sampler.bank.stats() if self._sampler else {})
-        self._jobs = ThreadPoolExecutor(max_workers=1, thread_name_prefix="cdm-job")
-        self._resume_after_crash()
+        self._sampler: ComposedSampler | None = None
+        self._sampler_key: tuple | None = None
+        self._wake = threading.Event()
+        self._closed = threading.Event()
+        self._scheduler = self._runner = None
+        if serve:
+            self._sync()
+            self.metrics.watch_shard_cache(lambda: self._sampler.bank.stats() if self._sampler else {})
+            self._scheduler = StepScheduler(self._start_batch, self._batch_key,
+                                            lambda job: job.request.n,
+                                            max_rows=self.limits.batch_rows,
+                                            max_jobs=self.limits.batch_requests,
+                                            on_batch=self._observe_batch)
+            self._runner = threading.Thread(target=self._job_loop, name="cdm-jobs", daemon=True)
+            self._wake.set()  # recover what a crash interrupted, now
+            self._runner.start()
 
-    def _load_sampler(self):
-        return self.store.load_sampler(self.device) if self.store.contributor_ids else None
+    def close(self) -> None:
+        """Stop the sampling thread and the job runner (a running job finishes first,
+        up to 10 s; anything later is recovered by the next start)."""
+        self._closed.set()
+        self._wake.set()
+        if self._scheduler is not None:
+            self._scheduler.close()
+        if self._runner is not None:
+            self._runner.join(timeout=10)
 
-    def _reload(self) -> None:
-        sampler = self._load_sampler()
+    # ------------------------------------------------------------ the registry
+    def _sync(self) -> ComposedSampler | None:
+        """Pick up other processes' changes to the store; reload the sampler when
+        the live set or the router changed. Returns the current sampler."""
         with self._lock:
-            self._sampler = sampler
-
-    def close(self, wait: bool = True) -> None:
-        self._jobs.shutdown(wait=wait)
+            self.store.refresh()
+            m = self.store.manifest
+            key = (tuple(self.store.contributor_ids), (m.get("classifier") or {}).get("version"))
+            if key != self._sampler_key:
+                self._sampler = (self.store.load_sampler(self.device)
+                                 if self.store.contributor_ids else None)
+                self._sampler_key = key
+            return self._sampler
 
     # ------------------------------------------------------------ generation
     def generate(self, principal: Principal, contributors: list[str] | None = None, n: int = 4,
@@ -118,31 +217,54 @@ class Platform:
         and per-sample attribution keyed by contributor id.
 
         Raises:
+            ValueError: bad arguments, or n x steps above the per-request limit (400).
             UnknownContributorError: a named contributor is not live (404).
             ForbiddenError: a named contributor is not licensed (403), or none is.
+            RateLimitError: the key's spend over the last minute (429).
             UnavailableError: no live contributor at all (503).
         """
         job = self.prepare_generation(principal, contributors, n, steps, seed, mode, scheduler,
                                       routing, top_k, mass)
-        [out] = self.sample_many([job])
-        if isinstance(out, Exception):
-            raise out
+        try:
+            if self._scheduler is not None:
+                out = self._scheduler.submit(job).result()
+            else:
+                [out] = self.sample_many([job])
+                if isinstance(out, Exception):
+                    raise out
+        finally:
+            self.release(job.seq)
         return self.finish_generation(job, out)
+
+    def submit(self, job: GenerationJob):
+        """The Future of a prepared job's output, from this worker's step scheduler."""
+        return self._scheduler.submit(job)
 
     def prepare_generation(self, principal: Principal, contributors: list[str] | None, n: int,
                            steps: int, seed: int, mode: str, scheduler: str,
                            routing: str | None = None, top_k: int | None = None,
                            mass: float | None = None) -> GenerationJob:
-        """Check licence, liveness and routing against a snapshot of the live sampler
-        (routing None: the default, dense for mode naive). The returned job counts as
-        in flight until `sample_many` has sampled it."""
+        """Check the request, charge the key, register the request as in flight, then
+        snapshot the registry (after registering: a purge that did not see this request
+        in flight ran after the snapshot, whose live set already excludes the forgotten).
+        The job counts as in flight until `release(job.seq)`."""
         route = Routing.parse(routing, top_k, mass, mode)
-        with self._lock:  # snapshot and in-flight registration in one critical section
-            sampler, live = self._sampler, set(self.store.contributor_ids)
+        cost = n * steps
+        if cost > self.limits.request_cost:
+            raise ValueError(f"n x steps = {cost} exceeds this server's per-request limit "
+                             f"{self.limits.request_cost} (CDM_MAX_REQUEST_COST)")
+        with self._lock:
             self._seq += 1
             seq = self._seq
-            self._inflight.add(seq)
+        wait = self.db.admit(principal.key_id or principal.user, cost,
+                             self.limits.key_cost_per_minute, self.worker, seq, self.store.generation)
+        if wait is not None:
+            raise RateLimitError(f"key of {principal.user!r} spent its {self.limits.key_cost_per_minute} "
+                                 "images x steps per minute (CDM_KEY_COST_PER_MINUTE)", wait)
         try:
+            with self._lock:
+                sampler = self._sync()
+                live = set(self.store.contributor_ids)
             return self._check_generation(principal, contributors, n, steps, seed, mode,
                                           scheduler, route, sampler, live, seq)
         except BaseException:
@@ -151,9 +273,7 @@ class Platform:
 
     def release(self, seq: int) -> None:
         """The request `seq` no longer holds its sampler snapshot (idempotent)."""
-        with self._drained:
-            self._inflight.discard(seq)
-            self._drained.notify_all()
+        self.db.release(self.worker, seq)
 
     def _check_generation(self, principal, contributors, n, steps, seed, mode, scheduler,
                           route, sampler, live, seq) -> GenerationJob:
@@ -165,7 +285,7 @@ class Platform:
                 raise ForbiddenError(f"key of {principal.user!r} is licensed for no live contributor")
         else:
             if len(set(contributors)) != len(contributors):
-                raise ValueError(f"contributors lists an id twice: {contributors}")
+                raise ValueError("contributors lists an id twice")
             unknown = sorted(set(contributors) - live)
             if unknown:
                 raise UnknownContributorError(unknown)
@@ -176,26 +296,40 @@ class Platform:
                              {"n": n, "steps": steps, "seed": seed, "mode": mode,
                               "scheduler": scheduler, **route.to_dict()}, route, seq)
 
+    @staticmethod
+    def _batch_key(job: GenerationJob) -> tuple:
+        p = job.params
+        return (id(job.sampler), p["steps"], p["scheduler"], p["mode"], job.routing)
+
+    @staticmethod
+    def _start_batch(jobs: list[GenerationJob]):
+        p = jobs[0].params
+        stepper = jobs[0].sampler.iter_batch([j.request for j in jobs], p["steps"],
+                                             p["scheduler"], p["mode"], routing=jobs[0].routing)
+        return stepper, p["steps"]
+
+    def _observe_batch(self, jobs: list[GenerationJob], seconds: float) -> None:
+        self.metrics.batch_size.observe(len(jobs))
+        for job in jobs:
+            job.seconds = seconds
+
     def sample_many(self, jobs: list[GenerationJob]) -> list[SampleOutput | Exception]:
-        """Sample several prepared jobs, batching those that share a sampler snapshot,
-        steps, scheduler and mode (a job's images do not depend on its batch)."""
+        """Sample prepared jobs in this thread, batching those that share a sampler
+        snapshot, steps, scheduler and mode (a job's images do not depend on its batch)."""
         self.metrics.batch_size.observe(len(jobs))
         outputs: list[SampleOutput | Exception | None] = [None] * len(jobs)
         groups: dict[tuple, list[int]] = {}
         for i, job in enumerate(jobs):
-            p = job.params
-            key = (id(job.sampler), p["steps"], p["scheduler"], p["mode"], job.routing)
-            groups.setdefault(key, []).append(i)
-        for (_, steps, scheduler, mode, routing), idx in groups.items():
+            groups.setdefault(self._batch_key(job), []).append(i)
+        for idx in groups.values():
             start = time.perf_counter()
             try:
-                outs = jobs[idx[0]].sampler.sample_batch([jobs[i].request for i in idx], steps,
-                                                         scheduler, mode, routing=routing)
+                outs = jobs[idx[0]].sampler.sample_batch(
+                    [jobs[i].request for i in idx], jobs[idx[0]].params["steps"],
+                    jobs[idx[0]].params["scheduler"], jobs[idx[0]].params["mode"],
+                    routing=jobs[idx[0]].routing)
             except Exception as err:  # reported to each request of the group
                 outs = [err] * len(idx)
-            finally:
-                for i in idx:
-                    self.release(jobs[i].seq)
             seconds = time.perf_counter() - start
             for i, out in zip(idx, outs, strict=True):
                 jobs[i].seconds = seconds
@@ -219,27 +353,87 @@ class Platform:
 
     # ------------------------------------------------------------ forgetting
     def forget(self, principal: Principal, contributor_id: str) -> dict:
-        """Exclude now (before returning), purge in the background. Returns the job."""
-        principal.require_admin()
-        with self._lock:
+        """Exclude now (durable and seen by every worker before returning), purge in
+        the background. An admin may forget anyone; a contributor key only its own
+        contributor (audited as a self-request). Returns the purge job.
+
+        Raises:
+            ForbiddenError: a user key, or a contributor key for someone else (403).
+            UnknownContributorError: not live (404).
+        """
+        if not principal.may_act_for(contributor_id):
+            raise ForbiddenError(f"key of {principal.user!r} may not forget {short(contributor_id)!r}")
+        self_request = principal.role == "contributor"
+        self.store.refresh()
+        self.store.contributor(contributor_id)  # 404 before any record is written
+        job_id = self.db.create_job("purge", principal.user, {"contributor_id": contributor_id,
+                                                              "self_request": self_request})
+        crashpoint("forget:job-created")
+        try:
             entry = self.store.exclude(contributor_id)
-            self.db.audit(principal.user, "exclude", contributor_id,
-                          {"data_hash": entry["data_hash"], "weights_hash": entry["weights_hash"]})
-            job_id = self.db.create_job("purge", principal.user, {"contributor_id": contributor_id})
-            barrier = self._seq  # requests up to this one may have started with the contributor
+        except CDMError as err:  # forgotten by someone else meanwhile
+            self.db.update_job(job_id, "failed", error=str(err))
+            raise
+        crashpoint("forget:excluded")
+        self.db.audit(principal.user, "exclude", contributor_id, self._exclude_details(
+            job_id, entry, self_request))
+        crashpoint("forget:acknowledged")
         self.metrics.forgets.inc()
-        self._jobs.submit(self._run_job, job_id, self._purge, principal.user, contributor_id, barrier)
+        self._wake.set()
         return {"job_id": job_id, "contributor_id": contributor_id, "excluded": True}
 
-    def _purge(self, actor: str, contributor_id: str, barrier: int | None = None) -> dict:
-        with self._drained:  # let requests that started before the exclusion finish
-            self._drained.wait_for(lambda: not any(s <= (barrier or 0) for s in self._inflight),
-                                   timeout=PURGE_DRAIN_SECONDS)
-        audit = self.store.purge(contributor_id, device=self.device)
-        self._reload()
-        audit["valuation_caches_dropped"] = self._drop_valuation_caches(contributor_id)
-        self.db.audit(actor, "purge", contributor_id, audit)
+    def _exclude_details(self, job_id: str, entry: dict, self_request: bool, **extra) -> dict:
+        return {"job_id": job_id, "data_hash": entry["data_hash"],
+                "weights_hash": entry["weights_hash"], "self_request": self_request,
+                "generation": self.store.generation, **extra}
+
+    def _purge(self, job: dict) -> dict:
+        """Steps 4-8 of forgetting; resumes from whatever a crash left."""
+        cid, job_id = job["params"]["contributor_id"], job["job_id"]
+        self_request = bool(job["params"].get("self_request"))
+        self.store.refresh()
+        if cid in self.store.manifest["contributors"]:
+            raise StoreError(f"interrupted before the exclusion: {cid!r} was not forgotten; "
+                             "send the forget request again")
+        excluded = self.store.manifest["excluded"].get(cid)
+        if excluded is not None:
+            if not self.db.has_audit("exclude", job_id):  # crashed between steps 2 and 3
+                self.db.audit(job["actor"], "exclude", cid, self._exclude_details(
+                    job_id, excluded, self_request, recovered=True))
+            plan = job.get("plan") or self.store.purge_plan(cid)
+            self.db.set_job_plan(job_id, plan)
+            crashpoint("purge:planned")
+            self._drain(excluded.get("generation"))
+            plan["valuation_caches_dropped"] = self._drop_valuation_caches(cid)
+            crashpoint("purge:caches-dropped")
+            audit = {**plan, **self.store.purge(cid, device=self.device)}
+            crashpoint("purge:committed")
+        elif job.get("plan"):  # the purge finished; the crash came before its record
+            audit = {**job["plan"], "recovered": True}
+        else:
+            raise StoreError(f"contributor {cid!r} is neither live nor being forgotten")
+        audit.update(job_id=job_id, self_request=self_request)
+        self._sync()
         return audit
+
+    def _drain(self, generation: int | None) -> None:
+        """Wait until no worker holds a request that started before the exclusion
+        committed at `generation` (at most PURGE_DRAIN_SECONDS)."""
+        if generation is None:
+            return
+        host = socket.gethostname()
+        deadline = time.monotonic() + PURGE_DRAIN_SECONDS
+        while time.monotonic() < deadline and not self._closed.is_set():
+            rows = self.db.inflight_since(generation - 1)
+            dead = {r["worker"] for r in rows if r["worker"].split(":")[0] == host
+                    and not _pid_alive(int(r["worker"].split(":")[1]))}
+            if dead:
+                self.db.drop_inflight(sorted(dead))
+            if not [r for r in rows if r["worker"] not in dead]:
+                return
+            time.sleep(0.05)
+        log.warning("purge: requests from before the exclusion still in flight after %.0f s",
+                    PURGE_DRAIN_SECONDS)
 
     def _drop_valuation_caches(self, contributor_id: str) -> int:
         """Delete every cached utility and pruned base whose numbers `contributor_id`'s
@@ -261,19 +455,33 @@ class Platform:
         settings = ValuationSettings(**{"methods": ("exact",), **settings})
         if settings.property == "aesthetic":
             raise ValueError("property 'aesthetic' needs local model paths: use `cdm value`")
+        if heldout is not None:
+            heldout = str(resolve_data_folder(heldout, self.data_roots))
+        self.store.refresh()
         if not self.store.contributor_ids:
             raise UnavailableError("no live contributor to value")
-        job_id = self.db.create_job("value", principal.user, {"property": settings.property,
-                                                              "methods": list(settings.methods)})
-        self._jobs.submit(self._run_job, job_id, self._value, principal.user, settings, heldout)
+        job_id = self.db.create_job("value", principal.user, {
+            "settings": {k: getattr(settings, k) for k in settings.__dataclass_fields__},
+            "heldout": heldout, "property": settings.property, "methods": list(settings.methods)})
+        self._wake.set()
         return {"job_id": job_id, "property": settings.property, "methods": list(settings.methods)}
 
-    def _value(self, actor: str, settings: ValuationSettings, heldout: str | None) -> dict:
-        report, results = run_valuation(self.store.root, settings, heldout=heldout,
-                                        progress=False)
+    def _value(self, job: dict) -> dict:
+        raw = dict(job["params"]["settings"])
+        raw["methods"] = tuple(raw["methods"])
+        settings = ValuationSettings(**raw)
+        players = set(self.store.contributor_ids)
+        report, results = run_valuation(self.store.root, settings,
+                                        heldout=job["params"].get("heldout"), progress=False)
+        self.store.refresh()
+        gone = sorted(players - set(self.store.contributor_ids))
+        if gone:  # recording would keep values of a forgotten contributor
+            raise StoreError(f"contributor(s) {', '.join(gone)} were forgotten during the "
+                             "valuation; nothing was recorded; run it again")
         record_primary(self.db, results)
-        self.db.audit(actor, "value", "*", {"property": settings.property,
-                                             "methods": list(settings.methods)})
+        self.db.audit(job["actor"], "value", "*", {"property": settings.property,
+                                                    "methods": list(settings.methods),
+                                                    "job_id": job["job_id"]})
         return {"property": settings.property, "players": report["players"],
                 "methods": {m: {k: r[k] for k in ("values", "stderr", "u_full", "u_empty",
                                                   "efficiency_gap", "seconds")}
@@ -282,84 +490,165 @@ class Platform:
 
     # ------------------------------------------------------------- admission
     def add_contributor(self, principal: Principal, folder: str, kind: str | None = None) -> dict:
-        """Validate the folder now (errors are immediate), train in the background."""
+        """Admin: validate the folder now (errors are immediate), train in the
+        background. `folder` must lie under one of the data roots (CDM_DATA_ROOTS)."""
         principal.require_admin()
-        data = load_contributor(folder)
+        path = resolve_data_folder(folder, self.data_roots)
+        data = load_contributor(path)
+        self.store.refresh()
         if data.contributor_id in self.store.contributor_ids:
             raise ValueError(f"contributor {data.contributor_id!r} is already live")
         job_id = self.db.create_job("add", principal.user,
-                                    {"folder": str(folder), "contributor_id": data.contributor_id})
-        self._jobs.submit(self._run_job, job_id, self._add, principal.user, data, kind)
+                                    {"folder": str(path), "contributor_id": data.contributor_id,
+                                     "data_hash": data.data_hash, "kind": kind})
+        self._wake.set()
         return {"job_id": job_id, "contributor_id": data.contributor_id}
 
-    def _add(self, actor: str, data, kind: str | None) -> dict:
-        entry = self.store.add(data, kind=kind, device=self.device, progress=False)
-        self._reload()
-        self.db.audit(actor, "add", data.contributor_id,
-                      {"data_hash": entry["data_hash"], "weights_hash": entry["weights_hash"]})
-        return {"contributor_id": data.contributor_id, "final_loss": entry["final_loss"]}
+    def _add(self, job: dict) -> dict:
+        params = job["params"]
+        data = load_contributor(params["folder"])
+        if data.data_hash != params["data_hash"]:
+            raise StoreError("the folder changed since the request was accepted; send it again")
+        entry = self.store.add(data, kind=params.get("kind"), device=self.device, progress=False)
+        crashpoint("add:committed")
+        self._sync()
+        return self._add_record(job, entry)
+
+    def _add_record(self, job: dict, entry: dict, **extra) -> dict:
+        self.db.audit(job["actor"], "add", entry["contributor_id"] if "contributor_id" in entry
+                      else job["params"]["contributor_id"],
+                      {"data_hash": entry["data_hash"], "weights_hash": entry["weights_hash"],
+                       "job_id": job["job_id"], **extra})
+        return {"contributor_id": job["params"]["contributor_id"], "final_loss": entry["final_loss"]}
 
     # ------------------------------------------------------------------ jobs
-    def _run_job(self, job_id: str, fn, *args) -> None:
-        self.db.update_job(job_id, "running")
+    def _job_loop(self) -> None:
+        while not self._closed.is_set():
+            self._wake.wait(timeout=1.0)
+            self._wake.clear()
+            try:
+                self.run_jobs()
+            except Exception:  # keep the runner alive; the job row says what failed
+                log.exception("job runner")
+
+    def run_jobs(self) -> int:
+        """Run orphaned and queued jobs, one at a time, under the store's admin lock
+        (one runner across every process). Returns how many ran."""
+        if not self.db.jobs(("queued", "running")) and not self.store.refresh() \
+                and not self.store.pending_purges:
+            return 0
+        ran = 0
+        with self.store.admin_lock():
+            for job in self.db.jobs(("running",)):  # the lock holder runs nothing else: orphans
+                self._run_job(job, recovering=True)
+                ran += 1
+            covered = {j["params"].get("contributor_id") for j in self.db.jobs(("queued",))
+                       if j["kind"] == "purge"}
+            for cid in sorted(set(self.store.pending_purges) - covered):  # no job row at all
+                self.db.create_job("purge", "system", {"contributor_id": cid})
+            for job in self.db.jobs(("queued",)):
+                if self._closed.is_set():
+                    break
+                if self.db.claim_job(job["job_id"]):
+                    self._run_job(job, recovering=False)
+                    ran += 1
+        return ran
+
+    def _run_job(self, job: dict, recovering: bool) -> None:
+        handlers = {"purge": self._purge, "add": self._add, "value": self._value}
         try:
-            result = fn(*args)
+            if recovering and job["kind"] == "value":
+                raise StoreError("interrupted by a restart")
+            if recovering and job["kind"] == "add":
+                result = self._recover_add(job)
+            else:
+                result = handlers[job["kind"]](job)
         except Exception as err:  # a failed job is reported through `job`, not raised
-            self.db.update_job(job_id, "failed", error=f"{type(err).__name__}: {err}")
+            log.warning("job %s (%s) failed: %s", job["job_id"], job["kind"], err)
+            self.db.update_job(job["job_id"], "failed", error=f"{type(err).__name__}: {err}")
+            return
+        if job["kind"] == "purge":
+            with self.db._tx() as tx:  # the record and the job's end in one transaction
+                if not self.db.has_audit("purge", job["job_id"]):
+                    self.db.audit(job["actor"], "purge", job["params"]["contributor_id"], result, tx)
+                self.db.update_job(job["job_id"], "succeeded", result=result, db=tx)
         else:
-            self.db.update_job(job_id, "succeeded", result=result)
+            self.db.update_job(job["job_id"], "succeeded", result=result)
+
+    def _recover_add(self, job: dict) -> dict:
+        """An add that a crash interrupted: done if the manifest names it (write the
+        missing record), else its partial files are deleted and the job fails."""
+        cid = job["params"]["contributor_id"]
+        self.store.refresh()
+        if cid in self.store.manifest["contributors"] and not self.db.has_audit("add", job["job_id"]):
+            return self._add_record(job, self.store.contributor(cid), recovered=True)
+        deleted = self.store.cleanup_orphans()
+        raise StoreError(f"interrupted by a restart; partial files removed: {deleted or 'none'}")
 
     def job(self, principal: Principal, job_id: str) -> dict:
-        principal.require_admin()
+        """A job, to an admin, or to the contributor key whose forgetting it is."""
         job = self.db.get_job(job_id)
-        if job is None:
-            raise NotFoundError(f"no job {job_id!r}")
+        if job is None or not (principal.is_admin or (
+                job["kind"] == "purge"
+                and principal.may_act_for(job["params"].get("contributor_id", "")))):
+            raise NotFoundError(f"no job {short(job_id)!r}")
+        job.pop("plan", None)
         return job
-
-    def _resume_after_crash(self) -> None:
-        """Jobs that were queued or running when the process died: purges resume
-        (the store still lists them as pending), additions are marked failed. An
-        exclusion whose job row was never written gets a new purge job."""
-        pending, covered = set(self.store.pending_purges), set()
-        for job in self.db.interrupted_jobs():
-            cid = job["params"].get("contributor_id")
-            if job["kind"] == "purge" and cid in pending and cid not in covered:
-                covered.add(cid)
-                self._jobs.submit(self._run_job, job["job_id"], self._purge, job["actor"], cid)
-            else:
-                self.db.update_job(job["job_id"], "failed", error="interrupted by a restart")
-        for cid in sorted(pending - covered):
-            job_id = self.db.create_job("purge", "system", {"contributor_id": cid})
-            self._jobs.submit(self._run_job, job_id, self._purge, "system", cid)
 
     # --------------------------------------------------------------- reading
     def contributors(self) -> list[dict]:
+        self.store.refresh()
+        entries = dict(self.store.manifest["contributors"])  # one snapshot: no 404 mid-list
         return [{"contributor_id": c, "images": e["images"], "kind": e["kind"],
-                 "added_at": e["added_at"]}
-                for c, e in ((c, self.store.contributor(c)) for c in self.store.contributor_ids)]
+                 "added_at": e["added_at"]} for c, e in sorted(entries.items())]
 
     def attribution(self, principal: Principal, request_id: str) -> dict:
         row = self.db.get_request(request_id)
-        if row is None:
-            raise NotFoundError(f"no request {request_id!r}")
-        if row["user"] != principal.user and not principal.is_admin:
-            raise ForbiddenError(f"request {request_id!r} belongs to another user")
+        if row is None or not (row["user"] == principal.user or principal.is_admin):
+            raise NotFoundError(f"no request {short(request_id)!r}")  # the same for others' ids
         return {"request_id": request_id, "user": row["user"], "created_at": row["created_at"],
                 "params": json.loads(row["params"]), "contributors": json.loads(row["contributors"]),
                 "attribution": json.loads(row["attribution"])}
 
-    def credit(self) -> dict:
+    def credit(self, principal: Principal) -> dict:
         """Per contributor: samples generated with it allowed, attribution mass, share
-        of all mass, and the latest Shapley values per property (once valued)."""
-        totals = self.db.credit_totals()
-        mass = sum(t["mass"] for t in totals.values()) or 1.0
+        of all mass, and the latest Shapley values per property (once valued).
+
+        An admin sees every contributor, forgotten ones included (they were used
+        before they left); a contributor key its own row; a user key its own usage
+        of the live contributors."""
+        self.store.refresh()
         live = set(self.store.contributor_ids)
+        if principal.role == "user":
+            totals = {c: t for c, t in self.db.credit_totals(principal.user).items() if c in live}
+        else:
+            totals = self.db.credit_totals()
+        mass = sum(t["mass"] for t in totals.values()) or 1.0
         rows = {c: {**t, "share": t["mass"] / mass, "live": c in live} for c, t in totals.items()}
-        for c in live - set(rows):
-            rows[c] = {"samples": 0, "mass": 0.0, "share": 0.0, "live": True}
+        if principal.role != "user":
+            for c in live - set(rows):
+                rows[c] = {"samples": 0, "mass": 0.0, "share": 0.0, "live": True}
         valuations = self.db.latest_valuations()
         for prop, val in valuations.items():
             for c, phi in val["values"].items():
                 if c in rows:
                     rows[c].setdefault("shapley", {})[prop] = phi
+        if principal.role == "contributor":
+            rows = {c: r for c, r in rows.items() if c == principal.contributor_id}
+            valuations = {p: {**v, "values": {c: x for c, x in v["values"].items()
+                                              if c == principal.contributor_id}}
+                          for p, v in valuations.items()}
+        elif principal.role == "user":
+            valuations = {}
         return {"contributors": dict(sorted(rows.items())), "valuations": valuations}
+
+    def history(self, principal: Principal, limit: int = 100, before: float | None = None) -> dict:
+        """Newest first: an admin's view of every request, a user's own requests, or
+        the requests that used a contributor key's contributor (its samples and
+        attribution mass; not who sent them)."""
+        if principal.role == "contributor":
+            rows = self.db.history(contributor_id=principal.contributor_id, limit=limit, before=before)
+        else:
+            rows = self.db.history(user=None if principal.is_admin else principal.user,
+                                   limit=limit, before=before)
+        return {"requests": rows}

@@ -136,12 +136,31 @@ class ComposedSampler:
         request = SampleRequest(None if contributors is None else tuple(contributors), n, seed)
         return self.sample_batch([request], steps, scheduler, mode, progress, routing)[0]
 
-    @torch.no_grad()
     def sample_batch(self, requests: list[SampleRequest], steps: int = 50, scheduler: str = "ddpm",
                      mode: str = "composed", progress: bool = False,
                      routing: Routing | None = None) -> list[SampleOutput]:
         """Sample several requests in one batch; output i equals `self(**requests[i])`
         up to float rounding."""
+        stepper = self.iter_batch(requests, steps, scheduler, mode, routing)
+        with tqdm(total=steps, desc="sample", disable=not progress, leave=False) as bar:
+            while True:
+                try:
+                    next(stepper)
+                except StopIteration as done:
+                    return done.value
+                bar.update(1)
+
+    def iter_batch(self, requests: list[SampleRequest], steps: int = 50, scheduler: str = "ddpm",
+                   mode: str = "composed", routing: Routing | None = None):
+        """`sample_batch` one denoising step at a time: a generator that yields after
+        each step (the number of steps done) and returns the outputs, so a caller can
+        interleave several batches (the service's step scheduler). Arguments are
+        checked at the first `next`."""
+        caller = torch.is_grad_enabled()
+        with torch.no_grad():
+            return (yield from self._iter_batch(requests, steps, scheduler, mode, routing, caller))
+
+    def _iter_batch(self, requests, steps, scheduler, mode, routing, caller_grad):
         routing = routing or Routing()
         if scheduler not in SCHEDULERS:
             raise ValueError(f"scheduler={scheduler!r}; allowed: {sorted(SCHEDULERS)}")
@@ -166,7 +185,7 @@ class ComposedSampler:
         log_prior = self.log_prior.to(device)
         alone = bool((allowed.sum(1) == 1).all())  # |S| = 1 everywhere: w = 1, no router needed
         w_sum = torch.zeros(batch, len(self.classifier_ids), device=device)
-        for t in tqdm(sched.timesteps, desc="sample", disable=not progress, leave=False):
+        for done, t in enumerate(sched.timesteps, 1):
             t_batch = t.to(device).expand(batch)
             # 2. w^S(x_t, t): masked, prior-corrected posterior (eq. 2) or uniform over S
             if mode == "composed" and not alone:
@@ -187,6 +206,9 @@ class ComposedSampler:
                 sched.step(eps[a:b], t, x[a:b], generator=g if scheduler == "ddpm" else None).prev_sample
                 for a, b, g in zip(chunks[:-1], chunks[1:], generators, strict=True)
             ])
+            if done < len(sched.timesteps):
+                with torch.set_grad_enabled(caller_grad):  # the caller's mode between steps
+                    yield done
         images = ((x.clamp(-1, 1) + 1) / 2).cpu()
         w_mean, w_last = (w_sum / len(sched.timesteps)).cpu(), w.cpu()
         outputs = []

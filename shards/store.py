@@ -456,7 +456,8 @@ class ShardStore:
             entry = self.contributor(contributor_id)
             m = copy.deepcopy(self.manifest)
             del m["contributors"][contributor_id]
-            m["excluded"][contributor_id] = {**entry, "excluded_at": _now()}
+            m["excluded"][contributor_id] = {**entry, "excluded_at": _now(),
+                                             "generation": self.generation + 1}
             self._commit(m)
         return entry
 

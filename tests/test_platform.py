@@ -67,12 +67,12 @@ def test_ledger_attribution_and_credit(platform):
     assert row is not None and row["user"] == "u"
     assert platform.attribution(user, out["request_id"])["attribution"] == out["attribution"]
     assert platform.attribution(admin, out["request_id"])["user"] == "u"
-    with pytest.raises(ForbiddenError):
+    with pytest.raises(NotFoundError):  # another user's request reads as no request at all
         platform.attribution(other, out["request_id"])
     with pytest.raises(NotFoundError):
         platform.attribution(user, "nope")
     platform.generate(other, n=2, steps=2, seed=0)
-    credit = platform.credit()["contributors"]
+    credit = platform.credit(admin)["contributors"]
     assert credit["a"]["samples"] == 4 and credit["c"]["samples"] == 2
     assert credit["a"]["mass"] == pytest.approx(sum(out["attribution"]["a"]))
     assert credit["c"]["mass"] == pytest.approx(2.0)
@@ -85,7 +85,7 @@ def test_ledger_attribution_and_credit(platform):
 def test_forget_excludes_before_returning_then_purges(platform):
     admin = principal(platform, "adm", None, "admin")
     user = principal(platform, "u", ["a", "b"])
-    with pytest.raises(ForbiddenError, match="not an admin"):
+    with pytest.raises(ForbiddenError, match="may not forget 'a'"):
         platform.forget(user, "a")
     job = platform.forget(admin, "b")
     # from the acknowledgement on, no request may use b
@@ -163,18 +163,20 @@ def test_generate_routing_options(platform):
         platform.generate(admin, n=1, steps=1, routing="topk", mass=1.5)
     with pytest.raises(ValueError, match="needs mode 'composed'"):
         platform.generate(admin, n=1, steps=1, mode="naive", routing="topk", top_k=1)
-    assert platform._inflight == set()  # every prepared request was released
-    # a prepared request that is never sampled (the dispatcher dropped it) is released
+    everyone = 10**9  # in flight at any generation
+    assert platform.db.inflight_since(everyone) == []  # every prepared request was released
+    # a prepared request that is never sampled (the client went away) is released
     job = platform.prepare_generation(admin, None, 1, 1, 0, "composed", "ddpm")
-    assert platform._inflight == {job.seq}
+    assert [r["seq"] for r in platform.db.inflight_since(everyone)] == [job.seq]
     platform.release(job.seq)
-    assert platform._inflight == set()
+    assert platform.db.inflight_since(everyone) == []
 
 
 def test_purge_resumes_after_a_crash(store_copy):
     store_copy.exclude("a")  # the process died after the exclusion, before the purge
     platform = Platform(store_copy.root, device="cpu")
     try:
+        wait_for_job(lambda: {"status": "succeeded" if platform.db.jobs() else "waiting"}, 30)
         [job] = platform.db.jobs()
         assert job["kind"] == "purge" and job["actor"] == "system"
         done = wait_for_job(lambda: platform.db.get_job(job["job_id"]))
@@ -201,7 +203,11 @@ def test_add_contributor_job(platform, data_dir, tmp_path):
 
 
 @pytest.fixture()
-def joint_platform(joint_copy):
+def joint_platform(joint_copy, heldout, monkeypatch):
+    import os
+
+    monkeypatch.setenv("CDM_DATA_ROOTS", os.pathsep.join([str(joint_copy.root.parent),
+                                                          str(heldout.parent)]))
     p = Platform(joint_copy.root, device="cpu")
     yield p
     p.close()
@@ -224,7 +230,7 @@ def test_value_job_feeds_credit_and_forget_drops_what_depends_on_the_contributor
     assert job["status"] == "succeeded", job
     exact = job["result"]["methods"]["exact"]
     assert exact["efficiency_gap"] <= 1e-9
-    credit = platform.credit()
+    credit = platform.credit(admin)
     assert credit["valuations"]["quality"]["method"] == "exact"
     assert credit["contributors"]["a"]["shapley"]["quality"] == exact["values"]["a"]
 
@@ -236,4 +242,4 @@ def test_value_job_feeds_credit_and_forget_drops_what_depends_on_the_contributor
     assert audit["details"]["valuation_caches_dropped"] == 8 + 7 + 4 + 1
     left = store_cache(platform.store).entries()
     assert left and all("c" not in e["depends_on"] for _, e in left)
-    assert "quality" not in platform.credit()["valuations"]
+    assert "quality" not in platform.credit(admin)["valuations"]

@@ -1,6 +1,7 @@
 """One real `cdm serve` (BentoML) subprocess on loopback: generate, forget, credit,
 and durability of an acknowledged request across a kill -9."""
 
+import contextlib
 import json
 import os
 import shutil
@@ -53,8 +54,8 @@ def wait_ready(port, proc, timeout=120):
     raise TimeoutError("cdm serve did not become ready")
 
 
-@pytest.fixture()
-def server(full_store, tmp_path):
+@contextlib.contextmanager
+def serving(full_store, tmp_path, workers=1):
     root = tmp_path / "store"
     shutil.copytree(full_store.root, root)
     keys = {}
@@ -66,7 +67,8 @@ def server(full_store, tmp_path):
     port = free_port()
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "BENTOML_DO_NOT_TRACK": "true"}
     log = open(tmp_path / "serve.log", "w")
-    proc = subprocess.Popen([CDM, "serve", "--store", str(root), "--port", str(port)], env=env,
+    proc = subprocess.Popen([CDM, "serve", "--store", str(root), "--port", str(port),
+                             "--workers", str(workers)], env=env,
                             stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     try:
         wait_ready(port, proc)
@@ -74,6 +76,12 @@ def server(full_store, tmp_path):
     finally:
         kill_tree(proc.pid)
         log.close()
+
+
+@pytest.fixture()
+def server(full_store, tmp_path):
+    with serving(full_store, tmp_path) as s:
+        yield s
 
 
 def test_real_server_generate_forget_credit_and_kill(server):
@@ -90,8 +98,15 @@ def test_real_server_generate_forget_credit_and_kill(server):
     assert done["status"] == "succeeded", done
     status, credit = post(port, "credit", keys["ann"], {})
     assert status == 200 and credit["contributors"]["a"]["samples"] == 3
-    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as r:
-        assert 'cdm_generated_samples_total{contributor="a"}' in r.read().decode()
+    with pytest.raises(urllib.error.HTTPError, match="401"):  # /metrics needs an admin key
+        urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5)
+    req = urllib.request.Request(f"http://127.0.0.1:{port}/metrics",
+                                 headers={"Authorization": f"Bearer {keys['root']}"})
+    with urllib.request.urlopen(req, timeout=5) as r:
+        text = r.read().decode()
+    assert 'cdm_generated_samples_total{contributor="a"}' in text
+    families = [line.split()[2] for line in text.splitlines() if line.startswith("# TYPE cdm_")]
+    assert families and len(families) == len(set(families)), families  # none printed twice
     # acknowledged with 200, then the whole server is killed at once
     status, last = post(port, "generate", keys["ann"], {"n": 1, "steps": 1, "seed": 3})
     assert status == 200
@@ -103,3 +118,45 @@ def test_real_server_generate_forget_credit_and_kill(server):
     row = Database(root / "service.db").get_request(last["request_id"])
     assert row is not None and json.loads(row["attribution"]) == last["attribution"]
     assert not (root / "shards" / "b").exists()
+
+
+def post_worker(port, endpoint, key, body):
+    """Like `post`, also returning the pid of the worker that answered."""
+    req = urllib.request.Request(f"http://127.0.0.1:{port}/{endpoint}", data=json.dumps(body).encode(),
+                                 headers={"Authorization": f"Bearer {key}",
+                                          "Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=120) as r:
+            return r.status, json.loads(r.read()), r.headers["x-cdm-worker"]
+    except urllib.error.HTTPError as err:
+        return err.code, json.loads(err.read()), err.headers.get("x-cdm-worker")
+
+
+def test_two_workers_agree_on_a_forget_under_load(full_store, tmp_path):
+    from concurrent.futures import ThreadPoolExecutor
+
+    with serving(full_store, tmp_path, workers=2) as (port, keys, root, proc):
+        body = {"n": 1, "steps": 2}
+        with ThreadPoolExecutor(8) as pool:  # warm both workers up
+            warm = list(pool.map(lambda _: post_worker(port, "generate", keys["root"], body), range(16)))
+        assert all(s == 200 for s, _, _ in warm), warm
+        status, job, _ = post_worker(port, "forget", keys["root"], {"contributor_id": "b"})
+        assert status == 200
+        with ThreadPoolExecutor(8) as pool:
+            after = list(pool.map(lambda _: post_worker(port, "generate", keys["root"], body), range(40)))
+        assert all(s == 200 for s, _, _ in after), after
+        assert all("b" not in out["contributors"] for _, out, _ in after)
+        served = {w for _, _, w in warm + after}
+        assert len(served) == 2, served  # both workers answered
+        done = wait_for_job(lambda: post(port, "job", keys["root"], {"job_id": job["job_id"]})[1])
+        assert done["status"] == "succeeded", done
+        time.sleep(2)  # both job runners have looked at the queue since
+        audit = [e["action"] for e in Database(root / "service.db").audit_log("b")]
+        assert audit == ["exclude", "purge"]  # the purge ran once
+        status, out, _ = post_worker(port, "generate", keys["root"], {"contributors": ["b"], "n": 1, "steps": 1})
+        assert status == 404
+    from shards import ShardStore
+
+    store = ShardStore.open(root)
+    assert store.contributor_ids == ["a", "c"] and store.pending_purges == []
+    store.load_sampler("cpu")(None, n=1, steps=1)

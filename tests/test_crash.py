@@ -1,0 +1,94 @@
+"""kill -9 at every step boundary of forgetting and of adding a contributor: after
+recovery (`cdm jobs --run`, what every worker does at start) the store loads, the
+audit log holds the records, and nothing of a forgotten contributor is on disk."""
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from service.auth import Principal
+from service.db import Database
+from service.platform import Platform
+from shards import ShardStore
+
+CDM = str(Path(sys.executable).with_name("cdm"))
+FORGET_POINTS = ["forget:job-created", "forget:excluded", "forget:acknowledged", "purge:planned",
+                 "purge:caches-dropped", "purge:files-deleted", "purge:committed"]
+ADD_POINTS = ["add:shard-written", "add:committed"]
+ADMIN = Principal("root", "admin", None, "k")
+
+
+def cdm(*args, crash_at=None):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "BENTOML_DO_NOT_TRACK": "true"}
+    env.pop("CDM_CRASH_AT", None)
+    if crash_at:
+        env["CDM_CRASH_AT"] = crash_at
+    return subprocess.run([CDM, *args], capture_output=True, text=True, env=env, timeout=300)
+
+
+def traces(root: Path, cid: str) -> list[str]:
+    """Files or folders under the store named for `cid` (its shard, head, data, or a
+    staging folder of any of them)."""
+    return [str(p.relative_to(root)) for p in root.rglob("*")
+            if p.name == cid or cid in p.name.split(".")]
+
+
+@pytest.mark.parametrize("point", FORGET_POINTS)
+def test_forget_survives_kill_at(point, store_copy):
+    root = store_copy.root
+    entry = store_copy.contributor("b")
+    (root / "shards" / ".b.partial").mkdir()  # as an interrupted add of b would leave it
+    killed = cdm("forget", "b", "--store", str(root), crash_at=point)
+    assert killed.returncode == -9, killed.stderr[-2000:]
+    recovered = cdm("jobs", "--run", "--store", str(root))
+    assert recovered.returncode == 0, recovered.stderr[-2000:]
+    store = ShardStore.open(root)
+    store.load_sampler("cpu")(None, n=1, steps=1)  # the store loads and samples
+    db = Database(root / "service.db")
+    actions = [e["action"] for e in db.audit_log("b")]
+    if point == "forget:job-created":  # died before the exclusion: b was never forgotten
+        [job] = db.jobs()
+        assert job["status"] == "failed" and "send the forget request again" in job["error"]
+        assert "b" in store.contributor_ids and actions == []
+        again = cdm("forget", "b", "--store", str(root))
+        assert again.returncode == 0, again.stderr[-2000:]
+        actions = [e["action"] for e in db.audit_log("b")]
+        store.refresh()
+    assert actions == ["exclude", "purge"], actions
+    assert "b" not in store.contributor_ids and store.pending_purges == []
+    assert traces(root, "b") == []
+    purge = db.audit_log("b")[1]["details"]
+    assert purge["weights_hash"] == entry["weights_hash"] and purge["deleted"] == ["shards/b", "router/b"]
+    assert all(j["status"] in ("succeeded", "failed") for j in db.jobs())
+
+
+@pytest.mark.parametrize("point", ADD_POINTS)
+def test_add_survives_kill_at(point, store_copy, data_dir):
+    root = store_copy.root
+    folder = root.parent / "dora"
+    shutil.copytree(data_dir / "contributors" / "c", folder)
+    platform = Platform(root, device="cpu", serve=False)
+    job = platform.add_contributor(ADMIN, str(folder))
+    killed = cdm("jobs", "--run", "--store", str(root), crash_at=point)
+    assert killed.returncode == -9, killed.stderr[-2000:]
+    recovered = cdm("jobs", "--run", "--store", str(root))
+    assert recovered.returncode == 0, recovered.stderr[-2000:]
+    store = ShardStore.open(root)
+    db = Database(root / "service.db")
+    done = db.get_job(job["job_id"])
+    leftovers = [str(p.relative_to(root)) for p in root.rglob("*") if "dora" in p.name]
+    if point == "add:shard-written":  # before the manifest switch: nothing of it may stay
+        assert done["status"] == "failed" and "partial files removed" in done["error"]
+        assert "dora" not in store.contributor_ids and leftovers == []
+        assert db.audit_log("dora") == []
+    else:  # after the switch: the add stands, its missing record is written
+        assert done["status"] == "succeeded", done
+        assert "dora" in store.contributor_ids
+        [record] = db.audit_log("dora")
+        assert record["action"] == "add" and record["details"]["recovered"] is True
+        out = store.load_sampler("cpu")(["dora"], n=1, steps=1)
+        assert out.contributor_ids == ["dora"]

@@ -1,0 +1,91 @@
+"""Several workers and processes on one store: an exclusion acknowledged by one is
+honoured by the others for every request that starts after it, jobs run once, and
+concurrent writers never lose each other's changes."""
+
+import os
+import subprocess
+import sys
+import time
+
+import pytest
+from conftest import wait_for_job
+
+from service.auth import create_key
+from service.platform import Platform
+from shards import ShardStore
+from shards.errors import UnknownContributorError
+
+
+@pytest.fixture()
+def two_workers(store_copy):
+    workers = [Platform(store_copy.root, device="cpu") for _ in range(2)]
+    yield workers
+    for w in workers:
+        w.close()
+
+
+def test_forget_through_one_worker_holds_in_the_other(two_workers, data_dir):
+    one, two = two_workers
+    key = create_key(one.db, "root", None, role="admin")
+    admin_one, admin_two = one.verify(f"Bearer {key}"), two.verify(f"Bearer {key}")
+    assert two.generate(admin_two, n=1, steps=1)["contributors"] == ["a", "b", "c"]
+    job = one.forget(admin_one, "b")
+    # acknowledged by worker one: worker two's very next request does not use b
+    assert two.generate(admin_two, n=2, steps=2)["contributors"] == ["a", "c"]
+    with pytest.raises(UnknownContributorError):
+        two.generate(admin_two, contributors=["b"], n=1, steps=1)
+    with pytest.raises(UnknownContributorError):  # nor can worker two forget it again
+        two.forget(admin_two, "b")
+    done = wait_for_job(lambda: two.job(admin_two, job["job_id"]))
+    assert done["status"] == "succeeded", done
+    time.sleep(1.5)  # both runners have woken at least once since
+    assert [e["action"] for e in one.db.audit_log("b")] == ["exclude", "purge"]  # ran once
+    assert not (one.store.root / "shards" / "b").exists()
+    # an add through worker two is served by worker one
+    import shutil
+
+    shutil.copytree(data_dir / "contributors" / "c", one.store.root.parent / "dora")
+    added = two.add_contributor(admin_two, str(one.store.root.parent / "dora"))
+    assert wait_for_job(lambda: one.job(admin_one, added["job_id"]))["status"] == "succeeded"
+    assert one.generate(admin_one, contributors=["dora"], n=1, steps=1)["contributors"] == ["dora"]
+    assert ShardStore.open(one.store.root).contributor_ids == ["a", "c", "dora"]
+
+
+WRITER = """
+import sys, time
+from shards import ShardStore
+from shards.data import load_contributor
+root, action, cid, start = sys.argv[1], sys.argv[2], sys.argv[3], float(sys.argv[4])
+store = ShardStore.open(root)  # opened before the others write: a stale copy
+while time.time() < start:
+    time.sleep(0.005)
+if action == "forget":
+    store.exclude(cid)
+    store.purge(cid)
+elif action == "exclude":
+    store.exclude(cid)
+else:
+    store.add(load_contributor(cid), progress=False, device="cpu")
+"""
+
+
+def test_processes_writing_the_store_at_once_lose_nothing(store_copy, data_dir, tmp_path):
+    import shutil
+
+    root = store_copy.root
+    shutil.copytree(data_dir / "contributors" / "c", tmp_path / "dora")
+    before = store_copy.generation
+    start = time.time() + 8  # past every process's imports
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    procs = [subprocess.Popen([sys.executable, "-c", WRITER, str(root), action, cid, str(start)],
+                              env=env, stderr=subprocess.PIPE, text=True)
+             for action, cid in [("forget", "a"), ("exclude", "b"), ("add", str(tmp_path / "dora"))]]
+    for p in procs:
+        _, err = p.communicate(timeout=300)
+        assert p.returncode == 0, err[-2000:]
+    store = ShardStore.open(root)
+    assert store.contributor_ids == ["c", "dora"]
+    assert store.pending_purges == ["b"]
+    assert store.generation == before + 4  # exclude a, purge a, exclude b, add dora
+    assert not (root / "shards" / "a").exists() and (root / "shards" / "b").exists()
+    store.load_sampler("cpu")(None, n=1, steps=1)
