@@ -6,9 +6,9 @@ found; the exit status is schemathesis's.
 
 Every endpoint is fuzzed with an admin key except /value (a valid body starts a
 valuation job that can run for hours; its inputs are checked by the same gate and
-by tests/test_app.py). Server limits for the run: CDM_MAX_REQUEST_COST=256 (a
-larger generate is a documented 400, so fuzzing does not queue hours of sampling),
-no per-key spend limit, and CDM_AUTH_FAILURES_PER_MINUTE high enough that the
+by tests/test_app.py). Server limits for the run: CDM_MAX_N=4 and CDM_MAX_STEPS=8
+(the schema's bounds, so every schema-valid generate samples in under a second
+instead of queueing hours of sampling), no per-key spend limit, and CDM_AUTH_FAILURES_PER_MINUTE high enough that the
 fuzzer's own unauthenticated probes do not get its client rate limited.
 """
 
@@ -48,7 +48,7 @@ def server(store: Path, workdir: Path, workers: int = 1):
                          check=True).stdout.strip()
     port = free_port()
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "BENTOML_DO_NOT_TRACK": "true",
-           "CDM_MAX_REQUEST_COST": "256", "CDM_KEY_COST_PER_MINUTE": "none",
+           "CDM_MAX_N": "4", "CDM_MAX_STEPS": "8", "CDM_KEY_COST_PER_MINUTE": "none",
            "CDM_AUTH_FAILURES_PER_MINUTE": "1000000", "CDM_DATA_ROOTS": str(workdir)}
     log = open(workdir / "serve.log", "w")
     proc = subprocess.Popen([BIN / "cdm", "serve", "--store", root, "--port", str(port),
@@ -95,11 +95,14 @@ def main() -> int:
     out.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp, server(Path(args.store), Path(tmp)) as (port, key, _):
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/docs.json", timeout=10) as r:
+            (out / "openapi.json").write_bytes(r.read())
         code, text = fuzz(port, key, args.max_examples, args.seed, out / "events.ndjson")
         log = (Path(tmp) / "serve.log").read_text()
     seconds = time.perf_counter() - start
     tracebacks = log.count("Traceback (most recent call last)")
     lines = log.count("\n")
+    (out / "output.txt").write_text(text)
     print(text[-6000:])
     summary = {"command": " ".join(sys.argv), "max_examples": args.max_examples,
                "seed": args.seed, "exit_code": code, "seconds": round(seconds, 1),

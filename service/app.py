@@ -43,6 +43,10 @@ STATUS: list[tuple[type[Exception], int]] = [
     (StoreError, 409), (ValueError, 400),
 ]
 WORKERS = int(os.environ.get("CDM_WORKERS", "1") or 1)
+# the largest generate request the schema admits; n x steps above CDM_MAX_REQUEST_COST
+# (default: their product) is a 400 too
+MAX_N = int(os.environ.get("CDM_MAX_N", "64"))
+MAX_STEPS = int(os.environ.get("CDM_MAX_STEPS", "500"))
 MAX_BODY = 1 << 20  # bytes of JSON a request may send
 ContributorId = Field(pattern=r"^[a-z0-9][a-z0-9_-]{0,63}$")
 access_log = logging.getLogger("cdm.access")
@@ -53,19 +57,20 @@ class Strict(BaseModel):
 
 
 class GenerateInput(Strict):
-    contributors: list[Annotated[str, Field(max_length=64)]] | None = Field(None, min_length=1, max_length=256,
-                                           description="contributor ids; default: all licensed")
-    n: int = Field(4, ge=1, le=64, description="number of images")
-    steps: int = Field(50, ge=1, le=500, description="denoising steps")
+    contributors: list[Annotated[str, Field(max_length=64)]] | None = Field(
+        None, min_length=1, max_length=256, json_schema_extra={"uniqueItems": True},
+        description="distinct contributor ids; default: all licensed")
+    n: int = Field(4, ge=1, le=MAX_N, description="number of images (CDM_MAX_N)")
+    steps: int = Field(50, ge=1, le=MAX_STEPS, description="denoising steps (CDM_MAX_STEPS)")
     seed: int = Field(0, ge=0, le=2**63 - 1)
-    mode: Literal["composed", "naive"] = "composed"
     scheduler: Literal["ddpm", "ddim"] = "ddpm"
-    routing: Literal["dense", "topk"] | None = Field(
-        None, description="dense: every image on every contributor's shard; topk (default "
-                          "for mode composed): each image on its top shards only")
-    top_k: int | None = Field(None, ge=1, le=1024, description="topk: at most this many shards")
+    top_k: int | None = Field(None, ge=1, le=1024,
+                              description="each image on at most this many shards, by weight "
+                                          "(cut to the number of contributors used)")
     mass: float | None = Field(None, gt=0, le=1,
-                               description="topk: the fewest shards holding this much weight")
+                               description="each image on the fewest shards holding this much "
+                                           "weight; 1: every shard with weight (dense). "
+                                           "Neither given: top_k 3 with mass 0.9")
 
 
 class ForgetInput(Strict):
@@ -111,16 +116,34 @@ INPUTS = {"/generate": GenerateInput, "/forget": ForgetInput, "/job": JobInput,
           "/contributors": Empty, "/attribution": AttributionInput, "/credit": Empty,
           "/history": HistoryInput}
 # the statuses each endpoint can answer besides 200 (OpenAPI), all with ERROR_SCHEMA
-ERRORS = {"/generate": (400, 401, 403, 404, 409, 429, 503), "/forget": (400, 401, 403, 404, 409, 429),
-          "/job": (400, 401, 404, 429), "/add_contributor": (400, 401, 403, 409, 429),
-          "/value": (400, 401, 403, 409, 429, 503), "/contributors": (400, 401, 429),
-          "/attribution": (400, 401, 404, 429), "/credit": (400, 401, 429),
-          "/history": (400, 401, 429)}
+ERRORS = {"/generate": (400, 401, 403, 404, 409, 413, 415, 429, 503),
+          "/forget": (400, 401, 403, 404, 409, 413, 415, 429),
+          "/job": (400, 401, 404, 413, 415, 429),
+          "/add_contributor": (400, 401, 403, 404, 409, 413, 415, 429),
+          "/value": (400, 401, 403, 404, 409, 413, 415, 429, 503),
+          "/contributors": (400, 401, 413, 415, 429), "/attribution": (400, 401, 404, 413, 415, 429),
+          "/credit": (400, 401, 413, 415, 429), "/history": (400, 401, 413, 415, 429)}
 ERROR_SCHEMA = {"type": "object", "required": ["error"], "properties": {
     "error": {"type": "string"},
     "detail": {"type": "array", "items": {"type": "object", "properties": {
         "loc": {"type": "array", "items": {"type": ["string", "integer"]}},
         "msg": {"type": "string"}, "type": {"type": "string"}}}}}}
+
+
+def configure_logging() -> None:
+    """One JSON line per request on stderr (`cdm.access`), warnings of the service's
+    threads (`cdm`) with a timestamp. Called in each worker, after BentoML has set
+    up its own logging (which would otherwise disable or swallow these loggers)."""
+    for name, fmt in (("cdm.access", "%(message)s"),
+                      ("cdm", "%(asctime)s %(levelname)s %(name)s: %(message)s")):
+        logger = logging.getLogger(name)
+        logger.disabled = False
+        if not logger.handlers:
+            handler = logging.StreamHandler()
+            handler.setFormatter(logging.Formatter(fmt))
+            logger.addHandler(handler)
+        logger.setLevel(logging.INFO)
+        logger.propagate = False
 
 
 def status_for(err: Exception) -> int:
@@ -139,6 +162,7 @@ class Gate:
 
     def __init__(self, app):
         self.app = app
+        configure_logging()
         store = os.environ.get("CDM_STORE", "var/store")
         failures = int(os.environ.get("CDM_AUTH_FAILURES_PER_MINUTE", "20"))
         if failures < 1:
@@ -187,6 +211,10 @@ class Gate:
                 return await self.app(scope, receive, send_logged)
             if method != "POST":
                 return await self.app(scope, receive, send_logged)
+            kind = headers.get("content-type", "application/json").split(";")[0].strip().lower()
+            if kind != "application/json":
+                return await _json_response(415, {"error": "send the body as application/json"})(
+                    scope, receive, send_logged)
             body, error = await self._read_body(receive)
             if error is None:
                 error = self._validate(INPUTS[path], body)
@@ -224,6 +252,34 @@ class Gate:
             return 400, {"error": f"invalid request body: {len(detail)} error(s)", "detail": detail}
         return None
 
+    @staticmethod
+    def _openapi_30(node):
+        """Pydantic writes JSON Schema 2020-12; the document says OpenAPI 3.0: a
+        nullable field becomes `nullable: true`, a numeric exclusive bound becomes
+        `minimum`/`maximum` with a boolean `exclusive*`."""
+        if isinstance(node, list):
+            return [Gate._openapi_30(x) for x in node]
+        if not isinstance(node, dict):
+            return node
+        node = {k: Gate._openapi_30(v) for k, v in node.items()}
+        for key in ("anyOf", "oneOf"):
+            options = node.get(key)
+            if isinstance(options, list) and {"type": "null"} in options:
+                rest = [o for o in options if o != {"type": "null"}]
+                node.pop(key)
+                if len(rest) == 1:
+                    node.update(rest[0])
+                else:
+                    node[key] = rest
+                node["nullable"] = True
+        if "default" in node and node["default"] is None and "type" in node:
+            node["nullable"] = True
+        for bound, plain in (("exclusiveMinimum", "minimum"), ("exclusiveMaximum", "maximum")):
+            value = node.get(bound)
+            if isinstance(value, int | float) and not isinstance(value, bool):
+                node[plain], node[bound] = value, True
+        return node
+
     async def _openapi(self, scope, receive, send):
         """BentoML's OpenAPI document, with the bearer scheme on every endpoint and
         the error statuses each can answer."""
@@ -236,13 +292,16 @@ class Gate:
                 chunks.append(message.get("body", b""))
 
         await self.app(scope, receive, capture)
-        spec = json.loads(b"".join(chunks))
+        spec = self._openapi_30(json.loads(b"".join(chunks)))
         components = spec.setdefault("components", {})
         components.setdefault("securitySchemes", {})["bearer"] = {"type": "http", "scheme": "bearer"}
         components.setdefault("schemas", {})["Error"] = ERROR_SCHEMA
         for path, codes in ERRORS.items():
             for op in (spec.get("paths", {}).get(path) or {}).values():
                 op["security"] = [{"bearer": []}]
+                if "requestBody" in op:  # an absent body is "{}": required when fields are
+                    op["requestBody"]["required"] = any(
+                        f.is_required() for f in INPUTS[path].model_fields.values())
                 responses = {k: v for k, v in op.get("responses", {}).items() if k.startswith("2")}
                 for code in codes:
                     responses[str(code)] = {"description": _REASONS[code], "content": {
@@ -254,6 +313,7 @@ class Gate:
 _REASONS = {400: "Bad input", 401: "Missing, invalid, revoked or expired key",
             403: "The key lacks the right or the licence", 404: "Not found",
             409: "Conflicts with the store's state", 413: "Body too large",
+            415: "The body is not application/json",
             429: "Rate limited; see Retry-After", 503: "No live contributor"}
 
 
@@ -277,6 +337,7 @@ class CDMService:
         import torch
 
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // WORKERS))
+        configure_logging()
         self.platform = Platform(os.environ.get("CDM_STORE", "var/store"))
 
     @bentoml.on_shutdown

@@ -31,6 +31,7 @@ Recovery after a crash at any point finishes the work and writes the records.
 from __future__ import annotations
 
 import base64
+import dataclasses
 import io
 import json
 import logging
@@ -39,7 +40,6 @@ import socket
 import threading
 import time
 import uuid
-from dataclasses import dataclass
 from pathlib import Path
 
 from PIL import Image
@@ -79,7 +79,7 @@ def _env_int(name: str, default: int | None, low: int = 1) -> int | None:
     return value
 
 
-@dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True)
 class Limits:
     """Per-request and per-key budgets, in images x steps. From the environment:
     CDM_MAX_REQUEST_COST (default 64 x 500: the largest request the API accepts),
@@ -124,7 +124,7 @@ def record_primary(db: Database, results: dict) -> ValuationResult | None:
     return best
 
 
-@dataclass
+@dataclasses.dataclass
 class GenerationJob:
     """A generate request that passed its checks, bound to the sampler snapshot
     taken when it started."""
@@ -136,6 +136,7 @@ class GenerationJob:
     routing: Routing
     seq: int = 0
     seconds: float = 0.0
+    started: float = dataclasses.field(default_factory=time.perf_counter)
 
 
 def _pid_alive(pid: int) -> bool:
@@ -174,11 +175,10 @@ class Platform:
         if serve:
             self._sync()
             self.metrics.watch_shard_cache(lambda: self._sampler.bank.stats() if self._sampler else {})
-            self._scheduler = StepScheduler(self._start_batch, self._batch_key,
-                                            lambda job: job.request.n,
-                                            max_rows=self.limits.batch_rows,
+            self._scheduler = StepScheduler(self._open_batch, lambda job: job.request,
+                                            self._batch_key, max_rows=self.limits.batch_rows,
                                             max_jobs=self.limits.batch_requests,
-                                            on_batch=self._observe_batch)
+                                            on_done=self._observe)
             self._runner = threading.Thread(target=self._job_loop, name="cdm-jobs", daemon=True)
             self._wake.set()  # recover what a crash interrupted, now
             self._runner.start()
@@ -240,9 +240,9 @@ class Platform:
         """The Future of a prepared job's output, from this worker's step scheduler."""
         return self._scheduler.submit(job)
 
-    def prepare_generation(self, principal: Principal, contributors: list[str] | None, n: int,
-                           steps: int, seed: int, mode: str, scheduler: str,
-                           routing: str | None = None, top_k: int | None = None,
+    def prepare_generation(self, principal: Principal, contributors: list[str] | None = None,
+                           n: int = 4, steps: int = 50, seed: int = 0, mode: str = "composed",
+                           scheduler: str = "ddpm", routing: str | None = None, top_k: int | None = None,
                            mass: float | None = None) -> GenerationJob:
         """Check the request, charge the key, register the request as in flight, then
         snapshot the registry (after registering: a purge that did not see this request
@@ -291,6 +291,8 @@ class Platform:
                 raise UnknownContributorError(unknown)
             principal.check_license(contributors)
             allowed = sorted(contributors)
+        if route.top_k is not None and route.top_k > len(allowed):  # "at most k": all of S
+            route = dataclasses.replace(route, top_k=len(allowed))
         route.check_subset(len(allowed))
         return GenerationJob(principal, sampler, SampleRequest(tuple(allowed), n, seed),
                              {"n": n, "steps": steps, "seed": seed, "mode": mode,
@@ -302,16 +304,13 @@ class Platform:
         return (id(job.sampler), p["steps"], p["scheduler"], p["mode"], job.routing)
 
     @staticmethod
-    def _start_batch(jobs: list[GenerationJob]):
-        p = jobs[0].params
-        stepper = jobs[0].sampler.iter_batch([j.request for j in jobs], p["steps"],
-                                             p["scheduler"], p["mode"], routing=jobs[0].routing)
-        return stepper, p["steps"]
+    def _open_batch(job: GenerationJob):
+        p = job.params
+        return job.sampler.batch(p["steps"], p["scheduler"], p["mode"], job.routing)
 
-    def _observe_batch(self, jobs: list[GenerationJob], seconds: float) -> None:
-        self.metrics.batch_size.observe(len(jobs))
-        for job in jobs:
-            job.seconds = seconds
+    def _observe(self, job: GenerationJob, together: int) -> None:
+        job.seconds = time.perf_counter() - job.started
+        self.metrics.batch_size.observe(together)
 
     def sample_many(self, jobs: list[GenerationJob]) -> list[SampleOutput | Exception]:
         """Sample prepared jobs in this thread, batching those that share a sampler
@@ -456,7 +455,7 @@ class Platform:
         if settings.property == "aesthetic":
             raise ValueError("property 'aesthetic' needs local model paths: use `cdm value`")
         if heldout is not None:
-            heldout = str(resolve_data_folder(heldout, self.data_roots))
+            heldout = str(self._data_folder(heldout))
         self.store.refresh()
         if not self.store.contributor_ids:
             raise UnavailableError("no live contributor to value")
@@ -493,7 +492,7 @@ class Platform:
         """Admin: validate the folder now (errors are immediate), train in the
         background. `folder` must lie under one of the data roots (CDM_DATA_ROOTS)."""
         principal.require_admin()
-        path = resolve_data_folder(folder, self.data_roots)
+        path = self._data_folder(folder)
         data = load_contributor(path)
         self.store.refresh()
         if data.contributor_id in self.store.contributor_ids:
@@ -503,6 +502,14 @@ class Platform:
                                      "data_hash": data.data_hash, "kind": kind})
         self._wake.set()
         return {"job_id": job_id, "contributor_id": data.contributor_id}
+
+    def _data_folder(self, folder: str) -> Path:
+        """A folder a request names, under the data roots. A folder outside them, or
+        missing, is one 404 (a request cannot tell which of the two it was)."""
+        try:
+            return resolve_data_folder(folder, self.data_roots)
+        except ValueError as err:
+            raise NotFoundError(str(err)) from None
 
     def _add(self, job: dict) -> dict:
         params = job["params"]

@@ -1,14 +1,17 @@
-"""Step-level scheduling of generate requests (no head-of-line blocking).
+"""Step-level scheduling of generate requests: continuous batching, no head-of-line
+blocking.
 
-One sampling thread per worker owns the sampler. Requests that arrive together and
-agree on (sampler snapshot, steps, scheduler, mode, routing) become one batch (up to
-`max_rows` images and `max_jobs` requests); every batch is a `ComposedSampler.iter_batch` generator, and the
+One sampling thread per worker owns the sampler. A request joins a running
+`shards.sampler.Batch` that agrees on (sampler snapshot, steps, scheduler, mode,
+routing) and has room (`max_rows` images, `max_jobs` requests), between any two of
+its steps, or starts a new one; each request leaves its batch at its last step. The
 thread advances one batch by one denoising step at a time, always the batch with the
-least work left (images x steps remaining). So a small request waits for at most one
-step of a big one, not for the big one to finish; a batch that has not advanced for
-`starvation_s` seconds goes next, so a stream of small requests cannot stall a big
-one for ever. The gathering window is fixed (`gather_ms` after the first request
-reaches an idle thread), not learned, so it does not grow after slow batches.
+least work left (images x steps remaining), so a small request waits for at most one
+step of a big batch, not for the big batch to finish; a batch that has not advanced
+for `starvation_s` seconds goes next, so a stream of small requests cannot stall a
+big one for ever. Nothing is learned: a request waits for one step at most before it
+joins (and `gather_ms`, 5 ms, when it reaches an idle thread, so that requests sent
+together start together).
 """
 
 from __future__ import annotations
@@ -21,37 +24,31 @@ from dataclasses import dataclass, field
 
 
 @dataclass
-class _Batch:
-    jobs: list
-    futures: list[Future]
-    stepper: object
-    rows: int
-    steps: int
-    done: int = 0
+class _Active:
+    key: object
+    batch: object  # shards.sampler.Batch
+    jobs: int = 0
     last_step: float = field(default_factory=time.monotonic)
-    seconds: float = 0.0
-
-    @property
-    def remaining(self) -> int:
-        return self.rows * (self.steps - self.done)
 
 
 class StepScheduler:
-    """`submit(job)` returns a Future of the job's `SampleOutput`. `start` is a
-    function of a list of jobs returning a step generator (`iter_batch`);
-    `group_key(job)` says which jobs may share a batch; `rows(job)` its images."""
+    """`submit(job)` returns a Future of the job's `SampleOutput`.
 
-    def __init__(self, start: Callable, group_key: Callable, rows: Callable, max_rows: int = 64,
-                 max_jobs: int = 64, gather_ms: float = 5.0, starvation_s: float = 2.0,
-                 on_batch: Callable[[list, float], None] | None = None):
-        self._start, self._key, self._rows = start, group_key, rows
-        self.max_rows, self.max_jobs = max_rows, max_jobs
-        self.gather_s, self.starvation_s = gather_ms / 1000, starvation_s
-        self._on_batch = on_batch
+    `open_batch(job)` returns an empty `Batch` for the job's settings, `request(job)`
+    the job's `SampleRequest`, `group_key(job)` says which jobs may share a batch.
+    `on_done(job, batch_requests)` is called as each job finishes."""
+
+    def __init__(self, open_batch: Callable, request: Callable, group_key: Callable,
+                 max_rows: int = 64, max_jobs: int = 64, gather_ms: float = 5.0,
+                 starvation_s: float = 2.0, on_done: Callable | None = None):
         if max_rows < 1 or max_jobs < 1:
             raise ValueError(f"max_rows={max_rows}, max_jobs={max_jobs}; allowed: >= 1 each")
+        self._open, self._request, self._key = open_batch, request, group_key
+        self.max_rows, self.max_jobs = max_rows, max_jobs
+        self.gather_s, self.starvation_s = gather_ms / 1000, starvation_s
+        self._on_done = on_done
         self._queue: list[tuple[object, Future]] = []
-        self._active: list[_Batch] = []
+        self._active: list[_Active] = []
         self._cond = threading.Condition()
         self._closed = False
         self._thread = threading.Thread(target=self._loop, name="cdm-sampler", daemon=True)
@@ -74,10 +71,10 @@ class StepScheduler:
 
     @property
     def load(self) -> dict:
-        """Queued requests, active batches and images x steps of work left."""
+        """Queued requests, active batches, and images x steps of work left."""
         with self._cond:
             return {"queued": len(self._queue), "batches": len(self._active),
-                    "work": sum(b.remaining for b in self._active)}
+                    "work": sum(a.batch.remaining for a in self._active)}
 
     # ----------------------------------------------------------------- thread
     def _loop(self) -> None:
@@ -92,68 +89,48 @@ class StepScheduler:
                 time.sleep(self.gather_s)  # let requests sent together arrive together
             with self._cond:
                 arrived, self._queue = self._queue, []
-            self._admit(arrived)
+            for job, future in arrived:
+                if future.set_running_or_notify_cancel():  # skip requests whose client left
+                    self._admit(job, future)
             if self._active:
                 self._advance(self._pick())
 
-    def _admit(self, arrived) -> None:
-        groups: dict = {}
-        for job, future in arrived:
-            if future.set_running_or_notify_cancel():
-                groups.setdefault(self._key(job), []).append((job, future))
-        for members in groups.values():
-            batch: list = []
-            for job, future in members:  # split a group into batches of <= max_rows images
-                full = len(batch) >= self.max_jobs or \
-                    sum(self._rows(j) for j, _ in batch) + self._rows(job) > self.max_rows
-                if batch and full:
-                    self._open(batch)
-                    batch = []
-                batch.append((job, future))
-            if batch:
-                self._open(batch)
-
-    def _open(self, members) -> None:
-        jobs = [j for j, _ in members]
-        futures = [f for _, f in members]
+    def _admit(self, job, future: Future) -> None:
+        key, request = self._key(job), self._request(job)
+        active = next((a for a in self._active if a.key == key and a.jobs < self.max_jobs
+                       and a.batch.rows + request.n <= self.max_rows), None)
         try:
-            stepper, steps = self._start(jobs)
-        except Exception as err:
-            for f in futures:
-                f.set_exception(err)
-            return
-        batch = _Batch(jobs, futures, stepper, sum(self._rows(j) for j in jobs), steps)
-        with self._cond:
-            self._active.append(batch)
+            if active is None:
+                active = _Active(key, self._open(job))
+                self._active.append(active)
+            active.batch.add(request, handle=(job, future))
+            active.jobs += 1
+        except Exception as err:  # bad request: reported to it alone
+            future.set_exception(err)
+            if active is not None and active.batch.rows == 0:
+                self._active.remove(active)
 
-    def _pick(self) -> _Batch:
+    def _pick(self) -> _Active:
         now = time.monotonic()
-        starved = [b for b in self._active if now - b.last_step >= self.starvation_s]
+        starved = [a for a in self._active if now - a.last_step >= self.starvation_s]
         if starved:
-            return min(starved, key=lambda b: b.last_step)
-        return min(self._active, key=lambda b: b.remaining)
+            return min(starved, key=lambda a: a.last_step)
+        return min(self._active, key=lambda a: a.batch.remaining)
 
-    def _advance(self, batch: _Batch) -> None:
-        start = time.perf_counter()
+    def _advance(self, active: _Active) -> None:
+        together = active.jobs
         try:
-            next(batch.stepper)
-        except StopIteration as done:
-            batch.seconds += time.perf_counter() - start
-            self._finish(batch, done.value, None)
+            finished = active.batch.step()
         except Exception as err:  # reported to every request of the batch
-            self._finish(batch, None, err)
-        else:
-            batch.seconds += time.perf_counter() - start
-            batch.done += 1
-            batch.last_step = time.monotonic()
-
-    def _finish(self, batch: _Batch, outputs, err) -> None:
-        with self._cond:
-            self._active.remove(batch)
-        if self._on_batch is not None:
-            self._on_batch(batch.jobs, batch.seconds)
-        for i, future in enumerate(batch.futures):
-            if err is not None:
-                future.set_exception(err)
-            else:
-                future.set_result(outputs[i])
+            for member in active.batch.members:
+                member.handle[1].set_exception(err)
+            self._active.remove(active)
+            return
+        active.last_step = time.monotonic()
+        for (job, future), output in finished:
+            active.jobs -= 1
+            if self._on_done is not None:
+                self._on_done(job, together)
+            future.set_result(output)
+        if active.batch.rows == 0:
+            self._active.remove(active)

@@ -21,10 +21,11 @@ routing evaluates every pair of S and is the reference.
 Per-sample attribution is the trajectory average of the full w^S (not the routed w~)
 over the sampling steps and the last step's w^S; each row sums to 1 over S.
 
-Several requests (each its own S, n and seed) can be sampled in one batch: every
-sample carries its own mask, every request its own generator, so a request's images
-do not depend on what it was batched with, up to float rounding (a shard's rows may
-run in a plain or a stacked pass depending on the batch; differences ~1e-6).
+Several requests (each its own S, n and seed) can be sampled in one `Batch`: every
+sample carries its own mask and timestep, every request its own generator, so a
+request's images do not depend on what it was batched with or when it joined, up to
+float rounding (a shard's rows may run in a plain or a stacked pass depending on the
+batch; differences ~1e-6).
 """
 
 from __future__ import annotations
@@ -153,66 +154,132 @@ class ComposedSampler:
     def iter_batch(self, requests: list[SampleRequest], steps: int = 50, scheduler: str = "ddpm",
                    mode: str = "composed", routing: Routing | None = None):
         """`sample_batch` one denoising step at a time: a generator that yields after
-        each step (the number of steps done) and returns the outputs, so a caller can
-        interleave several batches (the service's step scheduler). Arguments are
-        checked at the first `next`."""
-        caller = torch.is_grad_enabled()
-        with torch.no_grad():
-            return (yield from self._iter_batch(requests, steps, scheduler, mode, routing, caller))
+        each step but the last (the number of steps done) and returns the outputs."""
+        batch = self.batch(steps, scheduler, mode, routing)
+        for i, request in enumerate(requests):
+            batch.add(request, handle=i)
+        outputs: list[SampleOutput | None] = [None] * len(requests)
+        done = 0
+        while batch.rows:
+            for i, out in batch.step():
+                outputs[i] = out
+            done += 1
+            if batch.rows:
+                yield done
+        return outputs
 
-    def _iter_batch(self, requests, steps, scheduler, mode, routing, caller_grad):
-        routing = routing or Routing()
+    def batch(self, steps: int = 50, scheduler: str = "ddpm", mode: str = "composed",
+              routing: Routing | None = None) -> Batch:
+        """An empty `Batch`: requests join it at any step and leave when done."""
+        return Batch(self, steps, scheduler, mode, routing or Routing())
+
+
+@dataclass
+class _Member:
+    request: SampleRequest
+    handle: object
+    mask: torch.Tensor  # (K,) over router outputs
+    generator: torch.Generator
+    done: int = 0  # steps taken
+
+
+class Batch:
+    """Requests sampled together, each at its own step (continuous batching).
+
+    Every request shares (steps, scheduler, mode, routing) but may join between any
+    two steps: one step evaluates the router and the routed shards on every row of
+    every request at once, each row at its own request's timestep, then each
+    request's scheduler step runs with its own noise generator. A request's images
+    do not depend on when it joined or with whom it ran, up to float rounding.
+    """
+
+    def __init__(self, sampler: ComposedSampler, steps: int, scheduler: str, mode: str,
+                 routing: Routing):
         if scheduler not in SCHEDULERS:
             raise ValueError(f"scheduler={scheduler!r}; allowed: {sorted(SCHEDULERS)}")
         if mode not in MODES:
             raise ValueError(f"mode={mode!r}; allowed: {list(MODES)}")
         routing.check_mode(mode)
-        if steps < 1 or not requests or any(r.n < 1 for r in requests):
-            raise ValueError(f"n and steps must be >= 1, got n={[r.n for r in requests]}, steps={steps}")
-        device = self.device
-        masks = [self._mask(r.contributors) for r in requests]
-        for mask in masks:
-            routing.check_subset(int(mask.sum()))
-        allowed = torch.cat([m.expand(r.n, -1) for m, r in zip(masks, requests, strict=True)]).to(device)
-        chunks = np.cumsum([0] + [r.n for r in requests]).tolist()
-        sched = SCHEDULERS[scheduler].from_config(self.schedule_config)
-        sched.set_timesteps(steps)
-        # 1. x_T ~ N(0, I) from each request's own seed, whatever S is (common random numbers)
-        generators = [torch.Generator().manual_seed(r.seed) for r in requests]
-        x = torch.cat([torch.randn((r.n, *self.image_shape), generator=g)
-                       for r, g in zip(requests, generators, strict=True)]).to(device)
-        batch = x.shape[0]
-        log_prior = self.log_prior.to(device)
-        alone = bool((allowed.sum(1) == 1).all())  # |S| = 1 everywhere: w = 1, no router needed
-        w_sum = torch.zeros(batch, len(self.classifier_ids), device=device)
-        for done, t in enumerate(sched.timesteps, 1):
-            t_batch = t.to(device).expand(batch)
-            # 2. w^S(x_t, t): masked, prior-corrected posterior (eq. 2) or uniform over S
-            if mode == "composed" and not alone:
-                w = posterior_weights(self.router.log_ratios(x, t_batch), log_prior, allowed)
-            else:
-                w = allowed.float() / allowed.sum(1, keepdim=True)
-            w_sum += w
-            # 3. route: each sample keeps its shards R_b, weights renormalised (eq. 4)
-            routed = route(w, routing)
-            rows, cols = routed.nonzero(as_tuple=True)
-            # 4. eps_i(x_t, t) for every routed (sample, shard) pair, in one bank pass
-            eps_pairs = self.bank.evaluate(x[rows], t_batch[rows],
-                                           [self.classifier_ids[k] for k in cols.tolist()])
-            self.shard_rows += len(rows)
-            # 5. eps_S = sum_{i in R_b} w~_i eps_i (eq. 3), then x_{t-1} with each request's noise
-            eps = torch.zeros_like(x).index_add_(0, rows, eps_pairs * routed[rows, cols][:, None, None, None])
-            x = torch.cat([
-                sched.step(eps[a:b], t, x[a:b], generator=g if scheduler == "ddpm" else None).prev_sample
-                for a, b, g in zip(chunks[:-1], chunks[1:], generators, strict=True)
-            ])
-            if done < len(sched.timesteps):
-                with torch.set_grad_enabled(caller_grad):  # the caller's mode between steps
-                    yield done
-        images = ((x.clamp(-1, 1) + 1) / 2).cpu()
-        w_mean, w_last = (w_sum / len(sched.timesteps)).cpu(), w.cpu()
-        outputs = []
-        for mask, a, b in zip(masks, chunks[:-1], chunks[1:], strict=True):
-            sub = [c for c, m in zip(self.classifier_ids, mask.tolist(), strict=True) if m]
-            outputs.append(SampleOutput(images[a:b], sub, w_mean[a:b][:, mask], w_last[a:b][:, mask]))
-        return outputs
+        if steps < 1:
+            raise ValueError(f"steps must be >= 1, got {steps}")
+        self.sampler, self.steps, self.scheduler, self.mode, self.routing = (
+            sampler, steps, scheduler, mode, routing)
+        self.sched = SCHEDULERS[scheduler].from_config(sampler.schedule_config)
+        self.sched.set_timesteps(steps)
+        device, k = sampler.device, len(sampler.classifier_ids)
+        self.members: list[_Member] = []
+        self.x = torch.zeros((0, *sampler.image_shape), device=device)
+        self.allowed = torch.zeros((0, k), dtype=torch.bool, device=device)
+        self.w_sum = torch.zeros((0, k), device=device)
+
+    @property
+    def rows(self) -> int:
+        return int(self.x.shape[0])
+
+    @property
+    def remaining(self) -> int:
+        """Rows x steps still to run."""
+        return sum(m.request.n * (self.steps - m.done) for m in self.members)
+
+    def add(self, request: SampleRequest, handle: object = None) -> None:
+        """Join: x_T from the request's own seed (common random numbers, whatever S).
+
+        Raises:
+            ValueError: n < 1, empty contributors, top_k above |S|.
+            UnknownContributorError: a contributor the sampler does not hold.
+        """
+        if request.n < 1:
+            raise ValueError(f"n must be >= 1, got {request.n}")
+        mask = self.sampler._mask(request.contributors)
+        self.routing.check_subset(int(mask.sum()))
+        generator = torch.Generator().manual_seed(request.seed)
+        x = torch.randn((request.n, *self.sampler.image_shape), generator=generator)
+        device = self.x.device
+        self.members.append(_Member(request, handle, mask, generator))
+        self.x = torch.cat([self.x, x.to(device)])
+        self.allowed = torch.cat([self.allowed, mask.to(device).expand(request.n, -1)])
+        self.w_sum = torch.cat([self.w_sum, torch.zeros(request.n, self.w_sum.shape[1], device=device)])
+
+    @torch.no_grad()
+    def step(self) -> list[tuple[object, SampleOutput]]:
+        """One denoising step of every request; returns (handle, output) of those that
+        took their last step (and leave the batch)."""
+        s, x, device = self.sampler, self.x, self.x.device
+        timesteps = self.sched.timesteps
+        t_member = [timesteps[m.done] for m in self.members]
+        t_rows = torch.cat([t.reshape(1).expand(m.request.n)
+                            for t, m in zip(t_member, self.members, strict=True)]).to(device)
+        alone = bool((self.allowed.sum(1) == 1).all())  # |S| = 1 everywhere: w = 1, no router
+        # 2. w^S(x_t, t): masked, prior-corrected posterior (eq. 2) or uniform over S
+        if self.mode == "composed" and not alone:
+            w = posterior_weights(s.router.log_ratios(x, t_rows), s.log_prior.to(device), self.allowed)
+        else:
+            w = self.allowed.float() / self.allowed.sum(1, keepdim=True)
+        self.w_sum += w
+        # 3. route: each sample keeps its shards R_b, weights renormalised (eq. 4)
+        routed = route(w, self.routing)
+        rows, cols = routed.nonzero(as_tuple=True)
+        # 4. eps_i(x_t, t) for every routed (sample, shard) pair, in one bank pass
+        eps_pairs = s.bank.evaluate(x[rows], t_rows[rows], [s.classifier_ids[k] for k in cols.tolist()])
+        s.shard_rows += len(rows)
+        # 5. eps_S = sum_{i in R_b} w~_i eps_i (eq. 3), then x_{t-1} with each request's noise
+        eps = torch.zeros_like(x).index_add_(0, rows, eps_pairs * routed[rows, cols][:, None, None, None])
+        bounds = np.cumsum([0] + [m.request.n for m in self.members]).tolist()
+        ddpm = self.scheduler == "ddpm"
+        self.x = torch.cat([
+            self.sched.step(eps[a:b], t, x[a:b], generator=m.generator if ddpm else None).prev_sample
+            for a, b, t, m in zip(bounds[:-1], bounds[1:], t_member, self.members, strict=True)])
+        finished, keep = [], torch.ones(self.rows, dtype=torch.bool)
+        for a, b, m in zip(bounds[:-1], bounds[1:], self.members, strict=True):
+            m.done += 1
+            if m.done == self.steps:
+                images = ((self.x[a:b].clamp(-1, 1) + 1) / 2).cpu()
+                sub = [c for c, on in zip(s.classifier_ids, m.mask.tolist(), strict=True) if on]
+                w_mean = (self.w_sum[a:b] / self.steps).cpu()[:, m.mask]
+                finished.append((m.handle, SampleOutput(images, sub, w_mean, w[a:b].cpu()[:, m.mask])))
+                keep[a:b] = False
+        if finished:
+            keep_dev = keep.to(device)
+            self.members = [m for m in self.members if m.done < self.steps]
+            self.x, self.allowed, self.w_sum = self.x[keep_dev], self.allowed[keep_dev], self.w_sum[keep_dev]
+        return finished

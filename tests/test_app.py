@@ -98,7 +98,9 @@ def test_credit_and_contributors_payload(client):
     ({"n": 1, "colour": "red"}, "Extra inputs are not permitted"),
     ({"contributors": "a"}, "valid array"),
     ({"contributors": []}, "at least 1"),
-    ({"mode": "average"}, "composed"),
+    ({"mode": "naive"}, "Extra inputs are not permitted"),  # a baseline of the CLI only
+    ({"scheduler": "euler"}, "ddpm"),
+    ({"contributors": ["a"], "n": 1, "steps": 1, "mass": 0}, "greater than 0"),
     ({"steps": 0}, "greater than or equal to 1"),
 ])
 def test_bad_generate_inputs_are_400_with_a_message(client, body, fragment):
@@ -118,6 +120,12 @@ def test_errors_do_not_echo_big_inputs(client):
     assert r.status_code == 404 and len(r.content) < 2000, len(r.content)
     r = call(client, "attribution", "admin", {"request_id": "q" * 64})
     assert r.status_code == 404 and len(r.content) < 300
+
+
+def test_a_body_that_is_not_json_is_415(client):
+    r = client.post("/generate", content=b"n=1", headers={
+        **auth(client, "admin"), "Content-Type": "multipart/form-data"})
+    assert r.status_code == 415 and r.json() == {"error": "send the body as application/json"}
 
 
 def test_malformed_json_is_400(client):
@@ -211,7 +219,7 @@ def test_value_endpoint_matrix_and_inputs(client, heldout):
 def test_value_heldout_must_lie_under_the_data_roots(client):
     for folder in ("/", "/etc", "/proc"):
         r = call(client, "value", "admin", {"methods": ["exact"], "heldout": folder})
-        assert r.status_code == 400 and "outside the allowed data roots" in r.json()["error"]
+        assert r.status_code == 404 and "outside the allowed data roots" in r.json()["error"]
         assert "passwd" not in r.text
 
 

@@ -79,5 +79,28 @@ def test_bad_requests(sampler):
         sampler(None, n=1, steps=1, scheduler="euler")
     with pytest.raises(ValueError, match="mode='avg'"):
         sampler(None, n=1, steps=1, mode="avg")
-    with pytest.raises(ValueError, match="n and steps"):
+    with pytest.raises(ValueError, match="n must be >= 1"):
         sampler(None, n=0, steps=1)
+
+
+def test_a_request_joining_a_running_batch_gets_its_own_images(sampler):
+    """Continuous batching: requests join between steps, each row at its own timestep."""
+    from shards.sampler import SampleRequest
+
+    first, second = SampleRequest(None, 3, 1), SampleRequest(("a", "b"), 2, 7)
+    alone = [sampler.sample_batch([r], steps=6)[0] for r in (first, second)]
+    batch = sampler.batch(steps=6)
+    batch.add(first, handle="first")
+    done = {}
+    for step in range(12):
+        if step == 2:
+            batch.add(second, handle="second")  # joins at the first request's third step
+        done.update(dict(batch.step()))
+        if not batch.rows:
+            break
+    assert step == 7 and set(done) == {"first", "second"}
+    for out, ref in zip([done["first"], done["second"]], alone, strict=True):
+        assert out.contributor_ids == ref.contributor_ids
+        assert_close(out.images, ref.images)
+        assert_close(out.attribution_mean, ref.attribution_mean)
+        assert_close(out.attribution_last, ref.attribution_last)
