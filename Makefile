@@ -10,7 +10,7 @@ BIN    := $(VENV)/bin
 DATA   ?= var/demo-data
 STORE  ?= var/store
 
-.PHONY: install data store serve test lint bench scale value clean
+.PHONY: install data store serve test lint bench scale service-bench value clean
 
 # torch 2.13.0 first: it is a local CPU wheel; letting a dependency resolve torch
 # would pull several GB of CUDA packages.
@@ -52,6 +52,12 @@ bench: store
 # cost per image against the number of contributors (7, 32, 128), forget and add
 scale: install
 	$(BIN)/python benchmarks/scale.py --ns 7,32,128
+
+# the service under load (throughput, head-of-line blocking, a forget under load with
+# two workers) and schemathesis with every check; on an otherwise idle machine
+service-bench: store
+	$(BIN)/python benchmarks/service_load.py --store $(STORE)
+	$(BIN)/python benchmarks/fuzz.py --store $(STORE) --max-examples 200
 
 # Shapley values of the default store's contributors by every method, with a report
 # (benchmarks/results/valuation-quality/report.md); about an hour on 2 cores, most of

@@ -172,6 +172,7 @@ class Platform:
         self._wake = threading.Event()
         self._closed = threading.Event()
         self._scheduler = self._runner = None
+        self._swept = False
         if serve:
             self._sync()
             self.metrics.watch_shard_cache(lambda: self._sampler.bank.stats() if self._sampler else {})
@@ -541,6 +542,9 @@ class Platform:
     def run_jobs(self) -> int:
         """Run orphaned and queued jobs, one at a time, under the store's admin lock
         (one runner across every process). Returns how many ran."""
+        if not self._swept:  # once per process: folders of adds a crash interrupted
+            self.store.cleanup_orphans()
+            self._swept = True
         if not self.db.jobs(("queued", "running")) and not self.store.refresh() \
                 and not self.store.pending_purges:
             return 0

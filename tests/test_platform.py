@@ -243,3 +243,25 @@ def test_value_job_feeds_credit_and_forget_drops_what_depends_on_the_contributor
     left = store_cache(platform.store).entries()
     assert left and all("c" not in e["depends_on"] for _, e in left)
     assert "quality" not in platform.credit(admin)["valuations"]
+
+
+def test_cost_limits_per_request_and_per_key(store_copy):
+    from service.auth import RateLimitError
+    from service.platform import Limits
+
+    platform = Platform(store_copy.root, device="cpu",
+                        limits=Limits(request_cost=20, key_cost_per_minute=30))
+    try:
+        user = principal(platform, "u", None)
+        with pytest.raises(ValueError, match="exceeds this server's per-request limit 20"):
+            platform.generate(user, n=3, steps=7)
+        platform.generate(user, n=2, steps=10)  # 20
+        with pytest.raises(RateLimitError) as err:  # 20 + 20 > 30 within the minute
+            platform.generate(user, n=2, steps=10)
+        assert 1 <= err.value.retry_after <= 60
+        platform.generate(user, n=1, steps=10)  # 30: still within
+        other = principal(platform, "o", None)  # spend is per key
+        platform.generate(other, n=2, steps=10)
+        assert platform.db.inflight_since(10**9) == []  # refused requests hold nothing
+    finally:
+        platform.close()
