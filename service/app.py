@@ -126,7 +126,7 @@ ERRORS = {"/generate": (400, 401, 403, 404, 409, 413, 415, 429, 503),
 ERROR_SCHEMA = {"type": "object", "required": ["error"], "properties": {
     "error": {"type": "string"},
     "detail": {"type": "array", "items": {"type": "object", "properties": {
-        "loc": {"type": "array", "items": {"type": ["string", "integer"]}},
+        "loc": {"type": "array", "items": {"anyOf": [{"type": "string"}, {"type": "integer"}]}},
         "msg": {"type": "string"}, "type": {"type": "string"}}}}}}
 
 
@@ -220,7 +220,7 @@ class Gate:
                 error = self._validate(INPUTS[path], body)
             if error is not None:
                 return await _json_response(*error)(scope, receive, send_logged)
-            return await self.app(scope, _replay(body), send_logged)
+            return await self.app(scope, _replay(body, receive), send_logged)
         finally:
             access_log.info(json.dumps({
                 "request_id": request_id, "method": method, "path": short(path, 100),
@@ -317,18 +317,26 @@ _REASONS = {400: "Bad input", 401: "Missing, invalid, revoked or expired key",
             429: "Rate limited; see Retry-After", 503: "No live contributor"}
 
 
-def _replay(body: bytes):
+def _replay(body: bytes, receive):
+    """The body already read, then the client's own messages (a disconnect)."""
     sent = False
 
-    async def receive():
+    async def replay():
         nonlocal sent
         if not sent:
             sent = True
             return {"type": "http.request", "body": body, "more_body": False}
-        await asyncio.Event().wait()  # nothing more; wait for the response to finish
-        return {"type": "http.disconnect"}
+        return await receive()
 
-    return receive
+    return replay
+
+
+def _release_when_prepared(platform: Platform):
+    def callback(task: asyncio.Future) -> None:
+        if not task.cancelled() and task.exception() is None:
+            platform.release(task.result().seq)
+
+    return callback
 
 
 @bentoml.service(name="cdm", traffic={"timeout": 600}, workers=WORKERS)
@@ -375,11 +383,16 @@ class CDMService:
         never makes a small request wait for more than one step of a big one."""
         try:
             principal = self._principal(ctx)
-            job = await run_in_threadpool(self.platform.prepare_generation, principal, **kw)
+            prepared = asyncio.ensure_future(
+                run_in_threadpool(self.platform.prepare_generation, principal, **kw))
             try:
-                out = await asyncio.wrap_future(self.platform.submit(job))
-            finally:
-                await run_in_threadpool(self.platform.release, job.seq)
+                job = await asyncio.shield(prepared)
+            except asyncio.CancelledError:  # the client left: release what it registered
+                prepared.add_done_callback(_release_when_prepared(self.platform))
+                raise
+            # the scheduler releases the job when it leaves (a cancelled future that
+            # never started included); a running one finishes on its snapshot
+            out = await asyncio.wrap_future(self.platform.submit(job))
             return await run_in_threadpool(self.platform.finish_generation, job, out)
         except (CDMError, ValueError) as err:
             return self._error(ctx, err)

@@ -258,9 +258,11 @@ def cmd_value(args) -> None:
                                         report_dir=args.report)
         store.refresh()
         gone = sorted(players - set(store.contributor_ids))
-    if gone:
-        raise ValueError(f"contributor(s) {', '.join(gone)} were forgotten during the valuation; "
-                         "nothing was recorded as credit; run it again")
+        if gone:
+            raise ValueError(f"contributor(s) {', '.join(gone)} were forgotten during the "
+                             "valuation; nothing was recorded as credit; run it again")
+        # recorded before the lock is released: no purge can run in between
+        best = record_primary(Database(Path(args.store) / "service.db"), results)
     methods = list(results)
     print(f"{'contributor':12s}" + "".join(f"{m:>14s}" for m in methods))
     for c in report["players"]:
@@ -268,7 +270,6 @@ def cmd_value(args) -> None:
     print("seconds     " + "".join(f"{results[m].seconds:14.1f}" for m in methods))
     for pair, v in report["correlations"].items():
         print(f"{pair}: Pearson {v['pearson']:.3f}, Spearman {v['spearman']:.3f}")
-    best = record_primary(Database(Path(args.store) / "service.db"), results)
     if best is not None:
         print(f"recorded the {best.method} values as the store's latest {args.property} credit")
     if args.report:

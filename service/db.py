@@ -112,6 +112,13 @@ class Database:
                              (time.time(), key_id))
             return cur.rowcount == 1
 
+    def revoke_contributor_keys(self, contributor_id: str) -> int:
+        """Revoke the keys that act for `contributor_id` (it was forgotten: a later
+        contributor with the same id is someone else). Returns how many."""
+        with self._tx() as db:
+            return db.execute("UPDATE keys SET revoked_at = ? WHERE contributor_id = ? AND "
+                              "revoked_at IS NULL", (time.time(), contributor_id)).rowcount
+
     # ---------------------------------------------------------------- ledger
     def record_request(self, user: str, params: dict, contributors: list[str],
                        attribution: dict[str, list[float]]) -> str:
@@ -274,10 +281,12 @@ class Database:
         with self._tx() as db:
             db.execute("DELETE FROM inflight WHERE worker = ? AND seq = ?", (worker, seq))
 
-    def inflight_since(self, generation: int) -> list[dict]:
-        """Requests of any worker admitted at store generation <= `generation`."""
+    def inflight_since(self, generation: int, started_after: float = 0.0) -> list[dict]:
+        """Requests of any worker admitted at store generation <= `generation` and
+        started after `started_after` (older rows belong to requests past any timeout)."""
         return [dict(r) for r in self._conn().execute(
-            "SELECT * FROM inflight WHERE generation <= ?", (generation,))]
+            "SELECT * FROM inflight WHERE generation <= ? AND started_at > ?",
+            (generation, started_after))]
 
     def drop_inflight(self, workers: list[str]) -> None:
         """Forget the in-flight rows of workers known to be dead."""

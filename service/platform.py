@@ -62,20 +62,22 @@ from .scheduler import StepScheduler
 
 log = logging.getLogger("cdm")
 PURGE_DRAIN_SECONDS = 600.0
+PURGE_RETRY_SECONDS = 600.0  # a failed purge is retried (as a new job) after this long
+REQUEST_SECONDS = 600.0  # BentoML's traffic timeout: no request runs longer
 
 
-def _env_int(name: str, default: int | None, low: int = 1) -> int | None:
+def _env_int(name: str, default: int | None, low: int = 1, none: bool = False) -> int | None:
     raw = os.environ.get(name)
     if raw is None or raw == "":
         return default
-    if raw.lower() == "none":
+    if none and raw.lower() == "none":
         return None
     try:
         value = int(raw)
     except ValueError:
         value = low - 1
     if value < low:
-        raise ValueError(f"{name}={raw!r}; allowed: an integer >= {low}, or 'none'")
+        raise ValueError(f"{name}={raw!r}; allowed: an integer >= {low}" + (", or 'none'" * none))
     return value
 
 
@@ -95,9 +97,13 @@ class Limits:
     @classmethod
     def from_env(cls) -> Limits:
         return cls(_env_int("CDM_MAX_REQUEST_COST", cls.request_cost),
-                   _env_int("CDM_KEY_COST_PER_MINUTE", cls.key_cost_per_minute),
+                   _env_int("CDM_KEY_COST_PER_MINUTE", cls.key_cost_per_minute, none=True),
                    _env_int("CDM_MAX_BATCH_ROWS", cls.batch_rows),
                    _env_int("CDM_MAX_BATCH", cls.batch_requests))
+
+
+class Postponed(Exception):
+    """A job stops without finishing; it stays `running` and the next start resumes it."""
 
 
 class NotFoundError(CDMError):
@@ -179,7 +185,8 @@ class Platform:
             self._scheduler = StepScheduler(self._open_batch, lambda job: job.request,
                                             self._batch_key, max_rows=self.limits.batch_rows,
                                             max_jobs=self.limits.batch_requests,
-                                            on_done=self._observe)
+                                            on_done=self._observe,
+                                            on_leave=lambda job: self.release(job.seq))
             self._runner = threading.Thread(target=self._job_loop, name="cdm-jobs", daemon=True)
             self._wake.set()  # recover what a crash interrupted, now
             self._runner.start()
@@ -195,18 +202,23 @@ class Platform:
             self._runner.join(timeout=10)
 
     # ------------------------------------------------------------ the registry
-    def _sync(self) -> ComposedSampler | None:
+    def _sync(self) -> tuple[ComposedSampler | None, set[str]]:
         """Pick up other processes' changes to the store; reload the sampler when
-        the live set or the router changed. Returns the current sampler."""
+        any live contributor's weights or head, or the classifier, changed (a forget
+        then a re-add of the same id included). Returns the sampler and the live set,
+        from one manifest."""
         with self._lock:
             self.store.refresh()
             m = self.store.manifest
-            key = (tuple(self.store.contributor_ids), (m.get("classifier") or {}).get("version"))
+            live = dict(m["contributors"])
+            key = (tuple((c, e["weights_hash"], (e.get("head") or {}).get("weights_hash"))
+                         for c, e in sorted(live.items())),
+                   (m.get("classifier") or {}).get("weights_hash"))
             if key != self._sampler_key:
-                self._sampler = (self.store.load_sampler(self.device)
-                                 if self.store.contributor_ids else None)
+                self._sampler = None  # drop the old weights before loading the new
+                self._sampler = self.store.load_sampler(self.device) if live else None
                 self._sampler_key = key
-            return self._sampler
+            return self._sampler, set(live)
 
     # ------------------------------------------------------------ generation
     def generate(self, principal: Principal, contributors: list[str] | None = None, n: int = 4,
@@ -226,20 +238,25 @@ class Platform:
         """
         job = self.prepare_generation(principal, contributors, n, steps, seed, mode, scheduler,
                                       routing, top_k, mass)
-        try:
-            if self._scheduler is not None:
-                out = self._scheduler.submit(job).result()
-            else:
+        if self._scheduler is not None:  # it releases the job when the job leaves it
+            out = self._scheduler.submit(job).result()
+        else:
+            try:
                 [out] = self.sample_many([job])
-                if isinstance(out, Exception):
-                    raise out
-        finally:
-            self.release(job.seq)
+            finally:
+                self.release(job.seq)
+            if isinstance(out, Exception):
+                raise out
         return self.finish_generation(job, out)
 
     def submit(self, job: GenerationJob):
-        """The Future of a prepared job's output, from this worker's step scheduler."""
-        return self._scheduler.submit(job)
+        """The Future of a prepared job's output, from this worker's step scheduler,
+        which releases the job (`release`) when it leaves, whatever the outcome."""
+        try:
+            return self._scheduler.submit(job)
+        except BaseException:
+            self.release(job.seq)
+            raise
 
     def prepare_generation(self, principal: Principal, contributors: list[str] | None = None,
                            n: int = 4, steps: int = 50, seed: int = 0, mode: str = "composed",
@@ -263,9 +280,7 @@ class Platform:
             raise RateLimitError(f"key of {principal.user!r} spent its {self.limits.key_cost_per_minute} "
                                  "images x steps per minute (CDM_KEY_COST_PER_MINUTE)", wait)
         try:
-            with self._lock:
-                sampler = self._sync()
-                live = set(self.store.contributor_ids)
+            sampler, live = self._sync()
             return self._check_generation(principal, contributors, n, steps, seed, mode,
                                           scheduler, route, sampler, live, seq)
         except BaseException:
@@ -364,19 +379,15 @@ class Platform:
         if not principal.may_act_for(contributor_id):
             raise ForbiddenError(f"key of {principal.user!r} may not forget {short(contributor_id)!r}")
         self_request = principal.role == "contributor"
-        self.store.refresh()
-        self.store.contributor(contributor_id)  # 404 before any record is written
-        job_id = self.db.create_job("purge", principal.user, {"contributor_id": contributor_id,
-                                                              "self_request": self_request})
-        crashpoint("forget:job-created")
-        try:
+        # under the write lock, so a job runner never sees the exclusion without its job
+        with self.store.write_lock():
             entry = self.store.exclude(contributor_id)
-        except CDMError as err:  # forgotten by someone else meanwhile
-            self.db.update_job(job_id, "failed", error=str(err))
-            raise
-        crashpoint("forget:excluded")
-        self.db.audit(principal.user, "exclude", contributor_id, self._exclude_details(
-            job_id, entry, self_request))
+            crashpoint("forget:excluded")
+            with self.db._tx() as tx:  # the job and its audit record, together
+                job_id = self.db.create_job("purge", principal.user, {
+                    "contributor_id": contributor_id, "self_request": self_request}, tx)
+                self.db.audit(principal.user, "exclude", contributor_id, self._exclude_details(
+                    job_id, entry, self_request), tx)
         crashpoint("forget:acknowledged")
         self.metrics.forgets.inc()
         self._wake.set()
@@ -392,9 +403,6 @@ class Platform:
         cid, job_id = job["params"]["contributor_id"], job["job_id"]
         self_request = bool(job["params"].get("self_request"))
         self.store.refresh()
-        if cid in self.store.manifest["contributors"]:
-            raise StoreError(f"interrupted before the exclusion: {cid!r} was not forgotten; "
-                             "send the forget request again")
         excluded = self.store.manifest["excluded"].get(cid)
         if excluded is not None:
             if not self.db.has_audit("exclude", job_id):  # crashed between steps 2 and 3
@@ -409,10 +417,15 @@ class Platform:
             audit = {**plan, **self.store.purge(cid, device=self.device)}
             crashpoint("purge:committed")
         elif job.get("plan"):  # the purge finished; the crash came before its record
-            audit = {**job["plan"], "recovered": True}
+            audit = {"valuation_caches_dropped": None, **job["plan"], "recovered": True}
+        elif cid in self.store.manifest["contributors"]:
+            raise StoreError(f"{cid!r} was never excluded; send the forget request again")
         else:
             raise StoreError(f"contributor {cid!r} is neither live nor being forgotten")
         audit.update(job_id=job_id, self_request=self_request)
+        revoked = self.db.revoke_contributor_keys(cid)
+        if revoked:
+            audit["contributor_keys_revoked"] = revoked
         self._sync()
         return audit
 
@@ -424,7 +437,7 @@ class Platform:
         host = socket.gethostname()
         deadline = time.monotonic() + PURGE_DRAIN_SECONDS
         while time.monotonic() < deadline and not self._closed.is_set():
-            rows = self.db.inflight_since(generation - 1)
+            rows = self.db.inflight_since(generation - 1, time.time() - REQUEST_SECONDS)
             dead = {r["worker"] for r in rows if r["worker"].split(":")[0] == host
                     and not _pid_alive(int(r["worker"].split(":")[1]))}
             if dead:
@@ -432,6 +445,8 @@ class Platform:
             if not [r for r in rows if r["worker"] not in dead]:
                 return
             time.sleep(0.05)
+        if self._closed.is_set():  # shutting down: the next start resumes this purge
+            raise Postponed("shutting down while requests from before the exclusion run")
         log.warning("purge: requests from before the exclusion still in flight after %.0f s",
                     PURGE_DRAIN_SECONDS)
 
@@ -545,7 +560,10 @@ class Platform:
         if not self._swept:  # once per process: folders of adds a crash interrupted
             self.store.cleanup_orphans()
             self._swept = True
-        if not self.db.jobs(("queued", "running")) and not self.store.refresh() \
+        changed = self.store.refresh()
+        if changed and self._scheduler is not None:
+            self._sync()  # an idle worker drops a forgotten contributor's weights too
+        if not self.db.jobs(("queued", "running")) and not changed \
                 and not self.store.pending_purges:
             return 0
         ran = 0
@@ -553,10 +571,13 @@ class Platform:
             for job in self.db.jobs(("running",)):  # the lock holder runs nothing else: orphans
                 self._run_job(job, recovering=True)
                 ran += 1
-            covered = {j["params"].get("contributor_id") for j in self.db.jobs(("queued",))
-                       if j["kind"] == "purge"}
-            for cid in sorted(set(self.store.pending_purges) - covered):  # no job row at all
-                self.db.create_job("purge", "system", {"contributor_id": cid})
+            with self.store.write_lock():  # forget writes exclusion + job under it
+                recent = time.time() - PURGE_RETRY_SECONDS
+                covered = {j["params"].get("contributor_id") for j in self.db.jobs()
+                           if j["kind"] == "purge" and (j["status"] in ("queued", "running") or (
+                               j["status"] == "failed" and (j["finished_at"] or 0) > recent))}
+                for cid in sorted(set(self.store.pending_purges) - covered):  # crash: no job
+                    self.db.create_job("purge", "system", {"contributor_id": cid})
             for job in self.db.jobs(("queued",)):
                 if self._closed.is_set():
                     break
@@ -574,6 +595,9 @@ class Platform:
                 result = self._recover_add(job)
             else:
                 result = handlers[job["kind"]](job)
+        except Postponed as why:
+            log.warning("job %s (%s) postponed: %s", job["job_id"], job["kind"], why)
+            return
         except Exception as err:  # a failed job is reported through `job`, not raised
             log.warning("job %s (%s) failed: %s", job["job_id"], job["kind"], err)
             self.db.update_job(job["job_id"], "failed", error=f"{type(err).__name__}: {err}")
@@ -591,8 +615,11 @@ class Platform:
         missing record), else its partial files are deleted and the job fails."""
         cid = job["params"]["contributor_id"]
         self.store.refresh()
-        if cid in self.store.manifest["contributors"] and not self.db.has_audit("add", job["job_id"]):
-            return self._add_record(job, self.store.contributor(cid), recovered=True)
+        if cid in self.store.manifest["contributors"]:  # the add finished before the crash
+            entry = self.store.contributor(cid)
+            if self.db.has_audit("add", job["job_id"]):
+                return {"contributor_id": cid, "final_loss": entry["final_loss"]}
+            return self._add_record(job, entry, recovered=True)
         deleted = self.store.cleanup_orphans()
         raise StoreError(f"interrupted by a restart; partial files removed: {deleted or 'none'}")
 

@@ -36,17 +36,21 @@ class StepScheduler:
 
     `open_batch(job)` returns an empty `Batch` for the job's settings, `request(job)`
     the job's `SampleRequest`, `group_key(job)` says which jobs may share a batch.
-    `on_done(job, batch_requests)` is called as each job finishes."""
+    `on_done(job, batch_requests)` is called as each job finishes; `on_leave(job)`
+    whenever a job leaves the scheduler (finished, failed, or cancelled before it
+    started), after its last use of the sampler."""
 
     def __init__(self, open_batch: Callable, request: Callable, group_key: Callable,
                  max_rows: int = 64, max_jobs: int = 64, gather_ms: float = 5.0,
-                 starvation_s: float = 2.0, on_done: Callable | None = None):
+                 starvation_s: float = 2.0, on_done: Callable | None = None,
+                 on_leave: Callable | None = None):
         if max_rows < 1 or max_jobs < 1:
             raise ValueError(f"max_rows={max_rows}, max_jobs={max_jobs}; allowed: >= 1 each")
         self._open, self._request, self._key = open_batch, request, group_key
         self.max_rows, self.max_jobs = max_rows, max_jobs
         self.gather_s, self.starvation_s = gather_ms / 1000, starvation_s
         self._on_done = on_done
+        self._on_leave = on_leave or (lambda job: None)
         self._queue: list[tuple[object, Future]] = []
         self._active: list[_Active] = []
         self._cond = threading.Condition()
@@ -90,10 +94,32 @@ class StepScheduler:
             with self._cond:
                 arrived, self._queue = self._queue, []
             for job, future in arrived:
-                if future.set_running_or_notify_cancel():  # skip requests whose client left
+                if future.set_running_or_notify_cancel():
                     self._admit(job, future)
+                else:  # its client left before it started
+                    self._leave(job)
             if self._active:
-                self._advance(self._pick())
+                active = self._pick()
+                try:
+                    self._advance(active)
+                except Exception as err:  # never let the sampling thread die
+                    self._fail(active, err)
+
+    def _leave(self, job) -> None:
+        try:
+            self._on_leave(job)
+        except Exception:  # noqa: BLE001 - a bookkeeping failure must not stop sampling
+            pass
+
+    def _fail(self, active: _Active, err: Exception) -> None:
+        """Every request still in `active` gets `err`; the batch is dropped."""
+        if active in self._active:
+            self._active.remove(active)
+        for member in active.batch.members:
+            job, future = member.handle
+            self._leave(job)
+            if not future.done():
+                future.set_exception(err)
 
     def _admit(self, job, future: Future) -> None:
         key, request = self._key(job), self._request(job)
@@ -106,8 +132,9 @@ class StepScheduler:
             active.batch.add(request, handle=(job, future))
             active.jobs += 1
         except Exception as err:  # bad request: reported to it alone
+            self._leave(job)
             future.set_exception(err)
-            if active is not None and active.batch.rows == 0:
+            if active is not None and active.batch.rows == 0 and active in self._active:
                 self._active.remove(active)
 
     def _pick(self) -> _Active:
@@ -122,15 +149,18 @@ class StepScheduler:
         try:
             finished = active.batch.step()
         except Exception as err:  # reported to every request of the batch
-            for member in active.batch.members:
-                member.handle[1].set_exception(err)
-            self._active.remove(active)
+            self._fail(active, err)
             return
         active.last_step = time.monotonic()
         for (job, future), output in finished:
             active.jobs -= 1
+            self._leave(job)
             if self._on_done is not None:
-                self._on_done(job, together)
-            future.set_result(output)
+                try:
+                    self._on_done(job, together)
+                except Exception:  # noqa: BLE001 - metrics must not lose an answer
+                    pass
+            if not future.done():
+                future.set_result(output)
         if active.batch.rows == 0:
             self._active.remove(active)

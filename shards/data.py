@@ -118,7 +118,7 @@ def validate_contributor_id(contributor_id: str) -> str:
     Raises:
         DataError: naming the id, for anything else (path separators, dots, upper case).
     """
-    if not isinstance(contributor_id, str) or not CONTRIBUTOR_ID.match(contributor_id):
+    if not isinstance(contributor_id, str) or not CONTRIBUTOR_ID.fullmatch(contributor_id):
         raise DataError(
             f"invalid contributor id {contributor_id!r}: "
             "must match [a-z0-9][a-z0-9_-]{0,63}"

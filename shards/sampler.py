@@ -235,10 +235,11 @@ class Batch:
         generator = torch.Generator().manual_seed(request.seed)
         x = torch.randn((request.n, *self.sampler.image_shape), generator=generator)
         device = self.x.device
+        grown = (torch.cat([self.x, x.to(device)]),
+                 torch.cat([self.allowed, mask.to(device).expand(request.n, -1)]),
+                 torch.cat([self.w_sum, torch.zeros(request.n, self.w_sum.shape[1], device=device)]))
+        self.x, self.allowed, self.w_sum = grown  # all or nothing: a failure above changes none
         self.members.append(_Member(request, handle, mask, generator))
-        self.x = torch.cat([self.x, x.to(device)])
-        self.allowed = torch.cat([self.allowed, mask.to(device).expand(request.n, -1)])
-        self.w_sum = torch.cat([self.w_sum, torch.zeros(request.n, self.w_sum.shape[1], device=device)])
 
     @torch.no_grad()
     def step(self) -> list[tuple[object, SampleOutput]]:

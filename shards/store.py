@@ -136,15 +136,16 @@ class ShardStore:
         """Counts manifest writes: changes whenever any process changed the registry."""
         return int(self.manifest["generation"])
 
-    def refresh(self) -> bool:
+    def refresh(self, force: bool = False) -> bool:
         """Re-read the manifest if another process (or another ShardStore) replaced it
-        since this one last read or wrote it; one `stat` when nothing changed.
-        Returns whether it was re-read."""
+        since this one last read or wrote it; one `stat` when nothing changed
+        (`force`: re-read anyway, as every holder of a lock does). Returns whether it
+        was re-read."""
         try:
             st = os.stat(self.root / MANIFEST)
         except FileNotFoundError:
             raise StoreError(f"store {self.root} lost its {MANIFEST}") from None
-        if (st.st_ino, st.st_mtime_ns, st.st_size) == self._stamp:
+        if not force and (st.st_ino, st.st_mtime_ns, st.st_size) == self._stamp:
             return False
         with self._lock:
             self._set_manifest(*self._read(self.root))
@@ -157,7 +158,7 @@ class ShardStore:
         change to the manifest happens inside; reentrant within one thread. Held for
         milliseconds: training runs outside it."""
         with self._write_lock:
-            self.refresh()
+            self.refresh(force=True)
             yield self
 
     @contextlib.contextmanager
@@ -166,7 +167,7 @@ class ShardStore:
         across threads and processes; exclusions do not wait for it. Reentrant
         within one thread."""
         with self._admin_lock:
-            self.refresh()
+            self.refresh(force=True)
             yield self
 
     @property
@@ -539,6 +540,14 @@ class ShardStore:
                     if child.name.endswith(".partial") or child.name not in known:
                         shutil.rmtree(child, ignore_errors=True)
                         deleted.append(f"{folder}/{child.name}")
+            # a classifier version the manifest does not name (a crash between a new
+            # version's switch and the old one's deletion): it may have seen forgotten data
+            named = (self.manifest.get("classifier") or {}).get("path")
+            if (self.root / "classifier").is_dir():
+                for child in sorted((self.root / "classifier").iterdir()):
+                    if f"classifier/{child.name}" != named:
+                        shutil.rmtree(child, ignore_errors=True)
+                        deleted.append(f"classifier/{child.name}")
         return deleted
 
     def _train_classifier_from_scratch(self, device, progress) -> tuple[ShardClassifier, dict] | None:
@@ -615,6 +624,7 @@ class ShardStore:
                                       "contributor_ids": list(classifier.config.contributor_ids),
                                       "weights_hash": files_hash(self.root / path)}
         self._commit(manifest)
+        crashpoint("classifier:switched")
         if previous and previous["path"] != (manifest["classifier"] or {}).get("path"):
             shutil.rmtree(self.root / previous["path"], ignore_errors=True)
 

@@ -265,3 +265,20 @@ def test_cost_limits_per_request_and_per_key(store_copy):
         assert platform.db.inflight_since(10**9) == []  # refused requests hold nothing
     finally:
         platform.close()
+
+
+def test_a_contributor_forgets_itself_and_its_keys_end_with_it(platform):
+    from service.auth import AuthError
+
+    key = create_key(platform.db, "bob-himself", None, role="contributor", contributor_id="b")
+    bob = platform.verify(f"Bearer {key}")
+    with pytest.raises(ForbiddenError, match="may not forget 'a'"):
+        platform.forget(bob, "a")
+    job = platform.forget(bob, "b")
+    done = wait_for_job(lambda: platform.job(bob, job["job_id"]))  # it may follow its own job
+    assert done["status"] == "succeeded" and done["result"]["contributor_keys_revoked"] == 1
+    [exclude, purge] = platform.db.audit_log("b")
+    assert exclude["actor"] == "bob-himself" and exclude["details"]["self_request"] is True
+    assert purge["details"]["self_request"] is True
+    with pytest.raises(AuthError, match="revoked"):  # a later "b" is someone else
+        platform.verify(f"Bearer {key}")

@@ -89,3 +89,27 @@ def test_processes_writing_the_store_at_once_lose_nothing(store_copy, data_dir, 
     assert store.generation == before + 4  # exclude a, purge a, exclude b, add dora
     assert not (root / "shards" / "a").exists() and (root / "shards" / "b").exists()
     store.load_sampler("cpu")(None, n=1, steps=1)
+
+
+def test_an_idle_worker_drops_a_forgotten_contributor_re_added_under_its_id(two_workers, data_dir):
+    """Forget c, purge, add a different c: a worker that served the old c and then
+    stayed idle serves the new c's weights, never the old ones."""
+    import shutil
+
+    one, two = two_workers
+    key = create_key(one.db, "root", None, role="admin")
+    admin_one, admin_two = one.verify(f"Bearer {key}"), two.verify(f"Bearer {key}")
+    old = two.generate(admin_two, contributors=["c"], n=2, steps=3, seed=4)
+    job = one.forget(admin_one, "c")
+    assert wait_for_job(lambda: one.job(admin_one, job["job_id"]))["status"] == "succeeded"
+    shutil.copytree(data_dir / "contributors" / "a", one.store.root.parent / "c")  # new data
+    added = one.add_contributor(admin_one, str(one.store.root.parent / "c"))
+    assert wait_for_job(lambda: one.job(admin_one, added["job_id"]))["status"] == "succeeded"
+    new = two.generate(admin_two, contributors=["c"], n=2, steps=3, seed=4)
+    fresh = Platform(one.store.root, device="cpu")
+    try:
+        reference = fresh.generate(fresh.verify(f"Bearer {key}"), contributors=["c"], n=2,
+                                   steps=3, seed=4)
+    finally:
+        fresh.close()
+    assert new["images"] == reference["images"] and new["images"] != old["images"]
