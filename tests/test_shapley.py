@@ -142,3 +142,19 @@ def test_cached_utility_rejects_unknown_players_and_counts():
     assert u.evaluations == 2
     with pytest.raises(ValueError, match="not in"):
         u(frozenset({"x"}))
+
+
+@pytest.mark.parametrize("estimator", [permutation_shapley, kernel_shap])
+def test_degenerate_budgets_give_values_or_a_clear_error_never_nan(estimator):
+    one = additive({"a": 2.0})
+    result = estimator(one, StoppingRule(max_evaluations=2))
+    assert result.values.tolist() == [2.0]  # one player: phi = U(N) - U(empty)
+    with pytest.raises(ValueError, match="max_evaluations=2 leaves no coalition to sample"):
+        estimator(additive({"a": 1.0, "b": 2.0, "c": 3.0}), StoppingRule(max_evaluations=2))
+    three = estimator(additive({"a": 1.0, "b": 2.0, "c": 3.0}), StoppingRule(max_evaluations=3))
+    assert np.all(np.isfinite(three.values)) and three.values.sum() == pytest.approx(6.0)
+
+
+def test_game_keys_name_the_game():
+    a, b = GameUtility("ab", lambda s: len(s), "size"), GameUtility("ab", lambda s: 2, "two")
+    assert a.key(frozenset("a")) != b.key(frozenset("a"))  # a shared cache keeps both apart

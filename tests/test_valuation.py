@@ -185,3 +185,56 @@ def test_an_interrupted_run_resumes_from_the_cache(tmp_path):
     result = exact_shapley(u)
     assert u.hits == 4 and u.evaluations == 4
     assert result.values == pytest.approx([3.0, 3.0, 3.0])
+
+
+def test_every_utility_source_keeps_the_contract(valued_store, heldout):
+    """UtilitySource's contract (valuation/utility.py): keys name the number exactly
+    and are stable; depends_on covers S and only names contributors."""
+    import itertools
+
+    from valuation.monolith import PrunedFinetuneUtility, RetrainUtility
+    from valuation.utility import GameUtility
+
+    root = valued_store.root
+    players = valued_store.contributor_ids
+    makers = {
+        "game": lambda **kw: GameUtility(players, len, "size"),
+        "composition": lambda **kw: CompositionUtility(root, "quality", n=8, steps=2, **kw),
+        "retrain": lambda **kw: RetrainUtility(root, "quality", n=8, steps=2, **kw),
+        "pruned": lambda **kw: PrunedFinetuneUtility(root, "quality", n=8, steps=2, **kw),
+    }
+    coalitions = [frozenset(c) for k in range(len(players) + 1)
+                  for c in itertools.combinations(players, k)]
+    seen_keys = {}
+    for name, make in makers.items():
+        source, again = make(), make()
+        keys = [source.key(c) for c in coalitions]
+        assert all(len(k) == 64 and int(k, 16) >= 0 for k in keys), name
+        assert keys == [again.key(c) for c in coalitions], name  # stable across instances
+        assert len(set(keys)) == len(keys), name  # distinct coalitions, distinct numbers
+        for c, k in zip(coalitions, keys, strict=True):
+            assert seen_keys.setdefault(k, name) == name  # no key shared between methods
+            deps = source.depends_on(c)
+            assert deps == sorted(deps) and set(c) <= set(deps) <= set(players), (name, c)
+        if name != "game":  # every sampling setting is in the key
+            full = frozenset(players)
+            assert make(seed=1).key(full) != source.key(full), name
+            assert make(scheduler="ddim").key(full) != source.key(full), name
+
+
+def test_the_evaluator_is_rebuilt_for_another_seed(valued_store, heldout):
+    folder = build_evaluator(valued_store.root, heldout, seed=0)
+    before = (folder / "model.safetensors").read_bytes()
+    build_evaluator(valued_store.root, heldout, seed=0)
+    assert (folder / "model.safetensors").read_bytes() == before  # same data, same seed: kept
+    build_evaluator(valued_store.root, heldout, seed=1)
+    assert (folder / "model.safetensors").read_bytes() != before
+    assert json.loads((folder / "evaluator.json").read_text())["seed"] == 1
+
+
+def test_an_unknown_method_is_refused_not_run_as_attribution():
+    from valuation.run import _estimate
+    from valuation.utility import GameUtility
+
+    with pytest.raises(ValueError, match="method='magic'; allowed"):
+        _estimate("magic", CachedUtility(GameUtility("ab", len)), None, None, False)

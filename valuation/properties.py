@@ -62,13 +62,17 @@ def load_labelled_folder(heldout: str | Path) -> tuple[np.ndarray, np.ndarray]:
 
 def build_evaluator(store_root: str | Path, heldout: str | Path, seed: int = 0) -> Path:
     """Train the digits evaluator on `heldout` and store it with the held-out feature
-    statistics. Returns its folder. Rebuilt only if the held-out data changed."""
+    statistics. Returns its folder. Rebuilt when the held-out data or the seed
+    changed (the property key hashes the evaluator's files, so cached utilities of
+    the old evaluator are not reused)."""
     images, labels = load_labelled_folder(heldout)
     data_hash = hashlib.sha256(images.tobytes() + labels.tobytes()).hexdigest()
     folder = evaluator_dir(store_root)
     meta_path = folder / "evaluator.json"
-    if meta_path.exists() and json.loads(meta_path.read_text())["heldout_hash"] == data_hash:
-        return folder
+    if meta_path.exists():
+        meta = json.loads(meta_path.read_text())
+        if meta["heldout_hash"] == data_hash and meta.get("seed") == seed:
+            return folder  # the same data and seed train the same evaluator
     folder.mkdir(parents=True, exist_ok=True)
     net = train_feature_net(images, labels, seed=seed)
     with torch.no_grad():

@@ -173,6 +173,8 @@ def _estimate(method: str, u: CachedUtility, rule: StoppingRule, s: ValuationSet
         return kernel_shap(u, rule, s.seed, progress=progress)
     if method == "loo":
         return leave_one_out(u)
+    if method != "attribution":
+        raise ValueError(f"method={method!r}; allowed: {list(METHODS)}")
     u_empty, u_full = u.many([frozenset(), frozenset(u.players)])
     start = time.perf_counter()
     out = u.source.sampler(None, n=s.n, steps=s.steps, seed=s.seed, scheduler=s.scheduler)

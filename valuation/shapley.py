@@ -64,6 +64,12 @@ class StoppingRule:
             float(np.max(stderr)) <= self.stderr_tol
 
 
+def _too_small(rule: StoppingRule, n: int) -> str:
+    return (f"max_evaluations={rule.max_evaluations} leaves no coalition to sample beyond "
+            f"the empty and the full one; allowed: at least 3 (for {n} players, "
+            f"{2 ** n} coalitions in all)")
+
+
 def _ends(utility: Utility) -> tuple[float, float]:
     u_empty, u_full = utility.many([frozenset(), frozenset(utility.players)])
     return u_full, u_empty
@@ -95,6 +101,8 @@ def permutation_shapley(utility: Utility, rule: StoppingRule = StoppingRule(), s
     start = time.perf_counter()
     players = list(utility.players)
     n = len(players)
+    if n < 2:  # phi = U(N) - U(empty): nothing to sample
+        return exact_shapley(utility)
     rng = np.random.default_rng(seed)
     u_full, u_empty = _ends(utility)
     seen: set[frozenset] = {frozenset(), frozenset(players)}
@@ -123,6 +131,8 @@ def permutation_shapley(utility: Utility, rule: StoppingRule = StoppingRule(), s
             stderr = np.std(samples, axis=0, ddof=1) / np.sqrt(len(samples))
         bar.set_postfix(max_stderr=f"{float(np.max(stderr)):.3g}")
     bar.close()
+    if not samples:
+        raise ValueError(_too_small(rule, n))
     return ValuationResult("permutation", utility.property, players, np.mean(samples, axis=0),
                            stderr, u_full, u_empty, evaluations=len(seen),
                            seconds=time.perf_counter() - start, samples=len(samples))
@@ -193,6 +203,8 @@ def kernel_shap(utility: Utility, rule: StoppingRule = StoppingRule(), seed: int
                              / len(g))
         bar.set_postfix(max_stderr=f"{float(np.max(stderr)):.3g}")
     bar.close()
+    if not zs:
+        raise ValueError(_too_small(rule, n))
     return ValuationResult("kernelshap", utility.property, players, phi, stderr, u_full,
                            u_empty, evaluations=len(seen), seconds=time.perf_counter() - start,
                            samples=len(zs) // 2)

@@ -46,6 +46,22 @@ from .properties import load_property
 
 
 class UtilitySource(Protocol):
+    """How U(S) is obtained. The contract every source keeps (tests/test_valuation.py
+    holds each one to it):
+
+    * `key(S)`: a sha256 hex digest naming the number U(S) exactly. Two calls give
+      equal keys only if `evaluate(S)` would give the same number: it covers the
+      method, the property (with the evaluator's weights), every sampling setting
+      (n, steps, seed, scheduler), the training settings, and the weights or data
+      hashes of whatever S's number is computed from. It is the cache's file name.
+    * `depends_on(S)`: the sorted contributor ids whose data shaped U(S), a superset
+      of S (more when a shared part saw others: the joint classifier, a monolith
+      trained on everyone). Forgetting c deletes every cached entry whose
+      `depends_on` names c; a source that under-reports leaves a trace of c behind.
+    * `evaluate(S)`: U(S) as a float; deterministic for a given key.
+    * `players`: the live contributors, sorted; `method` and `property`: names.
+    """
+
     method: str
     players: tuple[str, ...]
     property: str
@@ -288,8 +304,9 @@ class GameUtility:
     def __init__(self, players, fn: Callable[[frozenset], float], name: str = "game"):
         self.players, self.fn, self.property = tuple(players), fn, name
 
-    def key(self, coalition):
-        return digest(sorted(coalition))
+    def key(self, coalition):  # fn cannot be hashed: its name stands for it
+        return digest({"method": self.method, "property": self.property,
+                       "coalition": sorted(coalition)})
 
     def depends_on(self, coalition):
         return sorted(coalition)
