@@ -89,8 +89,11 @@ class AddContributorInput(Strict):
 
 class ValueInput(Strict):
     property: Literal["quality", "diversity", "confidence"] = "quality"
-    methods: list[Literal["exact", "permutation", "kernelshap", "pruned", "retrain", "loo",
-                          "attribution"]] = Field(["exact"], min_length=1, max_length=7)
+    methods: list[Literal["exact", "permutation", "kernelshap", "banzhaf", "banzhaf-msr",
+                          "beta-shapley", "pruned", "retrain", "loo", "attribution"]] = Field(
+        ["exact"], min_length=1, max_length=10, json_schema_extra={"uniqueItems": True})
+    alpha: float = Field(16.0, gt=0, le=1000, description="beta-shapley: Beta(alpha, beta)")
+    beta: float = Field(1.0, gt=0, le=1000, description="beta-shapley")
     n: int = Field(256, ge=2, le=4096, description="samples per coalition")
     steps: int = Field(25, ge=1, le=500, description="sampling steps per coalition")
     seed: int = Field(0, ge=0, le=2**63 - 1)

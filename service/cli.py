@@ -246,7 +246,8 @@ def cmd_value(args) -> None:
         stderr_tol=args.stderr_tol, pruning_ratio=args.pruning_ratio,
         monolith_steps=args.monolith_steps, finetune_steps=args.finetune_steps,
         subset_steps=args.subset_steps, retrain_steps=args.retrain_steps, aesthetic=aesthetic,
-        ray_address=args.ray)
+        ray_address=args.ray, alpha=args.alpha, beta=args.beta,
+        rank_patience=args.rank_patience)
     from shards import ShardStore
 
     store = ShardStore.open(args.store)
@@ -382,8 +383,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--property", default="quality",
                    choices=["quality", "diversity", "confidence", "aesthetic"])
     p.add_argument("--methods", default="exact,loo,attribution",
-                   help="comma-separated: exact, permutation, kernelshap, pruned, retrain, "
-                        "loo, attribution")
+                   help="comma-separated: exact, permutation, kernelshap (Shapley); banzhaf, "
+                        "banzhaf-msr, beta-shapley (other semivalues); pruned, retrain; loo, "
+                        "attribution")
+    p.add_argument("--alpha", type=float, default=16.0,
+                   help="beta-shapley: Beta(alpha, beta) over coalition sizes (> 0)")
+    p.add_argument("--beta", type=float, default=1.0, help="beta-shapley (> 0)")
+    p.add_argument("--rank-patience", type=int, default=0, metavar="M",
+                   help="sampled methods: stop once the ranking held for M updates (0: off)")
     p.add_argument("--heldout", default=None,
                    help="held-out digits (heldout/<digit>/*.png) to build the store's evaluator")
     p.add_argument("--report", default=None, help="folder for report.md/.json and plots")

@@ -158,3 +158,51 @@ def test_degenerate_budgets_give_values_or_a_clear_error_never_nan(estimator):
 def test_game_keys_name_the_game():
     a, b = GameUtility("ab", lambda s: len(s), "size"), GameUtility("ab", lambda s: 2, "two")
     assert a.key(frozenset("a")) != b.key(frozenset("a"))  # a shared cache keeps both apart
+
+
+def test_banzhaf_and_beta_shapley_on_closed_form_games():
+    from valuation.semivalues import semivalue_weights
+    from valuation.shapley import exact_semivalue
+
+    u = glove()  # two left gloves, one right
+    banzhaf = exact_semivalue(u, semivalue_weights("banzhaf", 3), "banzhaf")
+    assert banzhaf["r"] == pytest.approx(0.75) and banzhaf["l1"] == pytest.approx(0.25)
+    assert banzhaf.efficiency_gap() > 0  # not efficient, and reported so
+    shapley = exact_shapley(u)
+    beta11 = exact_semivalue(u, semivalue_weights("beta", 3, 1.0, 1.0), "beta-shapley")
+    np.testing.assert_allclose(beta11.values, shapley.values)  # Beta(1, 1) is Shapley
+    for n in (2, 5, 9):  # a semivalue's weights are a distribution over coalitions
+        for kind, a, b in [("shapley", 1, 1), ("banzhaf", 1, 1), ("beta", 16, 1), ("beta", 2, 5)]:
+            p = semivalue_weights(kind, n, a, b)
+            assert sum(math.comb(n - 1, k) * p[k] for k in range(n)) == pytest.approx(1.0)
+    small = semivalue_weights("beta", 6, 16, 1)
+    assert small[0] > small[-1]  # alpha > beta: small coalitions weigh more
+    with pytest.raises(ValueError, match="alpha=0"):
+        semivalue_weights("beta", 3, 0, 1)
+    with pytest.raises(ValueError, match="semivalue='owen'"):
+        semivalue_weights("owen", 3)
+
+
+def test_msr_banzhaf_reuses_every_sample_and_converges():
+    from valuation.semivalues import msr_banzhaf, semivalue_weights
+    from valuation.shapley import exact_semivalue
+
+    rng = np.random.default_rng(0)
+    table = {frozenset(c): float(rng.normal()) for k in range(7)
+             for c in itertools.combinations("abcdef", k)}
+    u = game("abcdef", lambda s: table[frozenset(s)] + 3 * ("a" in s) - 2 * ("f" in s))
+    exact = exact_semivalue(u, semivalue_weights("banzhaf", 6), "banzhaf")
+    msr = msr_banzhaf(u, StoppingRule(max_evaluations=64), seed=1, batch=64)
+    assert msr.evaluations <= 64
+    assert np.corrcoef(msr.values, exact.values)[0, 1] > 0.9
+    assert np.all(np.abs(msr.values - exact.values) <= 4 * msr.stderr + 1e-9)
+
+
+def test_rank_patience_stops_sampling_once_the_ranking_holds():
+    u = additive({"a": 5.0, "b": 3.0, "c": 1.0, "d": -2.0, "e": 0.5, "f": 2.0, "g": 4.0})
+    full = permutation_shapley(u, StoppingRule(max_evaluations=128))
+    early = permutation_shapley(additive({"a": 5.0, "b": 3.0, "c": 1.0, "d": -2.0, "e": 0.5,
+                                          "f": 2.0, "g": 4.0}),
+                                StoppingRule(max_evaluations=128, rank_patience=2))
+    assert early.evaluations < full.evaluations
+    assert list(np.argsort(early.values)) == list(np.argsort(full.values))

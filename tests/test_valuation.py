@@ -238,3 +238,18 @@ def test_an_unknown_method_is_refused_not_run_as_attribution():
 
     with pytest.raises(ValueError, match="method='magic'; allowed"):
         _estimate("magic", CachedUtility(GameUtility("ab", len)), None, None, False)
+
+
+def test_semivalues_run_through_the_same_utilities(valued_store, heldout):
+    settings = ValuationSettings(methods=("exact", "banzhaf", "banzhaf-msr", "beta-shapley"),
+                                 n=8, steps=2, max_evaluations=6, alpha=4.0, beta=1.0)
+    report, results = run_valuation(valued_store.root, settings, progress=False)
+    assert set(report["methods"]) == {"exact", "banzhaf", "banzhaf-msr", "beta-shapley"}
+    assert results["banzhaf"].extra["computed"] == 0  # exact's coalitions served them all
+    assert results["beta-shapley"].extra["alpha"] == 4.0
+    assert results["banzhaf-msr"].evaluations <= 6
+    assert results["exact"].efficiency_gap() < 1e-9
+    with pytest.raises(ValueError, match="alpha=0"):
+        ValuationSettings(alpha=0)
+    with pytest.raises(ValueError, match="banzhaff"):
+        ValuationSettings(methods=("banzhaff",))

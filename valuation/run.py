@@ -24,9 +24,11 @@ from . import report as rpt
 from .monolith import PrunedFinetuneUtility, RetrainUtility
 from .properties import build_evaluator, evaluator_dir
 from .result import ValuationResult
+from .semivalues import msr_banzhaf, semivalue_weights
 from .shapley import (
     StoppingRule,
     attribution_mass,
+    exact_semivalue,
     exact_shapley,
     kernel_shap,
     leave_one_out,
@@ -34,8 +36,10 @@ from .shapley import (
 )
 from .utility import CachedUtility, CompositionUtility, store_cache
 
-METHODS = ("exact", "permutation", "kernelshap", "pruned", "retrain", "loo", "attribution")
-COMPOSITION_METHODS = ("exact", "permutation", "kernelshap", "loo", "attribution")
+METHODS = ("exact", "permutation", "kernelshap", "banzhaf", "banzhaf-msr", "beta-shapley",
+           "pruned", "retrain", "loo", "attribution")
+COMPOSITION_METHODS = ("exact", "permutation", "kernelshap", "banzhaf", "banzhaf-msr",
+                       "beta-shapley", "loo", "attribution")
 TRUTH_UTILITIES = ("composition", "retrain")
 U_EMPTY = ("the property of the prior's samples: the common initial noise x_T ~ N(0, I), "
            "clipped to [-1, 1] (what the sampler returns with no denoiser), for every method.")
@@ -62,6 +66,9 @@ class ValuationSettings:
     retrain_steps: int = 800
     lds_coalitions: int = 50
     top_k: int = 3
+    alpha: float = 16.0  # beta-shapley: Beta(alpha, beta) over coalition sizes
+    beta: float = 1.0
+    rank_patience: int = 0  # sampled methods: stop once the ranking held this many updates
     ray_address: str | None = None
     aesthetic: dict | None = field(default=None)
 
@@ -70,6 +77,10 @@ class ValuationSettings:
         unknown = [m for m in self.methods if m not in METHODS]
         if unknown or not self.methods:
             raise ValueError(f"methods={list(self.methods)}; allowed: {list(METHODS)}")
+        if not (self.alpha > 0 and self.beta > 0):
+            raise ValueError(f"alpha={self.alpha}, beta={self.beta}; allowed: both > 0")
+        if self.rank_patience < 0:
+            raise ValueError(f"rank_patience={self.rank_patience}; allowed: >= 0")
         if self.n < 2 or self.steps < 1 or self.workers < 1:
             raise ValueError(f"n >= 2, steps >= 1 and workers >= 1 needed: n={self.n}, "
                              f"steps={self.steps}, workers={self.workers}")
@@ -136,7 +147,8 @@ def run_valuation(store_root: str | Path, settings: ValuationSettings,
 
 def _run_methods(utilities: dict[str, CachedUtility], settings: ValuationSettings,
                  progress: bool) -> dict[str, ValuationResult]:
-    rule = StoppingRule(settings.max_evaluations, settings.stderr_tol)
+    rule = StoppingRule(settings.max_evaluations, settings.stderr_tol,
+                        rank_patience=settings.rank_patience)
     results: dict[str, ValuationResult] = {}
     for method in settings.methods:
         u = utilities[_utility_of(method)]
@@ -171,6 +183,15 @@ def _estimate(method: str, u: CachedUtility, rule: StoppingRule, s: ValuationSet
         return permutation_shapley(u, rule, s.seed, progress=progress)
     if method in ("kernelshap", "pruned", "retrain"):
         return kernel_shap(u, rule, s.seed, progress=progress)
+    if method == "banzhaf":
+        return exact_semivalue(u, semivalue_weights("banzhaf", n), "banzhaf", progress)
+    if method == "beta-shapley":
+        weights = semivalue_weights("beta", n, s.alpha, s.beta)
+        result = exact_semivalue(u, weights, "beta-shapley", progress)
+        result.extra.update(alpha=s.alpha, beta=s.beta)
+        return result
+    if method == "banzhaf-msr":
+        return msr_banzhaf(u, rule, s.seed, progress=progress)
     if method == "loo":
         return leave_one_out(u)
     if method != "attribution":

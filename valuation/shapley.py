@@ -45,23 +45,44 @@ class Utility(Protocol):
 @dataclass(frozen=True)
 class StoppingRule:
     """Stop a sampled estimator at `max_evaluations` distinct coalitions, or earlier
-    once at least `min_samples` samples give max_i stderr_i <= `stderr_tol`. The
-    estimators also stop once every coalition has been seen (then exact is cheaper)."""
+    once at least `min_samples` samples give max_i stderr_i <= `stderr_tol`, or once
+    the ranking of the values has not changed over the last `rank_patience` updates
+    (0: off). The estimators also stop once every coalition has been seen (then exact
+    is cheaper)."""
 
     max_evaluations: int = 2000
     stderr_tol: float = 0.0
     min_samples: int = 4
+    rank_patience: int = 0
 
     def __post_init__(self):
-        if self.max_evaluations < 2 or self.stderr_tol < 0 or self.min_samples < 2:
+        if self.max_evaluations < 2 or self.stderr_tol < 0 or self.min_samples < 2 \
+                or self.rank_patience < 0:
             raise ValueError(f"bad stopping rule {self}: max_evaluations >= 2, "
-                             "stderr_tol >= 0, min_samples >= 2")
+                             "stderr_tol >= 0, min_samples >= 2, rank_patience >= 0")
 
-    def done(self, evaluations: int, samples: int, stderr: np.ndarray) -> bool:
+    def done(self, evaluations: int, samples: int, stderr: np.ndarray,
+             stable_updates: int = 0) -> bool:
         if evaluations >= self.max_evaluations:
             return True
-        return samples >= self.min_samples and self.stderr_tol > 0 and \
-            float(np.max(stderr)) <= self.stderr_tol
+        if samples < self.min_samples:
+            return False
+        if self.rank_patience and stable_updates >= self.rank_patience:
+            return True
+        return self.stderr_tol > 0 and float(np.max(stderr)) <= self.stderr_tol
+
+
+class RankTracker:
+    """How many updates in a row the ranking of the values has stayed the same."""
+
+    def __init__(self):
+        self.order: tuple | None = None
+        self.stable = 0
+
+    def update(self, values: np.ndarray) -> None:
+        order = tuple(np.argsort(-np.asarray(values), kind="stable").tolist())
+        self.stable = self.stable + 1 if order == self.order else 0
+        self.order = order
 
 
 def _too_small(rule: StoppingRule, n: int) -> str:
@@ -77,20 +98,27 @@ def _ends(utility: Utility) -> tuple[float, float]:
 
 def exact_shapley(utility: Utility, progress: bool = False) -> ValuationResult:
     """Eq. (1) over all 2^n coalitions."""
+    n = len(utility.players)
+    weights = [math.factorial(s) * math.factorial(n - s - 1) / math.factorial(n) for s in range(n)]
+    return exact_semivalue(utility, weights, "exact", progress)
+
+
+def exact_semivalue(utility: Utility, weights, method: str,
+                    progress: bool = False) -> ValuationResult:
+    """sum_{S subset N \\ {i}} weights[|S|] (U(S u {i}) - U(S)) over all 2^n coalitions:
+    eq. (1) with Shapley's weights, any semivalue with its own (semivalues.py)."""
     start = time.perf_counter()
     players = list(utility.players)
     n = len(players)
     coalitions = [frozenset(c) for k in range(n + 1) for c in itertools.combinations(players, k)]
     values = dict(zip(coalitions, utility.many(coalitions), strict=True))
-    weight = [math.factorial(s) * math.factorial(n - s - 1) / math.factorial(n) for s in range(n)]
     phi = []
-    for i in tqdm(players, desc="exact shapley", disable=not progress, leave=False):
-        terms = [weight[len(s)] * (values[s | {i}] - values[s]) for s in coalitions if i not in s]
+    for i in tqdm(players, desc=method, disable=not progress, leave=False):
+        terms = [weights[len(s)] * (values[s | {i}] - values[s]) for s in coalitions if i not in s]
         phi.append(math.fsum(terms))
-    full = values[frozenset(players)]
-    return ValuationResult("exact", utility.property, players, phi, np.zeros(n), full,
-                           values[frozenset()], evaluations=len(coalitions),
-                           seconds=time.perf_counter() - start)
+    return ValuationResult(method, utility.property, players, phi, np.zeros(n),
+                           values[frozenset(players)], values[frozenset()],
+                           evaluations=len(coalitions), seconds=time.perf_counter() - start)
 
 
 def permutation_shapley(utility: Utility, rule: StoppingRule = StoppingRule(), seed: int = 0,
@@ -108,9 +136,10 @@ def permutation_shapley(utility: Utility, rule: StoppingRule = StoppingRule(), s
     seen: set[frozenset] = {frozenset(), frozenset(players)}
     samples: list[np.ndarray] = []
     stderr = np.full(n, np.inf)
+    ranks = RankTracker()
     bar = tqdm(total=rule.max_evaluations, desc="permutation shapley", disable=not progress,
                leave=False)
-    while not rule.done(len(seen), len(samples), stderr) and len(seen) < 2 ** n:
+    while not rule.done(len(seen), len(samples), stderr, ranks.stable) and len(seen) < 2 ** n:
         orders = []
         for _ in range(batch):
             order = list(rng.permutation(n))
@@ -129,6 +158,7 @@ def permutation_shapley(utility: Utility, rule: StoppingRule = StoppingRule(), s
             samples.append(pair)
         if len(samples) > 1:
             stderr = np.std(samples, axis=0, ddof=1) / np.sqrt(len(samples))
+        ranks.update(np.mean(samples, axis=0))
         bar.set_postfix(max_stderr=f"{float(np.max(stderr)):.3g}")
     bar.close()
     if not samples:
@@ -181,8 +211,9 @@ def kernel_shap(utility: Utility, rule: StoppingRule = StoppingRule(), seed: int
     ys: list[float] = []
     stderr = np.full(n, np.inf)
     phi = np.zeros(n)
+    ranks = RankTracker()
     bar = tqdm(total=rule.max_evaluations, desc="kernel shap", disable=not progress, leave=False)
-    while not rule.done(len(seen), len(zs) // 2, stderr) and len(seen) < 2 ** n:
+    while not rule.done(len(seen), len(zs) // 2, stderr, ranks.stable) and len(seen) < 2 ** n:
         new = []
         for _ in range(batch):
             z = np.zeros(n, dtype=bool)
@@ -201,6 +232,7 @@ def kernel_shap(utility: Utility, rule: StoppingRule = StoppingRule(), seed: int
         if len(g) > 1:
             stderr = np.sqrt(np.clip(np.diag(m @ np.cov(g, rowvar=False) @ m.T), 0, None)
                              / len(g))
+        ranks.update(phi)
         bar.set_postfix(max_stderr=f"{float(np.max(stderr)):.3g}")
     bar.close()
     if not zs:
