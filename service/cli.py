@@ -381,7 +381,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("value", help="Shapley values of the contributors for a property")
     p.add_argument("--store", required=True)
     p.add_argument("--property", default="quality",
-                   choices=["quality", "diversity", "confidence", "aesthetic"])
+                   choices=["quality", "diversity", "confidence", "precision", "recall",
+                            "aesthetic"])
     p.add_argument("--methods", default="exact,loo,attribution",
                    help="comma-separated: exact, permutation, kernelshap (Shapley); banzhaf, "
                         "banzhaf-msr, beta-shapley (other semivalues); pruned, retrain; loo, "

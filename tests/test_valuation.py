@@ -253,3 +253,16 @@ def test_semivalues_run_through_the_same_utilities(valued_store, heldout):
         ValuationSettings(alpha=0)
     with pytest.raises(ValueError, match="banzhaff"):
         ValuationSettings(methods=("banzhaff",))
+
+
+def test_precision_and_recall_separate_fidelity_from_coverage(valued_store, heldout):
+    images, labels = load_labelled_folder(heldout)
+    x = torch.as_tensor(images)
+    precision = load_property(valued_store.root, "precision")
+    recall = load_property(valued_store.root, "recall")
+    assert precision(x) == 1.0 and recall(x) == 1.0  # the held-out digits themselves
+    one_digit = x[torch.as_tensor(labels == labels[0])]  # faithful, but one class of many
+    assert precision(one_digit) > 0.9 and recall(one_digit) < 0.5
+    noise = prior_images(200, (1, 8, 8), seed=0)
+    assert precision(noise) < 0.2
+    assert precision.key != recall.key and precision.key.startswith("precision:k3:")

@@ -6,6 +6,11 @@ stored once per store under STORE/valuation/evaluator/):
     quality    = -FD(samples, held-out)  Frechet distance in the evaluator's features
     diversity  = H(mean_x p(y | x))      entropy (nats) of the mean predicted class distribution
     confidence = mean_x max_y p(y | x)   mean top-class probability (Inception-score-like)
+    precision  = share of samples inside the k-NN ball of some held-out digit     (fidelity)
+    recall     = share of held-out digits inside the k-NN ball of some sample     (coverage)
+                 (Kynkaanniemi et al. 2019, improved precision and recall; k = 3; a
+                 ball's radius is the distance to its centre's k-th nearest neighbour
+                 in its own set, in the evaluator's feature space)
 
 Optional (`pip install '.[clip]'`): aesthetic = mean of a linear head on normalised
 open_clip image embeddings; the checkpoint and head are read from local paths the user
@@ -37,7 +42,9 @@ from .features import (
     train_feature_net,
 )
 
-PROPERTIES = ("quality", "diversity", "confidence", "aesthetic")
+PROPERTIES = ("quality", "diversity", "confidence", "precision", "recall", "aesthetic")
+PR_K = 3  # neighbours that set a ball's radius (precision, recall)
+EVALUATOR_FORMAT = 2  # 2: the held-out features are stored (precision, recall)
 
 
 def evaluator_dir(store_root: str | Path) -> Path:
@@ -71,7 +78,8 @@ def build_evaluator(store_root: str | Path, heldout: str | Path, seed: int = 0) 
     meta_path = folder / "evaluator.json"
     if meta_path.exists():
         meta = json.loads(meta_path.read_text())
-        if meta["heldout_hash"] == data_hash and meta.get("seed") == seed:
+        if meta["heldout_hash"] == data_hash and meta.get("seed") == seed \
+                and meta.get("format") == EVALUATOR_FORMAT:
             return folder  # the same data and seed train the same evaluator
     folder.mkdir(parents=True, exist_ok=True)
     net = train_feature_net(images, labels, seed=seed)
@@ -80,11 +88,12 @@ def build_evaluator(store_root: str | Path, heldout: str | Path, seed: int = 0) 
         accuracy = float((net(torch.as_tensor(images)).argmax(1).numpy() == labels).mean())
     mu, sigma = gaussian_stats(feats)
     save_feature_net(net, folder / "model.safetensors")
-    save_file({"mu": torch.as_tensor(mu), "sigma": torch.as_tensor(sigma)},
-              str(folder / "reference.safetensors"))
+    save_file({"mu": torch.as_tensor(mu), "sigma": torch.as_tensor(sigma),
+               "features": torch.as_tensor(feats)}, str(folder / "reference.safetensors"))
     write_json_atomic(meta_path, {"heldout": str(heldout), "heldout_hash": data_hash,
                                   "images": len(labels), "classes": int(labels.max()) + 1,
-                                  "train_accuracy": accuracy, "seed": seed})
+                                  "train_accuracy": accuracy, "seed": seed,
+                                  "format": EVALUATOR_FORMAT})
     return folder
 
 
@@ -100,7 +109,14 @@ class DigitsProperty:
         self.net = load_feature_net(folder / "model.safetensors")
         ref = load_file(str(folder / "reference.safetensors"))
         self.mu, self.sigma = ref["mu"].numpy(), ref["sigma"].numpy()
-        self.key = f"{name}:{files_hash(folder)}"
+        self.reference = ref.get("features")
+        if name in ("precision", "recall"):
+            if self.reference is None:
+                raise DataError(f"the evaluator of store {store_root} predates {name}: rebuild "
+                                "it from the held-out digits (`cdm value --heldout DIR`)")
+            self.ref_radii = knn_radii(self.reference.double(), PR_K)
+        self.key = f"{name}:k{PR_K}:{files_hash(folder)}" if name in ("precision", "recall") \
+            else f"{name}:{files_hash(folder)}"
 
     @torch.no_grad()
     def __call__(self, images: torch.Tensor) -> float:
@@ -108,11 +124,29 @@ class DigitsProperty:
         if self.name == "quality":
             return -frechet_distance(*gaussian_stats(self.net.features(x).double().numpy()),
                                      self.mu, self.sigma)
+        if self.name in ("precision", "recall"):
+            fake, real = self.net.features(x).double(), self.reference.double()
+            if self.name == "precision":
+                return inside_any_ball(fake, real, self.ref_radii)
+            return inside_any_ball(real, fake, knn_radii(fake, PR_K))
         probs = F.softmax(self.net(x).double(), dim=1)
         if self.name == "confidence":
             return float(probs.max(1).values.mean())
         mean = probs.mean(0)
         return float(-(mean * mean.clamp_min(1e-300).log()).sum())
+
+
+def knn_radii(points: torch.Tensor, k: int) -> torch.Tensor:
+    """Distance of each point to its k-th nearest other point of the same set (the
+    whole set when it has no more than k others)."""
+    d = torch.cdist(points, points)
+    k = min(k, len(points) - 1)
+    return d.kthvalue(k + 1, dim=1).values if k >= 1 else torch.full((len(points),), torch.inf)
+
+
+def inside_any_ball(queries: torch.Tensor, centres: torch.Tensor, radii: torch.Tensor) -> float:
+    """Share of `queries` within distance radii[j] of some centre j."""
+    return float((torch.cdist(queries, centres) <= radii[None, :]).any(1).double().mean())
 
 
 class AestheticProperty:
