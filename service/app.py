@@ -101,6 +101,12 @@ class ValueInput(Strict):
                                 description="held-out digits folder on the server (first run)")
 
 
+class PayoutPolicyInput(Strict):
+    property: Literal["quality", "diversity", "confidence", "precision", "recall"]
+    method: Literal["exact", "permutation", "kernelshap", "banzhaf", "banzhaf-msr",
+                    "beta-shapley", "pruned", "retrain", "loo", "attribution"]
+
+
 class AttributionInput(Strict):
     request_id: str = Field(min_length=1, max_length=64)
 
@@ -117,7 +123,7 @@ class Empty(Strict):
 INPUTS = {"/generate": GenerateInput, "/forget": ForgetInput, "/job": JobInput,
           "/add_contributor": AddContributorInput, "/value": ValueInput,
           "/contributors": Empty, "/attribution": AttributionInput, "/credit": Empty,
-          "/history": HistoryInput}
+          "/history": HistoryInput, "/payout_policy": PayoutPolicyInput}
 # the statuses each endpoint can answer besides 200 (OpenAPI), all with ERROR_SCHEMA
 ERRORS = {"/generate": (400, 401, 403, 404, 409, 413, 415, 429, 503),
           "/forget": (400, 401, 403, 404, 409, 413, 415, 429),
@@ -125,7 +131,8 @@ ERRORS = {"/generate": (400, 401, 403, 404, 409, 413, 415, 429, 503),
           "/add_contributor": (400, 401, 403, 404, 409, 413, 415, 429),
           "/value": (400, 401, 403, 404, 409, 413, 415, 429, 503),
           "/contributors": (400, 401, 413, 415, 429), "/attribution": (400, 401, 404, 413, 415, 429),
-          "/credit": (400, 401, 413, 415, 429), "/history": (400, 401, 413, 415, 429)}
+          "/credit": (400, 401, 413, 415, 429), "/history": (400, 401, 413, 415, 429),
+          "/payout_policy": (400, 401, 403, 409, 413, 415, 429)}
 ERROR_SCHEMA = {"type": "object", "required": ["error"], "properties": {
     "error": {"type": "string"},
     "detail": {"type": "array", "items": {"type": "object", "properties": {
@@ -436,6 +443,12 @@ class CDMService:
         """Per contributor: samples, attribution mass, share, latest Shapley values
         (admin: all; contributor key: its own row; user key: its own usage)."""
         return self._call(ctx, self.platform.credit)
+
+    @bentoml.api(input_spec=PayoutPolicyInput)
+    def payout_policy(self, ctx: bentoml.Context, property: str, method: str) -> dict:
+        """Admin: pay contributors by the latest recorded `method` values of
+        `property` (`credit` then shows each live contributor's payout_share)."""
+        return self._call(ctx, self.platform.set_payout_policy, property=property, method=method)
 
     @bentoml.api(input_spec=HistoryInput)
     def history(self, ctx: bentoml.Context, limit: int = 100, before: float | None = None) -> dict:

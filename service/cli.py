@@ -216,6 +216,24 @@ def cmd_jobs(args) -> None:
               f"{job['error'] or ''}")
 
 
+def cmd_payout(args) -> None:
+    from .platform import Platform
+
+    platform = Platform(args.store, serve=False)
+    if args.property or args.method:
+        if not (args.property and args.method):
+            raise ValueError("give both --property and --method (or neither, to show)")
+        out = platform.set_payout_policy(_cli_principal(), args.property, args.method)
+    else:
+        platform.store.refresh()
+        out = platform._payout(set(platform.store.contributor_ids))
+    policy = out["policy"]
+    print("policy: " + (f"{policy['method']} values of {policy['property']}" if policy else "none"))
+    for cid, share in (out["shares"] or {}).items():
+        print(f"  {cid:12s} {share:8.4f}")
+    print(out["note"])
+
+
 def cmd_serve(args) -> None:
     from shards import ShardStore
 
@@ -418,6 +436,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--clip-checkpoint", default=None, help="aesthetic: local checkpoint file")
     p.add_argument("--aesthetic-head", default=None, help="aesthetic: local safetensors head")
     p.set_defaults(func=cmd_value)
+
+    p = sub.add_parser("payout", help="show or set the payout policy (which recorded "
+                       "valuation credit's payout_share follows)")
+    p.add_argument("--store", required=True)
+    p.add_argument("--property", default=None)
+    p.add_argument("--method", default=None)
+    p.set_defaults(func=cmd_payout)
 
     p = sub.add_parser("serve", help="serve a store over HTTP (BentoML)")
     p.add_argument("--store", default=os.environ.get("CDM_STORE", "var/store"))

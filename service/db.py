@@ -35,6 +35,9 @@ CREATE TABLE IF NOT EXISTS jobs (
 CREATE TABLE IF NOT EXISTS valuations (
     id INTEGER PRIMARY KEY AUTOINCREMENT, at REAL NOT NULL, property TEXT NOT NULL,
     method TEXT NOT NULL, values_json TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS payout_policy (
+    id INTEGER PRIMARY KEY AUTOINCREMENT, at REAL NOT NULL, actor TEXT NOT NULL,
+    property TEXT NOT NULL, method TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS spend (
     key_id TEXT NOT NULL, at REAL NOT NULL, cost INTEGER NOT NULL);
 CREATE INDEX IF NOT EXISTS spend_by_key ON spend (key_id, at);
@@ -44,7 +47,10 @@ CREATE TABLE IF NOT EXISTS inflight (
 """
 # columns added after the first release; added in place to older databases
 MIGRATIONS = {"keys": {"expires_at": "REAL", "revoked_at": "REAL", "contributor_id": "TEXT"},
-              "jobs": {"plan": "TEXT"}}
+              "jobs": {"plan": "TEXT"},
+              # 'primary': the run's most exact Shapley values (credit's `shapley`);
+              # 'other': another method of the run (a payout policy may name it)
+              "valuations": {"kind": "TEXT"}}
 
 
 class Database:
@@ -294,10 +300,36 @@ class Database:
             db.executemany("DELETE FROM inflight WHERE worker = ?", [(w,) for w in workers])
 
     # ------------------------------------------------------------ valuations
-    def record_valuation(self, prop: str, method: str, values: dict) -> None:
+    def record_valuation(self, prop: str, method: str, values: dict,
+                         kind: str = "primary") -> None:
         with self._tx() as db:
-            db.execute("INSERT INTO valuations (at, property, method, values_json) VALUES (?, ?, ?, ?)",
-                       (time.time(), prop, method, json.dumps(values)))
+            db.execute("INSERT INTO valuations (at, property, method, values_json, kind) "
+                       "VALUES (?, ?, ?, ?, ?)",
+                       (time.time(), prop, method, json.dumps(values), kind))
+
+    def valuation(self, prop: str, method: str) -> dict | None:
+        """The newest recorded values of (`prop`, `method`), or None."""
+        row = self._conn().execute(
+            "SELECT * FROM valuations WHERE property = ? AND method = ? ORDER BY id DESC LIMIT 1",
+            (prop, method)).fetchone()
+        return None if row is None else {"property": prop, "method": method, "at": row["at"],
+                                         "values": json.loads(row["values_json"])}
+
+    def recorded_valuations(self) -> list[tuple[str, str]]:
+        """Every (property, method) with recorded values."""
+        return [(r["property"], r["method"]) for r in self._conn().execute(
+            "SELECT DISTINCT property, method FROM valuations ORDER BY property, method")]
+
+    def set_payout_policy(self, actor: str, prop: str, method: str) -> None:
+        with self._tx() as db:
+            db.execute("INSERT INTO payout_policy (at, actor, property, method) VALUES (?, ?, ?, ?)",
+                       (time.time(), actor, prop, method))
+
+    def payout_policy(self) -> dict | None:
+        row = self._conn().execute(
+            "SELECT * FROM payout_policy ORDER BY id DESC LIMIT 1").fetchone()
+        return None if row is None else {"property": row["property"], "method": row["method"],
+                                         "set_at": row["at"], "set_by": row["actor"]}
 
     def drop_valuations(self, contributor_id: str) -> int:
         """Delete the recorded valuations that have a value for `contributor_id`."""
@@ -310,6 +342,7 @@ class Database:
     def latest_valuations(self) -> dict[str, dict]:
         """{property: {"method", "at", "values"}} from the newest row per property."""
         rows = self._conn().execute(
-            "SELECT * FROM valuations WHERE id IN (SELECT MAX(id) FROM valuations GROUP BY property)")
+            "SELECT * FROM valuations WHERE id IN (SELECT MAX(id) FROM valuations "
+            "WHERE kind IS NULL OR kind = 'primary' GROUP BY property)")
         return {r["property"]: {"method": r["method"], "at": r["at"],
                                 "values": json.loads(r["values_json"])} for r in rows}

@@ -122,12 +122,24 @@ def png_base64(image_hwc) -> str:
 
 
 def record_primary(db: Database, results: dict) -> ValuationResult | None:
-    """Record a valuation run's most exact Shapley values as their property's latest
-    credit (what `credit` shows). Returns the recorded result, if any."""
+    """Record every method's values of a valuation run; the most exact Shapley values
+    become their property's latest credit (`credit`'s `shapley`), the others are
+    there for a payout policy to name. Returns the primary result, if any."""
     best = primary(results)
-    if best is not None:
-        db.record_valuation(best.property, best.method, best.as_dict()["values"])
+    for result in results.values():
+        db.record_valuation(result.property, result.method, result.as_dict()["values"],
+                            "primary" if result is best else "other")
     return best
+
+
+def payout_shares(values: dict[str, float], live: set[str]) -> dict[str, float]:
+    """Each live contributor's share of a payout by `values`: negative values count as
+    zero (a contributor who lowers the property is paid nothing, not charged), then
+    shares are normalised to sum to 1 over the live contributors; all zero when no
+    live contributor has a positive value."""
+    floored = {c: max(0.0, float(values.get(c, 0.0))) for c in sorted(live)}
+    total = sum(floored.values())
+    return {c: (v / total if total > 0 else 0.0) for c, v in floored.items()}
 
 
 @dataclasses.dataclass
@@ -649,12 +661,13 @@ class Platform:
                 "attribution": json.loads(row["attribution"])}
 
     def credit(self, principal: Principal) -> dict:
-        """Per contributor: samples generated with it allowed, attribution mass, share
-        of all mass, and the latest Shapley values per property (once valued).
+        """Per contributor: `usage` (samples generated with it allowed, attribution
+        mass, share of all mass), `payout_share` under the admin's payout policy (once
+        set and its valuation recorded), and the latest Shapley values per property.
 
         An admin sees every contributor, forgotten ones included (they were used
-        before they left); a contributor key its own row; a user key its own usage
-        of the live contributors."""
+        before they left; they get no payout share); a contributor key its own row;
+        a user key its own usage of the live contributors, without payouts."""
         self.store.refresh()
         live = set(self.store.contributor_ids)
         if principal.role == "user":
@@ -662,23 +675,65 @@ class Platform:
         else:
             totals = self.db.credit_totals()
         mass = sum(t["mass"] for t in totals.values()) or 1.0
-        rows = {c: {**t, "share": t["mass"] / mass, "live": c in live} for c, t in totals.items()}
+        rows = {c: {"usage": {**t, "share": t["mass"] / mass}, "live": c in live}
+                for c, t in totals.items()}
         if principal.role != "user":
             for c in live - set(rows):
-                rows[c] = {"samples": 0, "mass": 0.0, "share": 0.0, "live": True}
+                rows[c] = {"usage": {"samples": 0, "mass": 0.0, "share": 0.0}, "live": True}
+            payout = self._payout(live)
+            for c, row in rows.items():
+                row["payout_share"] = payout["shares"].get(c) if payout["shares"] else None
         valuations = self.db.latest_valuations()
         for prop, val in valuations.items():
             for c, phi in val["values"].items():
                 if c in rows:
                     rows[c].setdefault("shapley", {})[prop] = phi
+        out = {}
         if principal.role == "contributor":
             rows = {c: r for c, r in rows.items() if c == principal.contributor_id}
             valuations = {p: {**v, "values": {c: x for c, x in v["values"].items()
                                               if c == principal.contributor_id}}
                           for p, v in valuations.items()}
+            out["payout_policy"] = {k: v for k, v in payout.items() if k != "shares"}
         elif principal.role == "user":
             valuations = {}
-        return {"contributors": dict(sorted(rows.items())), "valuations": valuations}
+        else:
+            out["payout_policy"] = {k: v for k, v in payout.items() if k != "shares"}
+        return {"contributors": dict(sorted(rows.items())), "valuations": valuations, **out}
+
+    def _payout(self, live: set[str]) -> dict:
+        """The policy, the valuation it pays by, and the live contributors' shares (None
+        with a `note` when there is no policy or its valuation is not recorded)."""
+        policy = self.db.payout_policy()
+        if policy is None:
+            return {"policy": None, "shares": None,
+                    "note": "no payout policy set (admin: payout_policy)"}
+        valuation = self.db.valuation(policy["property"], policy["method"])
+        if valuation is None or not live <= set(valuation["values"]):
+            return {"policy": policy, "shares": None,
+                    "note": f"no recorded {policy['method']} valuation of {policy['property']} "
+                            "covers every live contributor (a forget or an add since): run "
+                            "value again"}
+        return {"policy": policy, "valuation_at": valuation["at"],
+                "shares": payout_shares(valuation["values"], live),
+                "note": "negative values count as zero; shares sum to 1 over live contributors"}
+
+    def set_payout_policy(self, principal: Principal, property: str, method: str) -> dict:
+        """Admin: pay by the latest recorded `method` values of `property`.
+
+        Raises:
+            StoreError: no such valuation was ever recorded (409), naming those that were.
+        """
+        principal.require_admin()
+        if self.db.valuation(property, method) is None:
+            recorded = ", ".join(f"{p}/{m}" for p, m in self.db.recorded_valuations()) or "none"
+            raise StoreError(f"no recorded valuation of property {property!r} by method "
+                             f"{method!r}; run value with it first; recorded: {recorded}")
+        self.db.set_payout_policy(principal.user, property, method)
+        self.db.audit(principal.user, "payout_policy", "*", {"property": property,
+                                                              "method": method})
+        self.store.refresh()
+        return self._payout(set(self.store.contributor_ids))
 
     def history(self, principal: Principal, limit: int = 100, before: float | None = None) -> dict:
         """Newest first: an admin's view of every request, a user's own requests, or

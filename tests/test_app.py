@@ -80,9 +80,11 @@ def test_read_endpoints_need_a_valid_key(client, endpoint):
 def test_credit_and_contributors_payload(client):
     call(client, "generate", "other", {"n": 3, "steps": 1})
     credit = call(client, "credit", "other").json()["contributors"]
-    assert credit["c"]["samples"] >= 3 and 0 < credit["c"]["share"] <= 1
+    assert credit["c"]["usage"]["samples"] >= 3 and 0 < credit["c"]["usage"]["share"] <= 1
+    assert "payout_share" not in credit["c"]  # users see usage only
     assert "c" not in call(client, "credit", "user").json()["contributors"]  # others' usage
-    assert call(client, "credit", "admin").json()["contributors"]["c"]["samples"] >= 3
+    admin = call(client, "credit", "admin").json()
+    assert admin["contributors"]["c"]["usage"]["samples"] >= 3
     ids = [c["contributor_id"] for c in call(client, "contributors", "user").json()["contributors"]]
     assert {"a", "b"} <= set(ids)
 
@@ -245,3 +247,14 @@ def test_revoked_key_is_refused_on_the_next_request(client):
     Database(os.environ["CDM_STORE"] + "/service.db").revoke_key(key.split("_")[1])
     r = client.post("/contributors", json={}, headers=headers)
     assert r.status_code == 401 and "revoked" in r.json()["error"]
+
+
+def test_payout_policy_endpoint(client):
+    body = {"property": "recall", "method": "banzhaf-msr"}
+    assert call(client, "payout_policy", "user", body).status_code == 403
+    assert call(client, "payout_policy", "none", body).status_code == 401
+    r = call(client, "payout_policy", "admin", body)
+    assert r.status_code == 409 and "no recorded valuation of property 'recall'" in r.json()["error"]
+    assert call(client, "payout_policy", "admin", {"property": "recall"}).status_code == 400
+    r = call(client, "credit", "alice").json()
+    assert set(r["contributors"]["a"]) >= {"usage", "payout_share", "live"}

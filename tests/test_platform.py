@@ -72,7 +72,7 @@ def test_ledger_attribution_and_credit(platform):
     with pytest.raises(NotFoundError):
         platform.attribution(user, "nope")
     platform.generate(other, n=2, steps=2, seed=0)
-    credit = platform.credit(admin)["contributors"]
+    credit = {c: r["usage"] for c, r in platform.credit(admin)["contributors"].items()}
     assert credit["a"]["samples"] == 4 and credit["c"]["samples"] == 2
     assert credit["a"]["mass"] == pytest.approx(sum(out["attribution"]["a"]))
     assert credit["c"]["mass"] == pytest.approx(2.0)
@@ -233,16 +233,36 @@ def test_value_job_feeds_credit_and_forget_drops_what_depends_on_the_contributor
     credit = platform.credit(admin)
     assert credit["valuations"]["quality"]["method"] == "exact"
     assert credit["contributors"]["a"]["shapley"]["quality"] == exact["values"]["a"]
+    # payout: no policy yet; a policy must name a recorded valuation
+    assert credit["contributors"]["a"]["payout_share"] is None
+    assert "no payout policy" in credit["payout_policy"]["note"]
+    from shards.errors import StoreError
+
+    with pytest.raises(StoreError, match="recorded: quality/exact, quality/retrain"):
+        platform.set_payout_policy(admin, "quality", "banzhaf")
+    with pytest.raises(ForbiddenError):
+        platform.set_payout_policy(user, "quality", "exact")
+    platform.set_payout_policy(admin, "quality", "retrain")
+    rows = platform.credit(admin)["contributors"]
+    shares = {c: rows[c]["payout_share"] for c in "abc"}
+    assert sum(shares.values()) == pytest.approx(1.0) and min(shares.values()) >= 0
+    retrain = job["result"]["methods"]["retrain"]["values"]
+    positive = {c: max(0.0, v) for c, v in retrain.items()}
+    for c in "abc":
+        assert shares[c] == pytest.approx(positive[c] / sum(positive.values()))
 
     forget = platform.forget(admin, "c")
     assert wait_for_job(lambda: platform.job(admin, forget["job_id"]))["status"] == "succeeded"
     audit = [r for r in platform.db.audit_log("c") if r["action"] == "purge"][0]
     # 8 composition values, their 7 sample files, 4 retrain coalitions with c, and the
-    # recorded valuation
-    assert audit["details"]["valuation_caches_dropped"] == 8 + 7 + 4 + 1
+    # two recorded valuations (exact and retrain)
+    assert audit["details"]["valuation_caches_dropped"] == 8 + 7 + 4 + 2
     left = store_cache(platform.store).entries()
     assert left and all("c" not in e["depends_on"] for _, e in left)
-    assert "quality" not in platform.credit(admin)["valuations"]
+    after = platform.credit(admin)
+    assert "quality" not in after["valuations"]
+    assert after["contributors"]["a"]["payout_share"] is None  # its valuation valued c
+    assert "run value again" in after["payout_policy"]["note"]
 
 
 def test_cost_limits_per_request_and_per_key(store_copy):
@@ -282,3 +302,12 @@ def test_a_contributor_forgets_itself_and_its_keys_end_with_it(platform):
     assert purge["details"]["self_request"] is True
     with pytest.raises(AuthError, match="revoked"):  # a later "b" is someone else
         platform.verify(f"Bearer {key}")
+
+
+def test_payout_shares_floor_negative_values_and_sum_to_one():
+    from service.platform import payout_shares
+
+    assert payout_shares({"a": 3.0, "b": 1.0, "m": -2.0}, {"a", "b", "m"}) == {
+        "a": 0.75, "b": 0.25, "m": 0.0}
+    assert payout_shares({"a": 1.0, "gone": 5.0}, {"a"}) == {"a": 1.0}  # only the live
+    assert payout_shares({"a": -1.0, "b": 0.0}, {"a", "b"}) == {"a": 0.0, "b": 0.0}

@@ -97,7 +97,7 @@ def test_real_server_generate_forget_credit_and_kill(server):
     done = wait_for_job(lambda: post(port, "job", keys["root"], {"job_id": job["job_id"]})[1])
     assert done["status"] == "succeeded", done
     status, credit = post(port, "credit", keys["ann"], {})
-    assert status == 200 and credit["contributors"]["a"]["samples"] == 3
+    assert status == 200 and credit["contributors"]["a"]["usage"]["samples"] == 3
     with pytest.raises(urllib.error.HTTPError, match="401"):  # /metrics needs an admin key
         urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5)
     req = urllib.request.Request(f"http://127.0.0.1:{port}/metrics",
