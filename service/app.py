@@ -375,9 +375,9 @@ class CDMService:
             ctx.response.headers["Retry-After"] = str(err.retry_after)
         return {"error": str(err)}
 
-    def _call(self, ctx: bentoml.Context, method, **kwargs) -> dict | list:
+    def _call(self, ctx: bentoml.Context, fn, /, **kwargs) -> dict | list:
         try:
-            return method(self._principal(ctx), **kwargs)
+            return fn(self._principal(ctx), **kwargs)
         except (CDMError, ValueError) as err:
             return self._error(ctx, err)
 
