@@ -1,6 +1,7 @@
 """Valuation on a tiny store: properties, cached utilities, every method end to end,
 the report, and the cache's invalidation when a contributor is forgotten."""
 
+import itertools
 import json
 
 import numpy as np
@@ -266,3 +267,25 @@ def test_precision_and_recall_separate_fidelity_from_coverage(valued_store, held
     noise = prior_images(200, (1, 8, 8), seed=0)
     assert precision(noise) < 0.2
     assert precision.key != recall.key and precision.key.startswith("precision:k3:")
+
+
+def test_heldout_lds_uses_only_coalitions_the_method_did_not_evaluate(valued_store, tmp_path):
+    from valuation import report as rpt
+
+    players = ["a", "b", "c", "d", "e", "f", "g", "h"]
+    used = {frozenset("ab"), frozenset("abcd")}
+    picked = rpt.heldout_coalitions(players, used, 10, seed=0, fraction=0.5)
+    assert len(picked) == 10 and all(len(c) == 4 and c not in used for c in picked)
+    assert rpt.heldout_coalitions(players, used, 10, 0, 0.5) == picked  # seeded
+    everything = {frozenset(c) for c in itertools.combinations(players, 2)}
+    assert rpt.heldout_coalitions(players, everything, 10, 0, 0.25) == []
+    summary = rpt.summarise([0.5, 0.7, None, float("nan"), 0.9])
+    assert summary["n"] == 3 and summary["mean"] == pytest.approx(0.7)
+    assert summary["ci"][0] < 0.7 < summary["ci"][1]
+    settings = ValuationSettings(methods=("exact", "banzhaf-msr"), n=8, steps=2,
+                                 max_evaluations=5, lds_coalitions=6)
+    report, _ = run_valuation(valued_store.root, settings, report_dir=tmp_path, progress=False)
+    held = report["lds_heldout"]
+    assert held["exact"]["mean"] is None and held["exact"]["n"] == 0  # it used every coalition
+    assert len(held["banzhaf-msr"]["runs"]) == 9
+    assert "Held-out LDS" in (tmp_path / "report.md").read_text()

@@ -51,6 +51,34 @@ def lds(result: ValuationResult, coalitions: list[frozenset], measured: list[flo
     return float(stats.spearmanr(predicted, measured)[0])
 
 
+LDS_FRACTIONS = (0.25, 0.5, 0.75)
+
+
+def heldout_coalitions(players: list[str], used: set[frozenset], m: int, seed: int,
+                       fraction: float) -> list[frozenset]:
+    """Up to `m` random coalitions of size round(fraction * n) (kept within 1..n-1)
+    that an estimator did not evaluate (`used`); empty when it used them all."""
+    n = len(players)
+    k = min(max(1, round(fraction * n)), max(1, n - 1))
+    rng = np.random.default_rng([seed, int(fraction * 1000)])
+    pool = [c for c in (frozenset(x) for x in itertools.combinations(players, k)) if c not in used]
+    if len(pool) > m:
+        pool = [pool[i] for i in sorted(rng.choice(len(pool), size=m, replace=False))]
+    return pool
+
+
+def summarise(scores: list[float], level: float = 0.95) -> dict:
+    """Mean of the finite `scores` with a t-interval over them (None when < 2)."""
+    x = np.asarray([v for v in scores if v is not None and np.isfinite(v)], dtype=np.float64)
+    if len(x) == 0:
+        return {"mean": None, "ci": None, "n": 0}
+    mean = float(x.mean())
+    if len(x) < 2:
+        return {"mean": mean, "ci": None, "n": 1}
+    half = float(stats.t.ppf(0.5 + level / 2, len(x) - 1) * x.std(ddof=1) / np.sqrt(len(x)))
+    return {"mean": mean, "ci": [mean - half, mean + half], "n": int(len(x))}
+
+
 def top_k_removals(result: ValuationResult, k_max: int) -> list[frozenset]:
     """N minus the top-k players by value, k = 1..k_max (ties broken by id)."""
     order = sorted(result.players, key=lambda c: (-result[c], c))
@@ -161,6 +189,16 @@ def markdown(report: dict) -> str:
                   f"({block['coalitions']} half-size coalitions)", "",
                   "| method | LDS |", "|---|---|"]
         lines += [f"| {m} | {_fmt(v)} |" for m, v in block["scores"].items()]
+    if report.get("lds_heldout"):
+        lines += ["", "## Held-out LDS against the composition", "",
+                  "Coalitions of 0.25, 0.5 and 0.75 of N that the method did not evaluate, "
+                  "3 seeds; mean Spearman over the (seed, size) runs with a 95% t-interval. "
+                  "A method that evaluated every coalition has none (in-sample only).", "",
+                  "| method | held-out LDS | 95% interval | runs |", "|---|---|---|---|"]
+        for m, v in report["lds_heldout"].items():
+            ci = f"[{_fmt(v['ci'][0])}, {_fmt(v['ci'][1])}]" if v["ci"] else "-"
+            mean = _fmt(v["mean"]) if v["mean"] is not None else "in-sample only"
+            lines.append(f"| {m} | {mean} | {ci} | {v['n']} |")
     for target, block in report["counterfactual"].items():
         lines += ["", f"## Counterfactual: remove the top-k, measured U of `{target}` "
                   f"(U(N) = {_fmt(block['u_full'])})", "",

@@ -135,8 +135,8 @@ def run_valuation(store_root: str | Path, settings: ValuationSettings,
         utilities[name] = CachedUtility(source, store_cache(source.store), settings.workers,
                                         (factory, kwargs), progress, settings.ray_address)
     try:
-        results = _run_methods(utilities, settings, progress)
-        report = _compare(store_root, settings, utilities, results)
+        results, used = _run_methods(utilities, settings, progress)
+        report = _compare(store_root, settings, utilities, results, used)
     finally:
         for u in utilities.values():
             u.close()
@@ -146,23 +146,26 @@ def run_valuation(store_root: str | Path, settings: ValuationSettings,
 
 
 def _run_methods(utilities: dict[str, CachedUtility], settings: ValuationSettings,
-                 progress: bool) -> dict[str, ValuationResult]:
+                 progress: bool) -> tuple[dict[str, ValuationResult], dict[str, set]]:
+    """Every method's result, and the coalitions each one evaluated."""
     rule = StoppingRule(settings.max_evaluations, settings.stderr_tol,
                         rank_patience=settings.rank_patience)
     results: dict[str, ValuationResult] = {}
+    used: dict[str, set[frozenset]] = {}
     for method in settings.methods:
         u = utilities[_utility_of(method)]
         before = (u.evaluations, u.hits)
         u.touched.clear()
         start = time.perf_counter()
         r = results[method] = _estimate(method, u, rule, settings, progress)
+        used[method] = set(u.touched)
         r.method, r.seconds = method, time.perf_counter() - start
         r.extra.update(computed=u.evaluations - before[0], cached=u.hits - before[1],
                        utility=_utility_of(method),
                        compute_seconds=sum(u.seconds[c] for c in u.touched))
         if method == "pruned":
             r.extra["pruned_base"] = u.source.prepare()
-    return results
+    return results, used
 
 
 SHAPLEY_PREFERENCE = ("exact", "kernelshap", "permutation", "retrain", "pruned")
@@ -204,8 +207,30 @@ def _estimate(method: str, u: CachedUtility, rule: StoppingRule, s: ValuationSet
                             seconds=time.perf_counter() - start)
 
 
+def _heldout_lds(u: CachedUtility, players: list[str], results: dict[str, ValuationResult],
+                 used: dict[str, set], s: ValuationSettings) -> dict:
+    """LDS against the composition on coalitions each method did not evaluate, of
+    sizes 0.25, 0.5 and 0.75 of N, over 3 seeds: one Spearman per (seed, size), their
+    mean and 95% t-interval. A method that evaluated every coalition of a size (exact
+    ones) has none there: its LDS would be in-sample."""
+    per = max(5, s.lds_coalitions // len(rpt.LDS_FRACTIONS))
+    plans = {m: [(seed, f, rpt.heldout_coalitions(players, used.get(m, set()), per, seed, f))
+                 for seed in (s.seed, s.seed + 1, s.seed + 2) for f in rpt.LDS_FRACTIONS]
+             for m in results}
+    needed = sorted({c for plan in plans.values() for _, _, cs in plan for c in cs},
+                    key=lambda c: (len(c), sorted(c)))
+    measured = dict(zip(needed, u.many(needed), strict=True)) if needed else {}
+    out = {}
+    for m, plan in plans.items():
+        runs = [{"seed": seed, "fraction": f, "coalitions": len(cs),
+                 "lds": rpt.lds(results[m], cs, [measured[c] for c in cs]) if len(cs) >= 3
+                 else None} for seed, f, cs in plan]
+        out[m] = {"runs": runs, **rpt.summarise([r["lds"] for r in runs])}
+    return out
+
+
 def _compare(store_root: Path, s: ValuationSettings, utilities: dict[str, CachedUtility],
-             results: dict[str, ValuationResult]) -> dict:
+             results: dict[str, ValuationResult], used: dict[str, set]) -> dict:
     players = list(utilities["composition"].players)
     reference = "exact" if "exact" in results else next(iter(results))
     halves = rpt.half_size_coalitions(players, s.lds_coalitions, s.seed)
@@ -228,9 +253,10 @@ def _compare(store_root: Path, s: ValuationSettings, utilities: dict[str, Cached
             block["methods"][m] = rows
             block["k"] = list(range(1, len(rows) + 1))
         counterfactual[target] = block
+    heldout = _heldout_lds(utilities["composition"], players, results, used, s)
     return {"store": str(store_root), "property": s.property, "players": players,
             "settings": {k: v for k, v in asdict(s).items() if k != "aesthetic"},
             "u_empty_definition": U_EMPTY, "reference": reference,
             "methods": {m: r.as_dict() for m, r in results.items()},
-            "correlations": rpt.correlations(results), "lds": lds,
+            "correlations": rpt.correlations(results), "lds": lds, "lds_heldout": heldout,
             "counterfactual": counterfactual}
