@@ -88,7 +88,8 @@ class AddContributorInput(Strict):
 
 
 class ValueInput(Strict):
-    property: Literal["quality", "diversity", "confidence", "precision", "recall"] = "quality"
+    property: Literal["quality", "diversity", "confidence", "precision", "recall"] = Field(
+        "precision", description="default: what the default payout policy pays by")
     methods: list[Literal["exact", "permutation", "kernelshap", "banzhaf", "banzhaf-msr",
                           "beta-shapley", "pruned", "retrain", "loo", "attribution"]] = Field(
         ["exact"], min_length=1, max_length=10, json_schema_extra={"uniqueItems": True})

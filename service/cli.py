@@ -398,9 +398,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("value", help="Shapley values of the contributors for a property")
     p.add_argument("--store", required=True)
-    p.add_argument("--property", default="quality",
+    p.add_argument("--property", default="precision",
                    choices=["quality", "diversity", "confidence", "precision", "recall",
-                            "aesthetic"])
+                            "aesthetic"],
+                   help="default precision: what the default payout policy pays by")
     p.add_argument("--methods", default="exact,loo,attribution",
                    help="comma-separated: exact, permutation, kernelshap (Shapley); banzhaf, "
                         "banzhaf-msr, beta-shapley (other semivalues); pruned, retrain; loo, "

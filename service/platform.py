@@ -62,6 +62,10 @@ from .scheduler import StepScheduler
 
 log = logging.getLogger("cdm")
 PURGE_DRAIN_SECONDS = 600.0
+# Pay by exact Shapley values of precision (fidelity) unless an admin sets a policy:
+# on the default store it is the one (property, method) measured so far that puts the
+# planted noisy contributor last under every method (README, "Credit and payouts").
+DEFAULT_PAYOUT = {"property": "precision", "method": "exact"}
 PURGE_RETRY_SECONDS = 600.0  # a failed purge is retried (as a new job) after this long
 REQUEST_SECONDS = 600.0  # BentoML's traffic timeout: no request runs longer
 
@@ -704,10 +708,7 @@ class Platform:
     def _payout(self, live: set[str]) -> dict:
         """The policy, the valuation it pays by, and the live contributors' shares (None
         with a `note` when there is no policy or its valuation is not recorded)."""
-        policy = self.db.payout_policy()
-        if policy is None:
-            return {"policy": None, "shares": None,
-                    "note": "no payout policy set (admin: payout_policy)"}
+        policy = self.db.payout_policy() or {**DEFAULT_PAYOUT, "set_at": None, "set_by": "default"}
         valuation = self.db.valuation(policy["property"], policy["method"])
         if valuation is None or not live <= set(valuation["values"]):
             return {"policy": policy, "shares": None,

@@ -214,7 +214,12 @@ def test_value_endpoint_matrix_and_inputs(client, heldout):
     job = wait_for_job(lambda: call(client, "job", "admin", {"job_id": r.json()["job_id"]}).json())
     assert job["status"] == "succeeded", job
     credit = call(client, "credit", "admin").json()
-    assert credit["valuations"]["quality"]["method"] == "exact"
+    assert credit["valuations"]["precision"]["method"] == "exact"  # the default property
+    # the default payout policy (precision, exact) now has its valuation: shares sum to
+    # 1, or are all 0 when no value is positive (1-step samples of a tiny store)
+    shares = [r["payout_share"] for r in credit["contributors"].values() if r["live"]]
+    assert None not in shares and min(shares) >= 0
+    assert sum(shares) == pytest.approx(1.0) or sum(shares) == 0
     assert call(client, "credit", "user").json()["valuations"] == {}
 
 

@@ -77,6 +77,6 @@ def test_value_prints_values_writes_a_report_and_records_credit(store_copy, held
     assert "exact" in out and "recorded the exact values" in out
     assert (tmp_path / "r" / "report.md").exists()
     latest = Database(store_copy.root / "service.db").latest_valuations()
-    assert set(latest["quality"]["values"]) == {"a", "b", "c"}
+    assert set(latest["precision"]["values"]) == {"a", "b", "c"}  # the default property
     assert main(["value", "--store", str(store_copy.root), "--methods", "exact,magic"]) == 2
     assert "allowed" in capsys.readouterr().err

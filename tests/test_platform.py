@@ -233,9 +233,10 @@ def test_value_job_feeds_credit_and_forget_drops_what_depends_on_the_contributor
     credit = platform.credit(admin)
     assert credit["valuations"]["quality"]["method"] == "exact"
     assert credit["contributors"]["a"]["shapley"]["quality"] == exact["values"]["a"]
-    # payout: no policy yet; a policy must name a recorded valuation
+    # payout: the default policy (precision, exact) has no valuation yet
     assert credit["contributors"]["a"]["payout_share"] is None
-    assert "no payout policy" in credit["payout_policy"]["note"]
+    assert credit["payout_policy"]["policy"]["set_by"] == "default"
+    assert "no recorded exact valuation of precision" in credit["payout_policy"]["note"]
     from shards.errors import StoreError
 
     with pytest.raises(StoreError, match="recorded: quality/exact, quality/retrain"):
