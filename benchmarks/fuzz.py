@@ -8,19 +8,15 @@ Every endpoint is fuzzed with an admin key except /value (a valid body starts a
 valuation job that can run for hours; its inputs are checked by the same gate and
 by tests/test_app.py). Server limits for the run: CDM_MAX_N=4 and CDM_MAX_STEPS=8
 (the schema's bounds, so every schema-valid generate samples in under a second
-instead of queueing hours of sampling), no per-key spend limit, and CDM_AUTH_FAILURES_PER_MINUTE high enough that the
-fuzzer's own unauthenticated probes do not get its client rate limited.
+instead of queueing hours of sampling), no per-key spend limit, and
+CDM_AUTH_FAILURES_PER_MINUTE high enough that the fuzzer's own unauthenticated probes
+do not get its client rate limited. The server is `service_load.serving`'s.
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
-import os
-import shutil
-import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -28,54 +24,20 @@ import time
 import urllib.request
 from pathlib import Path
 
+from service_load import serving  # the benchmarks' one way to run a server
+
 BIN = Path(sys.executable).parent
 RESULTS = Path(__file__).parent / "results" / "fuzz"
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def fuzz_env(work: Path) -> dict[str, str]:
+    """The server's limits for a fuzzing run (see the module docstring)."""
+    return {"CDM_MAX_N": "4", "CDM_MAX_STEPS": "8", "CDM_KEY_COST_PER_MINUTE": "none",
+            "CDM_AUTH_FAILURES_PER_MINUTE": "1000000", "CDM_DATA_ROOTS": str(work)}
 
 
-@contextlib.contextmanager
-def server(store: Path, workdir: Path, workers: int = 1):
-    """A `cdm serve` over a copy of `store`; yields (port, admin key, store copy)."""
-    root = workdir / "store"
-    shutil.copytree(store, root, ignore=shutil.ignore_patterns("service.db*", "valuation"))
-    key = subprocess.run([BIN / "cdm", "keys", "create", "--store", root, "--user", "fuzzer",
-                          "--license", "all", "--admin"], capture_output=True, text=True,
-                         check=True).stdout.strip()
-    port = free_port()
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "BENTOML_DO_NOT_TRACK": "true",
-           "CDM_MAX_N": "4", "CDM_MAX_STEPS": "8", "CDM_KEY_COST_PER_MINUTE": "none",
-           "CDM_AUTH_FAILURES_PER_MINUTE": "1000000", "CDM_DATA_ROOTS": str(workdir)}
-    log = open(workdir / "serve.log", "w")
-    proc = subprocess.Popen([BIN / "cdm", "serve", "--store", root, "--port", str(port),
-                             "--workers", str(workers)], env=env, stdout=log,
-                            stderr=subprocess.STDOUT, start_new_session=True)
-    try:
-        deadline = time.monotonic() + 180
-        while True:
-            if proc.poll() is not None:
-                raise RuntimeError(f"cdm serve exited with {proc.returncode}; see {workdir}/serve.log")
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=2):
-                    break
-            except OSError:
-                if time.monotonic() > deadline:
-                    raise TimeoutError("cdm serve did not become ready") from None
-                time.sleep(0.5)
-        yield port, key, root
-    finally:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait(timeout=30)
-        log.close()
-
-
-def fuzz(port: int, key: str, max_examples: int, seed: int, report: Path) -> tuple[int, str]:
-    cmd = [str(BIN / "schemathesis"), "run", f"http://127.0.0.1:{port}/docs.json",
+def fuzz(url: str, key: str, max_examples: int, seed: int, report: Path) -> tuple[int, str]:
+    cmd = [str(BIN / "schemathesis"), "run", f"{url}/docs.json",
            "--checks", "all", "--max-examples", str(max_examples), "--seed", str(seed),
            "--exclude-path", "/value", "-H", f"Authorization: Bearer {key}",
            "--workers", "1", "--request-timeout", "120", "--no-color",
@@ -94,11 +56,12 @@ def main() -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
-    with tempfile.TemporaryDirectory() as tmp, server(Path(args.store), Path(tmp)) as (port, key, _):
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}/docs.json", timeout=10) as r:
+    with tempfile.TemporaryDirectory() as tmp, \
+            serving(Path(args.store), Path(tmp), Path(tmp), "fuzz", env=fuzz_env(Path(tmp))) as s:
+        with urllib.request.urlopen(f"{s.url}/docs.json", timeout=10) as r:
             (out / "openapi.json").write_bytes(r.read())
-        code, text = fuzz(port, key, args.max_examples, args.seed, out / "events.ndjson")
-        log = (Path(tmp) / "serve.log").read_text()
+        code, text = fuzz(s.url, s.keys["admin"], args.max_examples, args.seed, out / "events.ndjson")
+        log = s.log.read_text()
     seconds = time.perf_counter() - start
     tracebacks = log.count("Traceback (most recent call last)")
     lines = log.count("\n")

@@ -147,20 +147,21 @@ class KeyVerifier:
         self._lock = threading.Lock()
 
     def __call__(self, authorization: str | None, client: str = "-") -> Principal:
-        if not self._known(authorization):  # keys this process verified are not limited
+        key = (authorization or "").partition(" ")[2].strip()
+        digest = hashlib.sha256(key.encode()).digest()
+        with self._lock:
+            known = self._verified.get(digest) if key else None
+        if known is None:  # keys this process verified are not limited
             self.limiter.check(client)
         try:
-            return self._verify(authorization)
+            return self._verify(authorization, digest, known)
         except AuthError:
             self.limiter.fail(client)
             raise
 
-    def _known(self, authorization: str | None) -> bool:
-        key = (authorization or "").partition(" ")[2].strip()
-        with self._lock:
-            return bool(key) and hashlib.sha256(key.encode()).digest() in self._verified
-
-    def _verify(self, authorization: str | None) -> Principal:
+    def _verify(self, authorization: str | None, digest: bytes, known: bytes | None) -> Principal:
+        """`digest`: sha256 of the header's key; `known`: the stored hash this process
+        verified that key against, if it did."""
         if not authorization:
             raise AuthError("missing API key: send 'Authorization: Bearer <key>'")
         scheme, _, key = authorization.partition(" ")
@@ -171,9 +172,6 @@ class KeyVerifier:
         well_formed = len(parts) == 3 and parts[0] == "cdm"
         row = self.db.get_key(parts[1]) if well_formed else None
         salt, stored = (row["salt"], row["key_hash"]) if row is not None else (_DUMMY_SALT, _DUMMY_HASH)
-        digest = hashlib.sha256(key.encode()).digest()
-        with self._lock:
-            known = self._verified.get(digest)
         if known is None or not hmac.compare_digest(known, stored):
             ok = hmac.compare_digest(_hash(parts[2] if well_formed else key, salt), stored)
             if not ok or row is None:

@@ -254,9 +254,6 @@ class Database:
         rows = self._conn().execute(sql + " ORDER BY created_at", args).fetchall()
         return [self.get_job(r["job_id"]) for r in rows]
 
-    def interrupted_jobs(self) -> list[dict]:
-        return self.jobs(("queued", "running"))
-
     # ------------------------------------------------------- admission, spend
     def admit(self, key_id: str, cost: int, per_minute: int | None, worker: str, seq: int,
               generation: int) -> float | None:

@@ -27,7 +27,6 @@ from dataclasses import dataclass, field
 class _Active:
     key: object
     batch: object  # shards.sampler.Batch
-    jobs: int = 0
     last_step: float = field(default_factory=time.monotonic)
 
 
@@ -123,14 +122,13 @@ class StepScheduler:
 
     def _admit(self, job, future: Future) -> None:
         key, request = self._key(job), self._request(job)
-        active = next((a for a in self._active if a.key == key and a.jobs < self.max_jobs
+        active = next((a for a in self._active if a.key == key and len(a.batch.members) < self.max_jobs
                        and a.batch.rows + request.n <= self.max_rows), None)
         try:
             if active is None:
                 active = _Active(key, self._open(job))
                 self._active.append(active)
             active.batch.add(request, handle=(job, future))
-            active.jobs += 1
         except Exception as err:  # bad request: reported to it alone
             self._leave(job)
             future.set_exception(err)
@@ -145,7 +143,7 @@ class StepScheduler:
         return min(self._active, key=lambda a: a.batch.remaining)
 
     def _advance(self, active: _Active) -> None:
-        together = active.jobs
+        together = len(active.batch.members)
         try:
             finished = active.batch.step()
         except Exception as err:  # reported to every request of the batch
@@ -153,7 +151,6 @@ class StepScheduler:
             return
         active.last_step = time.monotonic()
         for (job, future), output in finished:
-            active.jobs -= 1
             self._leave(job)
             if self._on_done is not None:
                 try:
