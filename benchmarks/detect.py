@@ -64,12 +64,26 @@ PROPERTIES = ("precision", "quality", "recall", "confidence", "diversity")
 
 
 # ------------------------------------------------------------------ planted data
+def images_and_labels(folder: Path) -> tuple[np.ndarray, np.ndarray | None]:
+    """Images in [0, 1], (N, H, W), of a flat folder (labels None) or of a labelled
+    one (`<digit>/*.png`, the layout of labelled demo data; labels from the names)."""
+    subdirs = sorted((p for p in folder.iterdir() if p.is_dir() and p.name.isdigit()),
+                     key=lambda p: int(p.name))
+    if not subdirs:
+        return (load_image_folder(folder).numpy()[:, 0] + 1) / 2, None
+    parts = [(load_image_folder(p).numpy()[:, 0] + 1) / 2 for p in subdirs]
+    labels = np.concatenate([np.full(len(x), int(p.name)) for p, x in zip(subdirs, parts, strict=True)])
+    return np.concatenate(parts), labels
+
+
 def public_with_labels(data_dir: Path) -> tuple[np.ndarray, np.ndarray]:
-    """The `public/` images in [0, 1] and their digits: `shards.demo` writes them digit
-    by digit, `_split_sizes(class size)[1]` of each, so the labels follow the order."""
+    """The `public/` images in [0, 1] and their digits. Unlabelled demo data writes them
+    digit by digit, `_split_sizes(class size)[1]` of each, so the labels follow the order."""
     from sklearn.datasets import load_digits
 
-    images = (load_image_folder(data_dir / "public").numpy()[:, 0] + 1) / 2
+    images, labels = images_and_labels(data_dir / "public")
+    if labels is not None:
+        return images, labels
     counts = np.bincount(load_digits().target, minlength=N_CLASSES)
     labels = np.concatenate([np.full(_split_sizes(int(n))[1], d) for d, n in enumerate(counts)])
     if len(labels) != len(images):
@@ -90,7 +104,7 @@ def planted_images(kind: str, data_dir: Path, seed: int = 0) -> np.ndarray:
     elif kind == "drop50":
         x = x * (rng.random(x.shape) >= 0.5)
     elif kind == "dup-alice":
-        alice = (load_image_folder(data_dir / "contributors" / "alice").numpy()[:, 0] + 1) / 2
+        alice = images_and_labels(data_dir / "contributors" / "alice")[0]
         x = alice[rng.choice(len(alice), len(x), replace=False)]
         x = x + rng.normal(0.0, 0.02, size=x.shape)
     elif kind == "blank":
