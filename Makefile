@@ -10,7 +10,7 @@ BIN    := $(VENV)/bin
 DATA   ?= var/demo-data
 STORE  ?= var/store
 
-.PHONY: install data store serve test lint bench scale service-bench value clean
+.PHONY: install chromium data store serve test lint bench scale service-bench value console-shots clean
 
 # torch 2.13.0 first: it is a local CPU wheel; letting a dependency resolve torch
 # would pull several GB of CUDA packages.
@@ -21,6 +21,15 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 install: $(VENV)/.installed
+
+# Headless Chromium for the console's browser tests (tests/test_console.py): Debian's
+# package, installed only when no chromium binary is on PATH. Playwright is pointed
+# at it and never downloads a browser of its own.
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+chromium:
+	@command -v chromium >/dev/null || command -v chromium-browser >/dev/null || \
+		{ $(SUDO) apt-get update -qq && \
+		  DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq chromium >/dev/null; }
 
 $(DATA)/owners.json: | $(VENV)/.installed
 	$(BIN)/cdm demo-data $(DATA)
@@ -39,7 +48,7 @@ serve: store
 	$(BIN)/cdm keys demo --store $(STORE)
 	$(BIN)/cdm serve --store $(STORE) --port 3000
 
-test: install
+test: install chromium
 	$(BIN)/pytest -q
 
 lint: install
@@ -66,6 +75,10 @@ value: store
 	$(BIN)/cdm value --store $(STORE) --heldout $(DATA)/heldout --property quality \
 		--methods exact,permutation,kernelshap,pruned,retrain,loo,attribution \
 		--max-evaluations 64 --workers 2 --report benchmarks/results/valuation-quality
+
+# the console's screenshots (docs/console-*.png) and page-load times, on the default store
+console-shots: store chromium
+	$(BIN)/python tests/test_console.py --store $(STORE) --shots docs
 
 clean:
 	rm -rf var

@@ -33,6 +33,7 @@ from starlette.concurrency import run_in_threadpool
 
 from shards.errors import CDMError, DataError, StoreError, UnknownContributorError, short
 
+from . import console
 from .auth import AuthError, FailureLimiter, ForbiddenError, KeyVerifier, Principal, RateLimitError
 from .db import Database
 from .platform import NotFoundError, Platform, UnavailableError
@@ -134,6 +135,8 @@ ERRORS = {"/generate": (400, 401, 403, 404, 409, 413, 415, 429, 503),
           "/contributors": (400, 401, 413, 415, 429), "/attribution": (400, 401, 404, 413, 415, 429),
           "/credit": (400, 401, 413, 415, 429), "/history": (400, 401, 413, 415, 429),
           "/payout_policy": (400, 401, 403, 409, 413, 415, 429)}
+INPUTS.update(console.INPUTS)  # the console's endpoints (whoami, keys, audit, ...)
+ERRORS.update(console.ERRORS)
 ERROR_SCHEMA = {"type": "object", "required": ["error"], "properties": {
     "error": {"type": "string"},
     "detail": {"type": "array", "items": {"type": "object", "properties": {
@@ -457,5 +460,40 @@ class CDMService:
         the requests that used its contributor, with its samples and mass)."""
         return self._call(ctx, self.platform.history, limit=limit, before=before)
 
+    # ---- what the web console (/ui) reads; the logic and scoping is in console.py
+    @bentoml.api(input_spec=console.NoInput)
+    def whoami(self, ctx: bentoml.Context) -> dict:
+        """The key's user, role, contributor and licence."""
+        return self._call(ctx, console.whoami)
+
+    @bentoml.api(input_spec=console.NoInput)
+    def keys(self, ctx: bentoml.Context) -> dict:
+        """Admin: every API key (ids, users, roles, licences, state; no secrets)."""
+        return self._call(ctx, console.keys, db=self.platform.db)
+
+    @bentoml.api(input_spec=console.RevokeKeyInput)
+    def revoke_key(self, ctx: bentoml.Context, key_id: str) -> dict:
+        """Admin: revoke a key; refused from the next request on (audited)."""
+        return self._call(ctx, console.revoke_key, db=self.platform.db, key_id=key_id)
+
+    @bentoml.api(input_spec=console.AuditInput)
+    def audit(self, ctx: bentoml.Context, contributor_id: str | None = None,
+              limit: int = 200) -> dict:
+        """The audit log, newest first (admin: all; contributor key: its own records)."""
+        return self._call(ctx, console.audit, db=self.platform.db,
+                          contributor_id=contributor_id, limit=limit)
+
+    @bentoml.api(input_spec=console.JobsInput)
+    def jobs(self, ctx: bentoml.Context, kind: str | None = None, limit: int = 50) -> dict:
+        """Admin: recent background jobs, newest first."""
+        return self._call(ctx, console.jobs, db=self.platform.db, kind=kind, limit=limit)
+
+    @bentoml.api(input_spec=console.ValuationsInput)
+    def valuations(self, ctx: bentoml.Context, limit: int = 200) -> dict:
+        """Recorded valuations, newest first, with the payout shares under the policy
+        (admin: all; contributor key: its own values)."""
+        return self._call(ctx, console.valuations, db=self.platform.db, limit=limit)
+
 
 CDMService.add_asgi_middleware(Gate)
+CDMService.mount_asgi_app(console.app(), path=console.MOUNT)  # static files, no key needed
