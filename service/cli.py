@@ -53,13 +53,18 @@ def _store_config(args):
 
 
 def cmd_train(args) -> None:
+    from dataclasses import replace as drop
+
     from shards import ShardStore, load_contributors
-    from shards.data import load_image_folder
+    from shards.data import load_labelled_folder
 
     datasets = load_contributors(args.data_dir)
-    public = load_image_folder(args.public) if args.public else None
+    public, public_labels = load_labelled_folder(args.public) if args.public else (None, None)
+    if args.no_labels:  # the unconditional store of earlier versions, from labelled data
+        datasets = [drop(d, labels=None) for d in datasets]
+        public_labels = None
     store = ShardStore.create(args.store, datasets, _store_config(args), public=public,
-                              device=args.device)
+                              device=args.device, public_labels=public_labels)
     _print_store(store)
 
 
@@ -78,8 +83,9 @@ def _print_store(store) -> None:
     print(f"store {store.root}: {len(store.contributor_ids)} contributors")
     for cid in store.contributor_ids:
         e = store.contributor(cid)
+        labels = ",".join(sorted(e.get("labels", {}), key=int))
         print(f"  {cid:10s} {e['kind']:4s} {e['images']:5d} images  loss {e['final_loss']:.4f}  "
-              f"data {e['data_hash'][:12]}")
+              f"data {e['data_hash'][:12]}" + (f"  labels {labels}" if labels else ""))
     c = store.manifest["classifier"]
     if c is not None:
         print(f"  classifier v{c['version']} ({c['trained']}, loss {c['final_loss']:.4f})")
@@ -100,15 +106,22 @@ def cmd_sample(args) -> None:
     store = ShardStore.open(args.store)
     sampler = store.load_sampler(args.device, cache_shards=args.cache_shards, router=args.router)
     contributors = _csv(args.contributors) if args.contributors else None
-    out = sampler(contributors, n=args.n, steps=args.steps, seed=args.seed,
-                  scheduler=args.scheduler, mode=args.mode, progress=True, routing=routing)
+    from shards.data import parse_label
+    from shards.sampler import SampleRequest
+
+    labels = tuple(parse_label(y, "--label") for y in _csv(args.label)) if args.label else None
+    request = SampleRequest(None if contributors is None else tuple(contributors), args.n,
+                            args.seed, labels)
+    out = sampler.sample_batch([request], steps=args.steps, scheduler=args.scheduler,
+                               mode=args.mode, progress=True, routing=routing)[0]
     path.parent.mkdir(parents=True, exist_ok=True)
     if path.suffix == ".npz":
         import numpy as np
 
+        extra = {} if out.labels is None else {"labels": out.labels.numpy()}
         np.savez(path, images=out.images.numpy(), contributor_ids=np.array(out.contributor_ids),
                  attribution_mean=out.attribution_mean.numpy(),
-                 attribution_last=out.attribution_last.numpy())
+                 attribution_last=out.attribution_last.numpy(), **extra)
     else:
         save_grid(out.images, path)
     rows = sampler.shard_rows / (args.n * args.steps)
@@ -327,6 +340,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="training steps of the joint classifier; default 800")
     p.add_argument("--head-steps", type=int, default=None,
                    help="training steps of each density-ratio head; default 4000")
+    p.add_argument("--no-labels", action="store_true",
+                   help="ignore the data's labels: an unconditional store (labelled data "
+                        "otherwise makes class-conditional shards and router)")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if present)")
     p.set_defaults(func=cmd_train)
 
@@ -340,6 +356,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("sample", help="sample from the composition of some contributors")
     p.add_argument("--store", required=True)
     p.add_argument("--contributors", default=None, help="comma-separated ids (default: all)")
+    p.add_argument("--label", default=None,
+                   help="labelled stores: the label of every sample, or one per sample "
+                        "(comma-separated); default: drawn from the composition's labels")
     p.add_argument("--n", type=int, default=16)
     p.add_argument("--steps", type=int, default=50)
     p.add_argument("--seed", type=int, default=0)

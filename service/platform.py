@@ -240,20 +240,23 @@ class Platform:
     def generate(self, principal: Principal, contributors: list[str] | None = None, n: int = 4,
                  steps: int = 50, seed: int = 0, mode: str = "composed",
                  scheduler: str = "ddpm", routing: str | None = None, top_k: int | None = None,
-                 mass: float | None = None) -> dict:
+                 mass: float | None = None, label: int | list[int] | None = None) -> dict:
         """Sample with exactly the requested contributors (default: every live one the
         key is licensed for), record the request in the ledger, return PNGs (base64)
-        and per-sample attribution keyed by contributor id.
+        and per-sample attribution keyed by contributor id. In a labelled store
+        `label` (one for all images, or one per image) conditions the samples; without
+        it each image's label is drawn from the composition's labels.
 
         Raises:
             ValueError: bad arguments, or n x steps above the per-request limit (400).
             UnknownContributorError: a named contributor is not live (404).
+            LabelUnavailableError: no contributor of S holds a requested label (404).
             ForbiddenError: a named contributor is not licensed (403), or none is.
             RateLimitError: the key's spend over the last minute (429).
             UnavailableError: no live contributor at all (503).
         """
         job = self.prepare_generation(principal, contributors, n, steps, seed, mode, scheduler,
-                                      routing, top_k, mass)
+                                      routing, top_k, mass, label)
         if self._scheduler is not None:  # it releases the job when the job leaves it
             out = self._scheduler.submit(job).result()
         else:
@@ -277,12 +280,16 @@ class Platform:
     def prepare_generation(self, principal: Principal, contributors: list[str] | None = None,
                            n: int = 4, steps: int = 50, seed: int = 0, mode: str = "composed",
                            scheduler: str = "ddpm", routing: str | None = None, top_k: int | None = None,
-                           mass: float | None = None) -> GenerationJob:
+                           mass: float | None = None, label: int | list[int] | None = None) -> GenerationJob:
         """Check the request, charge the key, register the request as in flight, then
         snapshot the registry (after registering: a purge that did not see this request
         in flight ran after the snapshot, whose live set already excludes the forgotten).
         The job counts as in flight until `release(job.seq)`."""
         route = Routing.parse(routing, top_k, mass, mode)
+        labels = None if label is None else tuple([label] if isinstance(label, int) else label)
+        if labels is not None and len(labels) not in (1, n):
+            raise ValueError(f"{len(labels)} labels for n={n} images; give one label for all "
+                             "or one per image")
         cost = n * steps
         if cost > self.limits.request_cost:
             raise ValueError(f"n x steps = {cost} exceeds this server's per-request limit "
@@ -298,7 +305,7 @@ class Platform:
         try:
             sampler, live = self._sync()
             return self._check_generation(principal, contributors, n, steps, seed, mode,
-                                          scheduler, route, sampler, live, seq)
+                                          scheduler, route, sampler, live, seq, labels)
         except BaseException:
             self.release(seq)
             raise
@@ -308,7 +315,7 @@ class Platform:
         self.db.release(self.worker, seq)
 
     def _check_generation(self, principal, contributors, n, steps, seed, mode, scheduler,
-                          route, sampler, live, seq) -> GenerationJob:
+                          route, sampler, live, seq, labels=None) -> GenerationJob:
         if sampler is None:
             raise UnavailableError("the store has no live contributors")
         if contributors is None:
@@ -326,9 +333,13 @@ class Platform:
         if route.top_k is not None and route.top_k > len(allowed):  # "at most k": all of S
             route = dataclasses.replace(route, top_k=len(allowed))
         route.check_subset(len(allowed))
-        return GenerationJob(principal, sampler, SampleRequest(tuple(allowed), n, seed),
-                             {"n": n, "steps": steps, "seed": seed, "mode": mode,
-                              "scheduler": scheduler, **route.to_dict()}, route, seq)
+        request = SampleRequest(tuple(allowed), n, seed, labels)
+        sampler.check_labels(request)  # a label no contributor of S holds: 404 before sampling
+        params = {"n": n, "steps": steps, "seed": seed, "mode": mode, "scheduler": scheduler,
+                  **route.to_dict()}
+        if labels is not None:
+            params["label"] = list(labels)
+        return GenerationJob(principal, sampler, request, params, route, seq)
 
     @staticmethod
     def _batch_key(job: GenerationJob) -> tuple:
@@ -380,6 +391,7 @@ class Platform:
             "attribution": attribution,
             "attribution_last": {c: out.attribution_last[:, i].tolist()
                                  for i, c in enumerate(out.contributor_ids)},
+            "labels": None if out.labels is None else out.labels.tolist(),
         }
 
     # ------------------------------------------------------------ forgetting
@@ -654,7 +666,9 @@ class Platform:
         self.store.refresh()
         entries = dict(self.store.manifest["contributors"])  # one snapshot: no 404 mid-list
         return [{"contributor_id": c, "images": e["images"], "kind": e["kind"],
-                 "added_at": e["added_at"]} for c, e in sorted(entries.items())]
+                 "added_at": e["added_at"],
+                 "labels": dict(sorted(e.get("labels", {}).items(), key=lambda kv: int(kv[0])))}
+                for c, e in sorted(entries.items())]
 
     def attribution(self, principal: Principal, request_id: str) -> dict:
         row = self.db.get_request(request_id)

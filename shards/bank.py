@@ -9,6 +9,7 @@ shards stacked along a leading slot axis. Row b of the batch uses slot s_b:
     conv:  y_b = W[s_b] * x_b + c[s_b]     (one grouped convolution, groups = rows)
     norm:  y_b = gamma[s_b] GN(x_b) + beta[s_b]
     linear y_b = W[s_b] x_b + c[s_b]       (a batched matmul)
+    class  y_b = E[s_b][label_b]           (class-conditional shards: a gather)
 
 Rows are ordered by shard; a shard with many rows (`solo_rows` or more) runs as a
 plain call with its own weights (one call's overhead amortised over its rows), the
@@ -121,8 +122,19 @@ class StackedGroupNorm(_Stacked):
         return y * weight.reshape(*weight.shape, *extra) + bias.reshape(*bias.shape, *extra)
 
 
+class StackedEmbedding(_Stacked):
+    def __init__(self, embedding: torch.nn.Embedding, capacity: int, route: _Route):
+        super().__init__()
+        self._stack(embedding, capacity, route)
+
+    def forward(self, labels: torch.Tensor) -> torch.Tensor:
+        if self.route.single is not None:
+            return F.embedding(labels, self.weight_stack[self.route.single])
+        return self.weight_stack[self.route.slots, labels]
+
+
 _STACKED = {torch.nn.Conv2d: StackedConv2d, torch.nn.Linear: StackedLinear,
-            torch.nn.GroupNorm: StackedGroupNorm}
+            torch.nn.GroupNorm: StackedGroupNorm, torch.nn.Embedding: StackedEmbedding}
 
 
 def _stack_modules(net: torch.nn.Module, capacity: int, route: _Route) -> dict[str, _Stacked]:
@@ -209,8 +221,10 @@ class ShardBank(torch.nn.Module):
                     stack[slot].copy_(state[f"{name}.{part}"])
 
     @torch.no_grad()
-    def evaluate(self, x_t: torch.Tensor, t: torch.Tensor, shard_ids: list[str]) -> torch.Tensor:
-        """eps_{shard_ids[r]}(x_t[r], t[r]) for every row r, as (rows, C, H, W).
+    def evaluate(self, x_t: torch.Tensor, t: torch.Tensor, shard_ids: list[str],
+                 labels: torch.Tensor | None = None) -> torch.Tensor:
+        """eps_{shard_ids[r]}(x_t[r], t[r] (, labels[r])) for every row r, as
+        (rows, C, H, W); `labels` for class-conditional shards.
 
         Raises:
             KeyError: a shard id this bank does not hold.
@@ -219,9 +233,9 @@ class ShardBank(torch.nn.Module):
         if unknown:
             raise KeyError(f"shards not in this bank: {unknown}")
         with self._lock:
-            return self._evaluate(x_t, t, shard_ids)
+            return self._evaluate(x_t, t, shard_ids, labels)
 
-    def _evaluate(self, x_t, t, shard_ids) -> torch.Tensor:
+    def _evaluate(self, x_t, t, shard_ids, labels=None) -> torch.Tensor:
         out = torch.empty_like(x_t)
         groups: dict[str, list[int]] = {}
         for r, cid in enumerate(shard_ids):
@@ -231,13 +245,13 @@ class ShardBank(torch.nn.Module):
         for cid in solo:
             rows = torch.tensor(groups[cid], device=x_t.device)
             slot = self._ensure([cid])[cid]
-            out[rows] = self._forward(x_t[rows], t[rows], single=slot)
+            out[rows] = self._forward(x_t[rows], t[rows], _at(labels, rows), single=slot)
         for chunk in self._passes(rest, groups):
             slots = self._ensure(chunk)
             rows = [r for c in chunk for r in groups[c]]
             row_slots = [slots[c] for c in chunk for _ in groups[c]]
             idx = torch.tensor(rows, device=x_t.device)
-            out[idx] = self._forward(x_t[idx], t[idx],
+            out[idx] = self._forward(x_t[idx], t[idx], _at(labels, idx),
                                      slots=torch.tensor(row_slots, device=x_t.device))
         return out
 
@@ -253,9 +267,13 @@ class ShardBank(torch.nn.Module):
             rows += n
         return passes + ([current] if current else [])
 
-    def _forward(self, x, t, slots=None, single=None) -> torch.Tensor:
+    def _forward(self, x, t, labels=None, slots=None, single=None) -> torch.Tensor:
         self.route.slots, self.route.single = slots, single
         try:
-            return self.net(x, t).sample
+            return self.net(x, t, class_labels=labels).sample
         finally:
             self.route.slots = self.route.single = None
+
+
+def _at(labels: torch.Tensor | None, rows: torch.Tensor) -> torch.Tensor | None:
+    return None if labels is None else labels[rows]

@@ -9,6 +9,12 @@ For shard priors lambda_i and any subset S (DESIGN.md):
 
 Masking the logits outside S before the softmax is (2) exactly, so one classifier
 serves every licence, forgetting state and Shapley coalition.
+
+Labelled stores: the classifier also takes the label y (an embedding added to the
+time embedding) and is trained on draws y ~ uniform over labels, i ~ uniform over the
+contributors holding y, x_0 ~ D_i^y, so softmax(f(x_t, t, y))_i ~= p_t^i(x_t | y) /
+sum_{j holds y} p_t^j(x_t | y): the scores are log p_t^i(x_t | y) up to a constant of
+the row, and the sampler adds log lambda_i(y) over the contributors of S holding y.
 """
 
 from __future__ import annotations
@@ -38,6 +44,7 @@ class ShardClassifier(ModelMixin, ConfigMixin):
         in_channels: int = 1,
         block_out_channels: list[int] = (32, 64),
         time_embed_dim: int = 64,
+        num_labels: int = 0,
     ):
         super().__init__()
         n = len(contributor_ids)
@@ -50,6 +57,7 @@ class ShardClassifier(ModelMixin, ConfigMixin):
         c0 = block_out_channels[0]
         self.time_proj = Timesteps(c0, flip_sin_to_cos=True, downscale_freq_shift=0)
         self.time_embedding = TimestepEmbedding(c0, time_embed_dim)
+        self.label_embedding = torch.nn.Embedding(num_labels, time_embed_dim) if num_labels else None
         self.conv_in = torch.nn.Conv2d(in_channels, c0, 3, padding=1)
         blocks, prev = [], c0
         for i, ch in enumerate(block_out_channels):
@@ -65,19 +73,26 @@ class ShardClassifier(ModelMixin, ConfigMixin):
     def contributor_ids(self) -> list[str]:
         return list(self.config.contributor_ids)
 
-    def forward(self, x_t: torch.Tensor, t: torch.Tensor | int) -> torch.Tensor:
-        """Logits (B, n_shards)."""
+    def forward(self, x_t: torch.Tensor, t: torch.Tensor | int, y: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits (B, n_shards) (given labels `y` (B,) in a labelled store)."""
         t = torch.as_tensor(t, device=x_t.device).expand(x_t.shape[0])
         temb = self.time_embedding(self.time_proj(t).to(x_t.dtype))
+        if self.label_embedding is not None:
+            if y is None:
+                raise ValueError("this classifier is class-conditional: pass the labels y")
+            temb = temb + self.label_embedding(torch.as_tensor(y, device=x_t.device).expand(x_t.shape[0]))
         h = self.conv_in(x_t)
         for block in self.blocks:
             h = block(h, temb) if isinstance(block, ResnetBlock2D) else block(h)
         h = torch.nn.functional.silu(self.norm_out(h)).mean(dim=(2, 3))
         return self.head(h)
 
-    def log_ratios(self, x_t: torch.Tensor, t: torch.Tensor | int) -> torch.Tensor:
+    def log_ratios(self, x_t: torch.Tensor, t: torch.Tensor | int,
+                   y: torch.Tensor | None = None) -> torch.Tensor:
         """f_i - log pi_i (B, n): log p_t^i(x_t) up to a constant shared by all i, the
-        router's scores in eq. (2)."""
+        router's scores in eq. (2); labelled: f_i(x_t, t, y) (module docstring)."""
+        if self.label_embedding is not None:
+            return self(x_t, t, y)
         return self(x_t, t) - self.log_train_freq
 
 
@@ -128,13 +143,16 @@ def train_classifier(
     config: TrainConfig,
     seed: int,
     *,
+    labels: list[torch.Tensor] | None = None,
     device: torch.device | str = "cpu",
     progress: bool = True,
 ) -> float:
     """Cross-entropy on forward-noised samples, label = shard index.
 
-    Labels are drawn with the frequencies in the classifier's config (uniform by
-    default), images uniformly within the labelled shard, t uniformly.
+    Shards are drawn with the frequencies in the classifier's config (uniform by
+    default), images uniformly within the drawn shard, t uniformly. With `labels`
+    (one tensor per dataset): y uniformly over the labels held, a shard uniformly
+    among those holding y, an image uniformly among its images of y.
 
     Returns:
         The mean loss over the last 10% of steps.
@@ -147,12 +165,47 @@ def train_classifier(
     sizes = torch.tensor([d.shape[0] for d in datasets])
     offsets = torch.cumsum(sizes, 0) - sizes
 
+    if labels is not None:
+        return _train_labelled(classifier, datasets, labels, scheduler, config, generator,
+                               device, progress)
+
     def batch_loss() -> torch.Tensor:
-        labels = torch.multinomial(freqs, config.batch_size, replacement=True, generator=generator)
-        within = (torch.rand(config.batch_size, generator=generator) * sizes[labels]).long()
-        x_t, t, _ = forward_noise(scheduler, pool[offsets[labels] + within], generator)
+        shard = torch.multinomial(freqs, config.batch_size, replacement=True, generator=generator)
+        within = (torch.rand(config.batch_size, generator=generator) * sizes[shard]).long()
+        x_t, t, _ = forward_noise(scheduler, pool[offsets[shard] + within], generator)
         logits = classifier(x_t.to(device), t.to(device))
-        return torch.nn.functional.cross_entropy(logits, labels.to(device))
+        return torch.nn.functional.cross_entropy(logits, shard.to(device))
+
+    return optimize(classifier, batch_loss, config, weight_decay=1e-4, device=device,
+                    desc="classifier", progress=progress)
+
+
+def _train_labelled(classifier, datasets, labels, scheduler, config, generator, device,
+                    progress) -> float:
+    """`train_classifier` with labels: groups (shard i, label y) of the pooled images,
+    y uniform over the labels held, then a group of y uniformly, then an image."""
+    pool = torch.cat(datasets)
+    pool_labels = torch.cat(labels)
+    pool_shard = torch.cat([torch.full((len(d),), i) for i, d in enumerate(datasets)])
+    order = torch.argsort(pool_shard * (int(pool_labels.max()) + 1) + pool_labels, stable=True)
+    keys = (pool_shard * (int(pool_labels.max()) + 1) + pool_labels)[order]
+    groups, sizes = torch.unique_consecutive(keys, return_counts=True)
+    starts = torch.cumsum(sizes, 0) - sizes
+    group_label = groups % (int(pool_labels.max()) + 1)
+    held = torch.unique(group_label)
+    per_label = [torch.nonzero(group_label == y).flatten() for y in held.tolist()]
+
+    def batch_loss() -> torch.Tensor:
+        b = config.batch_size
+        which = torch.randint(0, len(held), (b,), generator=generator)
+        pick = torch.rand(b, generator=generator)
+        g = torch.stack([per_label[w][int(p * len(per_label[w]))] for w, p in
+                         zip(which.tolist(), pick.tolist(), strict=True)])
+        within = (torch.rand(b, generator=generator) * sizes[g]).long()
+        idx = order[starts[g] + within]
+        x_t, t, _ = forward_noise(scheduler, pool[idx], generator)
+        logits = classifier(x_t.to(device), t.to(device), pool_labels[idx].to(device))
+        return torch.nn.functional.cross_entropy(logits, pool_shard[idx].to(device))
 
     return optimize(classifier, batch_loss, config, weight_decay=1e-4, device=device,
                     desc="classifier", progress=progress)

@@ -2,7 +2,14 @@
 
 Layout users have::
 
-    DATA_DIR/<contributor_id>/*.png|*.jpg|*.jpeg|*.npy
+    DATA_DIR/<contributor_id>/*.png|*.jpg|*.jpeg|*.npy            unlabelled
+    DATA_DIR/<contributor_id>/<label>/*.png                      labelled, a folder per label
+    DATA_DIR/<contributor_id>/*.png + labels.csv                 labelled, flat (rows: file,label)
+
+A label is an integer from 0 to MAX_LABEL (a digit's class, say). A labelled folder
+must label every image: a file missing from labels.csv, a row naming no image, or a
+label that is not such an integer is a DataError naming the file. A store is labelled
+(its shards class-conditional) when its contributors' data is.
 
 All images of a data set share one size and channel count (1 = grayscale, 3 = RGB).
 A `.npy` file holds one image, shape (H, W), (H, W, C) or (C, H, W) with C in {1, 3},
@@ -22,6 +29,7 @@ PIL runs). Error messages name at most one file of a folder, never its listing.
 
 from __future__ import annotations
 
+import csv
 import hashlib
 import io
 import math
@@ -37,8 +45,11 @@ import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
-from .errors import DataError
+from .errors import DataError, short
 
+LABELS_CSV = "labels.csv"
+MAX_LABEL = 999
+LABEL = re.compile(r"^[0-9]{1,3}$")
 CONTRIBUTOR_ID = re.compile(r"^[a-z0-9][a-z0-9_-]{0,63}$")
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".npy")
 PIL_FORMATS = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG"}
@@ -128,11 +139,20 @@ def validate_contributor_id(contributor_id: str) -> str:
 
 @dataclass(frozen=True)
 class ContributorData:
-    """One contributor's images as a float tensor (N, C, H, W) in [-1, 1]."""
+    """One contributor's images as a float tensor (N, C, H, W) in [-1, 1], and their
+    labels (N,) int64 for a labelled folder (else None)."""
 
     contributor_id: str
     images: torch.Tensor
     data_hash: str
+    labels: torch.Tensor | None = None
+
+    def label_counts(self) -> dict[int, int]:
+        """{label: images}, sorted by label; empty for unlabelled data."""
+        if self.labels is None:
+            return {}
+        values, counts = torch.unique(self.labels, return_counts=True)
+        return {int(v): int(c) for v, c in zip(values, counts, strict=True)}
 
     @property
     def image_shape(self) -> tuple[int, int, int]:
@@ -283,9 +303,11 @@ def _to_chw(arr: np.ndarray, what: str) -> np.ndarray:
     raise DataError(f"{what}: dtype {arr.dtype} is not uint8 or float")
 
 
-def _read_images(files: list[Path], who: str, limits: ImageLimits) -> tuple[torch.Tensor, str]:
+def _read_images(files: list[Path], who: str, limits: ImageLimits,
+                 labels: list[int] | None = None) -> tuple[torch.Tensor, str]:
     """Read `files` as one (N, C, H, W) tensor in [-1, 1] and the data hash of the
-    bytes read (as `hash_files` would compute it); `who` prefixes errors.
+    bytes read (as `hash_files` would compute it, each name prefixed by its label
+    when `labels` are given); `who` prefixes errors.
 
     Raises:
         DataError: from `_read_image`, or naming the first file whose shape differs
@@ -293,14 +315,15 @@ def _read_images(files: list[Path], who: str, limits: ImageLimits) -> tuple[torc
     """
     digest = hashlib.sha256()
     arrays = []
-    for path in files:
+    for i, path in enumerate(files):
         data, arr = _read_image(path, who, limits)
         if arrays and arr.shape != arrays[0].shape:
             raise DataError(
                 f"{who}: {path.name} has shape {arr.shape}, but the images before it "
                 f"have {arrays[0].shape}; all images must match"
             )
-        digest.update(path.name.encode())
+        name = path.name if labels is None else f"{labels[i]}/{path.name}"
+        digest.update(name.encode())
         digest.update(b"\0")
         digest.update(data)
         arrays.append(arr)
@@ -340,9 +363,73 @@ def hash_files(files: list[Path]) -> str:
     return digest.hexdigest()
 
 
+def parse_label(text: object, what: str) -> int:
+    """A label from a folder name or a labels.csv cell.
+
+    Raises:
+        DataError: prefixed with `what`, unless `text` is an integer 0..MAX_LABEL.
+    """
+    if isinstance(text, bool) or not isinstance(text, (int, str)) or not LABEL.match(str(text)):
+        raise DataError(f"{what}: label {short(text, 40)!r} is not an integer from 0 to {MAX_LABEL}")
+    return int(text)
+
+
+def _labels_csv(path: Path, who: str, max_bytes: int) -> dict[str, int]:
+    """file name -> label from a labels.csv (rows `file,label`, an optional header)."""
+    text = _read_file(path, who, max_bytes).decode("utf-8", errors="replace")
+    mapping: dict[str, int] = {}
+    for number, row in enumerate(csv.reader(io.StringIO(text)), start=1):
+        if not row or (number == 1 and [c.strip().lower() for c in row] == ["file", "label"]):
+            continue
+        if len(row) != 2:
+            raise DataError(f"{who}: {LABELS_CSV} row {number} has {len(row)} fields; "
+                            "expected file,label")
+        name, label = row[0].strip(), row[1].strip()
+        mapping[name] = parse_label(label, f"{who}: {LABELS_CSV} row {number} ({short(name, 64)})")
+    return mapping
+
+
+def scan_folder(folder: Path, who: str, limits: ImageLimits) -> tuple[list[Path], list[int] | None]:
+    """The image files of a folder and their labels (None when it is unlabelled): one
+    sub-folder per label, or flat files with a labels.csv, or flat files alone.
+
+    Raises:
+        DataError: images beside label folders, a bad label folder name, a file without
+            a label or a labels.csv row without a file, too many image files.
+    """
+    subdirs = [p for p in folder.iterdir() if p.is_dir() and not p.name.startswith(".")]
+    flat = image_files(folder, limits.max_images)
+    if subdirs:
+        if flat:
+            raise DataError(f"{who}: {flat[0].name} lies beside label folders "
+                            f"({subdirs[0].name}/); put every image in a <label>/ folder")
+        labelled = sorted(((parse_label(d.name, f"{who}: folder {short(d.name, 40)}/"), d)
+                           for d in subdirs), key=lambda pair: pair[0])
+        files: list[Path] = []
+        labels: list[int] = []
+        for label, d in labelled:
+            found = image_files(d, limits.max_images - len(files))
+            files += found
+            labels += [label] * len(found)
+        return files, labels
+    table = folder / LABELS_CSV
+    if not table.is_file():
+        return flat, None
+    mapping = _labels_csv(table, who, limits.max_bytes)
+    names = {f.name for f in flat}
+    for f in flat:
+        if f.name not in mapping:
+            raise DataError(f"{who}: {f.name} has no label in {LABELS_CSV} (rows: file,label)")
+    extra = sorted(set(mapping) - names)
+    if extra:
+        raise DataError(f"{who}: {LABELS_CSV} labels {short(extra[0], 64)}, which is not an "
+                        "image file of the folder")
+    return flat, [mapping[f.name] for f in flat]
+
+
 def load_contributor(folder: str | Path, contributor_id: str | None = None,
                      limits: ImageLimits | None = None) -> ContributorData:
-    """Load and validate one contributor folder.
+    """Load and validate one contributor folder (labelled or not: module docstring).
 
     Args:
         folder: a directory holding the contributor's images.
@@ -351,7 +438,8 @@ def load_contributor(folder: str | Path, contributor_id: str | None = None,
 
     Raises:
         DataError: bad id, missing or empty folder, too many image files, a file too
-            large or of too many pixels, unreadable file, mixed shapes.
+            large or of too many pixels, unreadable file, mixed shapes, a missing or
+            bad label.
         ValueError: a bad CDM_MAX_IMAGE* variable, when `limits` is not given.
     """
     folder = Path(folder)
@@ -359,14 +447,15 @@ def load_contributor(folder: str | Path, contributor_id: str | None = None,
     limits = limits or ImageLimits.from_env()
     if not folder.is_dir():
         raise DataError(f"contributor {contributor_id!r}: {folder} is not a directory")
-    files = image_files(folder, limits.max_images)
+    who = f"contributor {contributor_id!r}"
+    files, labels = scan_folder(folder, who, limits)
     if not files:
         raise DataError(
-            f"contributor {contributor_id!r}: no images ({', '.join(IMAGE_SUFFIXES)}) "
-            f"in {folder}"
+            f"{who}: no images ({', '.join(IMAGE_SUFFIXES)}) in {folder}"
         )
-    images, data_hash = _read_images(files, f"contributor {contributor_id!r}", limits)
-    return ContributorData(contributor_id, images, data_hash)
+    images, data_hash = _read_images(files, who, limits, labels)
+    return ContributorData(contributor_id, images, data_hash,
+                           None if labels is None else torch.tensor(labels, dtype=torch.long))
 
 
 def load_contributors(data_dir: str | Path,
@@ -396,7 +485,21 @@ def load_contributors(data_dir: str | Path,
         raise DataError(f"{data_dir} has no contributor folders")
     datasets = [load_contributor(p, limits=limits) for p in sorted(folders)]
     check_same_shape(datasets)
+    check_same_labelling(datasets)
     return datasets
+
+
+def check_same_labelling(datasets: list[ContributorData], labelled: bool | None = None) -> None:
+    """Raise DataError naming the first contributor whose data is labelled where the
+    others' (or the store's, `labelled`) is not, or the reverse."""
+    if labelled is None:
+        labelled = datasets[0].labels is not None
+    for data in datasets:
+        if (data.labels is not None) != labelled:
+            state = "labelled" if data.labels is not None else "unlabelled"
+            want = "labelled (a <label>/ folder per label or a labels.csv)" if labelled else "unlabelled"
+            raise DataError(f"contributor {data.contributor_id!r} is {state}, but the "
+                            f"{'store' if len(datasets) == 1 else 'others'} are {want}")
 
 
 def check_same_shape(datasets: list[ContributorData], shape: tuple | None = None) -> None:
@@ -411,20 +514,33 @@ def check_same_shape(datasets: list[ContributorData], shape: tuple | None = None
 
 
 def load_image_folder(folder: str | Path, limits: ImageLimits | None = None) -> torch.Tensor:
-    """Images of a plain folder (e.g. the public split) as (N, C, H, W) in [-1, 1].
+    """Images of a plain folder (e.g. the public split) as (N, C, H, W) in [-1, 1],
+    labelled or not (labels dropped).
 
     Raises:
         DataError: missing or empty folder, or as `load_contributor` for its files.
         ValueError: a bad CDM_MAX_IMAGE* variable, when `limits` is not given.
     """
+    return load_labelled_folder(folder, limits)[0]
+
+
+def load_labelled_folder(folder: str | Path, limits: ImageLimits | None = None
+                         ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Images of a plain folder and their labels (None if it is unlabelled), laid out
+    as a contributor folder is (module docstring).
+
+    Raises:
+        DataError: as `load_image_folder`, or a missing or bad label.
+    """
     folder = Path(folder)
     limits = limits or ImageLimits.from_env()
     if not folder.is_dir():
         raise DataError(f"{folder} is not a directory")
-    files = image_files(folder, limits.max_images)
+    files, labels = scan_folder(folder, str(folder), limits)
     if not files:
         raise DataError(f"no images in {folder}")
-    return _read_images(files, str(folder), limits)[0]
+    images = _read_images(files, str(folder), limits, labels)[0]
+    return images, None if labels is None else torch.tensor(labels, dtype=torch.long)
 
 
 def to_uint8(images: torch.Tensor) -> np.ndarray:

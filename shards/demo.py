@@ -1,7 +1,8 @@
 """The embedded default data set, written as real PNG folders from scikit-learn's
 bundled 8x8 digits (no download).
 
-Split, per digit class, by a seeded shuffle:
+Every folder is labelled by digit (`<digit>/*.png`), so stores trained on it are
+class-conditional. Split, per digit class, by a seeded shuffle:
   * 25% `heldout/<digit>/`  evaluation only, owned by nobody (labelled);
   * 15% `public/`           public data, owned by nobody (base model of LoRA shards);
   * 8 images a class        `mallory`, the planted low-quality contributor, whose
@@ -65,6 +66,17 @@ def _write_pngs(folder: Path, prefix: str, images: np.ndarray) -> None:
     for i, img in enumerate(images):
         pixels = np.round(img * 255.0).astype(np.uint8)
         Image.fromarray(pixels, mode="L").save(folder / f"{prefix}-{i:04d}.png")
+
+
+def _write_labelled(folder: Path, prefix: str, images: np.ndarray, labels: np.ndarray) -> None:
+    """`folder/<digit>/<prefix>-<i>.png`, i counting over the whole set."""
+    for digit in np.unique(labels):
+        idx = np.flatnonzero(labels == digit)
+        sub = folder / str(int(digit))
+        sub.mkdir(parents=True, exist_ok=True)
+        for i in idx:
+            pixels = np.round(images[i] * 255.0).astype(np.uint8)
+            Image.fromarray(pixels, mode="L").save(sub / f"{prefix}-{i:04d}.png")
 
 
 def _split_sizes(n: int) -> tuple[int, int, int]:
@@ -139,6 +151,7 @@ def _write(out_dir: Path, seed: int, n: int | None) -> dict:
     labels = digits.target
     rng = np.random.default_rng(seed)
     low_quality, public, owned, heldout_counts = [], [], [], {}
+    low_labels, public_labels = [], []
     for digit in range(N_CLASSES):
         idx = rng.permutation(np.flatnonzero(labels == digit))
         n_held, n_pub, n_low = _split_sizes(len(idx))
@@ -148,18 +161,21 @@ def _write(out_dir: Path, seed: int, n: int | None) -> dict:
         _write_pngs(out_dir / "heldout" / str(digit), f"heldout-{digit}", images[held])
         heldout_counts[digit] = len(held)
         public.append(images[pub])
+        public_labels.append(np.full(len(pub), digit))
         low_quality.append(_corrupt(images[low], rng))
+        low_labels.append(np.full(len(low), digit))
         owned.append(images[idx])
-    _write_pngs(out_dir / "public", "public", np.concatenate(public))
+    _write_labelled(out_dir / "public", "public", np.concatenate(public), np.concatenate(public_labels))
     if n is None:
         honest = _default_owners(owned)
     else:
         honest = _split_owners(owned, n - 1, rng)
     table = {"seed": seed, "contributors": {}, "public_images": int(sum(map(len, public))),
              "heldout_images": heldout_counts}
-    everyone = {**honest, LOW_QUALITY: (list(range(N_CLASSES)), np.concatenate(low_quality))}
-    for cid, (classes, imgs) in everyone.items():
-        _write_pngs(out_dir / "contributors" / cid, cid, imgs)
+    everyone = {**honest, LOW_QUALITY: (list(range(N_CLASSES)), np.concatenate(low_quality),
+                                        np.concatenate(low_labels))}
+    for cid, (classes, imgs, labs) in everyone.items():
+        _write_labelled(out_dir / "contributors" / cid, cid, imgs, labs)
         table["contributors"][cid] = {
             "classes": classes,
             "images": int(len(imgs)),
@@ -171,18 +187,22 @@ def _write(out_dir: Path, seed: int, n: int | None) -> dict:
     return table
 
 
-def _default_owners(owned: list[np.ndarray]) -> dict[str, tuple[list[int], np.ndarray]]:
-    """OWNERS' classes and images: a class shared by several owners is split evenly."""
+def _default_owners(owned: list[np.ndarray]) -> dict[str, tuple[list[int], np.ndarray, np.ndarray]]:
+    """OWNERS' classes, images and labels: a class shared by several owners is split
+    evenly."""
     parts: dict[str, list[np.ndarray]] = {cid: [] for cid in OWNERS}
+    labels: dict[str, list[np.ndarray]] = {cid: [] for cid in OWNERS}
     for digit, imgs in enumerate(owned):
         holders = [cid for cid, classes in OWNERS.items() if digit in classes]
         for k, part in enumerate(np.array_split(np.arange(len(imgs)), len(holders))):
             parts[holders[k]].append(imgs[part])
-    return {cid: (OWNERS[cid], np.concatenate(parts[cid])) for cid in OWNERS}
+            labels[holders[k]].append(np.full(len(part), digit))
+    return {cid: (OWNERS[cid], np.concatenate(parts[cid]), np.concatenate(labels[cid]))
+            for cid in OWNERS}
 
 
 def _split_owners(owned: list[np.ndarray], n_honest: int,
-                  rng: np.random.Generator) -> dict[str, tuple[list[int], np.ndarray]]:
+                  rng: np.random.Generator) -> dict[str, tuple[list[int], np.ndarray, np.ndarray]]:
     """`n_honest` contributors `c000`, ...: consecutive segments of the owned images laid
     out digit by digit in a seeded random order (module docstring)."""
     order = rng.permutation(N_CLASSES)
@@ -195,7 +215,7 @@ def _split_owners(owned: list[np.ndarray], n_honest: int,
     result = {}
     for cid, s in zip(ids, segment_of, strict=True):
         lo, hi = cuts[s], cuts[s + 1]
-        result[cid] = (sorted({int(d) for d in pool_labels[lo:hi]}), pool[lo:hi])
+        result[cid] = (sorted({int(d) for d in pool_labels[lo:hi]}), pool[lo:hi], pool_labels[lo:hi])
     return result
 
 

@@ -32,6 +32,21 @@ class UnknownContributorError(StoreError, KeyError):
         return self.args[0]
 
 
+class LabelUnavailableError(CDMError, LookupError):
+    """No contributor of the requested subset holds a requested label."""
+
+    def __init__(self, label: int, held: dict[str, list[int]]):
+        self.label, self.held = label, held
+        shown = "; ".join(f"{c}: {', '.join(map(str, ys)) or 'none'}"
+                          for c, ys in list(held.items())[:16])
+        more = f"; and {len(held) - 16} more" if len(held) > 16 else ""
+        super().__init__(f"no licensed, live contributor holds label {label}; labels held: "
+                         f"{shown}{more}")
+
+    def __str__(self) -> str:
+        return self.args[0]
+
+
 def short(value: object, limit: int = 80) -> str:
     """`value` as text, cut to `limit` characters: ids from a request are echoed in
     errors, and an error must not be as large as the input that caused it."""

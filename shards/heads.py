@@ -15,9 +15,20 @@ the reference density cancels. Forgetting c deletes head c; adding c trains head
 no head ever sees another contributor's data. Where the reference has little mass
 the ratios are poorly estimated (README compares this router with the joint one).
 
+Labelled stores condition every head on the label y: its own images of label y
+against reference images of the same label y, so the optimum is
+
+    (5') r_i(x_t, t, y) = log p_t^i(x_t | y) / p_t^ref(x_t | y)
+
+and softmax_{i in S}( r_i + log lambda_i(y) ) with lambda_i(y) proportional to i's
+images of label y is the posterior over the shards of S that hold y (the reference
+density of label y cancels). A head only ever sees labels its contributor holds; the
+sampler gives every other contributor weight 0 for that label.
+
 A head is a small time-conditioned MLP on the image (average-pooled to at most
-16 x 16 pixels): h1 = silu(W1 x + T1 e(t) + b1), h2 = silu(W2 h1 + T2 e(t) + b2),
-r = w3 . h2 + b3, with e(t) a fixed sinusoidal embedding. `HeadsRouter` stacks the
+16 x 16 pixels): h1 = silu(W1 x + T1 e(t) + L1[y] + b1), h2 = silu(W2 h1 + T2 e(t) +
+L2[y] + b2), r = w3 . h2 + b3, with e(t) a fixed sinusoidal embedding and L1, L2
+label embeddings (labelled stores only). `HeadsRouter` stacks the
 live heads' weights and evaluates all of them in three batched matmuls.
 """
 
@@ -53,8 +64,10 @@ class DensityRatioHead(ModelMixin, ConfigMixin):
 
     @register_to_config
     def __init__(self, contributor_id: str = "a", in_features: int = 64, hidden: int = 64,
-                 time_dim: int = 32):
+                 time_dim: int = 32, num_labels: int = 0):
         super().__init__()
+        self.label1 = torch.nn.Embedding(num_labels, hidden) if num_labels else None
+        self.label2 = torch.nn.Embedding(num_labels, hidden) if num_labels else None
         self.time_proj = Timesteps(time_dim, flip_sin_to_cos=True, downscale_freq_shift=0)
         self.lin1 = torch.nn.Linear(in_features, hidden)
         self.time1 = torch.nn.Linear(time_dim, hidden, bias=False)
@@ -62,12 +75,23 @@ class DensityRatioHead(ModelMixin, ConfigMixin):
         self.time2 = torch.nn.Linear(time_dim, hidden, bias=False)
         self.out = torch.nn.Linear(hidden, 1)
 
-    def forward(self, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        """(B,) log-ratio estimates."""
+    def forward(self, x_t: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
+        """(B,) log-ratio estimates (given labels `y` (B,) in a labelled store)."""
         e = self.time_proj(torch.as_tensor(t).expand(x_t.shape[0])).to(x_t.dtype)
-        h = F.silu(self.lin1(_features(x_t)) + self.time1(e))
-        h = F.silu(self.lin2(h) + self.time2(e))
-        return self.out(h).squeeze(-1)
+        h = self.lin1(_features(x_t)) + self.time1(e)
+        if self.label1 is not None:
+            h = h + self.label1(_labels(y, x_t))
+        h = F.silu(h)
+        h = self.lin2(h) + self.time2(e)
+        if self.label2 is not None:
+            h = h + self.label2(_labels(y, x_t))
+        return self.out(F.silu(h)).squeeze(-1)
+
+
+def _labels(y: torch.Tensor | None, x_t: torch.Tensor) -> torch.Tensor:
+    if y is None:
+        raise ValueError("this router is class-conditional: pass the labels y")
+    return torch.as_tensor(y, device=x_t.device).expand(x_t.shape[0])
 
 
 class HeadsRouter(torch.nn.Module):
@@ -81,43 +105,76 @@ class HeadsRouter(torch.nn.Module):
         self.time_proj = heads[0].time_proj
         names = ["lin1.weight", "lin1.bias", "time1.weight", "lin2.weight", "lin2.bias",
                  "time2.weight", "out.weight", "out.bias"]
+        self.labelled = heads[0].label1 is not None
+        if any((h.label1 is not None) != self.labelled for h in heads):
+            raise ValueError("heads of one router must all be labelled or all unlabelled")
+        if self.labelled:
+            names += ["label1.weight", "label2.weight"]
         states = [h.state_dict() for h in heads]
         for name in names:
             self.register_buffer(name.replace(".", "_"), torch.stack([s[name] for s in states]))
 
-    def log_ratios(self, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    def log_ratios(self, x_t: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
         e = self.time_proj(torch.as_tensor(t).expand(x_t.shape[0])).to(x_t.dtype)  # (B, E)
         x = _features(x_t)  # (B, D)
         # (K, B, H): every head on every sample, batched over heads
         h = torch.einsum("bd,khd->kbh", x, self.lin1_weight) + self.lin1_bias[:, None]
-        h = F.silu(h + torch.einsum("be,khe->kbh", e, self.time1_weight))
+        h = h + torch.einsum("be,khe->kbh", e, self.time1_weight)
+        if self.labelled:
+            h = h + self.label1_weight[:, _labels(y, x_t)]
+        h = F.silu(h)
         h2 = torch.bmm(h, self.lin2_weight.transpose(1, 2)) + self.lin2_bias[:, None]
-        h2 = F.silu(h2 + torch.einsum("be,khe->kbh", e, self.time2_weight))
+        h2 = h2 + torch.einsum("be,khe->kbh", e, self.time2_weight)
+        if self.labelled:
+            h2 = h2 + self.label2_weight[:, _labels(y, x_t)]
+        h2 = F.silu(h2)
         r = torch.bmm(h2, self.out_weight.transpose(1, 2)).squeeze(-1) + self.out_bias
         return r.transpose(0, 1)  # (B, K)
 
-    def forward(self, x_t, t):
-        return self.log_ratios(x_t, t)
+    def forward(self, x_t, t, y=None):
+        return self.log_ratios(x_t, t, y)
 
 
 def train_head(head: DensityRatioHead, images: torch.Tensor, reference: torch.Tensor,
                scheduler: DDPMScheduler, config: TrainConfig, seed: int, *,
+               labels: torch.Tensor | None = None, reference_labels: torch.Tensor | None = None,
                device: torch.device | str = "cpu", progress: bool = True) -> float:
     """Logistic regression of noised `images` (1) against noised `reference` (0), in
-    balanced batches of `config.batch_size` each (eq. 5). Returns the mean loss over
-    the last 10% of steps."""
+    balanced batches of `config.batch_size` each (eq. 5); with `labels`, each own
+    image is paired with a reference image of the same label (eq. 5'). Returns the
+    mean loss over the last 10% of steps.
+
+    Raises:
+        ValueError: shapes differ; labels on one side only; a label of `images` that
+            the reference lacks.
+    """
     if images.shape[1:] != reference.shape[1:]:
         raise ValueError(f"images {tuple(images.shape[1:])} and reference "
                          f"{tuple(reference.shape[1:])} differ in shape")
+    if (labels is None) != (reference_labels is None) or (labels is None) != (head.label1 is None):
+        raise ValueError("a labelled head needs labels for its images and its reference")
     generator = torch.Generator().manual_seed(seed)
     b = config.batch_size
-    labels = torch.cat([torch.ones(b), torch.zeros(b)]).to(device)
+    target = torch.cat([torch.ones(b), torch.zeros(b)]).to(device)
+    if labels is not None:
+        order = torch.argsort(reference_labels, stable=True)
+        counts = torch.bincount(reference_labels, minlength=int(labels.max()) + 1)
+        starts = torch.cumsum(counts, 0) - counts
+        lacking = sorted(set(labels.tolist()) - set(reference_labels.tolist()))
+        if lacking:
+            raise ValueError(f"the reference (public) data has no image of label(s) {lacking}")
 
     def batch_loss() -> torch.Tensor:
-        own = images[torch.randint(0, len(images), (b,), generator=generator)]
-        ref = reference[torch.randint(0, len(reference), (b,), generator=generator)]
-        x_t, t, _ = forward_noise(scheduler, torch.cat([own, ref]), generator)
-        return F.binary_cross_entropy_with_logits(head(x_t.to(device), t.to(device)), labels)
+        idx = torch.randint(0, len(images), (b,), generator=generator)
+        if labels is None:
+            ref_idx, y = torch.randint(0, len(reference), (b,), generator=generator), None
+        else:
+            y = labels[idx]
+            within = (torch.rand(b, generator=generator) * counts[y]).long()
+            ref_idx = order[starts[y] + within]
+            y = torch.cat([y, y]).to(device)
+        x_t, t, _ = forward_noise(scheduler, torch.cat([images[idx], reference[ref_idx]]), generator)
+        return F.binary_cross_entropy_with_logits(head(x_t.to(device), t.to(device), y), target)
 
     return optimize(head, batch_loss, config, weight_decay=1e-4, device=device,
                     desc=f"head {head.config.contributor_id}", progress=progress)

@@ -34,8 +34,11 @@ def seeded(seed: int):
         yield
 
 
-def make_unet(image_shape: tuple[int, int, int], unet: dict | None = None, seed: int = 0) -> UNet2DModel:
-    """A small `UNet2DModel` for images of shape (C, H, W), initialised from `seed`.
+def make_unet(image_shape: tuple[int, int, int], unet: dict | None = None, seed: int = 0,
+              num_labels: int = 0) -> UNet2DModel:
+    """A small `UNet2DModel` for images of shape (C, H, W), initialised from `seed`;
+    class-conditional (diffusers' class embedding, added to the time embedding) with
+    `num_labels` > 0, so eps_theta(x_t, t, y).
 
     Raises:
         DataError: if H or W is not divisible by the UNet's total downsampling.
@@ -59,6 +62,7 @@ def make_unet(image_shape: tuple[int, int, int], unet: dict | None = None, seed:
             norm_num_groups=cfg["norm_num_groups"],
             down_block_types=("DownBlock2D",) * levels,
             up_block_types=("UpBlock2D",) * levels,
+            num_class_embeds=num_labels or None,
         )
 
 

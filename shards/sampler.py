@@ -18,6 +18,18 @@ each sample is then evaluated only on its routed shards, all (sample, shard) pai
 the step in one `ShardBank` pass, and eps_S ~= sum_{i in R_b} w~_{b,i} eps_i. Dense
 routing evaluates every pair of S and is the reference.
 
+Labelled stores (class-conditional shards and router): every sample carries a label y
+and, with lambda_i(y) = lambda_i n_i(y) / n_i (n_i(y): contributor i's images of y),
+
+    (3') eps_S(x_t, t, y) = sum_{i in S, n_i(y) > 0} w_i^S(x_t, t, y) eps_i(x_t, t, y),
+         w_i^S = softmax over those i of ( r_i(x_t, t, y) + log lambda_i(y) )
+
+so a contributor without label y has weight 0 and is never evaluated. A request that
+names no label draws each sample's y from the composition's own label distribution
+p_S(y) proportional to sum_{i in S} lambda_i(y) (from a generator of its own, so x_T is
+the same as without labels); since p_S(x) = sum_y p_S(y) p_S(x | y), that is the
+unconditional composition exactly.
+
 Per-sample attribution is the trajectory average of the full w^S (not the routed w~)
 over the sampling steps and the last step's w^S; each row sums to 1 over S.
 
@@ -39,7 +51,7 @@ from tqdm.auto import tqdm
 
 from .bank import ShardBank
 from .classifier import posterior_weights
-from .errors import UnknownContributorError
+from .errors import LabelUnavailableError, UnknownContributorError
 from .routing import Routing, route
 
 SCHEDULERS = {"ddim": DDIMScheduler, "ddpm": DDPMScheduler}
@@ -48,21 +60,31 @@ MODES = ("composed", "naive")
 
 @dataclass(frozen=True)
 class SampleRequest:
-    """One request of a batch: `contributors` None means every live contributor."""
+    """One request of a batch: `contributors` None means every live contributor;
+    `labels` (labelled stores) one for all n samples or one per sample, None to draw
+    them from p_S(y)."""
 
     contributors: tuple[str, ...] | None
     n: int
     seed: int
+    labels: tuple[int, ...] | None = None
+
+
+def label_seed(seed: int) -> int:
+    """The seed of the generator that draws a request's labels when it names none."""
+    return (seed * 0x9E3779B1 + 0x7F4A7C15) % (1 << 63)
 
 
 @dataclass
 class SampleOutput:
-    """Images in [0, 1] (N, C, H, W) and attribution (N, |S|) in `contributor_ids` order."""
+    """Images in [0, 1] (N, C, H, W), attribution (N, |S|) in `contributor_ids` order,
+    and each sample's label (N,) in a labelled store."""
 
     images: torch.Tensor
     contributor_ids: list[str]
     attribution_mean: torch.Tensor
     attribution_last: torch.Tensor
+    labels: torch.Tensor | None = None
 
     def attribution_table(self) -> dict[str, dict[str, float]]:
         """Mean over samples of each contributor's per-sample attribution."""
@@ -84,7 +106,8 @@ class ComposedSampler:
     """
 
     def __init__(self, bank: ShardBank, router, schedule_config: dict,
-                 priors: dict[str, float], image_shape: tuple[int, int, int]):
+                 priors: dict[str, float], image_shape: tuple[int, int, int],
+                 label_counts: dict[str, dict[int, int]] | None = None, num_labels: int = 0):
         self.bank = bank
         self.router = router
         self.image_shape = tuple(image_shape)
@@ -96,6 +119,17 @@ class ComposedSampler:
             raise ValueError(f"the router has no output for live shards {missing}")
         self.contributor_ids = [c for c in self.classifier_ids if c in self.live_ids]
         self.log_prior = torch.tensor([float(np.log(priors.get(c, 1.0))) for c in self.classifier_ids])
+        # labelled: lambda_i(y) = lambda_i n_i(y) / n_i, (K, L); 0 where i lacks y
+        self.num_labels = num_labels if label_counts is not None else 0
+        self.label_prior = None
+        if self.num_labels:
+            table = torch.zeros(len(self.classifier_ids), self.num_labels, dtype=torch.float64)
+            for k, c in enumerate(self.classifier_ids):
+                counts = label_counts.get(c, {})
+                total = sum(counts.values())
+                for y, count in counts.items():
+                    table[k, int(y)] = priors.get(c, 1.0) * count / total
+            self.label_prior = table
         self.shard_rows = 0  # (sample, shard) evaluations so far, for cost accounting
 
     @property
@@ -118,6 +152,47 @@ class ComposedSampler:
         if unknown:
             raise UnknownContributorError(unknown)
         return torch.tensor([c in contributors for c in self.classifier_ids])
+
+    def labels_held(self, contributors=None) -> dict[str, list[int]]:
+        """The labels each contributor of S (None: every live one) holds."""
+        mask = self._mask(contributors)
+        if self.label_prior is None:
+            return {}
+        return {c: torch.nonzero(self.label_prior[k] > 0).flatten().tolist()
+                for k, c in enumerate(self.classifier_ids) if mask[k]}
+
+    def check_labels(self, request: SampleRequest) -> None:
+        """Raise what `Batch.add` would for the request's labels (below), before any
+        sampling."""
+        if request.labels is not None:
+            self._labels(request, self._mask(request.contributors))
+
+    def _labels(self, request: SampleRequest, mask: torch.Tensor) -> torch.Tensor | None:
+        """(n,) labels of a request's samples: given, or drawn from p_S(y).
+
+        Raises:
+            ValueError: labels for an unlabelled store, or neither 1 nor n of them.
+            LabelUnavailableError: no contributor of S holds a requested label.
+        """
+        if self.label_prior is None:
+            if request.labels is not None:
+                raise ValueError("this store is unlabelled: its contributors' data has no "
+                                 "labels, so a request cannot name one")
+            return None
+        in_s = self.label_prior[mask]  # (|S|, L)
+        if request.labels is None:
+            p_y = in_s.sum(0)
+            g = torch.Generator().manual_seed(label_seed(request.seed))
+            return torch.multinomial(p_y.float(), request.n, replacement=True, generator=g)
+        labels = list(request.labels)
+        if len(labels) not in (1, request.n):
+            raise ValueError(f"{len(labels)} labels for n={request.n} images; give one label "
+                             "for all or one per image")
+        for y in sorted(set(labels)):
+            if not (0 <= y < self.num_labels) or not bool((in_s[:, y] > 0).any()):
+                raise LabelUnavailableError(y, self.labels_held(
+                    [c for c, on in zip(self.classifier_ids, mask.tolist(), strict=True) if on]))
+        return torch.tensor(labels * (request.n if len(labels) == 1 else 1), dtype=torch.long)
 
     def __call__(self, contributors: list[str] | None = None, n: int = 16, steps: int = 50,
                  seed: int = 0, scheduler: str = "ddpm", mode: str = "composed",
@@ -210,6 +285,8 @@ class Batch:
         self.members: list[_Member] = []
         self.x = torch.zeros((0, *sampler.image_shape), device=device)
         self.allowed = torch.zeros((0, k), dtype=torch.bool, device=device)
+        self.log_prior = torch.zeros((0, k), device=device)  # log lambda_i (of y_b) per row
+        self.labels = torch.zeros(0, dtype=torch.long, device=device) if sampler.num_labels else None
         self.w_sum = torch.zeros((0, k), device=device)
 
     @property
@@ -230,15 +307,26 @@ class Batch:
         """
         if request.n < 1:
             raise ValueError(f"n must be >= 1, got {request.n}")
-        mask = self.sampler._mask(request.contributors)
+        s = self.sampler
+        mask = s._mask(request.contributors)
         self.routing.check_subset(int(mask.sum()))
+        labels = s._labels(request, mask)
         generator = torch.Generator().manual_seed(request.seed)
-        x = torch.randn((request.n, *self.sampler.image_shape), generator=generator)
+        x = torch.randn((request.n, *s.image_shape), generator=generator)
         device = self.x.device
+        allowed = mask.expand(request.n, -1)
+        log_prior = s.log_prior.expand(request.n, -1)
+        if labels is not None:  # eq. 3': only S's holders of y_b, with log lambda_i(y_b)
+            prior_y = s.label_prior[:, labels].T  # (n, K)
+            allowed = allowed & (prior_y > 0)
+            log_prior = prior_y.clamp_min(1e-300).log().float()
         grown = (torch.cat([self.x, x.to(device)]),
-                 torch.cat([self.allowed, mask.to(device).expand(request.n, -1)]),
+                 torch.cat([self.allowed, allowed.to(device)]),
+                 torch.cat([self.log_prior, log_prior.to(device)]),
+                 None if labels is None else torch.cat([self.labels, labels.to(device)]),
                  torch.cat([self.w_sum, torch.zeros(request.n, self.w_sum.shape[1], device=device)]))
-        self.x, self.allowed, self.w_sum = grown  # all or nothing: a failure above changes none
+        # all or nothing: a failure above changes none
+        self.x, self.allowed, self.log_prior, self.labels, self.w_sum = grown
         self.members.append(_Member(request, handle, mask, generator))
 
     @torch.no_grad()
@@ -252,8 +340,10 @@ class Batch:
                             for t, m in zip(t_member, self.members, strict=True)]).to(device)
         alone = bool((self.allowed.sum(1) == 1).all())  # |S| = 1 everywhere: w = 1, no router
         # 2. w^S(x_t, t): masked, prior-corrected posterior (eq. 2) or uniform over S
+        y = self.labels
         if self.mode == "composed" and not alone:
-            w = posterior_weights(s.router.log_ratios(x, t_rows), s.log_prior.to(device), self.allowed)
+            scores = s.router.log_ratios(x, t_rows) if y is None else s.router.log_ratios(x, t_rows, y)
+            w = posterior_weights(scores, self.log_prior, self.allowed)
         else:
             w = self.allowed.float() / self.allowed.sum(1, keepdim=True)
         self.w_sum += w
@@ -261,7 +351,8 @@ class Batch:
         routed = route(w, self.routing)
         rows, cols = routed.nonzero(as_tuple=True)
         # 4. eps_i(x_t, t) for every routed (sample, shard) pair, in one bank pass
-        eps_pairs = s.bank.evaluate(x[rows], t_rows[rows], [s.classifier_ids[k] for k in cols.tolist()])
+        eps_pairs = s.bank.evaluate(x[rows], t_rows[rows], [s.classifier_ids[k] for k in cols.tolist()],
+                                    None if y is None else y[rows])
         s.shard_rows += len(rows)
         # 5. eps_S = sum_{i in R_b} w~_i eps_i (eq. 3), then x_{t-1} with each request's noise
         eps = torch.zeros_like(x).index_add_(0, rows, eps_pairs * routed[rows, cols][:, None, None, None])
@@ -277,10 +368,14 @@ class Batch:
                 images = ((self.x[a:b].clamp(-1, 1) + 1) / 2).cpu()
                 sub = [c for c, on in zip(s.classifier_ids, m.mask.tolist(), strict=True) if on]
                 w_mean = (self.w_sum[a:b] / self.steps).cpu()[:, m.mask]
-                finished.append((m.handle, SampleOutput(images, sub, w_mean, w[a:b].cpu()[:, m.mask])))
+                finished.append((m.handle, SampleOutput(images, sub, w_mean, w[a:b].cpu()[:, m.mask],
+                                                        None if y is None else y[a:b].cpu())))
                 keep[a:b] = False
         if finished:
             keep_dev = keep.to(device)
             self.members = [m for m in self.members if m.done < self.steps]
             self.x, self.allowed, self.w_sum = self.x[keep_dev], self.allowed[keep_dev], self.w_sum[keep_dev]
+            self.log_prior = self.log_prior[keep_dev]
+            if self.labels is not None:
+                self.labels = self.labels[keep_dev]
         return finished

@@ -35,9 +35,9 @@ class StoreConfig:
     kind: str = "full"
     unet: dict = field(default_factory=lambda: dict(DEFAULT_UNET))
     schedule: dict = field(default_factory=lambda: dict(DEFAULT_SCHEDULE))
-    shard_train: TrainConfig = TrainConfig(steps=800)
-    base_train: TrainConfig = TrainConfig(steps=1200)
-    lora_train: TrainConfig = TrainConfig(steps=400, lr=5e-3)
+    shard_train: TrainConfig = TrainConfig(steps=800, ema=True)
+    base_train: TrainConfig = TrainConfig(steps=1200, ema=True)
+    lora_train: TrainConfig = TrainConfig(steps=400, lr=5e-3, ema=True)
     lora_rank: int = 8
     classifier_train: TrainConfig = TrainConfig(steps=800, batch_size=128)
     classifier_update_steps: int = 300
@@ -98,23 +98,28 @@ def files_hash(folder: Path) -> str:
 
 
 def train_base(images: torch.Tensor, image_shape, config: StoreConfig, scheduler: DDPMScheduler,
-               device="cpu", progress=True) -> tuple[UNet2DModel, float]:
-    """The public base UNet of LoRA shards, trained on public data only."""
+               device="cpu", progress=True, labels: torch.Tensor | None = None,
+               num_labels: int = 0) -> tuple[UNet2DModel, float]:
+    """The public base UNet of LoRA shards, trained on public data only (with its
+    labels in a labelled store)."""
     seed = derived_seed(config.seed, "base")
-    model = make_unet(image_shape, config.unet, seed=seed)
-    loss = train_denoiser(model, images, scheduler, config.base_train, seed, device=device,
-                          desc="base (public)", progress=progress)
+    model = make_unet(image_shape, config.unet, seed=seed, num_labels=num_labels)
+    loss = train_denoiser(model, images, scheduler, config.base_train, seed, labels=labels,
+                          device=device, desc="base (public)", progress=progress)
     return model.cpu(), loss
 
 
 def train_shard(data: ContributorData, kind: str, config: StoreConfig, scheduler: DDPMScheduler,
-                base: UNet2DModel | None = None, device="cpu", progress=True) -> tuple[torch.nn.Module, dict]:
-    """Train one shard on `data` alone. Returns (model, metadata)."""
+                base: UNet2DModel | None = None, device="cpu", progress=True,
+                num_labels: int = 0) -> tuple[torch.nn.Module, dict]:
+    """Train one shard on `data` alone, class-conditional on `num_labels` labels when
+    the data is labelled (a LoRA shard inherits its base's class embedding). Returns
+    (model, metadata)."""
     if kind not in KINDS:
         raise ValueError(f"kind={kind!r}; allowed: {list(KINDS)}")
     seed = derived_seed(config.seed, "shard", data.contributor_id)
     if kind == "full":
-        model = make_unet(data.image_shape, config.unet, seed=seed)
+        model = make_unet(data.image_shape, config.unet, seed=seed, num_labels=num_labels)
         train = config.shard_train
     else:
         if base is None:
@@ -122,10 +127,13 @@ def train_shard(data: ContributorData, kind: str, config: StoreConfig, scheduler
         with seeded(seed):
             model = get_peft_model(copy.deepcopy(base), make_lora_config(config.lora_rank))
         train = config.lora_train
-    loss = train_denoiser(model, data.images, scheduler, train, seed, device=device,
-                          desc=f"shard {data.contributor_id}", progress=progress)
+    loss = train_denoiser(model, data.images, scheduler, train, seed, labels=data.labels,
+                          device=device, desc=f"shard {data.contributor_id}", progress=progress)
     meta = {"contributor_id": data.contributor_id, "kind": kind, "data_hash": data.data_hash,
-            "images": len(data), "seed": seed, "steps": train.steps, "final_loss": loss}
+            "images": len(data), "seed": seed, "steps": train.steps, "ema": train.ema,
+            "final_loss": loss}
+    if data.labels is not None:
+        meta["labels"] = {str(k): v for k, v in data.label_counts().items()}
     return model.cpu(), meta
 
 

@@ -6,9 +6,15 @@
       base/                          public base UNet (LoRA stores only)
       shards/<id>/                   config + safetensors + shard.json
       router/<id>/                   the contributor's density-ratio head (router `heads`)
-      reference/images.safetensors   public reference data of the heads (owned by nobody)
+      reference/images.safetensors   public reference data of the heads (owned by nobody),
+                                     with its labels in a labelled store
       classifier/v<NNNN>/            joint classifier (router `joint`); the manifest names one
-      data/<id>/images.safetensors   the contributor's data, only with keep_data
+      data/<id>/images.safetensors   the contributor's data (and labels), only with keep_data
+
+A labelled store (its contributors' folders hold labels; `num_labels` in the manifest,
+fixed when the store is created) has class-conditional shards and router, and every
+contributor's entry lists its label counts; a contributor added later must be
+labelled, with labels below `num_labels`.
 
 Router `heads` (the default): everything derived from contributor c is
 shards/c and router/c, trained on D_c alone; forgetting deletes them and retrains
@@ -50,7 +56,12 @@ from tqdm.auto import tqdm
 
 from .bank import DEFAULT_CAPACITY, ShardBank
 from .classifier import ShardClassifier, expand_classifier, train_classifier
-from .data import ContributorData, check_same_shape, validate_contributor_id
+from .data import (
+    ContributorData,
+    check_same_labelling,
+    check_same_shape,
+    validate_contributor_id,
+)
 from .errors import DataError, StoreError, UnknownContributorError, crashpoint
 from .heads import DensityRatioHead, HeadsRouter, feature_dim, train_head
 from .models import make_noise_schedule, make_unet, pick_device, seeded
@@ -185,6 +196,15 @@ class ShardStore:
         except KeyError:
             raise UnknownContributorError(contributor_id) from None
 
+    @property
+    def num_labels(self) -> int:
+        """How many labels the store's class-conditional models know (0: unlabelled)."""
+        return int(self.manifest.get("num_labels", 0))
+
+    def label_counts(self, contributor_id: str) -> dict[int, int]:
+        """{label: images} of a live contributor; empty in an unlabelled store."""
+        return {int(y): n for y, n in self.contributor(contributor_id).get("labels", {}).items()}
+
     def priors(self) -> dict[str, float]:
         """lambda_i: proportional to |D_i| (`size`) or equal (`uniform`)."""
         entries = self.manifest["contributors"]
@@ -201,12 +221,26 @@ class ShardStore:
         Raises:
             StoreError: the store does not keep contributor data (keep_data off).
         """
+        return self.contributor_data(contributor_id)[0]
+
+    def contributor_data(self, contributor_id: str) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The kept copy of a live contributor's images and labels (None: unlabelled).
+
+        Raises:
+            StoreError: the store does not keep contributor data (keep_data off).
+        """
         entry = self.contributor(contributor_id)
         if not entry.get("data_path"):
             raise StoreError(f"store {self.root} keeps no contributor data (keep_data is off); "
                              "rebuild it with keep_data (cdm train --keep-data) for methods "
                              "that retrain on raw data")
-        return load_file(self.root / entry["data_path"] / "images.safetensors")["images"]
+        kept = load_file(self.root / entry["data_path"] / "images.safetensors")
+        return kept["images"], kept.get("labels")
+
+    def reference_data(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The public reference of the heads router: images and labels."""
+        kept = load_file(self.root / self.manifest["reference"]["path"] / "images.safetensors")
+        return kept["images"], kept.get("labels")
 
     def load_classifier(self) -> ShardClassifier:
         if self.manifest.get("classifier") is None:
@@ -272,7 +306,7 @@ class ShardStore:
                 return load_file(weights)
             return self.load_shard(cid, entry).state_dict()
 
-        template = make_unet(self.image_shape, self.config.unet)
+        template = make_unet(self.image_shape, self.config.unet, num_labels=self.num_labels)
         return ShardBank(template, load_state, list(entries), capacity)
 
     def load_sampler(self, device: str | None = None, cache_shards: int | None = None,
@@ -290,21 +324,25 @@ class ShardStore:
             raise StoreError(f"store {self.root} has no contributors")
         dev = pick_device(device)
         schedule = dict(self.noise_schedule().config)
+        counts = {c: self.label_counts(c) for c in self.contributor_ids} if self.num_labels else None
         return ComposedSampler(self.load_bank(cache_shards).to(dev), self.load_router().to(dev),
-                               schedule, self.priors(), self.image_shape)
+                               schedule, self.priors(), self.image_shape, counts, self.num_labels)
 
     # ---------------------------------------------------------------- writing
     @classmethod
     def create(cls, root: str | Path, datasets: list[ContributorData],
                config: StoreConfig | None = None, public: torch.Tensor | None = None,
-               device: str | None = None, progress: bool = True) -> ShardStore:
+               device: str | None = None, progress: bool = True,
+               public_labels: torch.Tensor | None = None) -> ShardStore:
         """Train one shard (and, with router `heads`, one head) per contributor, and
-        the joint classifier with router `joint`; write a new store.
+        the joint classifier with router `joint`; write a new store. Labelled data
+        makes a labelled store (class-conditional shards and router).
 
         Raises:
             StoreError: `root` exists and is not empty.
-            DataError: no data, duplicate ids, mismatched shapes, no public data where
-                LoRA shards or router `heads` need it.
+            DataError: no data, duplicate ids, mismatched shapes, labelled and unlabelled
+                contributors mixed, no public data where LoRA shards or router `heads`
+                need it (labelled too, in a labelled store).
         """
         root = Path(root)
         config = config or StoreConfig()
@@ -316,7 +354,14 @@ class ShardStore:
         if len(set(ids)) != len(ids):
             raise DataError(f"duplicate contributor ids: {sorted({i for i in ids if ids.count(i) > 1})}")
         check_same_shape(datasets)
+        check_same_labelling(datasets)
         image_shape = datasets[0].image_shape
+        labelled = datasets[0].labels is not None
+        num_labels = 0
+        if labelled:
+            num_labels = 1 + max(int(d.labels.max()) for d in datasets)
+            if public_labels is not None and len(public_labels):
+                num_labels = max(num_labels, 1 + int(public_labels.max()))
         needs_public = [w for w, on in (("kind 'lora' (its base model)", config.kind == "lora"),
                                         ("router 'heads' (its reference)", config.router == "heads"))
                         if on]
@@ -326,11 +371,22 @@ class ShardStore:
                                 "nobody (--public DIR)")
             if tuple(public.shape[1:]) != image_shape:
                 raise DataError(f"public images have shape {tuple(public.shape[1:])}, contributors {image_shape}")
+            if labelled and public_labels is None:
+                raise DataError("the contributors' data is labelled, so the public data must be "
+                                "too (a <label>/ folder per label or a labels.csv)")
+            if labelled:
+                lacking = sorted({int(y) for d in datasets for y in d.labels.unique()}
+                                 - {int(y) for y in public_labels.unique()})
+                if lacking:
+                    raise DataError(f"the public data has no image of label(s) {lacking}, which "
+                                    f"contributors hold; {' and '.join(needs_public)} need(s) them")
+        if not labelled:
+            public_labels = None
         tmp = root.parent / f".{root.name}.partial-{uuid.uuid4().hex[:8]}"
         tmp.mkdir(parents=True)
         try:
             cls._build(tmp, sorted(datasets, key=lambda d: d.contributor_id), config,
-                       public, image_shape, pick_device(device), progress)
+                       public, image_shape, pick_device(device), progress, public_labels, num_labels)
             if root.exists():
                 root.rmdir()
             os.replace(tmp, root)
@@ -340,21 +396,26 @@ class ShardStore:
         return cls.open(root)
 
     @classmethod
-    def _build(cls, root, datasets, config, public, image_shape, device, progress) -> None:
+    def _build(cls, root, datasets, config, public, image_shape, device, progress,
+               public_labels=None, num_labels=0) -> None:
         scheduler = make_noise_schedule(config.schedule)
         scheduler.save_pretrained(root / "schedule")
         manifest = {"format": FORMAT, "created_at": _now(), "image_shape": list(image_shape),
                     "config": config.to_dict(), "base": None, "contributors": {},
-                    "classifier": None, "reference": None}
+                    "classifier": None, "reference": None, "num_labels": num_labels}
         base = None
         if config.kind == "lora":
-            base, loss = train_base(public, image_shape, config, scheduler, device, progress)
+            base, loss = train_base(public, image_shape, config, scheduler, device, progress,
+                                    public_labels, num_labels)
             base.save_pretrained(root / "base")
             manifest["base"] = {"path": "base", "images": len(public), "final_loss": loss,
                                 "data_hash": _tensor_hash(public), "weights_hash": files_hash(root / "base")}
         if config.router == "heads":
             (root / "reference").mkdir()
-            save_file({"images": public.contiguous()}, str(root / "reference" / "images.safetensors"))
+            kept = {"images": public.contiguous()}
+            if public_labels is not None:
+                kept["labels"] = public_labels.contiguous()
+            save_file(kept, str(root / "reference" / "images.safetensors"))
             manifest["reference"] = {"path": "reference", "images": len(public),
                                      "data_hash": _tensor_hash(public)}
         store = cls(root, manifest)
@@ -385,6 +446,7 @@ class ShardStore:
         with self.admin_lock():
             self._check_addable(cid, kind)
             check_same_shape([data], self.image_shape)
+            self._check_labels(data)
             dev = pick_device(device)
             scheduler = self.noise_schedule()
             base = None
@@ -406,6 +468,24 @@ class ShardStore:
                     self._commit(m)
             return new_entry
 
+    def _check_labels(self, data: ContributorData) -> None:
+        """A labelled store takes labelled data with labels it knows (and, router
+        `heads`, that its reference holds); an unlabelled one takes unlabelled data."""
+        check_same_labelling([data], labelled=self.num_labels > 0)
+        if not self.num_labels:
+            return
+        unknown = sorted(y for y in data.label_counts() if y >= self.num_labels)
+        if unknown:
+            raise DataError(f"contributor {data.contributor_id!r} has label(s) {unknown} (folder "
+                            f"{unknown[0]}/ or its labels.csv rows), which this store does not know; "
+                            f"allowed: 0..{self.num_labels - 1} (fixed when the store was created)")
+        if self.config.router == "heads":
+            ref_labels = self.reference_data()[1]
+            lacking = sorted(set(data.label_counts()) - {int(y) for y in ref_labels.unique()})
+            if lacking:
+                raise DataError(f"contributor {data.contributor_id!r} has label(s) {lacking}, of "
+                                "which the store's public reference holds no image")
+
     def _check_addable(self, cid: str, kind: str) -> None:
         if cid in self.manifest["contributors"]:
             raise DataError(f"contributor {cid!r} is already in the store")
@@ -425,9 +505,11 @@ class ShardStore:
             seed = derived_seed(self.config.seed, "classifier")
             with seeded(seed):
                 classifier = ShardClassifier(contributor_ids=ids, in_channels=self.image_shape[0],
-                                             block_out_channels=list(self.config.classifier_channels))
+                                             block_out_channels=list(self.config.classifier_channels),
+                                             num_labels=self.num_labels)
             loss = train_classifier(classifier, [data.images], self.noise_schedule(),
-                                    self.config.classifier_train, seed, device=dev, progress=progress)
+                                    self.config.classifier_train, seed, device=dev, progress=progress,
+                                    labels=None if data.labels is None else [data.labels])
             return classifier.cpu(), {"trained": "scratch", "steps": self.config.classifier_train.steps,
                                       "final_loss": loss}
         old = self.load_classifier()
@@ -435,12 +517,13 @@ class ShardStore:
         version = self.manifest["classifier"]["version"] + 1
         with seeded(derived_seed(self.config.seed, "classifier-update", str(version))):
             classifier = expand_classifier(old, ids)
-        images = {c: self.contributor_images(c) for c in self.manifest["contributors"]}
-        images[cid] = data.images
+        kept = {c: self.contributor_data(c) for c in self.manifest["contributors"]}
+        kept[cid] = (data.images, data.labels)
         train = TrainConfig(**{**self.config.classifier_train.to_dict(),
                                "steps": self.config.classifier_update_steps, "warmup_steps": 0})
-        loss = train_classifier(classifier, [images[c] for c in ids], self.noise_schedule(), train,
+        loss = train_classifier(classifier, [kept[c][0] for c in ids], self.noise_schedule(), train,
                                 derived_seed(self.config.seed, "classifier-update", str(version)),
+                                labels=[kept[c][1] for c in ids] if self.num_labels else None,
                                 device=dev, progress=progress)
         return classifier.cpu(), {"trained": "update", "steps": train.steps, "final_loss": loss}
 
@@ -560,9 +643,12 @@ class ShardStore:
         seed = derived_seed(self.config.seed, "classifier")
         with seeded(seed):
             classifier = ShardClassifier(contributor_ids=ids, in_channels=self.image_shape[0],
-                                         block_out_channels=list(self.config.classifier_channels))
-        loss = train_classifier(classifier, [self.contributor_images(c) for c in ids],
-                                self.noise_schedule(), self.config.classifier_train, seed,
+                                         block_out_channels=list(self.config.classifier_channels),
+                                         num_labels=self.num_labels)
+        kept = [self.contributor_data(c) for c in ids]
+        loss = train_classifier(classifier, [k[0] for k in kept], self.noise_schedule(),
+                                self.config.classifier_train, seed,
+                                labels=[k[1] for k in kept] if self.num_labels else None,
                                 device=device, progress=progress)
         return classifier.cpu(), {"trained": "scratch", "steps": self.config.classifier_train.steps,
                                   "final_loss": loss}
@@ -572,7 +658,8 @@ class ShardStore:
         each folder is staged and renamed. The manifest is the caller's to switch:
         until it names <id>, these folders are orphans `cleanup_orphans` deletes."""
         cid = data.contributor_id
-        model, meta = train_shard(data, kind, self.config, scheduler, base, device, progress)
+        model, meta = train_shard(data, kind, self.config, scheduler, base, device, progress,
+                                  self.num_labels)
         staging = self.root / "shards" / f".{cid}.partial"
         weights_hash = save_shard(model, meta, staging)
         entry = {**meta, "path": f"shards/{cid}", "data_path": None,
@@ -585,7 +672,10 @@ class ShardStore:
         if self.config.keeps_data:
             data_staging = self.root / "data" / f".{cid}.partial"
             data_staging.mkdir(parents=True)
-            save_file({"images": data.images.contiguous()}, str(data_staging / "images.safetensors"),
+            kept = {"images": data.images.contiguous()}
+            if data.labels is not None:
+                kept["labels"] = data.labels.contiguous()
+            save_file(kept, str(data_staging / "images.safetensors"),
                       metadata={"data_hash": data.data_hash})
             os.replace(data_staging, data_dir)
             entry["data_path"] = f"data/{cid}"
@@ -598,9 +688,10 @@ class ShardStore:
         seed = derived_seed(self.config.seed, "head", cid)
         with seeded(seed):
             head = DensityRatioHead(contributor_id=cid, in_features=feature_dim(self.image_shape),
-                                    hidden=self.config.head_hidden)
-        reference = load_file(self.root / self.manifest["reference"]["path"] / "images.safetensors")["images"]
+                                    hidden=self.config.head_hidden, num_labels=self.num_labels)
+        reference, reference_labels = self.reference_data()
         loss = train_head(head, data.images, reference, scheduler, self.config.head_train, seed,
+                          labels=data.labels, reference_labels=reference_labels,
                           device=device, progress=progress)
         staging, final = self.root / "router" / f".{cid}.partial", self.root / "router" / cid
         head.cpu().save_pretrained(staging)

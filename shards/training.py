@@ -3,7 +3,13 @@ minibatch sampler. Every loop is a pure function of its data and seed.
 
 Denoising loss (DDPM, Ho et al. 2020, eq. 14):
     L = E_{x_0 ~ D, t ~ U{0..T-1}, eps ~ N(0, I)} || eps - eps_theta(x_t, t) ||^2,
-    x_t = sqrt(abar_t) x_0 + sqrt(1 - abar_t) eps.
+    x_t = sqrt(abar_t) x_0 + sqrt(1 - abar_t) eps,
+and for labelled data eps_theta(x_t, t, y) with (x_0, y) drawn together.
+
+Denoisers keep an exponential moving average of their weights (diffusers' `EMAModel`,
+with its warm-up: decay_k = min(0.9999, 1 - (1 + k)^(-2/3)) at step k, about 0.988
+after 800 steps), and the trained model ends holding the averaged weights: what is
+saved and sampled. Routers (heads, classifier) are plain.
 """
 
 from __future__ import annotations
@@ -14,6 +20,7 @@ from dataclasses import asdict, dataclass
 import torch
 from diffusers import DDPMScheduler
 from diffusers.optimization import get_cosine_schedule_with_warmup
+from diffusers.training_utils import EMAModel
 from tqdm.auto import tqdm
 
 
@@ -25,6 +32,7 @@ class TrainConfig:
     batch_size: int = 64
     lr: float = 2e-3
     warmup_steps: int = 50
+    ema: bool = False  # end with the EMA of the weights (denoisers; see module docstring)
 
     def __post_init__(self):
         if self.steps < 1 or self.batch_size < 1 or self.lr <= 0:
@@ -60,6 +68,7 @@ def optimize(model: torch.nn.Module, batch_loss: Callable[[], torch.Tensor], con
     optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=weight_decay)
     lr_schedule = get_cosine_schedule_with_warmup(optimizer, config.warmup_steps, config.steps)
     model.to(device).train()
+    ema = EMAModel(params, decay=0.9999, use_ema_warmup=True, power=2 / 3) if config.ema else None
     tail = max(1, config.steps // 10)
     recent: list[float] = []
     bar = tqdm(range(config.steps), desc=desc, disable=not progress, leave=False)
@@ -69,10 +78,14 @@ def optimize(model: torch.nn.Module, batch_loss: Callable[[], torch.Tensor], con
         loss.backward()
         optimizer.step()
         lr_schedule.step()
+        if ema is not None:
+            ema.step(params)
         if step >= config.steps - tail:
             recent.append(loss.item())
         if step % 50 == 0:
             bar.set_postfix(loss=f"{loss.item():.4f}")
+    if ema is not None:
+        ema.copy_to(params)
     model.eval()
     return float(sum(recent) / len(recent))
 
@@ -84,11 +97,13 @@ def train_denoiser(
     config: TrainConfig,
     seed: int,
     *,
+    labels: torch.Tensor | None = None,
     device: torch.device | str = "cpu",
     desc: str = "train",
     progress: bool = True,
 ) -> float:
-    """Fit `model` (in place) to predict the noise added to `images`.
+    """Fit `model` (in place) to predict the noise added to `images` (given their
+    `labels`, for a class-conditional model).
 
     Only parameters with `requires_grad` are optimised (so a peft model trains its
     LoRA weights only). Batches, timesteps and noise come from a CPU generator seeded
@@ -104,6 +119,8 @@ def train_denoiser(
     def batch_loss() -> torch.Tensor:
         idx = torch.randint(0, images.shape[0], (config.batch_size,), generator=generator)
         x_t, t, eps = forward_noise(scheduler, images[idx], generator)
-        return torch.nn.functional.mse_loss(model(x_t.to(device), t.to(device)).sample, eps.to(device))
+        y = None if labels is None else labels[idx].to(device)
+        out = model(x_t.to(device), t.to(device), class_labels=y).sample
+        return torch.nn.functional.mse_loss(out, eps.to(device))
 
     return optimize(model, batch_loss, config, device=device, desc=desc, progress=progress)

@@ -48,9 +48,12 @@ def test_default_split_is_unchanged(default_dir):
         assert contributors[cid]["classes"] == classes and not contributors[cid]["corrupted"]
     assert contributors[LOW_QUALITY] == {"classes": list(range(10)), "images": 80,
                                          "corrupted": True}
-    for cid, entry in contributors.items():
-        assert len(list((default_dir / "contributors" / cid).glob("*.png"))) == entry["images"]
-    assert len(list((default_dir / "public").glob("*.png"))) == table["public_images"] == 269
+    for cid, entry in contributors.items():  # labelled: one <digit>/ folder per class held
+        folder = default_dir / "contributors" / cid
+        assert len(list(folder.glob("*/*.png"))) == entry["images"]
+        assert sorted(int(p.name) for p in folder.iterdir()) == entry["classes"]
+    assert len(list((default_dir / "public").glob("*/*.png"))) == table["public_images"] == 269
+    assert sorted(int(p.name) for p in (default_dir / "public").iterdir()) == list(range(10))
 
 
 def test_n_split_contributors(split_dir):
@@ -66,7 +69,7 @@ def test_n_split_contributors(split_dir):
     assert set().union(*(e["classes"] for e in honest.values())) == set(range(10))
     assert contributors[LOW_QUALITY]["corrupted"]
     for cid, entry in contributors.items():
-        n_files = len(list((split_dir / "contributors" / cid).glob("*.png")))
+        n_files = len(list((split_dir / "contributors" / cid).glob("*/*.png")))
         assert n_files == entry["images"] >= MIN_IMAGES
 
 
@@ -75,7 +78,7 @@ def test_n_split_images_are_disjoint(split_dir):
     for folder in sorted((split_dir / "contributors").iterdir()):
         if folder.name == LOW_QUALITY:
             continue
-        for png in folder.glob("*.png"):
+        for png in folder.glob("*/*.png"):
             digest = hashlib.sha256(png.read_bytes()).hexdigest()
             assert digest not in seen, f"{png} duplicates an image of {seen.get(digest)}"
             seen[digest] = folder.name
