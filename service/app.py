@@ -31,7 +31,15 @@ import bentoml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.concurrency import run_in_threadpool
 
-from shards.errors import CDMError, DataError, StoreError, UnknownContributorError, short
+from shards.data import MAX_LABEL
+from shards.errors import (
+    CDMError,
+    DataError,
+    LabelUnavailableError,
+    StoreError,
+    UnknownContributorError,
+    short,
+)
 
 from . import console
 from .auth import AuthError, FailureLimiter, ForbiddenError, KeyVerifier, Principal, RateLimitError
@@ -40,6 +48,7 @@ from .platform import NotFoundError, Platform, UnavailableError
 
 STATUS: list[tuple[type[Exception], int]] = [
     (AuthError, 401), (ForbiddenError, 403), (UnknownContributorError, 404),
+    (LabelUnavailableError, 404),
     (NotFoundError, 404), (RateLimitError, 429), (UnavailableError, 503), (DataError, 400),
     (StoreError, 409), (ValueError, 400),
 ]
@@ -57,6 +66,9 @@ class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
 
 
+Label = Annotated[int, Field(ge=0, le=MAX_LABEL)]
+
+
 class GenerateInput(Strict):
     contributors: list[Annotated[str, Field(max_length=64)]] | None = Field(
         None, min_length=1, max_length=256, json_schema_extra={"uniqueItems": True},
@@ -72,6 +84,9 @@ class GenerateInput(Strict):
                                description="each image on the fewest shards holding this much "
                                            "weight; 1: every shard with weight (dense). "
                                            "Neither given: top_k 3 with mass 0.9")
+    label: Label | Annotated[list[Label], Field(min_length=1, max_length=MAX_N)] | None = Field(
+        None, description="labelled stores: the label of every image, or a list of one per "
+                          "image (n of them); default: drawn from the contributors' labels")
 
 
 class ForgetInput(Strict):
