@@ -527,6 +527,8 @@ def main() -> int:
             page.click("#generate")
             page.wait_for_selector("#gallery figure.sample >> nth=7", timeout=300_000)
             page.screenshot(path=str(shots / "console-user.png"), full_page=True)
+            page.set_viewport_size({"width": 390, "height": 844})
+            page.screenshot(path=str(shots / "console-phone.png"), full_page=True)
             times = measure_loads(browser, base, keys, repeats=args.repeats)
             for role, tab in (("contributor", "mine"), ("admin", "contributors"),
                               ("admin", "valuation")):

@@ -47,10 +47,15 @@ function when(t) {
   return `${d.getFullYear()}-${p(d.getMonth() + 1)}-${p(d.getDate())} ` +
     `${p(d.getHours())}:${p(d.getMinutes())}:${p(d.getSeconds())}`;
 }
-function color(id) {  // a stable colour per contributor id
-  let h = 0;
-  for (const ch of String(id)) h = (h * 31 + ch.charCodeAt(0)) >>> 0;
-  return `hsl(${(h * 137.508) % 360}, 62%, 46%)`;
+const PALETTE = ["#2f5fd0", "#d0702f", "#1e7d3c", "#b3261e", "#8e3bbd", "#00838f", "#a15c00",
+  "#c2185b", "#558b2f", "#5d4037"];
+const colors = new Map();
+function assignColors(ids) {  // contributors in a stable order: distinct colours
+  [...ids].sort().forEach((id) => { if (!colors.has(id)) colors.set(id, PALETTE[colors.size % PALETTE.length]); });
+}
+function color(id) {
+  if (!colors.has(id)) assignColors([id]);
+  return colors.get(id);
 }
 function table(headers, rows, attrs) {
   return el("div", { class: "scroll" }, el("table", attrs || {},
@@ -245,8 +250,10 @@ function scatter(points, opts) {  // points: [{x, y, label}]
     svg("text", { x: L + S / 2, y: T + S + 14, "text-anchor": "middle", class: "muted", text: o.xname }),
     svg("text", { x: L - 4, y: T + S / 2, "text-anchor": "end", class: "muted", text: o.yname }));
   for (const p of points) {
-    chart.append(svg("circle", { cx: (L + P(p.x) * S).toFixed(1), cy: (T + S - P(p.y) * S).toFixed(1),
-      r: 3.5, fill: color(p.label), "data-label": p.label }));
+    const cx = L + P(p.x) * S, cy = T + S - P(p.y) * S;
+    chart.append(svg("circle", { cx: cx.toFixed(1), cy: cy.toFixed(1), r: 3.5, fill: color(p.label),
+      "data-label": p.label }, svg("title", { text: `${p.label}: ${num(p.x, 4)}, ${num(p.y, 4)}` })),
+    svg("text", { x: (cx + 5).toFixed(1), y: (cy + 3).toFixed(1), class: "muted", text: p.label }));
   }
   return chart;
 }
@@ -425,6 +432,7 @@ async function route() {
 // ------------------------------------------------------------ customer
 async function viewGenerate() {
   const [{ contributors }] = await Promise.all([api("contributors")]);
+  assignColors(contributors.map((c) => c.contributor_id));
   const me = state.me;
   const licensed = (c) => me.license === null || me.license.includes(c);
   const checks = contributors.map((c) => el("label",
@@ -691,6 +699,7 @@ async function viewContributors() {
 
 async function contributorsTable(jobs, refreshLater) {
   const [{ contributors }, credit] = await Promise.all([api("contributors"), api("credit")]);
+  assignColors(contributors.map((c) => c.contributor_id));
   const props = Object.keys(credit.valuations || {}).sort();
   const live = new Set(contributors.map((c) => c.contributor_id));
   const rows = contributors.map((c) => {
@@ -815,10 +824,12 @@ async function viewValuation() {
     `Payout policy: ${policy.property} by ${policy.method} (set by ${policy.set_by || "default"}). ` +
     (credit.payout_policy && credit.payout_policy.note ? credit.payout_policy.note : "")));
   const select = el("select", { id: "valuation-property" },
-    [...latest.keys()].map((p) => el("option", { value: p }, p)));
+    [...latest.keys()].sort().map((p) => el("option", { value: p }, p)));
+  select.value = latest.has(policy.property) ? policy.property : [...latest.keys()][0];
   const body = el("div", { id: "valuation-report" });
   const show = () => {
-    const methods = [...latest.get(select.value).values()];
+    const order = (m) => (m.method === "exact" ? "" : m.method);  // exact first
+    const methods = [...latest.get(select.value).values()].sort((a, b) => order(a).localeCompare(order(b)));
     const players = [...new Set(methods.flatMap((m) => Object.keys(m.values)))].sort();
     const series = methods.map((m, i) => ({ name: m.method, color: METHOD_COLORS[i % METHOD_COLORS.length] }));
     const byMethod = Object.fromEntries(methods.map((m) => [m.method, m]));
