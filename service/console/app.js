@@ -510,7 +510,8 @@ function gallery(res, seconds) {
       .sort((a, b) => b.value - a.value);
     return el("figure", { class: "sample", dataset: { index: i } },
       el("img", { src: "data:image/png;base64," + b64, alt: `image ${i + 1}` }),
-      el("figcaption", {}, el("div", { class: "muted" }, `#${i + 1} attribution`),
+      el("figcaption", {}, el("div", { class: "muted" }, `#${i + 1}` +
+        (res.labels ? ` · label ${res.labels[i]}` : "") + " · attribution"),
         barsChart(items, { max: 1, width: 150, labelWidth: 34, row: 15,
           title: `attribution of image ${i + 1}` })));
   });
@@ -537,7 +538,8 @@ async function viewUsage() {
     history.requests.length ? table(["time", "contributors", ["n", "num"], ["seed", "num"],
       ["steps", "num"], "request", ""],
     history.requests.map((r) => el("tr", { dataset: { requestId: r.request_id } },
-      td(when(r.created_at)), td(r.contributors.join(", ")), numTd(r.params.n, 0),
+      td(when(r.created_at)), td(r.contributors.join(", ") +
+        (r.params.label ? ` · label ${[...new Set(r.params.label)].join(", ")}` : "")), numTd(r.params.n, 0),
       numTd(r.params.seed, 0), numTd(r.params.steps, 0),
       td(r.request_id.slice(0, 8), "mono"),
       td(el("button", { class: "small secondary", type: "button",
