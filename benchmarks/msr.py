@@ -47,7 +47,8 @@ RESULTS = Path(__file__).parent / "results" / "msr"
 BUDGETS = (32, 64, 128, 256, 410, 512, 819, 1024, 1536, 2048)
 
 
-def build(work: Path, contributors: int, shard_steps: int, head_steps: int) -> ShardStore:
+def build(work: Path, contributors: int, shard_steps: int, head_steps: int,
+          device: str = "cpu") -> ShardStore:
     data = work / "data"
     if not (data / "owners.json").exists():
         write_demo_data(data, contributors=contributors)
@@ -62,7 +63,7 @@ def build(work: Path, contributors: int, shard_steps: int, head_steps: int) -> S
                 for d in load_contributors(data / "contributors")]
     public = torch.as_tensor(images_and_labels(data / "public")[0][:, None] * 2 - 1,
                              dtype=torch.float32)
-    store = ShardStore.create(root, datasets, config, public=public, device="cpu")
+    store = ShardStore.create(root, datasets, config, public=public, device=device)
     print(f"store of {contributors} contributors built in {time.perf_counter() - start:.0f} s",
           flush=True)
     return store
@@ -162,6 +163,7 @@ def main(argv=None) -> None:
     parser.add_argument("--budgets", default=",".join(map(str, BUDGETS)))
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--out", default=str(RESULTS))
+    parser.add_argument("--device", default="cpu", help="for training the store only")
     parser.add_argument("--quick", action="store_true")
     args = parser.parse_args(argv)
     if args.quick:
@@ -171,7 +173,7 @@ def main(argv=None) -> None:
         args.out = args.out if args.out != str(RESULTS) else str(Path(args.work) / "results")
     work = Path(args.work)
     t0 = time.perf_counter()
-    store = build(work, args.contributors, args.shard_steps, args.head_steps)
+    store = build(work, args.contributors, args.shard_steps, args.head_steps, args.device)
     if not (evaluator_dir(store.root) / "evaluator.json").exists():
         build_evaluator(store.root, work / "data" / "heldout", seed=args.seed)
     t_build = time.perf_counter() - t0
