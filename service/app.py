@@ -86,7 +86,8 @@ class GenerateInput(Strict):
                                            "Neither given: top_k 3 with mass 0.9")
     label: Label | Annotated[list[Label], Field(min_length=1, max_length=MAX_N)] | None = Field(
         None, description="labelled stores: the label of every image, or a list of one per "
-                          "image (n of them); default: drawn from the contributors' labels")
+                          "image (repeated to fill n); default: drawn from the contributors' "
+                          "labels. A label no licensed, live contributor holds is a 404")
 
 
 class ForgetInput(Strict):
@@ -284,8 +285,8 @@ class Gate:
     @staticmethod
     def _openapi_30(node):
         """Pydantic writes JSON Schema 2020-12; the document says OpenAPI 3.0: a
-        nullable field becomes `nullable: true`, a numeric exclusive bound becomes
-        `minimum`/`maximum` with a boolean `exclusive*`."""
+        nullable field becomes `nullable: true` (and a nullable enum lists null), a
+        numeric exclusive bound becomes `minimum`/`maximum` with a boolean `exclusive*`."""
         if isinstance(node, list):
             return [Gate._openapi_30(x) for x in node]
         if not isinstance(node, dict):
@@ -303,6 +304,8 @@ class Gate:
                 node["nullable"] = True
         if "default" in node and node["default"] is None and "type" in node:
             node["nullable"] = True
+        if node.get("nullable") and isinstance(node.get("enum"), list) and None not in node["enum"]:
+            node["enum"] = [*node["enum"], None]  # 3.0: a nullable enum lists null too
         for bound, plain in (("exclusiveMinimum", "minimum"), ("exclusiveMaximum", "maximum")):
             value = node.get(bound)
             if isinstance(value, int | float) and not isinstance(value, bool):

@@ -245,7 +245,8 @@ class Platform:
         key is licensed for), record the request in the ledger, return PNGs (base64)
         and per-sample attribution keyed by contributor id. In a labelled store
         `label` (one for all images, or one per image) conditions the samples; without
-        it each image's label is drawn from the composition's labels.
+        it each image's label is drawn from the composition's labels. A list of labels
+        gives one per image and repeats to fill n (one label: every image).
 
         Raises:
             ValueError: bad arguments, or n x steps above the per-request limit (400).
@@ -287,9 +288,6 @@ class Platform:
         The job counts as in flight until `release(job.seq)`."""
         route = Routing.parse(routing, top_k, mass, mode)
         labels = None if label is None else tuple([label] if isinstance(label, int) else label)
-        if labels is not None and len(labels) not in (1, n):
-            raise ValueError(f"{len(labels)} labels for n={n} images; give one label for all "
-                             "or one per image")
         cost = n * steps
         if cost > self.limits.request_cost:
             raise ValueError(f"n x steps = {cost} exceeds this server's per-request limit "

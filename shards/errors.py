@@ -35,8 +35,12 @@ class UnknownContributorError(StoreError, KeyError):
 class LabelUnavailableError(CDMError, LookupError):
     """No contributor of the requested subset holds a requested label."""
 
-    def __init__(self, label: int, held: dict[str, list[int]]):
+    def __init__(self, label: int, held: dict[str, list[int]], unlabelled: bool = False):
         self.label, self.held = label, held
+        if unlabelled:
+            super().__init__(f"no contributor holds label {label}: this store is unlabelled "
+                             "(its contributors' data has no labels); omit the label")
+            return
         shown = "; ".join(f"{c}: {', '.join(map(str, ys)) or 'none'}"
                           for c, ys in list(held.items())[:16])
         more = f"; and {len(held) - 16} more" if len(held) > 16 else ""

@@ -61,8 +61,8 @@ MODES = ("composed", "naive")
 @dataclass(frozen=True)
 class SampleRequest:
     """One request of a batch: `contributors` None means every live contributor;
-    `labels` (labelled stores) one for all n samples or one per sample, None to draw
-    them from p_S(y)."""
+    `labels` (labelled stores) one for all n samples, one per sample (a shorter list
+    repeats to fill n), None to draw them from p_S(y)."""
 
     contributors: tuple[str, ...] | None
     n: int
@@ -171,13 +171,13 @@ class ComposedSampler:
         """(n,) labels of a request's samples: given, or drawn from p_S(y).
 
         Raises:
-            ValueError: labels for an unlabelled store, or neither 1 nor n of them.
-            LabelUnavailableError: no contributor of S holds a requested label.
+            ValueError: an empty list of labels.
+            LabelUnavailableError: no contributor of S holds a requested label (in an
+                unlabelled store, none holds any).
         """
         if self.label_prior is None:
-            if request.labels is not None:
-                raise ValueError("this store is unlabelled: its contributors' data has no "
-                                 "labels, so a request cannot name one")
+            if request.labels is not None:  # nobody holds any label
+                raise LabelUnavailableError(request.labels[0], {}, unlabelled=True)
             return None
         in_s = self.label_prior[mask]  # (|S|, L)
         if request.labels is None:
@@ -185,14 +185,14 @@ class ComposedSampler:
             g = torch.Generator().manual_seed(label_seed(request.seed))
             return torch.multinomial(p_y.float(), request.n, replacement=True, generator=g)
         labels = list(request.labels)
-        if len(labels) not in (1, request.n):
-            raise ValueError(f"{len(labels)} labels for n={request.n} images; give one label "
-                             "for all or one per image")
+        if not labels:
+            raise ValueError("labels is empty: give one label for all images or one per image")
         for y in sorted(set(labels)):
             if not (0 <= y < self.num_labels) or not bool((in_s[:, y] > 0).any()):
                 raise LabelUnavailableError(y, self.labels_held(
                     [c for c, on in zip(self.classifier_ids, mask.tolist(), strict=True) if on]))
-        return torch.tensor(labels * (request.n if len(labels) == 1 else 1), dtype=torch.long)
+        # one for all, one per image, or any list repeated to fill n
+        return torch.tensor([labels[i % len(labels)] for i in range(request.n)], dtype=torch.long)
 
     def __call__(self, contributors: list[str] | None = None, n: int = 16, steps: int = 50,
                  seed: int = 0, scheduler: str = "ddpm", mode: str = "composed",

@@ -155,8 +155,8 @@ def test_unavailable_label_names_the_label_and_who_holds_what(labelled_store):
         sampler.sample_batch([SampleRequest(("a", "b"), 2, 0, (3,))], steps=2)
     with pytest.raises(LabelUnavailableError, match="label 9"):
         sampler.sample_batch([SampleRequest(None, 2, 0, (9,))], steps=2)
-    with pytest.raises(ValueError, match="2 labels for n=3"):
-        sampler.sample_batch([SampleRequest(None, 3, 0, (1, 2))], steps=2)
+    out = sampler.sample_batch([SampleRequest(None, 3, 0, (1, 2))], steps=2)[0]
+    assert out.labels.tolist() == [1, 2, 1]  # a shorter list repeats to fill n
 
 
 def test_unconditional_draws_labels_from_the_coalition(labelled_store):
@@ -185,6 +185,11 @@ def test_adding_to_a_labelled_store_checks_labels(labelled_store, tmp_path):
     store.add(load_contributor(tmp_path / "dee"), progress=False, device="cpu")
     out = store.load_sampler("cpu").sample_batch([SampleRequest(("c", "dee"), 2, 0, (3,))], steps=2)[0]
     assert out.contributor_ids == ["c", "dee"] and (out.attribution_mean.sum(1) - 1).abs().max() < 1e-5
+
+
+def test_a_label_on_an_unlabelled_store_is_unavailable(full_store):
+    with pytest.raises(LabelUnavailableError, match="this store is unlabelled"):
+        full_store.load_sampler("cpu").sample_batch([SampleRequest(None, 1, 0, (1,))], steps=1)
 
 
 def test_ema_changes_the_saved_weights():
@@ -238,7 +243,6 @@ def test_service_generates_by_label_and_lists_labels(labelled_store, tmp_path):
         # c holds 3, but the key is not licensed for c: the error lists a and b only
         with pytest.raises(LabelUnavailableError, match=r"label 3; labels held: a: 0, 1; b: 1, 2$"):
             platform.generate(user, n=1, steps=2, label=3)
-        with pytest.raises(ValueError, match="2 labels for n=3"):
-            platform.generate(user, n=3, steps=2, label=[1, 2])
+        assert platform.generate(user, n=3, steps=2, label=[1, 2])["labels"] == [1, 2, 1]
     finally:
         platform.close()
