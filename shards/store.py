@@ -501,7 +501,6 @@ class ShardStore:
         replayed data of every live contributor and `cid`'s."""
         if self.manifest["classifier"] is None:  # every earlier contributor was forgotten
             ids = [cid]
-            images = {cid: data.images}
             seed = derived_seed(self.config.seed, "classifier")
             with seeded(seed):
                 classifier = ShardClassifier(contributor_ids=ids, in_channels=self.image_shape[0],

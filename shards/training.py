@@ -68,7 +68,8 @@ def optimize(model: torch.nn.Module, batch_loss: Callable[[], torch.Tensor], con
     optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=weight_decay)
     lr_schedule = get_cosine_schedule_with_warmup(optimizer, config.warmup_steps, config.steps)
     model.to(device).train()
-    ema = EMAModel(params, decay=0.9999, use_ema_warmup=True, power=2 / 3) if config.ema else None
+    ema = (EMAModel(params, decay=0.9999, use_ema_warmup=True, power=2 / 3, foreach=True)
+           if config.ema else None)
     tail = max(1, config.steps // 10)
     recent: list[float] = []
     bar = tqdm(range(config.steps), desc=desc, disable=not progress, leave=False)

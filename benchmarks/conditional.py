@@ -1,0 +1,320 @@
+"""Quality at a matched training budget: composed shards against one monolithic model
+trained on the union of the contributors' data with the same total number of steps,
+class-conditional and unconditional, at several budgets. Prints measured numbers and
+writes benchmarks/results/conditional/ (conditional.json, budget.png); it does not
+pass or fail.
+
+For each variant (`cond`: labels used, `uncond`: the same data without labels) and
+each budget multiplier m (default 1, 2, 4 times the default 800 steps per shard):
+  * composed: one full shard per contributor of the default data (7, mallory
+    included), 800 m steps each with EMA, and the default router (one density-ratio
+    head per contributor, 4,000 steps, trained once per variant: it does not depend
+    on the shards);
+  * monolith: the same UNet (class-conditional for `cond`) trained on the union for
+    7 x 800 m steps (the shards' total), with the same optimiser, schedule and EMA;
+  * FD to the held-out digits of --n samples (DDPM, --steps steps), composed with the
+    default routing and monolith; for `cond` also per-label FD (--per-label samples
+    of each label against the held-out digits of that label) and on-label accuracy
+    (the evaluator's predicted digit equals the requested label), composed over all
+    contributors and restricted to each single contributor for each label it holds.
+
+Training runs as independent jobs (one per head, shard and monolith) in --jobs worker
+processes, so on a GPU several small models train at once.
+
+    python benchmarks/conditional.py --device cuda --jobs 12      # H100: minutes
+    python benchmarks/conditional.py --budgets 1 --variants cond  # CPU: about 20 min
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from dataclasses import replace
+from multiprocessing import get_context
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("BENTOML_DO_NOT_TRACK", "true")
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+from safetensors.torch import load_file, save_file  # noqa: E402
+
+from benchmarks.evaluator import DigitsEvaluator  # noqa: E402
+from shards import load_contributors  # noqa: E402
+from shards.bank import ShardBank  # noqa: E402
+from shards.data import ContributorData, load_labelled_folder  # noqa: E402
+from shards.heads import DensityRatioHead, HeadsRouter, feature_dim, train_head  # noqa: E402
+from shards.models import make_noise_schedule, make_unet  # noqa: E402
+from shards.sampler import ComposedSampler, SampleRequest  # noqa: E402
+from shards.shard import StoreConfig, derived_seed, train_shard  # noqa: E402
+from shards.training import TrainConfig, train_denoiser  # noqa: E402
+from valuation.features import frechet_distance, gaussian_stats  # noqa: E402
+
+RESULTS = Path(__file__).parent / "results" / "conditional"
+CONFIG = StoreConfig()
+
+
+# ------------------------------------------------------------------ training jobs
+def _job(spec: dict) -> dict:
+    """One training job in a worker: writes the state dict to spec['out']."""
+    torch.set_num_threads(spec["threads"])
+    device = spec["device"]
+    data = load_contributors(spec["data"] / "contributors")
+    if spec["variant"] == "uncond":
+        data = [replace(d, labels=None) for d in data]
+    num_labels = 10 if spec["variant"] == "cond" else 0
+    scheduler = make_noise_schedule(CONFIG.schedule)
+    start = time.perf_counter()
+    if spec["kind"] == "head":
+        d = next(x for x in data if x.contributor_id == spec["cid"])
+        public, public_labels = load_labelled_folder(spec["data"] / "public")
+        seed = derived_seed(CONFIG.seed, "head", d.contributor_id)
+        torch.manual_seed(seed)
+        model = DensityRatioHead(contributor_id=d.contributor_id, in_features=feature_dim(d.image_shape),
+                                 hidden=CONFIG.head_hidden, num_labels=num_labels)
+        loss = train_head(model, d.images, public, scheduler, CONFIG.head_train, seed, labels=d.labels,
+                          reference_labels=public_labels if num_labels else None, device=device,
+                          progress=False)
+    elif spec["kind"] == "shard":
+        d = next(x for x in data if x.contributor_id == spec["cid"])
+        cfg = replace(CONFIG, shard_train=_steps(CONFIG.shard_train, spec["steps"]))
+        model, meta = train_shard(d, "full", cfg, scheduler, device=device, progress=False,
+                                  num_labels=num_labels)
+        loss = meta["final_loss"]
+    else:  # monolith on the union
+        union = ContributorData("union", torch.cat([d.images for d in data]), "-",
+                                None if num_labels == 0 else torch.cat([d.labels for d in data]))
+        model = make_unet(union.image_shape, CONFIG.unet, seed=CONFIG.seed, num_labels=num_labels)
+        train = _steps(CONFIG.shard_train, spec["steps"])
+        loss = train_denoiser(model, union.images, scheduler, train, CONFIG.seed, labels=union.labels,
+                              device=device, progress=False)
+    save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}, spec["out"])
+    return {**{k: str(v) for k, v in spec.items() if k in ("kind", "cid", "variant", "steps")},
+            "out": spec["out"], "loss": float(loss), "seconds": time.perf_counter() - start}
+
+
+def _steps(config: TrainConfig, steps: int) -> TrainConfig:
+    """`config` for `steps` steps (the warm-up cut for very short quick-check runs)."""
+    return replace(config, steps=steps, warmup_steps=min(config.warmup_steps, steps // 5))
+
+
+# ------------------------------------------------------------------ samplers
+def _sampler(shards: dict[str, dict], heads: dict[str, dict], data, num_labels, device):
+    ids = sorted(shards)
+    template = make_unet(data[0].image_shape, CONFIG.unet, num_labels=num_labels)
+    bank = ShardBank(template, lambda c: shards[c], ids)
+    if len(ids) == 1:
+        from shards.classifier import ShardClassifier
+
+        router = ShardClassifier(contributor_ids=ids).eval()
+    else:
+        modules = []
+        for c in ids:
+            h = DensityRatioHead(contributor_id=c, in_features=feature_dim(data[0].image_shape),
+                                 hidden=CONFIG.head_hidden, num_labels=num_labels)
+            h.load_state_dict(heads[c])
+            modules.append(h.eval())
+        router = HeadsRouter(modules)
+    sizes = {d.contributor_id: float(len(d)) for d in data}
+    counts = {d.contributor_id: d.label_counts() for d in data} if num_labels else None
+    schedule = dict(make_noise_schedule(CONFIG.schedule).config)
+    return ComposedSampler(bank.to(device), router.to(device), schedule,
+                           {c: sizes.get(c, 1.0) for c in ids}, data[0].image_shape, counts,
+                           num_labels)
+
+
+def _sample(sampler, contributors, n, seed, steps, labels=None, chunk=500):
+    outs = []
+    for start in range(0, n, chunk):
+        m = min(chunk, n - start)
+        lab = None if labels is None else tuple(labels[start:start + m])
+        req = SampleRequest(None if contributors is None else tuple(contributors), m, seed + start, lab)
+        outs.append(sampler.sample_batch([req], steps=steps)[0])
+    images = torch.cat([o.images for o in outs])
+    return images, (None if outs[0].labels is None else torch.cat([o.labels for o in outs]))
+
+
+def _evaluate(sampler, mono, evaluator, heldout, data, args, variant) -> dict:
+    fd = evaluator.fd
+    out: dict = {}
+    images, _ = _sample(sampler, None, args.n, args.seed, args.steps)
+    mono_images, _ = _sample(mono, None, args.n, args.seed, args.steps)
+    out["fd"] = {"composed": fd(images), "monolith": fd(mono_images)}
+    out["fd"]["gap"] = out["fd"]["composed"] / out["fd"]["monolith"] - 1
+    out["sample_rows_per_step"] = sampler.shard_rows / (args.n * args.steps)
+    if variant != "cond":
+        return out
+    x_held, y_held = heldout
+    per_label, on_label = {}, {}
+    for model_name, model in (("composed", sampler), ("monolith", mono)):
+        labels = [y for y in range(10) for _ in range(args.per_label)]
+        imgs, got = _sample(model, None, len(labels), args.seed + 7, args.steps, labels)
+        pred = evaluator.classify(imgs)
+        feats = evaluator.net.features(imgs).detach().numpy()
+        with torch.no_grad():
+            ref = evaluator.net.features(torch.as_tensor(x_held)).numpy()
+        per_label[model_name] = {y: frechet_distance(*gaussian_stats(feats[got.numpy() == y]),
+                                                     *gaussian_stats(ref[y_held == y]))
+                                 for y in range(10)}
+        on_label[model_name] = {y: float((pred[got.numpy() == y] == y).mean()) for y in range(10)}
+    single = {}
+    for d in data:
+        for y in d.label_counts():
+            imgs, _ = _sample(sampler, [d.contributor_id], args.per_single, args.seed + 11,
+                              args.steps, [y] * args.per_single)
+            single.setdefault(d.contributor_id, {})[y] = float(
+                (evaluator.classify(imgs) == y).mean())
+    out.update(per_label_fd=per_label, on_label=on_label, on_label_single=single)
+    return out
+
+
+# ------------------------------------------------------------------ main
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--data", default="var/demo-data", help="cdm demo-data output (labelled)")
+    p.add_argument("--budgets", default="1,2,4", help="multiples of 800 steps per shard")
+    p.add_argument("--variants", default="cond,uncond")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--jobs", type=int, default=1, help="training worker processes")
+    p.add_argument("--n", type=int, default=1000, help="samples for the overall FD")
+    p.add_argument("--per-label", type=int, default=200, help="samples per label")
+    p.add_argument("--per-single", type=int, default=100,
+                   help="samples per (single contributor, label it holds)")
+    p.add_argument("--steps", type=int, default=50, help="sampling steps (DDPM)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--scale", type=float, default=1.0,
+                   help="multiply every training length (a quick check: 0.01)")
+    p.add_argument("--deadline", type=float, default=0.0,
+                   help="seconds: stop waiting for training after this (0: no limit)")
+    p.add_argument("--results", default=str(RESULTS))
+    args = p.parse_args()
+    data_dir = Path(args.data)
+    if not (data_dir / "owners.json").exists():
+        from shards.demo import write_demo_data
+
+        write_demo_data(data_dir)
+    budgets = [float(b) for b in args.budgets.split(",")]
+    variants = args.variants.split(",")
+    global CONFIG
+    if args.scale != 1.0:
+        CONFIG = replace(CONFIG, head_train=replace(CONFIG.head_train, steps=max(
+            2, int(CONFIG.head_train.steps * args.scale)), warmup_steps=0))
+    data = load_contributors(data_dir / "contributors")
+    ids = [d.contributor_id for d in data]
+    base = max(2, int(CONFIG.shard_train.steps * args.scale))
+    work = Path(tempfile.mkdtemp(prefix="cdm-conditional-"))
+    threads = max(1, (os.cpu_count() or 1) // max(1, args.jobs))
+    specs = []
+    for variant in variants:  # priority: variant, then budget; heads first
+        specs += [{"kind": "head", "cid": c, "variant": variant, "steps": CONFIG.head_train.steps}
+                  for c in ids]
+        for m in budgets:
+            steps = max(2, int(base * m))
+            specs.append({"kind": "mono", "cid": "union", "variant": variant, "steps": steps * len(ids)})
+            specs += [{"kind": "shard", "cid": c, "variant": variant, "steps": steps} for c in ids]
+    # longest first within a variant (the monoliths are the critical path), cond first
+    specs.sort(key=lambda s: (variants.index(s["variant"]), -s["steps"]))
+    for s in specs:
+        s.update(data=data_dir, device=args.device, threads=threads,
+                 out=str(work / f"{s['variant']}-{s['kind']}-{s['cid']}-{s['steps']}.safetensors"))
+    start = time.perf_counter()
+    done: dict[tuple, dict] = {}
+    pool = ProcessPoolExecutor(args.jobs, mp_context=get_context("spawn"))
+    futures = {pool.submit(_job, s): s for s in specs}
+    try:
+        for fut in as_completed(futures, timeout=args.deadline or None):
+            r = fut.result()
+            done[(r["variant"], r["kind"], r["cid"], int(r["steps"]))] = r
+            print(f"[{time.perf_counter() - start:6.0f} s] trained {r['variant']} {r['kind']} "
+                  f"{r['cid']} ({r['steps']} steps, {r['seconds']:.0f} s, loss {r['loss']:.4f})",
+                  flush=True)
+    except TimeoutError:
+        print(f"deadline: {len(done)} of {len(specs)} training jobs finished", flush=True)
+    pool.shutdown(wait=False, cancel_futures=True)
+    train_s = time.perf_counter() - start
+
+    evaluator = DigitsEvaluator(data_dir / "heldout", seed=args.seed)
+    from valuation.properties import load_labelled_folder as heldout_folder
+
+    heldout = heldout_folder(data_dir / "heldout")
+    report = {"device": args.device, "jobs": args.jobs, "scale": args.scale, "n": args.n,
+              "steps": args.steps, "per_label": args.per_label, "per_single": args.per_single,
+              "shard_steps_1x": base, "contributors": ids, "train_seconds": train_s,
+              "training": list(done.values()), "results": {}}
+    for variant in variants:
+        num_labels = 10 if variant == "cond" else 0
+        vdata = data if variant == "cond" else [replace(d, labels=None) for d in data]
+        heads = {c: load_file(done[(variant, "head", c, CONFIG.head_train.steps)]["out"])
+                 for c in ids if (variant, "head", c, CONFIG.head_train.steps) in done}
+        for m in budgets:
+            steps = max(2, int(base * m))
+            keys = [(variant, "shard", c, steps) for c in ids] + [(variant, "mono", "union", steps * len(ids))]
+            if len(heads) < len(ids) or not all(k in done for k in keys):
+                print(f"{variant} {m}x: not trained in time; skipped")
+                continue
+            shards = {c: load_file(done[(variant, "shard", c, steps)]["out"]) for c in ids}
+            sampler = _sampler(shards, heads, vdata, num_labels, args.device)
+            mono_state = load_file(done[keys[-1]]["out"])
+            mono = _sampler({"union": mono_state}, {}, [ContributorData(
+                "union", torch.cat([d.images for d in vdata]), "-",
+                None if not num_labels else torch.cat([d.labels for d in vdata]))], num_labels,
+                args.device)
+            t0 = time.perf_counter()
+            result = _evaluate(sampler, mono, evaluator, heldout, vdata, args, variant)
+            result.update(budget=m, shard_steps=steps, monolith_steps=steps * len(ids),
+                          eval_seconds=time.perf_counter() - t0)
+            report["results"][f"{variant}-{m:g}x"] = result
+            f = result["fd"]
+            line = (f"{variant} {m:g}x ({steps} steps/shard): FD composed {f['composed']:.3f}, "
+                    f"monolith {f['monolith']:.3f} ({f['gap']:+.1%})")
+            if variant == "cond":
+                worst = min(result["on_label"]["composed"].values())
+                honest = [v for c, ys in result["on_label_single"].items() if c != "mallory"
+                          for v in ys.values()]
+                line += (f"; on-label composed min {worst:.1%}, single honest contributors min "
+                         f"{min(honest):.1%}")
+            print(line, flush=True)
+    out = Path(args.results)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "conditional.json").write_text(json.dumps(report, indent=2, default=str) + "\n")
+    _plot(report, out / "budget.png")
+    print(f"wrote {out}/conditional.json and budget.png ({time.perf_counter() - start:.0f} s)")
+
+
+def _plot(report: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5.5, 3.8))
+    for variant, style in (("cond", "-"), ("uncond", "--")):
+        rows = sorted((r["budget"], r["fd"]) for k, r in report["results"].items()
+                      if k.startswith(variant + "-"))
+        if not rows:
+            continue
+        xs = [b for b, _ in rows]
+        for which, marker in (("composed", "o"), ("monolith", "s")):
+            ax.plot(xs, [f[which] for _, f in rows], style, marker=marker,
+                    label=f"{which} ({'conditional' if variant == 'cond' else 'unconditional'})")
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("training budget (x 800 steps per shard; monolith: 7x that)")
+    ax.set_ylabel("FD to held-out digits (lower is better)")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+if __name__ == "__main__":
+    np.set_printoptions(precision=3)
+    main()
+    sys.stdout.flush()
+    os._exit(0)  # do not wait for training jobs cut off by --deadline
