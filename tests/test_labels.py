@@ -246,3 +246,30 @@ def test_service_generates_by_label_and_lists_labels(labelled_store, tmp_path):
         assert platform.generate(user, n=3, steps=2, label=[1, 2])["labels"] == [1, 2, 1]
     finally:
         platform.close()
+
+
+def test_forgetting_in_a_labelled_store_leaves_what_a_store_without_it_has(labelled_store, tmp_path,
+                                                                          labelled_dir):
+    """Exactness of forgetting with labels: after purging c, the router is what a store
+    built without c has (joint: the classifier retrained from scratch, bit-identical;
+    heads: c's head gone, the others untouched), and no file names c."""
+    import shutil
+
+    shutil.copytree(labelled_store.root, tmp_path / "s")
+    store = ShardStore.open(tmp_path / "s")
+    store.exclude("c")
+    store.purge("c", device="cpu")
+    public, labels = load_labelled_folder(labelled_dir / "public")
+    without = ShardStore.create(tmp_path / "without", [d for d in load_contributors(
+        labelled_dir / "contributors") if d.contributor_id != "c"], store.config, public=public,
+        public_labels=labels, device="cpu", progress=False)
+    assert store.contributor_ids == without.contributor_ids == ["a", "b"]
+    if store.config.router == "joint":
+        assert store.manifest["classifier"]["weights_hash"] == without.manifest["classifier"]["weights_hash"]
+    else:
+        for cid in ("a", "b"):
+            assert store.contributor(cid)["head"]["weights_hash"] == \
+                without.contributor(cid)["head"]["weights_hash"]
+    assert not [p for p in (tmp_path / "s").rglob("*") if p.name == "c"]
+    out = store.load_sampler("cpu").sample_batch([SampleRequest(None, 2, 0, (1,))], steps=2)[0]
+    assert out.contributor_ids == ["a", "b"]
