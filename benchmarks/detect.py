@@ -279,7 +279,7 @@ def plot(path: Path, result: dict) -> None:
 
     props, methods = result["properties"], result["methods"]
     names = list(result["cases"])
-    fig, axes = plt.subplots(1, 3, figsize=(17, 4.8), gridspec_kw={"width_ratios": [1, 1, 2.2]})
+    fig, axes = plt.subplots(1, 3, figsize=(17, 5.2), gridspec_kw={"width_ratios": [1, 1, 2.2]})
     for ax, key, title in ((axes[0], "mean_auroc", "mean AUROC (planted lowest = 1)"),
                            (axes[1], "mean_honest_spearman", "honest order kept (Spearman)")):
         grid = np.array([[result["table"][f"{p}/{m}"][key] for m in methods] for p in props])
@@ -301,7 +301,7 @@ def plot(path: Path, result: dict) -> None:
     ax.set_xticks(range(len(names)), names, rotation=30)
     ax.set_ylim(0, 1.05)
     ax.set_title("AUROC per case, exact Shapley", fontsize=10)
-    ax.legend(fontsize=8, ncol=len(props), loc="lower left")
+    ax.legend(fontsize=8, ncol=len(props), loc="upper center", bbox_to_anchor=(0.5, -0.22))
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
