@@ -10,7 +10,7 @@ BIN    := $(VENV)/bin
 DATA   ?= var/demo-data
 STORE  ?= var/store
 
-.PHONY: install chromium data store serve test lint bench scale service-bench value console-shots clean
+.PHONY: install chromium data store serve test lint bench scale service-bench value console-shots detect msr valuation-cost clean
 
 # torch 2.13.0 first: it is a local CPU wheel; letting a dependency resolve torch
 # would pull several GB of CUDA packages.
@@ -79,6 +79,14 @@ value: store
 # the console's screenshots (docs/console-*.png) and page-load times, on the default store
 console-shots: store chromium
 	$(BIN)/python tests/test_console.py --store $(STORE) --shots docs
+
+# issue-10 benchmarks: planted-noise detection, Banzhaf MSR at N = 12, valuation cost at scale
+detect: store
+	$(BIN)/python benchmarks/detect.py --data $(DATA) --store $(STORE) --workers 2
+msr: install
+	$(BIN)/python benchmarks/msr.py --workers 2
+valuation-cost: store
+	$(BIN)/python benchmarks/valuation_cost.py --store $(STORE)
 
 clean:
 	rm -rf var

@@ -27,6 +27,7 @@ import shutil
 import statistics
 import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -127,7 +128,8 @@ def monolith_seconds(store_config: StoreConfig, images: torch.Tensor, schedule, 
 def run_n(n_contrib: int, work: Path, args) -> dict:
     data = work / f"data-{n_contrib}"
     write_demo_data(data, contributors=None if n_contrib == 7 else n_contrib)
-    datasets = load_contributors(data / "contributors")
+    # unconditional, as measured (the demo data is labelled; `cdm train --no-labels`)
+    datasets = [replace(d, labels=None) for d in load_contributors(data / "contributors")]
     public = load_image_folder(data / "public")
     config = StoreConfig(shard_train=TrainConfig(steps=args.shard_steps, warmup_steps=2),
                          head_train=TrainConfig(steps=args.head_steps, warmup_steps=2))

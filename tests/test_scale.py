@@ -2,6 +2,7 @@
 through a cache smaller than the store, forgetting and adding one at a time."""
 
 import json
+from dataclasses import replace
 
 import pytest
 import torch
@@ -19,7 +20,8 @@ N = 40
 def many(tmp_path_factory):
     root = tmp_path_factory.mktemp("many")
     table = write_demo_data(root / "data", contributors=N)
-    store = ShardStore.create(root / "store", load_contributors(root / "data" / "contributors"),
+    unlabelled = [replace(d, labels=None) for d in load_contributors(root / "data" / "contributors")]
+    store = ShardStore.create(root / "store", unlabelled,
                               StoreConfig(shard_train=TINY, head_train=TINY),
                               public=load_image_folder(root / "data" / "public"),
                               device="cpu", progress=False)
