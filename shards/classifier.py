@@ -124,7 +124,7 @@ def posterior_weights(log_ratios: torch.Tensor, log_prior: torch.Tensor,
 
     Args:
         log_ratios: (B, n) router scores.
-        log_prior: (n,) log lambda_i.
+        log_prior: (n,) log lambda_i, or (B, n) per sample (lambda_i(y_b), labelled stores).
         allowed: (n,) or (B, n) bool, the subset S; at least one True per row.
 
     Returns:
@@ -187,11 +187,12 @@ def _train_labelled(classifier, datasets, labels, scheduler, config, generator, 
     pool = torch.cat(datasets)
     pool_labels = torch.cat(labels)
     pool_shard = torch.cat([torch.full((len(d),), i) for i, d in enumerate(datasets)])
-    order = torch.argsort(pool_shard * (int(pool_labels.max()) + 1) + pool_labels, stable=True)
-    keys = (pool_shard * (int(pool_labels.max()) + 1) + pool_labels)[order]
-    groups, sizes = torch.unique_consecutive(keys, return_counts=True)
+    width = int(pool_labels.max()) + 1
+    group_of = pool_shard * width + pool_labels  # one id per (shard, label)
+    order = torch.argsort(group_of, stable=True)
+    groups, sizes = torch.unique_consecutive(group_of[order], return_counts=True)
     starts = torch.cumsum(sizes, 0) - sizes
-    group_label = groups % (int(pool_labels.max()) + 1)
+    group_label = groups % width
     held = torch.unique(group_label)
     per_label = [torch.nonzero(group_label == y).flatten() for y in held.tolist()]
 
