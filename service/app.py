@@ -44,7 +44,7 @@ from shards.errors import (
 from . import console
 from .auth import AuthError, FailureLimiter, ForbiddenError, KeyVerifier, Principal, RateLimitError
 from .db import Database
-from .platform import NotFoundError, Platform, UnavailableError
+from .platform import DEFAULT_VALUE_METHODS, NotFoundError, Platform, UnavailableError
 
 STATUS: list[tuple[type[Exception], int]] = [
     (AuthError, 401), (ForbiddenError, 403), (UnknownContributorError, 404),
@@ -109,7 +109,10 @@ class ValueInput(Strict):
         "precision", description="default: what the default payout policy pays by")
     methods: list[Literal["exact", "permutation", "kernelshap", "banzhaf", "banzhaf-msr",
                           "beta-shapley", "pruned", "retrain", "loo", "attribution"]] = Field(
-        ["exact"], min_length=1, max_length=10, json_schema_extra={"uniqueItems": True})
+        list(DEFAULT_VALUE_METHODS), min_length=1, max_length=10,
+        json_schema_extra={"uniqueItems": True},
+        description="default: exact Shapley (credit's `shapley`) and Beta(16, 1) Shapley "
+                    "(the default payout policy)")
     alpha: float = Field(16.0, gt=0, le=1000, description="beta-shapley: Beta(alpha, beta)")
     beta: float = Field(1.0, gt=0, le=1000, description="beta-shapley")
     n: int = Field(256, ge=2, le=4096, description="samples per coalition")
@@ -119,10 +122,28 @@ class ValueInput(Strict):
                                 description="held-out digits folder on the server (first run)")
 
 
+def _beta_params_only_with_beta_shapley(schema: dict) -> None:
+    """Publish that alpha and beta come only with method beta-shapley (the platform
+    enforces it with a 400): the body is one of two complete schemas."""
+    props, others = schema["properties"], [m for m in schema["properties"]["method"]["enum"]
+                                           if m != "beta-shapley"]
+    beta = {**schema, "properties": {**props, "method": {**props["method"],
+                                                         "enum": ["beta-shapley"]}}}
+    rest = {**schema, "properties": {**props, "alpha": {"enum": [None], "nullable": True},
+                                     "beta": {"enum": [None], "nullable": True}}}
+    rest["properties"]["method"] = {**props["method"], "enum": others}
+    schema["anyOf"] = [{k: v for k, v in b.items() if k != "title"} for b in (beta, rest)]
+
+
 class PayoutPolicyInput(Strict):
+    model_config = ConfigDict(extra="forbid", strict=True,
+                              json_schema_extra=_beta_params_only_with_beta_shapley)
     property: Literal["quality", "diversity", "confidence", "precision", "recall"]
     method: Literal["exact", "permutation", "kernelshap", "banzhaf", "banzhaf-msr",
                     "beta-shapley", "pruned", "retrain", "loo", "attribution"]
+    alpha: float | None = Field(None, gt=0, le=1000,
+                                description="beta-shapley only: Beta(alpha, beta), default 16")
+    beta: float | None = Field(None, gt=0, le=1000, description="beta-shapley only: default 1")
 
 
 class AttributionInput(Strict):
@@ -467,10 +488,12 @@ class CDMService:
         return self._call(ctx, self.platform.credit)
 
     @bentoml.api(input_spec=PayoutPolicyInput)
-    def payout_policy(self, ctx: bentoml.Context, property: str, method: str) -> dict:
+    def payout_policy(self, ctx: bentoml.Context, property: str, method: str,
+                      alpha: float | None = None, beta: float | None = None) -> dict:
         """Admin: pay contributors by the latest recorded `method` values of
         `property` (`credit` then shows each live contributor's payout_share)."""
-        return self._call(ctx, self.platform.set_payout_policy, property=property, method=method)
+        return self._call(ctx, self.platform.set_payout_policy, property=property, method=method,
+                          alpha=alpha, beta=beta)
 
     @bentoml.api(input_spec=HistoryInput)
     def history(self, ctx: bentoml.Context, limit: int = 100, before: float | None = None) -> dict:

@@ -230,18 +230,19 @@ def cmd_jobs(args) -> None:
 
 
 def cmd_payout(args) -> None:
-    from .platform import Platform
+    from .platform import Platform, describe_policy
 
     platform = Platform(args.store, serve=False)
     if args.property or args.method:
         if not (args.property and args.method):
             raise ValueError("give both --property and --method (or neither, to show)")
-        out = platform.set_payout_policy(_cli_principal(), args.property, args.method)
+        out = platform.set_payout_policy(_cli_principal(), args.property, args.method,
+                                         args.alpha, args.beta)
     else:
         platform.store.refresh()
         out = platform._payout(set(platform.store.contributor_ids))
     policy = out["policy"]
-    print("policy: " + (f"{policy['method']} values of {policy['property']}" if policy else "none"))
+    print("policy: " + (describe_policy(policy) if policy else "none"))
     for cid, share in (out["shares"] or {}).items():
         print(f"  {cid:12s} {share:8.4f}")
     print(out["note"])
@@ -421,7 +422,7 @@ def build_parser() -> argparse.ArgumentParser:
                    choices=["quality", "diversity", "confidence", "precision", "recall",
                             "aesthetic"],
                    help="default precision: what the default payout policy pays by")
-    p.add_argument("--methods", default="exact,loo,attribution",
+    p.add_argument("--methods", default="exact,beta-shapley,loo,attribution",
                    help="comma-separated: exact, permutation, kernelshap (Shapley); banzhaf, "
                         "banzhaf-msr, beta-shapley (other semivalues); pruned, retrain; loo, "
                         "attribution")
@@ -462,6 +463,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--store", required=True)
     p.add_argument("--property", default=None)
     p.add_argument("--method", default=None)
+    p.add_argument("--alpha", type=float, default=None, help="beta-shapley: default 16")
+    p.add_argument("--beta", type=float, default=None, help="beta-shapley: default 1")
     p.set_defaults(func=cmd_payout)
 
     p = sub.add_parser("serve", help="serve a store over HTTP (BentoML)")

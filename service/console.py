@@ -21,7 +21,6 @@ scoped by role like `credit` and `history`:
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Literal
 
@@ -157,12 +156,11 @@ def valuations(principal: Principal, db: Database, limit: int = 200) -> dict:
     if principal.role == "user":
         raise ForbiddenError(f"user {principal.user!r} may not read valuations")
     policy = db.payout_policy() or {**DEFAULT_PAYOUT, "set_at": None, "set_by": "default"}
-    rows = db._conn().execute("SELECT * FROM valuations ORDER BY id DESC LIMIT ?",
-                              (limit,)).fetchall()
     out = []
-    for r in rows:
-        values = json.loads(r["values_json"])
-        pays = (r["property"], r["method"]) == (policy["property"], policy["method"])
+    for r in db.valuations(limit):
+        values = r["values"]
+        pays = ((r["property"], r["method"], r["params"])
+                == (policy["property"], policy["method"], policy.get("params")))
         shares = payout_shares(values, set(values)) if pays else None
         if principal.role == "contributor":
             cid = principal.contributor_id
@@ -171,5 +169,6 @@ def valuations(principal: Principal, db: Database, limit: int = 200) -> dict:
             values = {cid: values[cid]}
             shares = {cid: shares[cid]} if shares else None
         out.append({"at": r["at"], "property": r["property"], "method": r["method"],
-                    "kind": r["kind"] or "primary", "values": values, "payout_shares": shares})
+                    "params": r["params"], "kind": r["kind"], "values": values,
+                    "payout_shares": shares})
     return {"policy": policy, "valuations": out}

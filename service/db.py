@@ -50,7 +50,15 @@ MIGRATIONS = {"keys": {"expires_at": "REAL", "revoked_at": "REAL", "contributor_
               "jobs": {"plan": "TEXT"},
               # 'primary': the run's most exact Shapley values (credit's `shapley`);
               # 'other': another method of the run (a payout policy may name it)
-              "valuations": {"kind": "TEXT"}}
+              "valuations": {"kind": "TEXT", "params": "TEXT"},
+              # a method's parameters (beta-shapley: alpha, beta) as canonical JSON, NULL
+              # for methods without any; a policy pays only by values of its parameters
+              "payout_policy": {"params": "TEXT"}}
+
+
+def _params(params: dict | None) -> str | None:
+    """Canonical JSON of a method's parameters (floats), None for none."""
+    return json.dumps({k: float(v) for k, v in sorted(params.items())}) if params else None
 
 
 class Database:
@@ -298,35 +306,50 @@ class Database:
 
     # ------------------------------------------------------------ valuations
     def record_valuation(self, prop: str, method: str, values: dict,
-                         kind: str = "primary") -> None:
+                         kind: str = "primary", params: dict | None = None) -> None:
         with self._tx() as db:
-            db.execute("INSERT INTO valuations (at, property, method, values_json, kind) "
-                       "VALUES (?, ?, ?, ?, ?)",
-                       (time.time(), prop, method, json.dumps(values), kind))
+            db.execute("INSERT INTO valuations (at, property, method, values_json, kind, params) "
+                       "VALUES (?, ?, ?, ?, ?, ?)",
+                       (time.time(), prop, method, json.dumps(values), kind, _params(params)))
 
-    def valuation(self, prop: str, method: str) -> dict | None:
-        """The newest recorded values of (`prop`, `method`), or None."""
+    def valuation(self, prop: str, method: str, params: dict | None = None) -> dict | None:
+        """The newest recorded values of (`prop`, `method`) with exactly these
+        parameters (None: a method without any), or None."""
         row = self._conn().execute(
-            "SELECT * FROM valuations WHERE property = ? AND method = ? ORDER BY id DESC LIMIT 1",
-            (prop, method)).fetchone()
-        return None if row is None else {"property": prop, "method": method, "at": row["at"],
-                                         "values": json.loads(row["values_json"])}
+            "SELECT * FROM valuations WHERE property = ? AND method = ? AND params IS ? "
+            "ORDER BY id DESC LIMIT 1", (prop, method, _params(params))).fetchone()
+        return None if row is None else {"property": prop, "method": method, "params": params,
+                                         "at": row["at"], "values": json.loads(row["values_json"])}
 
-    def recorded_valuations(self) -> list[tuple[str, str]]:
-        """Every (property, method) with recorded values."""
-        return [(r["property"], r["method"]) for r in self._conn().execute(
-            "SELECT DISTINCT property, method FROM valuations ORDER BY property, method")]
+    def valuations(self, limit: int = 200) -> list[dict]:
+        """The newest `limit` recorded valuations, newest first."""
+        rows = self._conn().execute("SELECT * FROM valuations ORDER BY id DESC LIMIT ?",
+                                    (limit,)).fetchall()
+        return [{"at": r["at"], "property": r["property"], "method": r["method"],
+                 "params": json.loads(r["params"]) if r["params"] else None,
+                 "kind": r["kind"] or "primary", "values": json.loads(r["values_json"])}
+                for r in rows]
 
-    def set_payout_policy(self, actor: str, prop: str, method: str) -> None:
+    def recorded_valuations(self) -> list[tuple[str, str, dict | None]]:
+        """Every (property, method, parameters) with recorded values."""
+        return [(r["property"], r["method"], json.loads(r["params"]) if r["params"] else None)
+                for r in self._conn().execute(
+                    "SELECT DISTINCT property, method, params FROM valuations "
+                    "ORDER BY property, method, params")]
+
+    def set_payout_policy(self, actor: str, prop: str, method: str,
+                          params: dict | None = None) -> None:
         with self._tx() as db:
-            db.execute("INSERT INTO payout_policy (at, actor, property, method) VALUES (?, ?, ?, ?)",
-                       (time.time(), actor, prop, method))
+            db.execute("INSERT INTO payout_policy (at, actor, property, method, params) "
+                       "VALUES (?, ?, ?, ?, ?)", (time.time(), actor, prop, method, _params(params)))
 
     def payout_policy(self) -> dict | None:
         row = self._conn().execute(
             "SELECT * FROM payout_policy ORDER BY id DESC LIMIT 1").fetchone()
-        return None if row is None else {"property": row["property"], "method": row["method"],
-                                         "set_at": row["at"], "set_by": row["actor"]}
+        return None if row is None else {
+            "property": row["property"], "method": row["method"],
+            "params": json.loads(row["params"]) if row["params"] else None,
+            "set_at": row["at"], "set_by": row["actor"]}
 
     def drop_valuations(self, contributor_id: str) -> int:
         """Delete the recorded valuations that have a value for `contributor_id`."""

@@ -62,10 +62,16 @@ from .scheduler import StepScheduler
 
 log = logging.getLogger("cdm")
 PURGE_DRAIN_SECONDS = 600.0
-# Pay by exact Shapley values of precision (fidelity) unless an admin sets a policy:
-# on the default store it is the one (property, method) measured so far that puts the
-# planted noisy contributor last under every method (README, "Credit and payouts").
-DEFAULT_PAYOUT = {"property": "precision", "method": "exact"}
+# Pay by Beta(16, 1) Shapley values of precision (fidelity) unless an admin sets a
+# policy: on the planted-noise benchmark it ranks planted contributors lowest (mean
+# AUROC 0.925) and keeps the honest contributors' order (Spearman 0.983), where exact
+# Shapley of precision gives 0.892 and 0.577 (README, "Planted-noise benchmark").
+DEFAULT_PAYOUT = {"property": "precision", "method": "beta-shapley",
+                  "params": {"alpha": 16.0, "beta": 1.0}}
+BETA_DEFAULTS = {"alpha": 16.0, "beta": 1.0}
+# what `value` computes when no methods are named: credit's `shapley` (exact) and what
+# the default payout policy pays by
+DEFAULT_VALUE_METHODS = ("exact", "beta-shapley")
 PURGE_RETRY_SECONDS = 600.0  # a failed purge is retried (as a new job) after this long
 REQUEST_SECONDS = 600.0  # BentoML's traffic timeout: no request runs longer
 
@@ -132,8 +138,22 @@ def record_primary(db: Database, results: dict) -> ValuationResult | None:
     best = primary(results)
     for result in results.values():
         db.record_valuation(result.property, result.method, result.as_dict()["values"],
-                            "primary" if result is best else "other")
+                            "primary" if result is best else "other", method_params(result))
     return best
+
+
+def method_params(result: ValuationResult) -> dict | None:
+    """The parameters a valuation's values depend on besides its method's name."""
+    if result.method == "beta-shapley":
+        return {"alpha": float(result.extra["alpha"]), "beta": float(result.extra["beta"])}
+    return None
+
+
+def describe_policy(policy: dict) -> str:
+    """'beta-shapley (alpha 16, beta 1) values of precision'."""
+    params = policy.get("params")
+    args = f" ({', '.join(f'{k} {v:g}' for k, v in params.items())})" if params else ""
+    return f"{policy['method']}{args} values of {policy['property']}"
 
 
 def payout_shares(values: dict[str, float], live: set[str]) -> dict[str, float]:
@@ -493,7 +513,7 @@ class Platform:
         unknown = sorted(set(settings) - set(ValuationSettings.__dataclass_fields__))
         if unknown:
             raise ValueError(f"unknown valuation settings {unknown}")
-        settings = ValuationSettings(**{"methods": ("exact",), **settings})
+        settings = ValuationSettings(**{"methods": DEFAULT_VALUE_METHODS, **settings})
         if settings.property == "aesthetic":
             raise ValueError("property 'aesthetic' needs local model paths: use `cdm value`")
         if heldout is not None:
@@ -721,30 +741,43 @@ class Platform:
         """The policy, the valuation it pays by, and the live contributors' shares (None
         with a `note` when there is no policy or its valuation is not recorded)."""
         policy = self.db.payout_policy() or {**DEFAULT_PAYOUT, "set_at": None, "set_by": "default"}
-        valuation = self.db.valuation(policy["property"], policy["method"])
+        valuation = self.db.valuation(policy["property"], policy["method"], policy.get("params"))
         if valuation is None or not live <= set(valuation["values"]):
             return {"policy": policy, "shares": None,
-                    "note": f"no recorded {policy['method']} valuation of {policy['property']} "
-                            "covers every live contributor (a forget or an add since): run "
+                    "note": f"no recorded valuation gives {describe_policy(policy)} for every "
+                            "live contributor (none yet, or a forget or an add since): run "
                             "value again"}
         return {"policy": policy, "valuation_at": valuation["at"],
                 "shares": payout_shares(valuation["values"], live),
                 "note": "negative values count as zero; shares sum to 1 over live contributors"}
 
-    def set_payout_policy(self, principal: Principal, property: str, method: str) -> dict:
-        """Admin: pay by the latest recorded `method` values of `property`.
+    def set_payout_policy(self, principal: Principal, property: str, method: str,
+                          alpha: float | None = None, beta: float | None = None) -> dict:
+        """Admin: pay by the latest recorded `method` values of `property` (for
+        beta-shapley, those computed with Beta(`alpha`, `beta`), default 16 and 1).
 
         Raises:
+            ValueError: alpha or beta for a method other than beta-shapley, or not > 0.
             StoreError: no such valuation was ever recorded (409), naming those that were.
         """
         principal.require_admin()
-        if self.db.valuation(property, method) is None:
-            recorded = ", ".join(f"{p}/{m}" for p, m in self.db.recorded_valuations()) or "none"
-            raise StoreError(f"no recorded valuation of property {property!r} by method "
-                             f"{method!r}; run value with it first; recorded: {recorded}")
-        self.db.set_payout_policy(principal.user, property, method)
-        self.db.audit(principal.user, "payout_policy", "*", {"property": property,
-                                                              "method": method})
+        params = None
+        if method == "beta-shapley":
+            params = {"alpha": float(BETA_DEFAULTS["alpha"] if alpha is None else alpha),
+                      "beta": float(BETA_DEFAULTS["beta"] if beta is None else beta)}
+            if not (params["alpha"] > 0 and params["beta"] > 0):
+                raise ValueError(f"alpha={params['alpha']:g}, beta={params['beta']:g}; "
+                                 "allowed: both > 0")
+        elif alpha is not None or beta is not None:
+            raise ValueError(f"alpha and beta apply to method 'beta-shapley' only, not {method!r}")
+        policy = {"property": property, "method": method, "params": params}
+        if self.db.valuation(property, method, params) is None:
+            recorded = ", ".join(describe_policy({"property": p, "method": m, "params": a})
+                                 for p, m, a in self.db.recorded_valuations()) or "none"
+            raise StoreError(f"no recorded valuation gives {describe_policy(policy)}; run value "
+                             f"with it first; recorded: {recorded}")
+        self.db.set_payout_policy(principal.user, property, method, params)
+        self.db.audit(principal.user, "payout_policy", "*", policy)
         self.store.refresh()
         return self._payout(set(self.store.contributor_ids))
 

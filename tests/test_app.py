@@ -202,7 +202,7 @@ def test_concurrent_generates_match_sequential_ones(client):
 
 
 def test_value_endpoint_matrix_and_inputs(client, heldout):
-    body = {"methods": ["exact"], "n": 8, "steps": 1, "heldout": str(heldout)}
+    body = {"n": 8, "steps": 1, "heldout": str(heldout)}  # default methods: exact, beta-shapley
     for who, status in {"none": 401, "user": 403, "other": 403}.items():
         assert call(client, "value", who, body).status_code == status, who
     r = call(client, "value", "admin", {**body, "methods": ["magic"]})
@@ -215,8 +215,9 @@ def test_value_endpoint_matrix_and_inputs(client, heldout):
     assert job["status"] == "succeeded", job
     credit = call(client, "credit", "admin").json()
     assert credit["valuations"]["precision"]["method"] == "exact"  # the default property
-    # the default payout policy (precision, exact) now has its valuation: shares sum to
-    # 1, or are all 0 when no value is positive (1-step samples of a tiny store)
+    # the default payout policy (precision, Beta(16, 1) Shapley) now has its valuation:
+    # shares sum to 1, or are all 0 when no value is positive (1-step samples of a tiny
+    # store)
     shares = [r["payout_share"] for r in credit["contributors"].values() if r["live"]]
     assert None not in shares and min(shares) >= 0
     assert sum(shares) == pytest.approx(1.0) or sum(shares) == 0
@@ -259,7 +260,13 @@ def test_payout_policy_endpoint(client):
     assert call(client, "payout_policy", "user", body).status_code == 403
     assert call(client, "payout_policy", "none", body).status_code == 401
     r = call(client, "payout_policy", "admin", body)
-    assert r.status_code == 409 and "no recorded valuation of property 'recall'" in r.json()["error"]
+    assert r.status_code == 409 and "no recorded valuation gives banzhaf-msr values of recall" \
+        in r.json()["error"]
     assert call(client, "payout_policy", "admin", {"property": "recall"}).status_code == 400
+    r = call(client, "payout_policy", "admin", {**body, "alpha": 2})
+    assert r.status_code == 400 and "'beta-shapley' only" in r.json()["error"]
+    r = call(client, "payout_policy", "admin", {"property": "recall", "method": "beta-shapley",
+                                                 "alpha": 0})
+    assert r.status_code == 400
     r = call(client, "credit", "alice").json()
     assert set(r["contributors"]["a"]) >= {"usage", "payout_share", "live"}

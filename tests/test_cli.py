@@ -80,3 +80,14 @@ def test_value_prints_values_writes_a_report_and_records_credit(store_copy, held
     assert set(latest["precision"]["values"]) == {"a", "b", "c"}  # the default property
     assert main(["value", "--store", str(store_copy.root), "--methods", "exact,magic"]) == 2
     assert "allowed" in capsys.readouterr().err
+    # no --methods: what the default payout policy needs (the coalitions are cached)
+    assert main(["payout", "--store", str(store_copy.root)]) == 0
+    assert "no recorded valuation gives beta-shapley (alpha 16, beta 1)" in capsys.readouterr().out
+    assert main(["value", "--store", str(store_copy.root), "--n", "8", "--steps", "1",
+                 "--workers", "1"]) == 0
+    assert "beta-shapley" in capsys.readouterr().out
+    assert main(["payout", "--store", str(store_copy.root)]) == 0
+    out = capsys.readouterr().out
+    assert "policy: beta-shapley (alpha 16, beta 1) values of precision" in out
+    shares = [float(line.split()[1]) for line in out.splitlines() if line.startswith("  ")]
+    assert len(shares) == 3 and (sum(shares) == pytest.approx(1.0) or sum(shares) == 0)

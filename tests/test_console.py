@@ -177,6 +177,7 @@ def server(full_store, tmp_path_factory):
     db.record_valuation("precision", "loo", {"a": 0.08, "b": 0.03, "c": -0.01}, "other")
     time.sleep(0.05)
     db.record_valuation("precision", "exact", {"a": 0.11, "b": 0.06, "c": 0.03}, "primary")
+    db.set_payout_policy("root", "precision", "exact")  # pay by the rows above
     with serving(root, work / "serve.log", {"CDM_DATA_ROOTS": str(work)}) as base:
         yield {"base": base, "keys": keys, "root": root, "incoming": work / "incoming",
                "shots": Path(os.environ.get("CDM_CONSOLE_SHOTS") or work / "shots")}
@@ -226,7 +227,7 @@ def test_new_read_endpoints_are_scoped_by_role(server):
     status, out = post(base, "valuations", keys["carl"])
     assert status == 200 and all(set(v["values"]) == {"c"} for v in out["valuations"])
     assert [v["method"] for v in out["valuations"]] == ["exact", "loo", "exact"]
-    # shares under the default policy (precision, exact) of the newest row: 0.03 / 0.2
+    # shares under the policy set above (precision, exact) of the newest row: 0.03 / 0.2
     assert out["valuations"][0]["payout_shares"] == {"c": pytest.approx(0.15)}
     assert out["valuations"][1]["payout_shares"] is None
     status, out = post(base, "keys", keys["root"])

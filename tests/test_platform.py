@@ -233,16 +233,32 @@ def test_value_job_feeds_credit_and_forget_drops_what_depends_on_the_contributor
     credit = platform.credit(admin)
     assert credit["valuations"]["quality"]["method"] == "exact"
     assert credit["contributors"]["a"]["shapley"]["quality"] == exact["values"]["a"]
-    # payout: the default policy (precision, exact) has no valuation yet
+    # payout: the default policy (precision, Beta(16, 1) Shapley) has no valuation yet
     assert credit["contributors"]["a"]["payout_share"] is None
     assert credit["payout_policy"]["policy"]["set_by"] == "default"
-    assert "no recorded exact valuation of precision" in credit["payout_policy"]["note"]
+    assert ("no recorded valuation gives beta-shapley (alpha 16, beta 1) values of precision"
+            in credit["payout_policy"]["note"])
     from shards.errors import StoreError
 
-    with pytest.raises(StoreError, match="recorded: quality/exact, quality/retrain"):
+    with pytest.raises(StoreError, match="recorded: exact values of quality, retrain values of "
+                                         "quality"):
         platform.set_payout_policy(admin, "quality", "banzhaf")
     with pytest.raises(ForbiddenError):
         platform.set_payout_policy(user, "quality", "exact")
+    with pytest.raises(ValueError, match="'beta-shapley' only"):
+        platform.set_payout_policy(admin, "quality", "exact", alpha=2.0)
+    with pytest.raises(ValueError, match="both > 0"):
+        platform.set_payout_policy(admin, "quality", "beta-shapley", beta=0.0)
+    # a policy pays only by values of its own parameters: Beta(4, 1) values do not stand
+    # in for the default Beta(16, 1)
+    started = platform.value(admin, property="quality", methods=["beta-shapley"], alpha=4.0,
+                             n=16, steps=2)
+    assert wait_for_job(lambda: platform.job(admin, started["job_id"]))["status"] == "succeeded"
+    with pytest.raises(StoreError, match=r"beta-shapley \(alpha 4, beta 1\) values of quality"):
+        platform.set_payout_policy(admin, "quality", "beta-shapley")
+    out = platform.set_payout_policy(admin, "quality", "beta-shapley", alpha=4.0)
+    assert out["policy"]["params"] == {"alpha": 4.0, "beta": 1.0}
+    assert sum(out["shares"].values()) == pytest.approx(1.0) or sum(out["shares"].values()) == 0
     platform.set_payout_policy(admin, "quality", "retrain")
     rows = platform.credit(admin)["contributors"]
     shares = {c: rows[c]["payout_share"] for c in "abc"}
@@ -256,8 +272,8 @@ def test_value_job_feeds_credit_and_forget_drops_what_depends_on_the_contributor
     assert wait_for_job(lambda: platform.job(admin, forget["job_id"]))["status"] == "succeeded"
     audit = [r for r in platform.db.audit_log("c") if r["action"] == "purge"][0]
     # 8 composition values, their 7 sample files, 4 retrain coalitions with c, and the
-    # two recorded valuations (exact and retrain)
-    assert audit["details"]["valuation_caches_dropped"] == 8 + 7 + 4 + 2
+    # three recorded valuations (exact, retrain, and Beta(4, 1) Shapley)
+    assert audit["details"]["valuation_caches_dropped"] == 8 + 7 + 4 + 3
     left = store_cache(platform.store).entries()
     assert left and all("c" not in e["depends_on"] for _, e in left)
     after = platform.credit(admin)

@@ -50,7 +50,7 @@ class ValuationSettings:
     """Everything a valuation run depends on besides the store."""
 
     property: str = "quality"
-    methods: tuple[str, ...] = ("exact", "loo", "attribution")
+    methods: tuple[str, ...] = ("exact", "beta-shapley", "loo", "attribution")
     n: int = 256
     steps: int = 25
     seed: int = 0

@@ -258,6 +258,12 @@ function scatter(points, opts) {  // points: [{x, y, label}]
   return chart;
 }
 
+// "beta-shapley (alpha 16, beta 1)": a policy's method with its parameters
+function policyMethod(p) {
+  const params = p.params ? Object.entries(p.params).map(([k, v]) => `${k} ${v}`).join(", ") : "";
+  return params ? `${p.method} (${params})` : p.method;
+}
+
 function pearson(a, b) {
   const n = a.length;
   if (n < 2) return null;
@@ -585,7 +591,7 @@ async function viewContributor() {
     lineChart([{ name: "mass", color: "#1e7d3c", points: usagePts.map((p) => [p[0], p[2]]) }],
       { title: "attribution mass (cumulative)" }),
     lineChart([{ name: "payout", color: "#a15c00", points: payoutPts }],
-      { title: `payout share (${policy.policy ? policy.policy.property + ", " + policy.policy.method : "policy"})`, fmt: pct }));
+      { title: `payout share (${policy.policy ? policy.policy.property + ", " + policyMethod(policy.policy) : "policy"})`, fmt: pct }));
   const shapley = Object.entries(credit.valuations || {});
   const values = el("section", { class: "card", id: "shapley" }, el("h2", {}, "Latest Shapley values"),
     shapley.length ? table(["property", ["value", "num"], "method", "recorded"],
@@ -732,7 +738,7 @@ async function contributorsTable(jobs, refreshLater) {
     table(["id", ["images", "num"], "labels", "kind", ["samples", "num"], ["mass", "num"],
       ["payout share", "num"], props.map((p) => [`φ ${p}`, "num"]), ""], rows, { id: "contributors-table" }),
     policy ? el("p", { class: "small muted" },
-      `Payout policy: ${policy.policy.property} by ${policy.policy.method}` +
+      `Payout policy: ${policy.policy.property} by ${policyMethod(policy.policy)}` +
       ` (set by ${policy.policy.set_by}). ${policy.note || ""}`) : "",
     gone.length ? el("h3", {}, "Forgotten (past usage, kept in the ledger)") : "",
     gone.length ? table(["id", ["samples", "num"], ["mass", "num"]], gone.map(([c, r]) =>
@@ -823,7 +829,7 @@ async function viewValuation() {
   }
   const policy = vals.policy;
   box.append(el("p", { class: "small muted" },
-    `Payout policy: ${policy.property} by ${policy.method} (set by ${policy.set_by || "default"}). ` +
+    `Payout policy: ${policy.property} by ${policyMethod(policy)} (set by ${policy.set_by || "default"}). ` +
     (credit.payout_policy && credit.payout_policy.note ? credit.payout_policy.note : "")));
   const select = el("select", { id: "valuation-property" },
     [...latest.keys()].sort().map((p) => el("option", { value: p }, p)));
@@ -842,7 +848,8 @@ async function viewValuation() {
       return scatter(common.map((p) => ({ label: p, x: byMethod[ref].values[p], y: m.values[p] })),
         { title: `${m.method} vs ${ref}: r = ${r === null ? "—" : r.toFixed(3)}`, xname: ref, yname: m.method });
     });
-    const policyRow = byMethod[policy.method] && select.value === policy.property ? byMethod[policy.method] : null;
+    // the server gives payout_shares only on the rows the policy pays by
+    const policyRow = methods.find((m) => m.payout_shares) || null;
     body.replaceChildren();
     append(body, [
       groupedBars(players, series, (g, s) => byMethod[s.name].values[g],
