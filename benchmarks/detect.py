@@ -48,7 +48,7 @@ from tqdm.auto import tqdm  # noqa: E402
 
 from shards import ShardStore  # noqa: E402
 from shards.data import load_contributor, load_image_folder  # noqa: E402
-from shards.demo import N_CLASSES, _split_sizes, _write_pngs  # noqa: E402
+from shards.demo import N_CLASSES, _split_sizes, _write_labelled, _write_pngs  # noqa: E402
 from valuation.properties import build_evaluator, evaluator_dir  # noqa: E402
 from valuation.semivalues import semivalue_weights  # noqa: E402
 from valuation.shapley import exact_semivalue, leave_one_out  # noqa: E402
@@ -94,18 +94,27 @@ def public_with_labels(data_dir: Path) -> tuple[np.ndarray, np.ndarray]:
 
 def planted_images(kind: str, data_dir: Path, seed: int = 0) -> np.ndarray:
     """80 images in [0, 1] of planted `kind` (module docstring), seeded."""
+    return planted(kind, data_dir, seed)[0]
+
+
+def planted(kind: str, data_dir: Path, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """`planted_images` and each image's label: the digit it was made from (for
+    `dup-alice`, alice's label; `blank` and `invert` keep their source digit's)."""
     rng = np.random.default_rng([seed, KINDS.index(kind)])
     images, labels = public_with_labels(data_dir)
     pick = np.concatenate([rng.choice(np.flatnonzero(labels == d), PER_DIGIT, replace=False)
                            for d in range(N_CLASSES)])
-    x = images[pick]
+    x, y = images[pick], labels[pick]
     if kind.startswith("gauss"):
         x = x + rng.normal(0.0, int(kind[5:]) / 100, size=x.shape)
     elif kind == "drop50":
         x = x * (rng.random(x.shape) >= 0.5)
     elif kind == "dup-alice":
-        alice = images_and_labels(data_dir / "contributors" / "alice")[0]
-        x = alice[rng.choice(len(alice), len(x), replace=False)]
+        alice, alice_labels = images_and_labels(data_dir / "contributors" / "alice")
+        chosen = rng.choice(len(alice), len(x), replace=False)
+        x = alice[chosen]
+        if alice_labels is not None:
+            y = alice_labels[chosen]
         x = x + rng.normal(0.0, 0.02, size=x.shape)
     elif kind == "blank":
         x = np.abs(rng.normal(0.0, 0.02, size=x.shape))
@@ -113,7 +122,7 @@ def planted_images(kind: str, data_dir: Path, seed: int = 0) -> np.ndarray:
         x = 1.0 - x
     else:
         raise ValueError(f"kind={kind!r}; allowed: {list(KINDS)}")
-    return np.clip(x, 0.0, 1.0)
+    return np.clip(x, 0.0, 1.0), y
 
 
 def build_store(work: Path, source: Path, data_dir: Path, kinds, train: dict | None) -> ShardStore:
@@ -134,7 +143,11 @@ def build_store(work: Path, source: Path, data_dir: Path, kinds, train: dict | N
     for kind in missing:
         folder = work / "data" / kind
         if not folder.exists():
-            _write_pngs(folder, kind, planted_images(kind, data_dir))
+            x, y = planted(kind, data_dir)
+            if store.num_labels:  # a class-conditional store: labelled planted data
+                _write_labelled(folder, kind, x, y)
+            else:
+                _write_pngs(folder, kind, x)
         start = time.perf_counter()
         store.add(load_contributor(folder, kind), device="cpu", progress=True)
         print(f"added {kind}: {time.perf_counter() - start:.0f} s", flush=True)

@@ -498,8 +498,8 @@ def check_same_labelling(datasets: list[ContributorData], labelled: bool | None 
         if (data.labels is not None) != labelled:
             state = "labelled" if data.labels is not None else "unlabelled"
             want = "labelled (a <label>/ folder per label or a labels.csv)" if labelled else "unlabelled"
-            raise DataError(f"contributor {data.contributor_id!r} is {state}, but the "
-                            f"{'store' if len(datasets) == 1 else 'others'} are {want}")
+            whose = "the store is" if len(datasets) == 1 else "the others are"
+            raise DataError(f"contributor {data.contributor_id!r} is {state}, but {whose} {want}")
 
 
 def check_same_shape(datasets: list[ContributorData], shape: tuple | None = None) -> None:

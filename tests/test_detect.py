@@ -5,6 +5,7 @@ import importlib.util
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from valuation.utility import CachedUtility, GameUtility
@@ -100,3 +101,8 @@ def test_planted_images_are_seeded_and_in_range(detect, tmp_path):
         assert x.shape == (80, 8, 8) and x.min() >= 0 and x.max() <= 1
         assert (x == detect.planted_images(kind, tmp_path / "data")).all()
     assert detect.planted_images("blank", tmp_path / "data").max() < 0.2
+    # labels for a class-conditional store: the source digits (alice's, for dup-alice)
+    _, y = detect.planted("gauss30", tmp_path / "data")
+    assert (np.bincount(y, minlength=10) == detect.PER_DIGIT).all()
+    _, y = detect.planted("dup-alice", tmp_path / "data")
+    assert set(y.tolist()) <= {0, 1}  # alice holds 0 and 1

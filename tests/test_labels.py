@@ -176,7 +176,7 @@ def test_adding_to_a_labelled_store_checks_labels(labelled_store, tmp_path):
     shutil.copytree(labelled_store.root, tmp_path / "s")
     store = ShardStore.open(tmp_path / "s")
     write_pngs(tmp_path / "plain", digits_of(2, 4))
-    with pytest.raises(DataError, match="'plain' is unlabelled, but the store are labelled"):
+    with pytest.raises(DataError, match="'plain' is unlabelled, but the store is labelled"):
         store.add(load_contributor(tmp_path / "plain"), progress=False, device="cpu")
     write_pngs(tmp_path / "far" / "7", digits_of(7, 4))
     with pytest.raises(DataError, match=r"label\(s\) \[7\].*allowed: 0\.\.3"):
