@@ -334,6 +334,8 @@ def main(argv=None) -> None:
     parser.add_argument("--steps", type=int, default=25)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--alpha", type=float, default=16.0, help="beta-shapley: Beta(alpha, beta)")
+    parser.add_argument("--beta", type=float, default=1.0, help="beta-shapley")
     parser.add_argument("--out", default=str(RESULTS))
     parser.add_argument("--quick", action="store_true",
                         help="2 kinds, 1 pair, n=32, 5 steps, 200-step shards and heads, "
@@ -379,7 +381,8 @@ def main(argv=None) -> None:
               f"({time.perf_counter() - t1:.0f} s so far)", flush=True)
         for name, players in tqdm([("honest", HONEST), *case_players.items()],
                                   desc=f"values {prop}", leave=False):
-            game_values.setdefault(name, {})[prop] = values_of(SubsetUtility(u, players), methods)
+            game_values.setdefault(name, {})[prop] = values_of(SubsetUtility(u, players), methods,
+                                                               args.alpha, args.beta)
     t_value = time.perf_counter() - t1
     honest_game = game_values.pop("honest")
     table = summarise({name: (cases[name], vals) for name, vals in game_values.items()},
@@ -387,7 +390,7 @@ def main(argv=None) -> None:
     result = {"command": "python benchmarks/detect.py " + " ".join(sys.argv[1:] if argv is None else argv),
               "store": str(store.root), "settings": settings, "honest": list(HONEST),
               "cases": {k: list(v) for k, v in cases.items()}, "properties": props,
-              "methods": methods, "alpha": 16.0, "beta": 1.0,
+              "methods": methods, "alpha": args.alpha, "beta": args.beta,
               "coalitions": {"needed": len(needed), **counts[props[0]], "by_property": counts},
               "seconds": {"build": t_train, "valuation": t_value,
                           "total": time.perf_counter() - t0},
