@@ -111,8 +111,8 @@ class ValueInput(Strict):
                           "beta-shapley", "pruned", "retrain", "loo", "attribution"]] = Field(
         list(DEFAULT_VALUE_METHODS), min_length=1, max_length=10,
         json_schema_extra={"uniqueItems": True},
-        description="default: exact Shapley (credit's `shapley`) and Beta(16, 1) Shapley "
-                    "(the default payout policy)")
+        description="default: exact Shapley (credit's `shapley` and the default payout "
+                    "policy) and Beta(16, 1) Shapley (the better policy on unconditional stores)")
     alpha: float = Field(16.0, gt=0, le=1000, description="beta-shapley: Beta(alpha, beta)")
     beta: float = Field(1.0, gt=0, le=1000, description="beta-shapley")
     n: int = Field(256, ge=2, le=4096, description="samples per coalition")

@@ -215,7 +215,7 @@ def test_value_endpoint_matrix_and_inputs(client, heldout):
     assert job["status"] == "succeeded", job
     credit = call(client, "credit", "admin").json()
     assert credit["valuations"]["precision"]["method"] == "exact"  # the default property
-    # the default payout policy (precision, Beta(16, 1) Shapley) now has its valuation:
+    # the default payout policy (exact Shapley of precision) now has its valuation:
     # shares sum to 1, or are all 0 when no value is positive (1-step samples of a tiny
     # store)
     shares = [r["payout_share"] for r in credit["contributors"].values() if r["live"]]

@@ -233,11 +233,10 @@ def test_value_job_feeds_credit_and_forget_drops_what_depends_on_the_contributor
     credit = platform.credit(admin)
     assert credit["valuations"]["quality"]["method"] == "exact"
     assert credit["contributors"]["a"]["shapley"]["quality"] == exact["values"]["a"]
-    # payout: the default policy (precision, Beta(16, 1) Shapley) has no valuation yet
+    # payout: the default policy (exact Shapley of precision) has no valuation yet
     assert credit["contributors"]["a"]["payout_share"] is None
     assert credit["payout_policy"]["policy"]["set_by"] == "default"
-    assert ("no recorded valuation gives beta-shapley (alpha 16, beta 1) values of precision"
-            in credit["payout_policy"]["note"])
+    assert "no recorded valuation gives exact values of precision" in credit["payout_policy"]["note"]
     from shards.errors import StoreError
 
     with pytest.raises(StoreError, match="recorded: exact values of quality, retrain values of "
