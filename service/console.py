@@ -30,7 +30,7 @@ from shards.errors import short
 
 from .auth import ForbiddenError, Principal
 from .db import Database
-from .platform import DEFAULT_PAYOUT, NotFoundError, payout_shares
+from .platform import NotFoundError, payout_policy, payout_shares
 
 STATIC = Path(__file__).with_name("console")
 MOUNT = "/ui"
@@ -155,7 +155,7 @@ def valuations(principal: Principal, db: Database, limit: int = 200) -> dict:
     the payout policy pays by its (property, method) (shares over its players)."""
     if principal.role == "user":
         raise ForbiddenError(f"user {principal.user!r} may not read valuations")
-    policy = db.payout_policy() or {**DEFAULT_PAYOUT, "set_at": None, "set_by": "default"}
+    policy = payout_policy(db)
     out = []
     for r in db.valuations(limit):
         values = r["values"]

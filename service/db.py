@@ -61,6 +61,11 @@ def _params(params: dict | None) -> str | None:
     return json.dumps({k: float(v) for k, v in sorted(params.items())}) if params else None
 
 
+def _unparams(text: str | None) -> dict | None:
+    """The parameters `_params` stored (None for none)."""
+    return json.loads(text) if text else None
+
+
 class Database:
     """One SQLite file; a connection per thread (sqlite3 objects are thread-bound)."""
 
@@ -326,13 +331,13 @@ class Database:
         rows = self._conn().execute("SELECT * FROM valuations ORDER BY id DESC LIMIT ?",
                                     (limit,)).fetchall()
         return [{"at": r["at"], "property": r["property"], "method": r["method"],
-                 "params": json.loads(r["params"]) if r["params"] else None,
+                 "params": _unparams(r["params"]),
                  "kind": r["kind"] or "primary", "values": json.loads(r["values_json"])}
                 for r in rows]
 
     def recorded_valuations(self) -> list[tuple[str, str, dict | None]]:
         """Every (property, method, parameters) with recorded values."""
-        return [(r["property"], r["method"], json.loads(r["params"]) if r["params"] else None)
+        return [(r["property"], r["method"], _unparams(r["params"]))
                 for r in self._conn().execute(
                     "SELECT DISTINCT property, method, params FROM valuations "
                     "ORDER BY property, method, params")]
@@ -348,7 +353,7 @@ class Database:
             "SELECT * FROM payout_policy ORDER BY id DESC LIMIT 1").fetchone()
         return None if row is None else {
             "property": row["property"], "method": row["method"],
-            "params": json.loads(row["params"]) if row["params"] else None,
+            "params": _unparams(row["params"]),
             "set_at": row["at"], "set_by": row["actor"]}
 
     def drop_valuations(self, contributor_id: str) -> int:

@@ -70,7 +70,7 @@ PURGE_DRAIN_SECONDS = 600.0
 # unconditional stores Beta(16, 1) is the better policy (README, "Planted-noise
 # benchmark").
 DEFAULT_PAYOUT = {"property": "precision", "method": "exact", "params": None}
-BETA_DEFAULTS = {"alpha": 16.0, "beta": 1.0}
+BETA_DEFAULTS = {"alpha": ValuationSettings.alpha, "beta": ValuationSettings.beta}
 # what `value` computes when no methods are named: credit's `shapley` and the default
 # payout policy (exact), and Beta(16, 1) Shapley, the better policy on unconditional
 # stores (the same coalitions, so it costs nothing more)
@@ -150,6 +150,11 @@ def method_params(result: ValuationResult) -> dict | None:
     if result.method == "beta-shapley":
         return {"alpha": float(result.extra["alpha"]), "beta": float(result.extra["beta"])}
     return None
+
+
+def payout_policy(db: Database) -> dict:
+    """The policy an admin set last, else the default (`set_by` 'default')."""
+    return db.payout_policy() or {**DEFAULT_PAYOUT, "set_at": None, "set_by": "default"}
 
 
 def describe_policy(policy: dict) -> str:
@@ -743,7 +748,7 @@ class Platform:
     def _payout(self, live: set[str]) -> dict:
         """The policy, the valuation it pays by, and the live contributors' shares (None
         with a `note` when there is no policy or its valuation is not recorded)."""
-        policy = self.db.payout_policy() or {**DEFAULT_PAYOUT, "set_at": None, "set_by": "default"}
+        policy = payout_policy(self.db)
         valuation = self.db.valuation(policy["property"], policy["method"], policy.get("params"))
         if valuation is None or not live <= set(valuation["values"]):
             return {"policy": policy, "shares": None,
