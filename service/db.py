@@ -193,13 +193,17 @@ class Database:
 
     # ----------------------------------------------------------------- audit
     def audit(self, actor: str, action: str, contributor_id: str, details: dict,
-              db: sqlite3.Connection | None = None) -> None:
+              db: sqlite3.Connection | None = None) -> dict:
+        """Append an audit record; returns it as `audit_log` would."""
         if db is None:
             with self._tx() as db:
                 return self.audit(actor, action, contributor_id, details, db)
-        db.execute("INSERT INTO audit (at, actor, action, contributor_id, details) "
-                   "VALUES (?, ?, ?, ?, ?)",
-                   (time.time(), actor, action, contributor_id, json.dumps(details)))
+        at = time.time()
+        cur = db.execute("INSERT INTO audit (at, actor, action, contributor_id, details) "
+                         "VALUES (?, ?, ?, ?, ?)",
+                         (at, actor, action, contributor_id, json.dumps(details)))
+        return {"id": cur.lastrowid, "at": at, "actor": actor, "action": action,
+                "contributor_id": contributor_id, "details": details}
 
     def audit_log(self, contributor_id: str | None = None) -> list[dict]:
         sql, args = "SELECT * FROM audit", ()

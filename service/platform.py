@@ -424,7 +424,8 @@ class Platform:
     def forget(self, principal: Principal, contributor_id: str) -> dict:
         """Exclude now (durable and seen by every worker before returning), purge in
         the background. An admin may forget anyone; a contributor key only its own
-        contributor (audited as a self-request). Returns the purge job.
+        contributor (audited as a self-request). Returns the purge job and the
+        exclusion's audit record.
 
         Raises:
             ForbiddenError: a user key, or a contributor key for someone else (403).
@@ -440,12 +441,15 @@ class Platform:
             with self.db._tx() as tx:  # the job and its audit record, together
                 job_id = self.db.create_job("purge", principal.user, {
                     "contributor_id": contributor_id, "self_request": self_request}, tx)
-                self.db.audit(principal.user, "exclude", contributor_id, self._exclude_details(
-                    job_id, entry, self_request), tx)
+                record = self.db.audit(principal.user, "exclude", contributor_id,
+                                       self._exclude_details(job_id, entry, self_request), tx)
         crashpoint("forget:acknowledged")
         self.metrics.forgets.inc()
         self._wake.set()
-        return {"job_id": job_id, "contributor_id": contributor_id, "excluded": True}
+        # the record rides on the acknowledgement: a contributor's key is revoked when the
+        # purge ends, possibly before it could ask for its audit log
+        return {"job_id": job_id, "contributor_id": contributor_id, "excluded": True,
+                "audit": record}
 
     def _exclude_details(self, job_id: str, entry: dict, self_request: bool, **extra) -> dict:
         return {"job_id": job_id, "data_hash": entry["data_hash"],

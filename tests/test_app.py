@@ -181,6 +181,9 @@ def test_admin_endpoints_matrix_then_forget(client, data_dir, tmp_path):
     r = call(client, "forget", "admin", {"contributor_id": "eve"})
     assert r.status_code == 200 and r.json()["excluded"] is True
     purge_id = r.json()["job_id"]
+    record = r.json()["audit"]  # the exclusion's record rides on the acknowledgement
+    assert (record["action"], record["contributor_id"]) == ("exclude", "eve")
+    assert record["details"]["job_id"] == purge_id
     r = call(client, "generate", "admin", {"contributors": ["eve"], "n": 1, "steps": 1})
     assert r.status_code == 404
     job = wait_for_job(lambda: call(client, "job", "admin", {"job_id": purge_id}).json())

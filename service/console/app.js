@@ -620,7 +620,10 @@ function removeSection(cid) {
     yes.addEventListener("click", () => guarded(async () => {
       const ack = await api("forget", { contributor_id: cid });
       stopTimers();  // nothing else on this page polls while the purge runs
-      const records = el("div", { id: "remove-audit" });
+      // the acknowledgement carries the exclusion's record: shown at once, since the key
+      // may be revoked (purge done) before an audit request would get through
+      const records = el("div", { id: "remove-audit" },
+        auditSection(ack.audit ? [ack.audit] : [], "Audit records"));
       const done = el("div", { id: "remove-done" });
       const showAudit = async () => {
         try {
