@@ -4,25 +4,38 @@ class-conditional and unconditional, at several budgets. Prints measured numbers
 writes benchmarks/results/conditional/ (conditional.json, budget.png); it does not
 pass or fail.
 
-For each variant (`cond`: labels used, `uncond`: the same data without labels) and
-each budget multiplier m (default 1, 2, 4 times the default 800 steps per shard):
+For each variant (`cond`: labels used, `uncond`: the same data without labels,
+`lora`: class-conditional LoRA shards on a public base) and each budget multiplier m
+(default 1, 2, 4 times the default steps per shard: 800 full, 400 LoRA):
   * composed: one full shard per contributor of the default data (7, mallory
-    included), 800 m steps each with EMA, and the default router (one density-ratio
-    head per contributor, 4,000 steps, trained once per variant: it does not depend
-    on the shards);
+    included), 7 x 800 m steps in all with EMA, split in proportion to each one's
+    images (`--allocation data`, the store's default; `equal`: 800 m each), and the
+    default router (one density-ratio head per contributor, 4,000 steps, trained once
+    per variant: it does not depend on the shards);
   * monolith: the same UNet (class-conditional for `cond`) trained on the union for
     7 x 800 m steps (the shards' total), with the same optimiser, schedule and EMA;
+    for `lora`: the class-conditional base trained on the public split (1,200 steps,
+    nobody's data; once, before the other jobs), each contributor's LoRA adapter on
+    it (rank 8, 7 x 400 m steps in all, EMA; merged into the base for sampling),
+    against the same base fully fine-tuned on the union for 7 x 400 m steps with the
+    full shards' optimiser settings, so both start from the same place;
   * FD to the held-out digits of --n samples (DDPM, --steps steps), composed with the
-    default routing and monolith; for `cond` also per-label FD (--per-label samples
-    of each label against the held-out digits of that label) and on-label accuracy
-    (the evaluator's predicted digit equals the requested label), composed over all
-    contributors and restricted to each single contributor for each label it holds.
+    default routing and monolith; for labelled variants also per-label FD
+    (--per-label samples of each label against the held-out digits of that label)
+    and on-label accuracy (the judge's predicted digit equals the requested label):
+    composed over all contributors, over all but mallory (the planted corrupted
+    one), the monolith, and each single contributor for each label it holds. Two
+    judges: the FD's MLP and an SVM on the held-out and public digits (the stronger;
+    see evaluator.LabelJudge); each judge's score on the honest contributors' own
+    images is reported too, as the ceiling of a model that reproduced them.
 
 Training runs as independent jobs (one per head, shard and monolith) in --jobs worker
 processes, so on a GPU several small models train at once.
 
     python benchmarks/conditional.py --device cuda --jobs 12      # H100: minutes
-    python benchmarks/conditional.py --budgets 1 --variants cond  # CPU: about 20 min
+    python benchmarks/conditional.py --budgets 1,2 --variants cond --jobs 2  # CPU: 36 min
+    python benchmarks/conditional.py --budgets 1 --variants lora --n 500 --per-label 50 \
+        --per-single 20                                          # CPU: about 25 min
 """
 
 from __future__ import annotations
@@ -46,19 +59,21 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from safetensors.torch import load_file, save_file  # noqa: E402
 
-from benchmarks.evaluator import DigitsEvaluator  # noqa: E402
+from benchmarks.evaluator import DigitsEvaluator, LabelJudge  # noqa: E402
 from shards import load_contributors  # noqa: E402
 from shards.bank import ShardBank  # noqa: E402
 from shards.data import ContributorData, load_labelled_folder  # noqa: E402
 from shards.heads import DensityRatioHead, HeadsRouter, feature_dim, train_head  # noqa: E402
 from shards.models import make_noise_schedule, make_unet  # noqa: E402
 from shards.sampler import ComposedSampler, SampleRequest  # noqa: E402
-from shards.shard import StoreConfig, derived_seed, train_shard  # noqa: E402
+from shards.shard import StoreConfig, derived_seed, train_base, train_shard  # noqa: E402
 from shards.training import TrainConfig, train_denoiser  # noqa: E402
 from valuation.features import frechet_distance, gaussian_stats  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results" / "conditional"
-CONFIG = StoreConfig()
+# each shard's steps come from --allocation here (the jobs set them), not from the store
+# default's in-proportion rule, which `data` reproduces
+CONFIG = StoreConfig(steps_reference_images=None)
 
 
 # ------------------------------------------------------------------ training jobs
@@ -69,7 +84,11 @@ def _job(spec: dict) -> dict:
     data = load_contributors(spec["data"] / "contributors")
     if spec["variant"] == "uncond":
         data = [replace(d, labels=None) for d in data]
-    num_labels = 10 if spec["variant"] == "cond" else 0
+    num_labels = 0 if spec["variant"] == "uncond" else 10
+    base = None
+    if spec["variant"] == "lora" and spec["kind"] != "head":
+        base = make_unet(data[0].image_shape, CONFIG.unet, num_labels=num_labels)
+        base.load_state_dict(load_file(spec["base"]))
     scheduler = make_noise_schedule(CONFIG.schedule)
     start = time.perf_counter()
     if spec["kind"] == "head":
@@ -79,25 +98,48 @@ def _job(spec: dict) -> dict:
         torch.manual_seed(seed)
         model = DensityRatioHead(contributor_id=d.contributor_id, in_features=feature_dim(d.image_shape),
                                  hidden=CONFIG.head_hidden, num_labels=num_labels)
-        loss = train_head(model, d.images, public, scheduler, CONFIG.head_train, seed, labels=d.labels,
+        train = _steps(CONFIG.head_train, spec["steps"])  # CONFIG is not --scale'd in workers
+        loss = train_head(model, d.images, public, scheduler, train, seed, labels=d.labels,
                           reference_labels=public_labels if num_labels else None, device=device,
                           progress=False)
     elif spec["kind"] == "shard":
         d = next(x for x in data if x.contributor_id == spec["cid"])
-        cfg = replace(CONFIG, shard_train=_steps(CONFIG.shard_train, spec["steps"]))
-        model, meta = train_shard(d, "full", cfg, scheduler, device=device, progress=False,
-                                  num_labels=num_labels)
+        cfg = replace(CONFIG, shard_train=_steps(CONFIG.shard_train, spec["steps"]),
+                      lora_train=_steps(CONFIG.lora_train, spec["steps"]))
+        kind = "lora" if base is not None else "full"
+        model, meta = train_shard(d, kind, cfg, scheduler, base=base, device=device,
+                                  progress=False, num_labels=num_labels)
+        if kind == "lora":
+            model = model.merge_and_unload()  # plain UNet weights for the shard bank
         loss = meta["final_loss"]
     else:  # monolith on the union
         union = ContributorData("union", torch.cat([d.images for d in data]), "-",
                                 None if num_labels == 0 else torch.cat([d.labels for d in data]))
-        model = make_unet(union.image_shape, CONFIG.unet, seed=CONFIG.seed, num_labels=num_labels)
+        model = base if base is not None else make_unet(union.image_shape, CONFIG.unet,
+                                                        seed=CONFIG.seed, num_labels=num_labels)
         train = _steps(CONFIG.shard_train, spec["steps"])
         loss = train_denoiser(model, union.images, scheduler, train, CONFIG.seed, labels=union.labels,
                               device=device, progress=False)
     save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}, spec["out"])
     return {**{k: str(v) for k, v in spec.items() if k in ("kind", "cid", "variant", "steps")},
             "out": spec["out"], "loss": float(loss), "seconds": time.perf_counter() - start}
+
+
+def _train_base(data_dir: Path, work: Path, args) -> tuple[str, dict]:
+    """The LoRA variant's class-conditional public base (nobody's data), trained once."""
+    public, public_labels = load_labelled_folder(data_dir / "public")
+    config = replace(CONFIG, base_train=_steps(CONFIG.base_train,
+                                               max(2, int(CONFIG.base_train.steps * args.scale))))
+    start = time.perf_counter()
+    model, loss = train_base(public, tuple(public.shape[1:]), config,
+                             make_noise_schedule(CONFIG.schedule), args.device, progress=False,
+                             labels=public_labels, num_labels=10)
+    out = str(work / "lora-base.safetensors")
+    save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}, out)
+    info = {"steps": config.base_train.steps, "images": len(public), "loss": float(loss),
+            "seconds": time.perf_counter() - start}
+    print(f"trained the public base ({info['steps']} steps, {info['seconds']:.0f} s)", flush=True)
+    return out, info
 
 
 def _steps(config: TrainConfig, steps: int) -> TrainConfig:
@@ -141,7 +183,7 @@ def _sample(sampler, contributors, n, seed, steps, labels=None, chunk=500):
     return images, (None if outs[0].labels is None else torch.cat([o.labels for o in outs]))
 
 
-def _evaluate(sampler, mono, evaluator, heldout, data, args, variant) -> dict:
+def _evaluate(sampler, mono, evaluator, judge, heldout, data, args, variant) -> dict:
     fd = evaluator.fd
     out: dict = {}
     images, _ = _sample(sampler, None, args.n, args.seed, args.steps)
@@ -149,14 +191,16 @@ def _evaluate(sampler, mono, evaluator, heldout, data, args, variant) -> dict:
     out["fd"] = {"composed": fd(images), "monolith": fd(mono_images)}
     out["fd"]["gap"] = out["fd"]["composed"] / out["fd"]["monolith"] - 1
     out["sample_rows_per_step"] = sampler.shard_rows / (args.n * args.steps)
-    if variant != "cond":
+    if variant == "uncond":
         return out
     x_held, y_held = heldout
-    per_label, on_label = {}, {}
-    for model_name, model in (("composed", sampler), ("monolith", mono)):
+    per_label, on_label, on_label_svm = {}, {}, {}
+    honest = [d.contributor_id for d in data if d.contributor_id != "mallory"]  # the planted one
+    for model_name, model, subset in (("composed", sampler, None), ("monolith", mono, None),
+                                      ("composed_honest", sampler, honest)):
         labels = [y for y in range(10) for _ in range(args.per_label)]
-        imgs, got = _sample(model, None, len(labels), args.seed + 7, args.steps, labels)
-        pred = evaluator.classify(imgs)
+        imgs, got = _sample(model, subset, len(labels), args.seed + 7, args.steps, labels)
+        pred, pred_svm = evaluator.classify(imgs), judge.classify(imgs)
         feats = evaluator.net.features(imgs).detach().numpy()
         with torch.no_grad():
             ref = evaluator.net.features(torch.as_tensor(x_held)).numpy()
@@ -164,22 +208,37 @@ def _evaluate(sampler, mono, evaluator, heldout, data, args, variant) -> dict:
                                                      *gaussian_stats(ref[y_held == y]))
                                  for y in range(10)}
         on_label[model_name] = {y: float((pred[got.numpy() == y] == y).mean()) for y in range(10)}
-    single = {}
+        on_label_svm[model_name] = {y: float((pred_svm[got.numpy() == y] == y).mean())
+                                    for y in range(10)}
+    single, single_svm = {}, {}
     for d in data:
         for y in d.label_counts():
             imgs, _ = _sample(sampler, [d.contributor_id], args.per_single, args.seed + 11,
                               args.steps, [y] * args.per_single)
             single.setdefault(d.contributor_id, {})[y] = float(
                 (evaluator.classify(imgs) == y).mean())
-    out.update(per_label_fd=per_label, on_label=on_label, on_label_single=single)
+            single_svm.setdefault(d.contributor_id, {})[y] = float((judge.classify(imgs) == y).mean())
+    out.update(per_label_fd=per_label, on_label=on_label, on_label_single=single,
+               on_label_svm=on_label_svm, on_label_single_svm=single_svm)
     return out
+
+
+def _real_on_label(judges: dict, data) -> dict:
+    """Per judge and label, the share of the honest contributors' own images it assigns
+    to their label: the most a model that reproduced its data exactly would score."""
+    honest = [d for d in data if d.contributor_id != "mallory" and d.labels is not None]
+    images = (torch.cat([d.images for d in honest]) + 1) / 2  # stored in [-1, 1]
+    labels = torch.cat([d.labels for d in honest]).numpy()
+    return {name: {int(y): float((j.classify(images)[labels == y] == y).mean())
+                   for y in np.unique(labels)} for name, j in judges.items()}
 
 
 # ------------------------------------------------------------------ main
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--data", default="var/demo-data", help="cdm demo-data output (labelled)")
-    p.add_argument("--budgets", default="1,2,4", help="multiples of 800 steps per shard")
+    p.add_argument("--budgets", default="1,2,4",
+                   help="multiples of the default steps per shard (800 full, 400 LoRA)")
     p.add_argument("--variants", default="cond,uncond")
     p.add_argument("--device", default="cpu")
     p.add_argument("--jobs", type=int, default=1, help="training worker processes")
@@ -193,6 +252,10 @@ def main() -> None:
                    help="multiply every training length (a quick check: 0.01)")
     p.add_argument("--deadline", type=float, default=0.0,
                    help="seconds: stop waiting for training after this (0: no limit)")
+    p.add_argument("--allocation", choices=("equal", "data"), default="data",
+                   help="split the shards' total steps in proportion to each contributor's "
+                        "images (the store's default: each image then gets as many steps as "
+                        "in the monolith, in expectation) or equally (stores of before)")
     p.add_argument("--results", default=str(RESULTS))
     args = p.parse_args()
     data_dir = Path(args.data)
@@ -208,21 +271,39 @@ def main() -> None:
             2, int(CONFIG.head_train.steps * args.scale)), warmup_steps=0))
     data = load_contributors(data_dir / "contributors")
     ids = [d.contributor_id for d in data]
-    base = max(2, int(CONFIG.shard_train.steps * args.scale))
+    sizes = {d.contributor_id: len(d) for d in data}
+
+    def one_x(variant: str) -> int:  # a shard's default steps
+        train = CONFIG.lora_train if variant == "lora" else CONFIG.shard_train
+        return max(2, int(train.steps * args.scale))
+
+    def shard_steps(variant: str, m: float) -> dict[str, int]:
+        """Steps of each shard at budget m: total 7 x one_x x m, split by --allocation."""
+        steps = max(2, int(one_x(variant) * m))
+        if args.allocation == "equal":
+            return {c: steps for c in ids}
+        total = steps * len(ids)
+        return {c: max(2, round(total * sizes[c] / sum(sizes.values()))) for c in ids}
+
+    base = one_x("cond")
     work = Path(tempfile.mkdtemp(prefix="cdm-conditional-"))
+    base_path, base_info = None, None
+    if "lora" in variants:  # the public base first: the LoRA jobs start from it
+        base_path, base_info = _train_base(data_dir, work, args)
     threads = max(1, (os.cpu_count() or 1) // max(1, args.jobs))
     specs = []
     for variant in variants:  # priority: variant, then budget; heads first
         specs += [{"kind": "head", "cid": c, "variant": variant, "steps": CONFIG.head_train.steps}
                   for c in ids]
         for m in budgets:
-            steps = max(2, int(base * m))
+            steps = max(2, int(one_x(variant) * m))
             specs.append({"kind": "mono", "cid": "union", "variant": variant, "steps": steps * len(ids)})
-            specs += [{"kind": "shard", "cid": c, "variant": variant, "steps": steps} for c in ids]
+            specs += [{"kind": "shard", "cid": c, "variant": variant, "steps": n}
+                      for c, n in shard_steps(variant, m).items()]
     # longest first within a variant (the monoliths are the critical path), cond first
     specs.sort(key=lambda s: (variants.index(s["variant"]), -s["steps"]))
     for s in specs:
-        s.update(data=data_dir, device=args.device, threads=threads,
+        s.update(data=data_dir, device=args.device, threads=threads, base=base_path,
                  out=str(work / f"{s['variant']}-{s['kind']}-{s['cid']}-{s['steps']}.safetensors"))
     start = time.perf_counter()
     done: dict[tuple, dict] = {}
@@ -244,22 +325,28 @@ def main() -> None:
     from valuation.properties import load_labelled_folder as heldout_folder
 
     heldout = heldout_folder(data_dir / "heldout")
+    judge = LabelJudge(data_dir / "heldout", data_dir / "public", seed=args.seed)
+    real = _real_on_label({"mlp": evaluator, "svm": judge}, data)
+    print(f"judges on the honest contributors' own images, per label: {real}", flush=True)
     report = {"device": args.device, "jobs": args.jobs, "scale": args.scale, "n": args.n,
               "steps": args.steps, "per_label": args.per_label, "per_single": args.per_single,
-              "shard_steps_1x": base, "contributors": ids, "train_seconds": train_s,
-              "training": list(done.values()), "results": {}}
+              "shard_steps_1x": base, "allocation": args.allocation,
+              "contributor_images": sizes, "contributors": ids, "train_seconds": train_s,
+              "evaluator_accuracy": evaluator.accuracy, "judge_accuracy": judge.accuracy,
+              "real_on_label": real, "lora_base": base_info, "training": list(done.values()), "results": {}}
     for variant in variants:
-        num_labels = 10 if variant == "cond" else 0
-        vdata = data if variant == "cond" else [replace(d, labels=None) for d in data]
+        num_labels = 0 if variant == "uncond" else 10
+        vdata = [replace(d, labels=None) for d in data] if variant == "uncond" else data
         heads = {c: load_file(done[(variant, "head", c, CONFIG.head_train.steps)]["out"])
                  for c in ids if (variant, "head", c, CONFIG.head_train.steps) in done}
         for m in budgets:
-            steps = max(2, int(base * m))
-            keys = [(variant, "shard", c, steps) for c in ids] + [(variant, "mono", "union", steps * len(ids))]
+            steps, per_shard = max(2, int(one_x(variant) * m)), shard_steps(variant, m)
+            keys = ([(variant, "shard", c, per_shard[c]) for c in ids]
+                    + [(variant, "mono", "union", steps * len(ids))])
             if len(heads) < len(ids) or not all(k in done for k in keys):
                 print(f"{variant} {m}x: not trained in time; skipped")
                 continue
-            shards = {c: load_file(done[(variant, "shard", c, steps)]["out"]) for c in ids}
+            shards = {c: load_file(done[(variant, "shard", c, per_shard[c])]["out"]) for c in ids}
             sampler = _sampler(shards, heads, vdata, num_labels, args.device)
             mono_state = load_file(done[keys[-1]]["out"])
             mono = _sampler({"union": mono_state}, {}, [ContributorData(
@@ -267,19 +354,22 @@ def main() -> None:
                 None if not num_labels else torch.cat([d.labels for d in vdata]))], num_labels,
                 args.device)
             t0 = time.perf_counter()
-            result = _evaluate(sampler, mono, evaluator, heldout, vdata, args, variant)
-            result.update(budget=m, shard_steps=steps, monolith_steps=steps * len(ids),
+            result = _evaluate(sampler, mono, evaluator, judge, heldout, vdata, args, variant)
+            result.update(budget=m, shard_steps=per_shard, monolith_steps=steps * len(ids),
                           eval_seconds=time.perf_counter() - t0)
             report["results"][f"{variant}-{m:g}x"] = result
             f = result["fd"]
-            line = (f"{variant} {m:g}x ({steps} steps/shard): FD composed {f['composed']:.3f}, "
+            line = (f"{variant} {m:g}x ({steps} steps/shard, {args.allocation}): FD composed {f['composed']:.3f}, "
                     f"monolith {f['monolith']:.3f} ({f['gap']:+.1%})")
-            if variant == "cond":
-                worst = min(result["on_label"]["composed"].values())
-                honest = [v for c, ys in result["on_label_single"].items() if c != "mallory"
-                          for v in ys.values()]
-                line += (f"; on-label composed min {worst:.1%}, single honest contributors min "
-                         f"{min(honest):.1%}")
+            if variant != "uncond":
+                for judge_name, key in (("MLP", "on_label"), ("SVM", "on_label_svm")):
+                    worst = min(result[key]["composed"].values())
+                    worst_honest = min(result[key]["composed_honest"].values())
+                    honest = [v for c, ys in result[key.replace("label", "label_single")].items()
+                              if c != "mallory" for v in ys.values()]
+                    line += (f"; on-label ({judge_name}) composed min {worst:.1%}, without "
+                             f"mallory {worst_honest:.1%}, single honest contributors min "
+                             f"{min(honest):.1%}")
             print(line, flush=True)
     out = Path(args.results)
     out.mkdir(parents=True, exist_ok=True)
@@ -295,7 +385,8 @@ def _plot(report: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(5.5, 3.8))
-    for variant, style in (("cond", "-"), ("uncond", "--")):
+    names = {"cond": "conditional", "uncond": "unconditional", "lora": "LoRA, conditional"}
+    for variant, style in (("cond", "-"), ("uncond", "--"), ("lora", ":")):
         rows = sorted((r["budget"], r["fd"]) for k, r in report["results"].items()
                       if k.startswith(variant + "-"))
         if not rows:
@@ -303,9 +394,9 @@ def _plot(report: dict, path: Path) -> None:
         xs = [b for b, _ in rows]
         for which, marker in (("composed", "o"), ("monolith", "s")):
             ax.plot(xs, [f[which] for _, f in rows], style, marker=marker,
-                    label=f"{which} ({'conditional' if variant == 'cond' else 'unconditional'})")
+                    label=f"{which} ({names[variant]})")
     ax.set_xscale("log", base=2)
-    ax.set_xlabel("training budget (x 800 steps per shard; monolith: 7x that)")
+    ax.set_xlabel("training budget (x default steps per shard; monolith: 7x that)")
     ax.set_ylabel("FD to held-out digits (lower is better)")
     ax.legend(fontsize=7)
     fig.tight_layout()

@@ -40,6 +40,31 @@ class DigitsEvaluator:
                                     *self.reference)
 
 
+class LabelJudge:
+    """A second classifier, for on-label accuracy only: an RBF support-vector machine
+    (scikit-learn) fit on the held-out and the public digits (owned by nobody). It is
+    the stronger judge of which digit a sample shows: on the honest contributors' own
+    images it is right 98.4% of the time, the MLP above 95.5% (8s: 94.8% against
+    88.5%), so it measures the models rather than the judge. `accuracy` is measured as
+    DigitsEvaluator's: on 20% held back from a fit on the rest."""
+
+    def __init__(self, *folders: str | Path, seed: int = 0):
+        from sklearn.svm import SVC
+
+        parts = [load_labelled_folder(Path(f)) for f in folders]
+        x = np.concatenate([x.reshape(len(x), -1) for x, _ in parts])
+        y = np.concatenate([y for _, y in parts])
+        self.svc = SVC(C=10, gamma="scale").fit(x, y)
+        perm = np.random.default_rng(seed).permutation(len(y))
+        cut = int(0.8 * len(perm))
+        probe = SVC(C=10, gamma="scale").fit(x[perm[:cut]], y[perm[:cut]])
+        self.accuracy = float((probe.predict(x[perm[cut:]]) == y[perm[cut:]]).mean())
+
+    def classify(self, images: torch.Tensor) -> np.ndarray:
+        """Predicted digit of each image in [0, 1]."""
+        return self.svc.predict(np.asarray(images).reshape(len(images), -1))
+
+
 def pair_attribution(evaluator: DigitsEvaluator, out, classes: dict[str, list[int]]) -> dict:
     """For samples of a pair with disjoint digits: how often the largest attribution
     goes to the owner of the digit the sample shows, and the mean mass on it."""
