@@ -43,6 +43,12 @@ def _store_config(args):
         n = args.shard_steps
         config = replace(config, shard_train=steps(config.shard_train, n),
                          base_train=steps(config.base_train, n), lora_train=steps(config.lora_train, n))
+    if args.equal_steps and args.steps_per_images is not None:
+        raise ValueError("--equal-steps and --steps-per-images exclude each other")
+    if args.equal_steps:
+        config = replace(config, steps_reference_images=None)
+    elif args.steps_per_images is not None:
+        config = replace(config, steps_reference_images=args.steps_per_images)
     if args.classifier_steps is not None:
         n = args.classifier_steps
         config = replace(config, classifier_train=steps(config.classifier_train, n),
@@ -337,6 +343,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--shard-steps", type=int, default=None,
                    help="training steps per shard (and for the LoRA base); default 800")
+    p.add_argument("--steps-per-images", type=int, default=None, metavar="R",
+                   help="a shard of R images trains --shard-steps, any other in proportion "
+                        "to its images (at least 200 steps); default 154")
+    p.add_argument("--equal-steps", action="store_true",
+                   help="every shard trains --shard-steps, whatever its size")
     p.add_argument("--classifier-steps", type=int, default=None,
                    help="training steps of the joint classifier; default 800")
     p.add_argument("--head-steps", type=int, default=None,

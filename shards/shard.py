@@ -12,7 +12,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -47,6 +47,15 @@ class StoreConfig:
     head_train: TrainConfig = TrainConfig(steps=4000, batch_size=128)
     head_hidden: int = 128
     keep_data: bool | None = None  # None: only where the router needs it (joint)
+    # A shard of R = steps_reference_images images trains its kind's configured steps
+    # and any other in proportion to its images (at least min_shard_steps, or the
+    # configured steps if fewer), so each image is seen about as often as by a
+    # monolith trained on the union for the shards' total steps; a shard's length
+    # still depends on its own data only. 154: the default data's mean contributor,
+    # so the default store trains 7 x 800 shard steps in all. None: every shard the
+    # configured steps (stores written before this setting).
+    steps_reference_images: int | None = 154
+    min_shard_steps: int = 200
 
     def __post_init__(self):
         if self.kind not in KINDS:
@@ -58,6 +67,20 @@ class StoreConfig:
                              "forget, so it needs keep_data=True")
         if self.priors not in ("size", "uniform"):
             raise ValueError(f"priors={self.priors!r}; allowed: ['size', 'uniform']")
+        if self.steps_reference_images is not None and self.steps_reference_images < 1:
+            raise ValueError(f"steps_reference_images={self.steps_reference_images} must be "
+                             "a positive number of images (or None: fixed steps)")
+        if self.min_shard_steps < 1:
+            raise ValueError(f"min_shard_steps={self.min_shard_steps} must be positive")
+
+    def shard_train_for(self, kind: str, images: int) -> TrainConfig:
+        """The training settings of a `kind` shard of `images` images."""
+        train = self.shard_train if kind == "full" else self.lora_train
+        if self.steps_reference_images is None:
+            return train
+        floor = min(self.min_shard_steps, train.steps)
+        steps = max(floor, round(train.steps * images / self.steps_reference_images))
+        return replace(train, steps=steps, warmup_steps=min(train.warmup_steps, steps // 5))
 
     @property
     def keeps_data(self) -> bool:
@@ -73,6 +96,7 @@ class StoreConfig:
         # stores written before routers were configurable: joint classifier, data kept
         d.setdefault("router", "joint")
         d.setdefault("keep_data", True)
+        d.setdefault("steps_reference_images", None)  # before: the same steps for every shard
         if "head_train" in d:
             d["head_train"] = TrainConfig(**d["head_train"])
         for key in ("shard_train", "base_train", "lora_train", "classifier_train"):
@@ -120,13 +144,12 @@ def train_shard(data: ContributorData, kind: str, config: StoreConfig, scheduler
     seed = derived_seed(config.seed, "shard", data.contributor_id)
     if kind == "full":
         model = make_unet(data.image_shape, config.unet, seed=seed, num_labels=num_labels)
-        train = config.shard_train
     else:
         if base is None:
             raise ValueError("a LoRA shard needs the store's public base model")
         with seeded(seed):
             model = get_peft_model(copy.deepcopy(base), make_lora_config(config.lora_rank))
-        train = config.lora_train
+    train = config.shard_train_for(kind, len(data))
     loss = train_denoiser(model, data.images, scheduler, train, seed, labels=data.labels,
                           device=device, desc=f"shard {data.contributor_id}", progress=progress)
     meta = {"contributor_id": data.contributor_id, "kind": kind, "data_hash": data.data_hash,

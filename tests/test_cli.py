@@ -1,3 +1,5 @@
+import json
+
 import numpy as np
 import pytest
 from conftest import write_pngs
@@ -28,13 +30,16 @@ def test_train_sample_png_and_npz(tmp_path, data_dir, capsys):
 
 def test_rgb_store_via_cli(tmp_path, capsys):
     rng = np.random.default_rng(0)
-    for cid in ("red", "blue"):
-        write_pngs(tmp_path / "d" / cid, rng.integers(0, 256, (6, 8, 8, 3), dtype=np.uint8), mode="RGB")
+    for cid, n in (("red", 6), ("blue", 9)):
+        write_pngs(tmp_path / "d" / cid, rng.integers(0, 256, (n, 8, 8, 3), dtype=np.uint8), mode="RGB")
     store = tmp_path / "store"
     assert main(["train", str(tmp_path / "d"), "--store", str(store), "--shard-steps", "4",
-                 "--classifier-steps", "4", "--router", "joint"]) == 0
+                 "--steps-per-images", "3", "--classifier-steps", "4", "--router", "joint"]) == 0
     write_pngs(tmp_path / "green", rng.integers(0, 256, (6, 8, 8, 3), dtype=np.uint8), mode="RGB")
     assert main(["add", str(tmp_path / "green"), "--store", str(store)]) == 0
+    steps = {c: json.loads((store / "shards" / c / "shard.json").read_text())["steps"]
+             for c in ("red", "blue", "green")}
+    assert steps == {"red": 8, "blue": 12, "green": 8}  # steps in proportion to images
     assert main(["sample", "--store", str(store), "--n", "2", "--steps", "2",
                  "--out", str(tmp_path / "rgb.npz")]) == 0
     npz = np.load(tmp_path / "rgb.npz")
@@ -45,6 +50,8 @@ def test_rgb_store_via_cli(tmp_path, capsys):
 @pytest.mark.parametrize("argv, message", [
     (["sample", "--store", "{tmp}/missing", "--out", "{tmp}/x.png"], "no shard store"),
     (["train", "{tmp}/nodata", "--store", "{tmp}/s"], "does not exist"),
+    (["train", "{tmp}/nodata", "--store", "{tmp}/s", "--equal-steps", "--steps-per-images", "3"],
+     "exclude each other"),
 ])
 def test_errors_are_one_line_with_status_2(tmp_path, capsys, argv, message):
     argv = [a.format(tmp=tmp_path) for a in argv]

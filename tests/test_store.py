@@ -174,3 +174,32 @@ def test_lora_bank_rows_equal_peft_one_adapter_at_a_time(lora_store):
             single = peft(x, t).sample
         rows = [r for r, c in enumerate(ids) if c == cid]
         assert_close(mixed[rows], single[rows], atol=1e-5)
+
+
+def test_steps_in_proportion_to_images_depend_on_own_data_only(datasets, tiny_config):
+    from dataclasses import replace
+
+    from shards.models import make_noise_schedule
+    from shards.shard import StoreConfig, train_shard
+
+    assert tiny_config.steps_reference_images == 154  # the default: in proportion
+    fixed = replace(tiny_config, steps_reference_images=None)  # 12 steps whatever the size
+    assert fixed.shard_train_for("full", 5) == fixed.shard_train_for("full", 500) == fixed.shard_train
+    prop = replace(fixed, steps_reference_images=20, min_shard_steps=3)
+    assert prop.shard_train_for("full", 20).steps == 12
+    assert prop.shard_train_for("full", 10).steps == 6
+    assert prop.shard_train_for("full", 60).steps == 36
+    assert prop.shard_train_for("lora", 40).steps == 2 * prop.lora_train.steps
+    assert prop.shard_train_for("full", 1).steps == 3  # the floor
+    assert replace(prop, min_shard_steps=200).shard_train_for("full", 1).steps == 12  # <= configured
+    assert all(prop.shard_train_for("full", n).warmup_steps <= prop.shard_train_for("full", n).steps
+               for n in (1, 10, 60))
+    assert StoreConfig.from_dict(prop.to_dict()) == prop
+    assert StoreConfig.from_dict({k: v for k, v in fixed.to_dict().items()  # stores of before
+                                  if k not in ("steps_reference_images", "min_shard_steps")}) == fixed
+    with pytest.raises(ValueError, match="steps_reference_images"):
+        replace(fixed, steps_reference_images=0)
+    half = replace(datasets[0], images=datasets[0].images[:10])
+    scheduler = make_noise_schedule(prop.schedule)
+    _, meta = train_shard(half, "full", prop, scheduler, progress=False)
+    assert meta["steps"] == 6 and meta["images"] == 10
