@@ -64,12 +64,13 @@ def cmd_train(args) -> None:
     from shards import ShardStore, load_contributors
     from shards.data import load_labelled_folder
 
+    config = _store_config(args)  # options first: their errors come before any data is read
     datasets = load_contributors(args.data_dir)
     public, public_labels = load_labelled_folder(args.public) if args.public else (None, None)
     if args.no_labels:  # the unconditional store of earlier versions, from labelled data
         datasets = [drop(d, labels=None) for d in datasets]
         public_labels = None
-    store = ShardStore.create(args.store, datasets, _store_config(args), public=public,
+    store = ShardStore.create(args.store, datasets, config, public=public,
                               device=args.device, public_labels=public_labels)
     _print_store(store)
 
