@@ -257,7 +257,16 @@ def main() -> None:
                         "images (the store's default: each image then gets as many steps as "
                         "in the monolith, in expectation) or equally (stores of before)")
     p.add_argument("--results", default=str(RESULTS))
+    p.add_argument("--plot", nargs="+", metavar="JSON",
+                   help="only draw the curves of earlier runs' conditional.json files (each "
+                        "labelled by its split and device) into --results/budget.png")
     args = p.parse_args()
+    if args.plot:
+        reports = [json.loads(Path(f).read_text()) for f in args.plot]
+        Path(args.results).mkdir(parents=True, exist_ok=True)
+        _plot(reports, Path(args.results) / "budget.png")
+        print(f"wrote {args.results}/budget.png")
+        return
     data_dir = Path(args.data)
     if not (data_dir / "owners.json").exists():
         from shards.demo import write_demo_data
@@ -374,31 +383,41 @@ def main() -> None:
     out = Path(args.results)
     out.mkdir(parents=True, exist_ok=True)
     (out / "conditional.json").write_text(json.dumps(report, indent=2, default=str) + "\n")
-    _plot(report, out / "budget.png")
+    _plot([report], out / "budget.png")
     print(f"wrote {out}/conditional.json and budget.png ({time.perf_counter() - start:.0f} s)")
 
 
-def _plot(report: dict, path: Path) -> None:
+def _plot(reports: list[dict], path: Path) -> None:
+    """FD over the budget, composed and monolith, for each variant of each report; with
+    several reports, runs of the same variant and split are joined into one curve."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(5.5, 3.8))
     names = {"cond": "conditional", "uncond": "unconditional", "lora": "LoRA, conditional"}
-    for variant, style in (("cond", "-"), ("uncond", "--"), ("lora", ":")):
-        rows = sorted((r["budget"], r["fd"]) for k, r in report["results"].items()
-                      if k.startswith(variant + "-"))
-        if not rows:
-            continue
+    curves: dict[tuple, dict] = {}
+    for report in reports:
+        split = {"data": "proportional", "equal": "equal"}[
+            report.get("allocation", "equal")]  # runs before --allocation split equally
+        for key, r in report["results"].items():
+            variant = key.rsplit("-", 1)[0]
+            device = "H100" if "H100" in report["device"] else report["device"].split(" (")[0]
+            curves.setdefault((variant, split, device), {})[r["budget"]] = r["fd"]
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    for i, ((variant, split, device), points) in enumerate(sorted(curves.items())):
+        rows = sorted(points.items())  # one point per budget (a repeated run: the last)
         xs = [b for b, _ in rows]
-        for which, marker in (("composed", "o"), ("monolith", "s")):
-            ax.plot(xs, [f[which] for _, f in rows], style, marker=marker,
-                    label=f"{which} ({names[variant]})")
+        label = names.get(variant, variant) + (f", {split} split ({device})" if len(reports) > 1 else "")
+        for which, marker, style in (("composed", "o", "-"), ("monolith", "s", "--")):
+            ax.plot(xs, [f[which] for _, f in rows], style, marker=marker, color=f"C{i}",
+                    label=f"{which}: {label}")
     ax.set_xscale("log", base=2)
+    budgets = sorted({b for points in curves.values() for b in points})
+    ax.set_xticks(budgets, [f"{b:g}x" for b in budgets])
     ax.set_xlabel("training budget (x default steps per shard; monolith: 7x that)")
     ax.set_ylabel("FD to held-out digits (lower is better)")
-    ax.legend(fontsize=7)
+    ax.legend(fontsize=6)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
