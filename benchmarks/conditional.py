@@ -67,7 +67,7 @@ from shards.heads import DensityRatioHead, HeadsRouter, feature_dim, train_head 
 from shards.models import make_noise_schedule, make_unet  # noqa: E402
 from shards.sampler import ComposedSampler, SampleRequest  # noqa: E402
 from shards.shard import StoreConfig, derived_seed, train_base, train_shard  # noqa: E402
-from shards.training import TrainConfig, train_denoiser  # noqa: E402
+from shards.training import train_denoiser  # noqa: E402
 from valuation.features import frechet_distance, gaussian_stats  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results" / "conditional"
@@ -98,14 +98,14 @@ def _job(spec: dict) -> dict:
         torch.manual_seed(seed)
         model = DensityRatioHead(contributor_id=d.contributor_id, in_features=feature_dim(d.image_shape),
                                  hidden=CONFIG.head_hidden, num_labels=num_labels)
-        train = _steps(CONFIG.head_train, spec["steps"])  # CONFIG is not --scale'd in workers
+        train = CONFIG.head_train.with_steps(spec["steps"])  # CONFIG is not --scale'd in workers
         loss = train_head(model, d.images, public, scheduler, train, seed, labels=d.labels,
                           reference_labels=public_labels if num_labels else None, device=device,
                           progress=False)
     elif spec["kind"] == "shard":
         d = next(x for x in data if x.contributor_id == spec["cid"])
-        cfg = replace(CONFIG, shard_train=_steps(CONFIG.shard_train, spec["steps"]),
-                      lora_train=_steps(CONFIG.lora_train, spec["steps"]))
+        cfg = replace(CONFIG, shard_train=CONFIG.shard_train.with_steps(spec["steps"]),
+                      lora_train=CONFIG.lora_train.with_steps(spec["steps"]))
         kind = "lora" if base is not None else "full"
         model, meta = train_shard(d, kind, cfg, scheduler, base=base, device=device,
                                   progress=False, num_labels=num_labels)
@@ -117,7 +117,7 @@ def _job(spec: dict) -> dict:
                                 None if num_labels == 0 else torch.cat([d.labels for d in data]))
         model = base if base is not None else make_unet(union.image_shape, CONFIG.unet,
                                                         seed=CONFIG.seed, num_labels=num_labels)
-        train = _steps(CONFIG.shard_train, spec["steps"])
+        train = CONFIG.shard_train.with_steps(spec["steps"])
         loss = train_denoiser(model, union.images, scheduler, train, CONFIG.seed, labels=union.labels,
                               device=device, progress=False)
     save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}, spec["out"])
@@ -128,8 +128,8 @@ def _job(spec: dict) -> dict:
 def _train_base(data_dir: Path, work: Path, args) -> tuple[str, dict]:
     """The LoRA variant's class-conditional public base (nobody's data), trained once."""
     public, public_labels = load_labelled_folder(data_dir / "public")
-    config = replace(CONFIG, base_train=_steps(CONFIG.base_train,
-                                               max(2, int(CONFIG.base_train.steps * args.scale))))
+    config = replace(CONFIG, base_train=CONFIG.base_train.with_steps(
+        max(2, int(CONFIG.base_train.steps * args.scale))))
     start = time.perf_counter()
     model, loss = train_base(public, tuple(public.shape[1:]), config,
                              make_noise_schedule(CONFIG.schedule), args.device, progress=False,
@@ -140,11 +140,6 @@ def _train_base(data_dir: Path, work: Path, args) -> tuple[str, dict]:
             "seconds": time.perf_counter() - start}
     print(f"trained the public base ({info['steps']} steps, {info['seconds']:.0f} s)", flush=True)
     return out, info
-
-
-def _steps(config: TrainConfig, steps: int) -> TrainConfig:
-    """`config` for `steps` steps (the warm-up cut for very short quick-check runs)."""
-    return replace(config, steps=steps, warmup_steps=min(config.warmup_steps, steps // 5))
 
 
 # ------------------------------------------------------------------ samplers
@@ -286,13 +281,20 @@ def main() -> None:
         train = CONFIG.lora_train if variant == "lora" else CONFIG.shard_train
         return max(2, int(train.steps * args.scale))
 
+    reference = round(sum(sizes.values()) / len(ids))  # the mean contributor (default data: 154)
+
     def shard_steps(variant: str, m: float) -> dict[str, int]:
-        """Steps of each shard at budget m: total 7 x one_x x m, split by --allocation."""
+        """Steps of each shard at budget m, about 7 x one_x x m in all: by the store's
+        own in-proportion rule with the mean contributor as reference (`data`), or
+        one_x x m each (`equal`)."""
         steps = max(2, int(one_x(variant) * m))
         if args.allocation == "equal":
             return {c: steps for c in ids}
-        total = steps * len(ids)
-        return {c: max(2, round(total * sizes[c] / sum(sizes.values()))) for c in ids}
+        rule = replace(CONFIG, steps_reference_images=reference,
+                       shard_train=CONFIG.shard_train.with_steps(steps),
+                       lora_train=CONFIG.lora_train.with_steps(steps))
+        kind = "lora" if variant == "lora" else "full"
+        return {c: rule.shard_train_for(kind, sizes[c]).steps for c in ids}
 
     base = one_x("cond")
     work = Path(tempfile.mkdtemp(prefix="cdm-conditional-"))

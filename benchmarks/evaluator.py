@@ -44,9 +44,10 @@ class LabelJudge:
     """A second classifier, for on-label accuracy only: an RBF support-vector machine
     (scikit-learn) fit on the held-out and the public digits (owned by nobody). It is
     the stronger judge of which digit a sample shows: on the honest contributors' own
-    images it is right 98.4% of the time, the MLP above 95.5% (8s: 94.8% against
-    88.5%), so it measures the models rather than the judge. `accuracy` is measured as
-    DigitsEvaluator's: on 20% held back from a fit on the rest."""
+    images it is right 94.8-100% of the time per digit, the MLP above 88.5-99.0%
+    (conditional.py's `real_on_label`), so it measures the models rather than the
+    judge. `accuracy` is measured as DigitsEvaluator's: on 20% held back from a fit on
+    the rest."""
 
     def __init__(self, *folders: str | Path, seed: int = 0):
         from sklearn.svm import SVC

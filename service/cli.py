@@ -34,15 +34,13 @@ def _store_config(args):
 
     from shards import StoreConfig
 
-    def steps(train, n):
-        return replace(train, steps=n, warmup_steps=min(train.warmup_steps, n // 5))
-
     config = StoreConfig(seed=args.seed, kind=args.kind, router=args.router,
                          keep_data=True if args.keep_data else None)
     if args.shard_steps is not None:
         n = args.shard_steps
-        config = replace(config, shard_train=steps(config.shard_train, n),
-                         base_train=steps(config.base_train, n), lora_train=steps(config.lora_train, n))
+        config = replace(config, shard_train=config.shard_train.with_steps(n),
+                         base_train=config.base_train.with_steps(n),
+                         lora_train=config.lora_train.with_steps(n))
     if args.equal_steps and args.steps_per_images is not None:
         raise ValueError("--equal-steps and --steps-per-images exclude each other")
     if args.equal_steps:
@@ -51,10 +49,10 @@ def _store_config(args):
         config = replace(config, steps_reference_images=args.steps_per_images)
     if args.classifier_steps is not None:
         n = args.classifier_steps
-        config = replace(config, classifier_train=steps(config.classifier_train, n),
+        config = replace(config, classifier_train=config.classifier_train.with_steps(n),
                          classifier_update_steps=max(1, n // 3))
     if args.head_steps is not None:
-        config = replace(config, head_train=steps(config.head_train, args.head_steps))
+        config = replace(config, head_train=config.head_train.with_steps(args.head_steps))
     return config
 
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
@@ -80,7 +80,7 @@ class StoreConfig:
             return train
         floor = min(self.min_shard_steps, train.steps)
         steps = max(floor, round(train.steps * images / self.steps_reference_images))
-        return replace(train, steps=steps, warmup_steps=min(train.warmup_steps, steps // 5))
+        return train.with_steps(steps)
 
     @property
     def keeps_data(self) -> bool:

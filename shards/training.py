@@ -15,7 +15,7 @@ saved and sampled. Routers (heads, classifier) are plain.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 import torch
 from diffusers import DDPMScheduler
@@ -39,6 +39,10 @@ class TrainConfig:
             raise ValueError(f"steps, batch_size and lr must be positive: {self}")
         if not 0 <= self.warmup_steps <= self.steps:
             raise ValueError(f"warmup_steps={self.warmup_steps} must be in [0, steps={self.steps}]")
+
+    def with_steps(self, steps: int) -> TrainConfig:
+        """The same settings for `steps` steps (the warm-up cut to a fifth of them)."""
+        return replace(self, steps=steps, warmup_steps=min(self.warmup_steps, steps // 5))
 
     def to_dict(self) -> dict:
         return asdict(self)
