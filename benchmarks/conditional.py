@@ -27,7 +27,19 @@ For each variant (`cond`: labels used, `uncond`: the same data without labels,
     one), the monolith, and each single contributor for each label it holds. Two
     judges: the FD's MLP and an SVM on the held-out and public digits (the stronger;
     see evaluator.LabelJudge); each judge's score on the honest contributors' own
-    images is reported too, as the ceiling of a model that reproduced them.
+    images (and on everyone's, mallory's included) is reported too, as the ceiling of
+    a model that reproduced them;
+  * with --fd-seeds K (default 3), the diagnosis: FD over K sampling seeds of the
+    composition, the monolith and the shards' mixture (each sample from one shard
+    alone, chosen by its share of the images: what the composition targets, so the
+    routing's own cost is composed minus mixture), and each model's denoising loss on
+    its training images and on held-out digits (the same (t, eps) draws for every
+    model; each shard on the digits of its labels, against the monolith on those).
+    --fd-only measures only FD over seeds, composed and monolith.
+
+Training writes each model's weights (and a small JSON beside them) to a work folder;
+--reuse DIR trains only what DIR does not hold yet, so more seeds or a later
+evaluation of the same models need no retraining.
 
 Training runs as independent jobs (one per head, shard and monolith) in --jobs worker
 processes, so on a GPU several small models train at once.
@@ -36,6 +48,9 @@ processes, so on a GPU several small models train at once.
     python benchmarks/conditional.py --budgets 1,2 --variants cond --jobs 2  # CPU: 36 min
     python benchmarks/conditional.py --budgets 1 --variants lora --n 500 --per-label 50 \
         --per-single 20                                          # CPU: about 25 min
+    python benchmarks/conditional.py --plot RUN/conditional.json ... --results DIR
+        # only the figures: FD over the budget (budget.png), and denoising loss over the
+        # budget (denoising.png) for runs that carry the diagnosis
 """
 
 from __future__ import annotations
@@ -67,7 +82,7 @@ from shards.heads import DensityRatioHead, HeadsRouter, feature_dim, train_head 
 from shards.models import make_noise_schedule, make_unet  # noqa: E402
 from shards.sampler import ComposedSampler, SampleRequest  # noqa: E402
 from shards.shard import StoreConfig, derived_seed, train_base, train_shard  # noqa: E402
-from shards.training import train_denoiser  # noqa: E402
+from shards.training import forward_noise, train_denoiser  # noqa: E402
 from valuation.features import frechet_distance, gaussian_stats  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results" / "conditional"
@@ -121,8 +136,23 @@ def _job(spec: dict) -> dict:
         loss = train_denoiser(model, union.images, scheduler, train, CONFIG.seed, labels=union.labels,
                               device=device, progress=False)
     save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}, spec["out"])
+    result = {**{k: str(v) for k, v in spec.items() if k in ("kind", "cid", "variant", "steps")},
+              "out": spec["out"], "loss": float(loss), "seconds": time.perf_counter() - start}
+    Path(spec["out"] + ".json").write_text(json.dumps(result))  # for --reuse
+    return result
+
+
+def _reused(spec: dict) -> dict | None:
+    """A job's result from an earlier run in the same --reuse folder, or None."""
+    out = Path(spec["out"])
+    if not out.exists():
+        return None
+    side = Path(spec["out"] + ".json")
+    if side.exists():
+        # the weights' path here (the JSON may name where they were trained)
+        return {**json.loads(side.read_text()), "out": spec["out"], "reused": True}
     return {**{k: str(v) for k, v in spec.items() if k in ("kind", "cid", "variant", "steps")},
-            "out": spec["out"], "loss": float(loss), "seconds": time.perf_counter() - start}
+            "out": spec["out"], "loss": None, "seconds": None, "reused": True}
 
 
 def _train_base(data_dir: Path, work: Path, args) -> tuple[str, dict]:
@@ -178,6 +208,84 @@ def _sample(sampler, contributors, n, seed, steps, labels=None, chunk=500):
     return images, (None if outs[0].labels is None else torch.cat([o.labels for o in outs]))
 
 
+def _mixture_sample(sampler, data, n, seed, steps):
+    """n samples of the mixture of the shards' own distributions, sum_i (N_i / N) p_i:
+    each sample comes from one shard alone, chosen with probability its share of the
+    images (and its label from that shard's own label counts). This is what the
+    composition targets (p_S = sum_i lambda_i p_i); its FD against the composition's
+    says how much of the gap to the monolith the routing adds, and the rest is the
+    shards themselves."""
+    ids = [d.contributor_id for d in data]
+    share = np.array([len(d) for d in data], dtype=float)
+    counts = np.random.default_rng(seed).multinomial(n, share / share.sum())
+    return torch.cat([_sample(sampler, [c], int(k), seed + 13 * i, steps)[0]
+                      for i, (c, k) in enumerate(zip(ids, counts, strict=True)) if k > 0])
+
+
+def _fd_seeds(sampler, mono, evaluator, data, args, mixture: bool = True) -> dict:
+    """FD of the composition, the monolith and (with `mixture`) the shards' mixture
+    over --fd-seeds sampling seeds (the same models): how much of a gap is sampling
+    noise."""
+    rows = {"composed": [], "monolith": []} | ({"mixture": []} if mixture else {})
+    for k in range(args.fd_seeds):
+        seed = args.seed + 1000 * k
+        rows["composed"].append(evaluator.fd(_sample(sampler, None, args.n, seed, args.steps)[0]))
+        rows["monolith"].append(evaluator.fd(_sample(mono, None, args.n, seed, args.steps)[0]))
+        if mixture:
+            rows["mixture"].append(evaluator.fd(_mixture_sample(sampler, data, args.n, seed,
+                                                                args.steps)))
+    gaps = [c / m - 1 for c, m in zip(rows["composed"], rows["monolith"], strict=True)]
+    return {**rows, "gap": gaps,
+            "mean": {k: float(np.mean(v)) for k, v in {**rows, "gap": gaps}.items()},
+            "sd": {k: float(np.std(v, ddof=1)) if len(v) > 1 else 0.0
+                   for k, v in {**rows, "gap": gaps}.items()}}
+
+
+def _denoising_loss(state: dict, images: torch.Tensor, labels, num_labels: int, device,
+                    seed: int, draws: int = 8) -> float:
+    """Mean denoising loss ||eps - eps_theta(x_t, t, y)||^2 of a UNet's weights on
+    `images`, over `draws` draws of (t, eps) per image from a generator seeded with
+    `seed`: the same draws for every model given the same images, so two models'
+    losses on one set are a paired comparison."""
+    model = make_unet(tuple(images.shape[1:]), CONFIG.unet, num_labels=num_labels)
+    model.load_state_dict(state)
+    model.to(device).eval()
+    scheduler = make_noise_schedule(CONFIG.schedule)
+    generator = torch.Generator().manual_seed(seed)
+    total = 0.0
+    with torch.no_grad():
+        for _ in range(draws):
+            x_t, t, eps = forward_noise(scheduler, images, generator)
+            for i in range(0, len(images), 512):
+                y = None if not num_labels else labels[i:i + 512].to(device)
+                out = model(x_t[i:i + 512].to(device), t[i:i + 512].to(device), class_labels=y).sample
+                total += float(((out.cpu() - eps[i:i + 512]) ** 2).mean(dim=(1, 2, 3)).sum())
+    return total / (draws * len(images))
+
+
+def _generalisation(shards: dict, mono_state: dict, data, heldout, num_labels, device, seed) -> dict:
+    """Denoising loss of each shard on its own training images and on the held-out
+    digits of the labels it holds, against the monolith's on the same two sets (the
+    same (t, eps) draws): where a shard's held-out loss exceeds the monolith's, the
+    shard generalises worse from its fewer images, whatever its training loss.
+    `data` must carry labels (they pick each shard's held-out digits)."""
+    x_held, y_held = heldout
+    out = {"monolith": {
+        "train": _denoising_loss(mono_state, torch.cat([d.images for d in data]),
+                                 torch.cat([d.labels for d in data]), num_labels, device, seed),
+        "heldout": _denoising_loss(mono_state, x_held, y_held, num_labels, device, seed)},
+        "shards": {}}
+    for d in data:
+        keep = torch.isin(y_held, torch.tensor(sorted(d.label_counts())))
+        xs, ys = x_held[keep], y_held[keep]
+        out["shards"][d.contributor_id] = {
+            "train": _denoising_loss(shards[d.contributor_id], d.images, d.labels, num_labels,
+                                     device, seed),
+            "heldout": _denoising_loss(shards[d.contributor_id], xs, ys, num_labels, device, seed),
+            "monolith_train": _denoising_loss(mono_state, d.images, d.labels, num_labels, device, seed),
+            "monolith_heldout": _denoising_loss(mono_state, xs, ys, num_labels, device, seed)}
+    return out
+
 def _evaluate(sampler, mono, evaluator, judge, heldout, data, args, variant) -> dict:
     fd = evaluator.fd
     out: dict = {}
@@ -218,14 +326,33 @@ def _evaluate(sampler, mono, evaluator, judge, heldout, data, args, variant) -> 
     return out
 
 
-def _real_on_label(judges: dict, data) -> dict:
-    """Per judge and label, the share of the honest contributors' own images it assigns
-    to their label: the most a model that reproduced its data exactly would score."""
-    honest = [d for d in data if d.contributor_id != "mallory" and d.labels is not None]
+def _real_on_label(judges: dict, data, honest_only: bool = True) -> dict:
+    """Per judge and label, the share of the honest contributors' own images (or, with
+    honest_only False, every contributor's, mallory's corrupted ones included) it
+    assigns to their label: the most a model that reproduced that data exactly would
+    score."""
+    honest = [d for d in data if (d.contributor_id != "mallory" or not honest_only)
+              and d.labels is not None]
     images = (torch.cat([d.images for d in honest]) + 1) / 2  # stored in [-1, 1]
     labels = torch.cat([d.labels for d in honest]).numpy()
     return {name: {int(y): float((j.classify(images)[labels == y] == y).mean())
                    for y in np.unique(labels)} for name, j in judges.items()}
+
+
+def _diagnosis_line(result: dict) -> str:
+    """One line: FD mean +- sd over seeds, the mixture's, and the honest shards' held-out
+    denoising loss against the monolith's on the same digits."""
+    f, dn = result["fd_seeds"], result["denoising"]
+    honest = {c: v for c, v in dn["shards"].items() if c != "mallory"}
+    excess = np.mean([v["heldout"] / v["monolith_heldout"] - 1 for v in honest.values()])
+    train_excess = np.mean([v["train"] / v["monolith_train"] - 1 for v in honest.values()])
+    return (f"  over {len(f['composed'])} seeds: FD composed {f['mean']['composed']:.3f} +- "
+            f"{f['sd']['composed']:.3f}, monolith {f['mean']['monolith']:.3f} +- "
+            f"{f['sd']['monolith']:.3f}, shards' mixture {f['mean']['mixture']:.3f} +- "
+            f"{f['sd']['mixture']:.3f}; gap {f['mean']['gap']:+.1%} +- {f['sd']['gap']:.1%}\n"
+            f"  denoising loss, honest shards against the monolith on the same images: "
+            f"training {train_excess:+.1%}, held-out {excess:+.1%} (monolith: training "
+            f"{dn['monolith']['train']:.4f}, held-out {dn['monolith']['heldout']:.4f})")
 
 
 # ------------------------------------------------------------------ main
@@ -252,6 +379,16 @@ def main() -> None:
                         "images (the store's default: each image then gets as many steps as "
                         "in the monolith, in expectation) or equally (stores of before)")
     p.add_argument("--results", default=str(RESULTS))
+    p.add_argument("--fd-seeds", type=int, default=3,
+                   help="also measure FD (composed, monolith, the shards' mixture) over this "
+                        "many sampling seeds, with the shards' and monolith's denoising loss "
+                        "on training and held-out digits (0: neither)")
+    p.add_argument("--fd-only", action="store_true",
+                   help="measure only FD over --fd-seeds seeds, composed and monolith (with "
+                        "--reuse: more seeds for trained models, quickly)")
+    p.add_argument("--reuse", metavar="DIR",
+                   help="a folder of trained weights (an earlier run's work folder, or empty "
+                        "to keep this run's): jobs whose weights are there are not retrained")
     p.add_argument("--plot", nargs="+", metavar="JSON",
                    help="only draw the curves of earlier runs' conditional.json files (each "
                         "labelled by its split and device) into --results/budget.png")
@@ -261,6 +398,8 @@ def main() -> None:
         Path(args.results).mkdir(parents=True, exist_ok=True)
         _plot(reports, Path(args.results) / "budget.png")
         print(f"wrote {args.results}/budget.png")
+        if _plot_denoising(reports, Path(args.results) / "denoising.png"):
+            print(f"wrote {args.results}/denoising.png")
         return
     data_dir = Path(args.data)
     if not (data_dir / "owners.json").exists():
@@ -297,9 +436,13 @@ def main() -> None:
         return {c: rule.shard_train_for(kind, sizes[c]).steps for c in ids}
 
     base = one_x("cond")
-    work = Path(tempfile.mkdtemp(prefix="cdm-conditional-"))
+    work = Path(args.reuse) if args.reuse else Path(tempfile.mkdtemp(prefix="cdm-conditional-"))
+    work.mkdir(parents=True, exist_ok=True)
+    print(f"training into {work}", flush=True)
     base_path, base_info = None, None
-    if "lora" in variants:  # the public base first: the LoRA jobs start from it
+    if "lora" in variants and (work / "lora-base.safetensors").exists():  # --reuse
+        base_path, base_info = str(work / "lora-base.safetensors"), {"reused": True}
+    elif "lora" in variants:  # the public base first: the LoRA jobs start from it
         base_path, base_info = _train_base(data_dir, work, args)
     threads = max(1, (os.cpu_count() or 1) // max(1, args.jobs))
     specs = []
@@ -318,8 +461,15 @@ def main() -> None:
                  out=str(work / f"{s['variant']}-{s['kind']}-{s['cid']}-{s['steps']}.safetensors"))
     start = time.perf_counter()
     done: dict[tuple, dict] = {}
+    for s in specs:
+        r = _reused(s)
+        if r is not None:
+            done[(r["variant"], r["kind"], r["cid"], int(r["steps"]))] = r
+    if done:
+        print(f"reused {len(done)} of {len(specs)} trained models from {work}", flush=True)
     pool = ProcessPoolExecutor(args.jobs, mp_context=get_context("spawn"))
-    futures = {pool.submit(_job, s): s for s in specs}
+    futures = {pool.submit(_job, s): s for s in specs
+               if (s["variant"], s["kind"], s["cid"], s["steps"]) not in done}
     try:
         for fut in as_completed(futures, timeout=args.deadline or None):
             r = fut.result()
@@ -336,15 +486,23 @@ def main() -> None:
     from valuation.properties import load_labelled_folder as heldout_folder
 
     heldout = heldout_folder(data_dir / "heldout")
+    heldout_pm1 = load_labelled_folder(data_dir / "heldout")  # in [-1, 1], as trained on
     judge = LabelJudge(data_dir / "heldout", data_dir / "public", seed=args.seed)
     real = _real_on_label({"mlp": evaluator, "svm": judge}, data)
+    real_all = _real_on_label({"mlp": evaluator, "svm": judge}, data, honest_only=False)
     print(f"judges on the honest contributors' own images, per label: {real}", flush=True)
     report = {"device": args.device, "jobs": args.jobs, "scale": args.scale, "n": args.n,
               "steps": args.steps, "per_label": args.per_label, "per_single": args.per_single,
               "shard_steps_1x": base, "allocation": args.allocation,
               "contributor_images": sizes, "contributors": ids, "train_seconds": train_s,
               "evaluator_accuracy": evaluator.accuracy, "judge_accuracy": judge.accuracy,
-              "real_on_label": real, "lora_base": base_info, "training": list(done.values()), "results": {}}
+              "real_on_label": real, "real_on_label_all": real_all, "lora_base": base_info,
+              "training": list(done.values()), "results": {}}
+    out = Path(args.results)
+    out.mkdir(parents=True, exist_ok=True)
+
+    def save() -> None:  # after every budget, so a crash keeps what was measured
+        (out / "conditional.json").write_text(json.dumps(report, indent=2, default=str) + "\n")
     for variant in variants:
         num_labels = 0 if variant == "uncond" else 10
         vdata = [replace(d, labels=None) for d in data] if variant == "uncond" else data
@@ -365,7 +523,22 @@ def main() -> None:
                 None if not num_labels else torch.cat([d.labels for d in vdata]))], num_labels,
                 args.device)
             t0 = time.perf_counter()
+            if args.fd_only:
+                f = _fd_seeds(sampler, mono, evaluator, vdata, args, mixture=False)
+                report["results"][f"{variant}-{m:g}x"] = {
+                    "budget": m, "fd": f["mean"], "fd_seeds": f, "shard_steps": per_shard,
+                    "monolith_steps": steps * len(ids), "eval_seconds": time.perf_counter() - t0}
+                print(f"{variant} {m:g}x over {args.fd_seeds} seeds: FD composed "
+                      f"{f['mean']['composed']:.3f} +- {f['sd']['composed']:.3f}, monolith "
+                      f"{f['mean']['monolith']:.3f} +- {f['sd']['monolith']:.3f}, gap "
+                      f"{f['mean']['gap']:+.1%} +- {f['sd']['gap']:.1%}", flush=True)
+                save()
+                continue
             result = _evaluate(sampler, mono, evaluator, judge, heldout, vdata, args, variant)
+            if args.fd_seeds:
+                result["fd_seeds"] = _fd_seeds(sampler, mono, evaluator, vdata, args)
+                result["denoising"] = _generalisation(shards, mono_state, data, heldout_pm1,
+                                                      num_labels, args.device, args.seed)
             result.update(budget=m, shard_steps=per_shard, monolith_steps=steps * len(ids),
                           eval_seconds=time.perf_counter() - t0)
             report["results"][f"{variant}-{m:g}x"] = result
@@ -382,9 +555,10 @@ def main() -> None:
                              f"mallory {worst_honest:.1%}, single honest contributors min "
                              f"{min(honest):.1%}")
             print(line, flush=True)
-    out = Path(args.results)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "conditional.json").write_text(json.dumps(report, indent=2, default=str) + "\n")
+            if args.fd_seeds:
+                print(_diagnosis_line(result), flush=True)
+            save()
+    save()
     _plot([report], out / "budget.png")
     print(f"wrote {out}/conditional.json and budget.png ({time.perf_counter() - start:.0f} s)")
 
@@ -405,15 +579,22 @@ def _plot(reports: list[dict], path: Path) -> None:
         for key, r in report["results"].items():
             variant = key.rsplit("-", 1)[0]
             device = "H100" if "H100" in report["device"] else report["device"].split(" (")[0]
-            curves.setdefault((variant, split, device), {})[r["budget"]] = r["fd"]
+            fd = dict(r["fd"])
+            if "fd_seeds" in r:  # the mean over seeds, with its standard error
+                f = r["fd_seeds"]
+                fd = {k: f["mean"][k] for k in ("composed", "monolith")} | {
+                    f"{k}_se": f["sd"][k] / np.sqrt(len(f[k])) for k in ("composed", "monolith")}
+            curves.setdefault((variant, split, device), {})[r["budget"]] = fd
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
     for i, ((variant, split, device), points) in enumerate(sorted(curves.items())):
         rows = sorted(points.items())  # one point per budget (a repeated run: the last)
         xs = [b for b, _ in rows]
         label = names.get(variant, variant) + (f", {split} split ({device})" if len(reports) > 1 else "")
+        seeds = any("composed_se" in f for _, f in rows)
         for which, marker, style in (("composed", "o", "-"), ("monolith", "s", "--")):
-            ax.plot(xs, [f[which] for _, f in rows], style, marker=marker, color=f"C{i}",
-                    label=f"{which}: {label}")
+            ax.errorbar(xs, [f[which] for _, f in rows], [f.get(f"{which}_se", 0) for _, f in rows]
+                        if seeds else None, fmt=style, marker=marker, color=f"C{i}", capsize=3,
+                        label=f"{which}: {label}" + (" (mean over seeds +- s.e.)" if seeds else ""))
     ax.set_xscale("log", base=2)
     budgets = sorted({b for points in curves.values() for b in points})
     ax.set_xticks(budgets, [f"{b:g}x" for b in budgets])
@@ -423,6 +604,49 @@ def _plot(reports: list[dict], path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+def _plot_denoising(reports: list[dict], path: Path) -> bool:
+    """Denoising loss on training and on held-out digits over the budget, the monolith
+    against the honest shards (mean, each on its own digits), from results that carry
+    the diagnosis; False if none does."""
+    points = {}
+    for report in reports:
+        for key, r in report["results"].items():
+            if "denoising" in r and key.startswith("cond-"):
+                dn = r["denoising"]
+                honest = [v for c, v in dn["shards"].items() if c != "mallory"]
+                points[r["budget"]] = {
+                    "monolith, training": dn["monolith"]["train"],
+                    "monolith, held-out": dn["monolith"]["heldout"],
+                    "shards, training": np.mean([v["train"] for v in honest]),
+                    "shards, held-out": np.mean([v["heldout"] for v in honest]),
+                    "monolith on the shards' held-out digits": np.mean(
+                        [v["monolith_heldout"] for v in honest])}
+    if not points:
+        return False
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    xs = sorted(points)
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    styles = {"monolith, training": ("C1", "--", "s"), "monolith, held-out": ("C1", "-", "s"),
+              "shards, training": ("C0", "--", "o"), "shards, held-out": ("C0", "-", "o"),
+              "monolith on the shards' held-out digits": ("C1", ":", "^")}
+    for name, (color, style, marker) in styles.items():
+        ax.plot(xs, [points[x][name] for x in xs], style, marker=marker, color=color, label=name)
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(xs, [f"{b:g}x" for b in xs])
+    ax.set_xlabel("training budget (x default steps per shard; monolith: 7x that)")
+    ax.set_ylabel("denoising loss (lower is better)")
+    ax.set_title("class-conditional: honest shards (mean) against the monolith", fontsize=9)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return True
 
 
 if __name__ == "__main__":
