@@ -92,6 +92,16 @@ CONFIG = StoreConfig(steps_reference_images=None)
 
 
 # ------------------------------------------------------------------ training jobs
+def _identity(spec: dict) -> dict:
+    """The fields that name a training job (and its result), as strings."""
+    return {k: str(spec[k]) for k in ("kind", "cid", "variant", "steps")}
+
+
+def _key(job: dict) -> tuple:
+    """A job's (or its result's) key in the table of trained models."""
+    return job["variant"], job["kind"], job["cid"], int(job["steps"])
+
+
 def _job(spec: dict) -> dict:
     """One training job in a worker: writes the state dict to spec['out']."""
     torch.set_num_threads(spec["threads"])
@@ -136,8 +146,8 @@ def _job(spec: dict) -> dict:
         loss = train_denoiser(model, union.images, scheduler, train, CONFIG.seed, labels=union.labels,
                               device=device, progress=False)
     save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}, spec["out"])
-    result = {**{k: str(v) for k, v in spec.items() if k in ("kind", "cid", "variant", "steps")},
-              "out": spec["out"], "loss": float(loss), "seconds": time.perf_counter() - start}
+    result = {**_identity(spec), "out": spec["out"], "loss": float(loss),
+              "seconds": time.perf_counter() - start}
     Path(spec["out"] + ".json").write_text(json.dumps(result))  # for --reuse
     return result
 
@@ -151,8 +161,7 @@ def _reused(spec: dict) -> dict | None:
     if side.exists():
         # the weights' path here (the JSON may name where they were trained)
         return {**json.loads(side.read_text()), "out": spec["out"], "reused": True}
-    return {**{k: str(v) for k, v in spec.items() if k in ("kind", "cid", "variant", "steps")},
-            "out": spec["out"], "loss": None, "seconds": None, "reused": True}
+    return {**_identity(spec), "out": spec["out"], "loss": None, "seconds": None, "reused": True}
 
 
 def _train_base(data_dir: Path, work: Path, args) -> tuple[str, dict]:
@@ -241,16 +250,12 @@ def _fd_seeds(sampler, mono, evaluator, data, args, mixture: bool = True) -> dic
                    for k, v in {**rows, "gap": gaps}.items()}}
 
 
-def _denoising_loss(state: dict, images: torch.Tensor, labels, num_labels: int, device,
+def _denoising_loss(model, scheduler, images: torch.Tensor, labels, num_labels: int, device,
                     seed: int, draws: int = 8) -> float:
-    """Mean denoising loss ||eps - eps_theta(x_t, t, y)||^2 of a UNet's weights on
-    `images`, over `draws` draws of (t, eps) per image from a generator seeded with
-    `seed`: the same draws for every model given the same images, so two models'
-    losses on one set are a paired comparison."""
-    model = make_unet(tuple(images.shape[1:]), CONFIG.unet, num_labels=num_labels)
-    model.load_state_dict(state)
-    model.to(device).eval()
-    scheduler = make_noise_schedule(CONFIG.schedule)
+    """Mean denoising loss ||eps - eps_theta(x_t, t, y)||^2 of a UNet (on `device`, in
+    eval mode) on `images`, over `draws` draws of (t, eps) per image from a generator
+    seeded with `seed`: the same draws for every model given the same images, so two
+    models' losses on one set are a paired comparison."""
     generator = torch.Generator().manual_seed(seed)
     total = 0.0
     with torch.no_grad():
@@ -270,20 +275,29 @@ def _generalisation(shards: dict, mono_state: dict, data, heldout, num_labels, d
     shard generalises worse from its fewer images, whatever its training loss.
     `data` must carry labels (they pick each shard's held-out digits)."""
     x_held, y_held = heldout
-    out = {"monolith": {
-        "train": _denoising_loss(mono_state, torch.cat([d.images for d in data]),
-                                 torch.cat([d.labels for d in data]), num_labels, device, seed),
-        "heldout": _denoising_loss(mono_state, x_held, y_held, num_labels, device, seed)},
-        "shards": {}}
+    scheduler = make_noise_schedule(CONFIG.schedule)
+
+    def unet(state: dict):
+        model = make_unet(tuple(x_held.shape[1:]), CONFIG.unet, num_labels=num_labels)
+        model.load_state_dict(state)
+        return model.to(device).eval()
+
+    def loss(model, images, labels) -> float:
+        return _denoising_loss(model, scheduler, images, labels, num_labels, device, seed)
+
+    mono = unet(mono_state)
+    out = {"monolith": {"train": loss(mono, torch.cat([d.images for d in data]),
+                                      torch.cat([d.labels for d in data])),
+                        "heldout": loss(mono, x_held, y_held)},
+           "shards": {}}
     for d in data:
         keep = torch.isin(y_held, torch.tensor(sorted(d.label_counts())))
         xs, ys = x_held[keep], y_held[keep]
+        shard = unet(shards[d.contributor_id])
         out["shards"][d.contributor_id] = {
-            "train": _denoising_loss(shards[d.contributor_id], d.images, d.labels, num_labels,
-                                     device, seed),
-            "heldout": _denoising_loss(shards[d.contributor_id], xs, ys, num_labels, device, seed),
-            "monolith_train": _denoising_loss(mono_state, d.images, d.labels, num_labels, device, seed),
-            "monolith_heldout": _denoising_loss(mono_state, xs, ys, num_labels, device, seed)}
+            "train": loss(shard, d.images, d.labels), "heldout": loss(shard, xs, ys),
+            "monolith_train": loss(mono, d.images, d.labels),
+            "monolith_heldout": loss(mono, xs, ys)}
     return out
 
 def _evaluate(sampler, mono, evaluator, judge, heldout, data, args, variant) -> dict:
@@ -331,25 +345,30 @@ def _real_on_label(judges: dict, data, honest_only: bool = True) -> dict:
     honest_only False, every contributor's, mallory's corrupted ones included) it
     assigns to their label: the most a model that reproduced that data exactly would
     score."""
-    honest = [d for d in data if (d.contributor_id != "mallory" or not honest_only)
+    chosen = [d for d in data if (d.contributor_id != "mallory" or not honest_only)
               and d.labels is not None]
-    images = (torch.cat([d.images for d in honest]) + 1) / 2  # stored in [-1, 1]
-    labels = torch.cat([d.labels for d in honest]).numpy()
+    images = (torch.cat([d.images for d in chosen]) + 1) / 2  # stored in [-1, 1]
+    labels = torch.cat([d.labels for d in chosen]).numpy()
     return {name: {int(y): float((j.classify(images)[labels == y] == y).mean())
                    for y in np.unique(labels)} for name, j in judges.items()}
 
 
+def _fd_seeds_line(f: dict) -> str:
+    """FD mean +- sd over seeds of each model measured, and the gap's."""
+    names = {"composed": "composed", "monolith": "monolith", "mixture": "shards' mixture"}
+    fds = ", ".join(f"{names[k]} {f['mean'][k]:.3f} +- {f['sd'][k]:.3f}" for k in names if k in f)
+    return (f"over {len(f['composed'])} seeds: FD {fds}; gap {f['mean']['gap']:+.1%} +- "
+            f"{f['sd']['gap']:.1%}")
+
+
 def _diagnosis_line(result: dict) -> str:
-    """One line: FD mean +- sd over seeds, the mixture's, and the honest shards' held-out
-    denoising loss against the monolith's on the same digits."""
-    f, dn = result["fd_seeds"], result["denoising"]
+    """Two lines: FD over seeds, and the honest shards' denoising loss against the
+    monolith's on the same images."""
+    dn = result["denoising"]
     honest = {c: v for c, v in dn["shards"].items() if c != "mallory"}
     excess = np.mean([v["heldout"] / v["monolith_heldout"] - 1 for v in honest.values()])
     train_excess = np.mean([v["train"] / v["monolith_train"] - 1 for v in honest.values()])
-    return (f"  over {len(f['composed'])} seeds: FD composed {f['mean']['composed']:.3f} +- "
-            f"{f['sd']['composed']:.3f}, monolith {f['mean']['monolith']:.3f} +- "
-            f"{f['sd']['monolith']:.3f}, shards' mixture {f['mean']['mixture']:.3f} +- "
-            f"{f['sd']['mixture']:.3f}; gap {f['mean']['gap']:+.1%} +- {f['sd']['gap']:.1%}\n"
+    return (f"  {_fd_seeds_line(result['fd_seeds'])}\n"
             f"  denoising loss, honest shards against the monolith on the same images: "
             f"training {train_excess:+.1%}, held-out {excess:+.1%} (monolith: training "
             f"{dn['monolith']['train']:.4f}, held-out {dn['monolith']['heldout']:.4f})")
@@ -464,16 +483,15 @@ def main() -> None:
     for s in specs:
         r = _reused(s)
         if r is not None:
-            done[(r["variant"], r["kind"], r["cid"], int(r["steps"]))] = r
+            done[_key(r)] = r
     if done:
         print(f"reused {len(done)} of {len(specs)} trained models from {work}", flush=True)
     pool = ProcessPoolExecutor(args.jobs, mp_context=get_context("spawn"))
-    futures = {pool.submit(_job, s): s for s in specs
-               if (s["variant"], s["kind"], s["cid"], s["steps"]) not in done}
+    futures = {pool.submit(_job, s): s for s in specs if _key(s) not in done}
     try:
         for fut in as_completed(futures, timeout=args.deadline or None):
             r = fut.result()
-            done[(r["variant"], r["kind"], r["cid"], int(r["steps"]))] = r
+            done[_key(r)] = r
             print(f"[{time.perf_counter() - start:6.0f} s] trained {r['variant']} {r['kind']} "
                   f"{r['cid']} ({r['steps']} steps, {r['seconds']:.0f} s, loss {r['loss']:.4f})",
                   flush=True)
@@ -528,10 +546,7 @@ def main() -> None:
                 report["results"][f"{variant}-{m:g}x"] = {
                     "budget": m, "fd": f["mean"], "fd_seeds": f, "shard_steps": per_shard,
                     "monolith_steps": steps * len(ids), "eval_seconds": time.perf_counter() - t0}
-                print(f"{variant} {m:g}x over {args.fd_seeds} seeds: FD composed "
-                      f"{f['mean']['composed']:.3f} +- {f['sd']['composed']:.3f}, monolith "
-                      f"{f['mean']['monolith']:.3f} +- {f['sd']['monolith']:.3f}, gap "
-                      f"{f['mean']['gap']:+.1%} +- {f['sd']['gap']:.1%}", flush=True)
+                print(f"{variant} {m:g}x {_fd_seeds_line(f)}", flush=True)
                 save()
                 continue
             result = _evaluate(sampler, mono, evaluator, judge, heldout, vdata, args, variant)
