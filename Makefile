@@ -10,7 +10,7 @@ BIN    := $(VENV)/bin
 DATA   ?= var/demo-data
 STORE  ?= var/store
 
-.PHONY: install chromium data store serve test lint bench scale service-bench value console-shots detect msr valuation-cost clean
+.PHONY: install chromium data store serve test test-fast lint bench scale service-bench value console-shots detect msr valuation-cost clean
 
 # torch 2.13.0 first: it is a local CPU wheel; letting a dependency resolve torch
 # would pull several GB of CUDA packages.
@@ -48,8 +48,13 @@ serve: store
 	$(BIN)/cdm keys demo --store $(STORE)
 	$(BIN)/cdm serve --store $(STORE) --port 3000
 
+# every test but the `slow` ones: unit and integration (servers, Chromium, schemathesis)
 test: install chromium
 	$(BIN)/pytest -q
+
+# the inner loop: unit tests only (library calls in this process), a few minutes
+test-fast: install
+	$(BIN)/pytest -q -m unit
 
 lint: install
 	$(BIN)/ruff check shards service valuation tests benchmarks
@@ -78,7 +83,7 @@ value: store
 
 # the console's screenshots (docs/console-*.png) and page-load times, on the default store
 console-shots: store chromium
-	$(BIN)/python tests/test_console.py --store $(STORE) --shots docs
+	$(BIN)/python benchmarks/console_shots.py --store $(STORE) --shots docs
 
 # issue-10 benchmarks: planted-noise detection, Banzhaf MSR at N = 12, valuation cost at scale
 detect: store

@@ -68,20 +68,20 @@ from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("BENTOML_DO_NOT_TRACK", "true")
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
+from evaluator import DigitsEvaluator, LabelJudge  # noqa: E402
 from safetensors.torch import load_file, save_file  # noqa: E402
 
-from benchmarks.evaluator import DigitsEvaluator, LabelJudge  # noqa: E402
 from shards import load_contributors  # noqa: E402
 from shards.bank import ShardBank  # noqa: E402
+from shards.config import StoreConfig  # noqa: E402
 from shards.data import ContributorData, load_labelled_folder  # noqa: E402
-from shards.heads import DensityRatioHead, HeadsRouter, feature_dim, train_head  # noqa: E402
+from shards.heads import DensityRatioHead, StackedHeads, feature_dim, train_head  # noqa: E402
 from shards.models import make_noise_schedule, make_unet  # noqa: E402
-from shards.sampler import ComposedSampler, SampleRequest  # noqa: E402
-from shards.shard import StoreConfig, derived_seed, train_base, train_shard  # noqa: E402
+from shards.sampler import SampleRequest, compose  # noqa: E402
+from shards.shard import derived_seed, train_base, train_shard  # noqa: E402
 from shards.training import forward_noise, train_denoiser  # noqa: E402
 from valuation.features import frechet_distance, gaussian_stats  # noqa: E402
 
@@ -186,24 +186,20 @@ def _sampler(shards: dict[str, dict], heads: dict[str, dict], data, num_labels, 
     ids = sorted(shards)
     template = make_unet(data[0].image_shape, CONFIG.unet, num_labels=num_labels)
     bank = ShardBank(template, lambda c: shards[c], ids)
-    if len(ids) == 1:
-        from shards.classifier import ShardClassifier
-
-        router = ShardClassifier(contributor_ids=ids).eval()
-    else:
+    router = None  # one model alone: weight 1
+    if len(ids) > 1:
         modules = []
         for c in ids:
             h = DensityRatioHead(contributor_id=c, in_features=feature_dim(data[0].image_shape),
                                  hidden=CONFIG.head_hidden, num_labels=num_labels)
             h.load_state_dict(heads[c])
             modules.append(h.eval())
-        router = HeadsRouter(modules)
+        router = StackedHeads(modules)
     sizes = {d.contributor_id: float(len(d)) for d in data}
     counts = {d.contributor_id: d.label_counts() for d in data} if num_labels else None
     schedule = dict(make_noise_schedule(CONFIG.schedule).config)
-    return ComposedSampler(bank.to(device), router.to(device), schedule,
-                           {c: sizes.get(c, 1.0) for c in ids}, data[0].image_shape, counts,
-                           num_labels)
+    return compose(bank, schedule, data[0].image_shape, router, {c: sizes.get(c, 1.0) for c in ids},
+                   counts, num_labels).to(device)
 
 
 def _sample(sampler, contributors, n, seed, steps, labels=None, chunk=500):
@@ -501,7 +497,7 @@ def main() -> None:
     train_s = time.perf_counter() - start
 
     evaluator = DigitsEvaluator(data_dir / "heldout", seed=args.seed)
-    from valuation.properties import load_labelled_folder as heldout_folder
+    from valuation.properties import load_heldout as heldout_folder
 
     heldout = heldout_folder(data_dir / "heldout")
     heldout_pm1 = load_labelled_folder(data_dir / "heldout")  # in [-1, 1], as trained on

@@ -48,10 +48,11 @@ from tqdm.auto import tqdm  # noqa: E402
 
 from shards import ShardStore  # noqa: E402
 from shards.data import load_contributor, load_image_folder  # noqa: E402
-from shards.demo import N_CLASSES, _split_sizes, _write_labelled, _write_pngs  # noqa: E402
+from shards.demo import N_CLASSES, split_sizes, write_labelled, write_pngs  # noqa: E402
+from shards.settings import BETA_ALPHA, BETA_BETA  # noqa: E402
+from valuation import methods as valuation_methods  # noqa: E402
 from valuation.properties import build_evaluator, evaluator_dir  # noqa: E402
-from valuation.semivalues import semivalue_weights  # noqa: E402
-from valuation.shapley import exact_semivalue, leave_one_out  # noqa: E402
+from valuation.run import ValuationSettings  # noqa: E402
 from valuation.utility import CachedUtility, CompositionUtility, store_cache  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results" / "detect"
@@ -78,14 +79,14 @@ def images_and_labels(folder: Path) -> tuple[np.ndarray, np.ndarray | None]:
 
 def public_with_labels(data_dir: Path) -> tuple[np.ndarray, np.ndarray]:
     """The `public/` images in [0, 1] and their digits. Unlabelled demo data writes them
-    digit by digit, `_split_sizes(class size)[1]` of each, so the labels follow the order."""
+    digit by digit, `split_sizes(class size)[1]` of each, so the labels follow the order."""
     from sklearn.datasets import load_digits
 
     images, labels = images_and_labels(data_dir / "public")
     if labels is not None:
         return images, labels
     counts = np.bincount(load_digits().target, minlength=N_CLASSES)
-    labels = np.concatenate([np.full(_split_sizes(int(n))[1], d) for d, n in enumerate(counts)])
+    labels = np.concatenate([np.full(split_sizes(int(n))[1], d) for d, n in enumerate(counts)])
     if len(labels) != len(images):
         raise ValueError(f"{data_dir}/public has {len(images)} images, the default split "
                          f"{len(labels)}: not the default demo data")
@@ -145,9 +146,9 @@ def build_store(work: Path, source: Path, data_dir: Path, kinds, train: dict | N
         if not folder.exists():
             x, y = planted(kind, data_dir)
             if store.num_labels:  # a class-conditional store: labelled planted data
-                _write_labelled(folder, kind, x, y)
+                write_labelled(folder, kind, x, y)
             else:
-                _write_pngs(folder, kind, x)
+                write_pngs(folder, kind, x)
         start = time.perf_counter()
         store.add(load_contributor(folder, kind), device="cpu", progress=True)
         print(f"added {kind}: {time.perf_counter() - start:.0f} s", flush=True)
@@ -182,22 +183,15 @@ def all_coalitions(players) -> list[frozenset]:
             for c in itertools.combinations(players, k)]
 
 
-def values_of(utility, methods=METHODS, alpha: float = 16.0, beta: float = 1.0) -> dict:
-    """{method: {player: value}} on `utility` by valuation's own arithmetic."""
-    n = len(utility.players)
+def values_of(utility, methods=METHODS, alpha: float = BETA_ALPHA, beta: float = BETA_BETA) -> dict:
+    """{method: {player: value}} on `utility` by valuation's own methods (methods.py)."""
+    settings = ValuationSettings(methods=tuple(methods), alpha=alpha, beta=beta)
     out = {}
-    for method in methods:
-        if method == "exact":
-            r = exact_semivalue(utility, semivalue_weights("shapley", n), "exact")
-        elif method == "banzhaf":
-            r = exact_semivalue(utility, semivalue_weights("banzhaf", n), "banzhaf")
-        elif method == "beta-shapley":
-            r = exact_semivalue(utility, semivalue_weights("beta", n, alpha, beta), method)
-        elif method == "loo":
-            r = leave_one_out(utility)
-        else:
-            raise ValueError(f"method={method!r}; allowed: {list(METHODS)}")
-        out[method] = {p: float(v) for p, v in zip(r.players, r.values, strict=True)}
+    for name in methods:
+        if name not in METHODS:
+            raise ValueError(f"method={name!r}; allowed: {list(METHODS)}")
+        r = valuation_methods.method(name).estimate(utility, None, settings, False)
+        out[name] = {p: float(v) for p, v in zip(r.players, r.values, strict=True)}
     return out
 
 
@@ -334,8 +328,8 @@ def main(argv=None) -> None:
     parser.add_argument("--steps", type=int, default=25)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--workers", type=int, default=2)
-    parser.add_argument("--alpha", type=float, default=16.0, help="beta-shapley: Beta(alpha, beta)")
-    parser.add_argument("--beta", type=float, default=1.0, help="beta-shapley")
+    parser.add_argument("--alpha", type=float, default=BETA_ALPHA, help="beta-shapley: Beta(alpha, beta)")
+    parser.add_argument("--beta", type=float, default=BETA_BETA, help="beta-shapley")
     parser.add_argument("--out", default=str(RESULTS))
     parser.add_argument("--quick", action="store_true",
                         help="2 kinds, 1 pair, n=32, 5 steps, 200-step shards and heads, "

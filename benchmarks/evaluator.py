@@ -10,7 +10,7 @@ import numpy as np
 import torch
 
 from valuation.features import frechet_distance, gaussian_stats, train_feature_net
-from valuation.properties import load_labelled_folder
+from valuation.properties import load_heldout
 
 
 class DigitsEvaluator:
@@ -18,7 +18,7 @@ class DigitsEvaluator:
     second fit on the other 80% (the honest accuracy of the same recipe)."""
 
     def __init__(self, heldout: str | Path, seed: int = 0):
-        x_held, y_held = load_labelled_folder(Path(heldout))  # in [0, 1]
+        x_held, y_held = load_heldout(Path(heldout))  # in [0, 1]
         self.net = train_feature_net(x_held, y_held, seed=seed)
         perm = np.random.default_rng(seed).permutation(len(y_held))
         cut = int(0.8 * len(perm))
@@ -52,7 +52,7 @@ class LabelJudge:
     def __init__(self, *folders: str | Path, seed: int = 0):
         from sklearn.svm import SVC
 
-        parts = [load_labelled_folder(Path(f)) for f in folders]
+        parts = [load_heldout(Path(f)) for f in folders]
         x = np.concatenate([x.reshape(len(x), -1) for x, _ in parts])
         y = np.concatenate([y for _, y in parts])
         self.svc = SVC(C=10, gamma="scale").fit(x, y)

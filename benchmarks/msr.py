@@ -40,7 +40,8 @@ from shards.demo import write_demo_data  # noqa: E402
 from shards.training import TrainConfig  # noqa: E402
 from valuation.properties import build_evaluator, evaluator_dir  # noqa: E402
 from valuation.semivalues import msr_banzhaf, semivalue_weights  # noqa: E402
-from valuation.shapley import StoppingRule, exact_semivalue  # noqa: E402
+from valuation.shapley import exact_semivalue  # noqa: E402
+from valuation.stopping import StoppingRule  # noqa: E402
 from valuation.utility import CachedUtility, CompositionUtility, store_cache  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results" / "msr"

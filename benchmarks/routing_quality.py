@@ -53,9 +53,9 @@ def joint_copy(store: ShardStore, dest: Path) -> tuple[ShardStore, float]:
     shutil.rmtree(dest / "router")
     joint = ShardStore.open(dest)
     start = time.perf_counter()
-    trained = joint._train_classifier_from_scratch("cpu", True)
+    update = joint.router.train(joint, "cpu", True)
     with joint.write_lock():
-        joint._write_classifier(trained, copy.deepcopy(joint.manifest))
+        joint.commit(copy.deepcopy(joint.manifest), update)
     return joint, time.perf_counter() - start
 
 

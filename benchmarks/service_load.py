@@ -51,8 +51,6 @@ import http.client
 import json
 import os
 import shutil
-import socket
-import subprocess
 import sys
 import tempfile
 import threading
@@ -63,7 +61,7 @@ import urllib.request
 from collections import Counter
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -71,16 +69,14 @@ os.environ.setdefault("BENTOML_DO_NOT_TRACK", "true")
 
 import numpy as np  # noqa: E402
 
+from service import testing  # noqa: E402
 from shards import ShardStore  # noqa: E402
 from shards.routing import Routing  # noqa: E402
 from shards.sampler import SampleRequest  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO / "tests"))
-from proctree import kill_tree  # noqa: E402
 
 RESULTS = REPO / "benchmarks" / "results" / "service"
-CDM = str(Path(sys.executable).with_name("cdm"))
 PARTS = ("throughput", "hol", "workers")
 CONCURRENCY = (1, 4, 8)
 LIBRARY_REQUESTS = 8
@@ -139,43 +135,15 @@ def post(url: str, endpoint: str, key: str, body: dict, timeout: float = 900.0) 
     return Reply(status, parsed, worker, sent, done)
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @dataclass
 class Server:
-    url: str
-    root: Path
-    log: Path
+    """A running server of this benchmark: service.testing's, with its keys."""
+
+    live: testing.Server
     keys: dict[str, str]
-    pid: int
-    startup_s: float
-    env: dict[str, str] = field(default_factory=dict)
 
-
-def create_key(root: Path, user: str, admin: bool) -> str:
-    args = [CDM, "keys", "create", "--store", str(root), "--user", user, "--license", "all"]
-    out = subprocess.run(args + (["--admin"] if admin else []), capture_output=True, text=True,
-                         check=True)
-    return out.stdout.strip()
-
-
-def wait_ready(url: str, proc: subprocess.Popen, log: Path, timeout: float = 300.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"cdm serve exited with {proc.returncode}; see {log}")
-        try:
-            with urllib.request.urlopen(f"{url}/readyz", timeout=2) as r:
-                if r.status == 200:
-                    return
-        except OSError:
-            pass
-        time.sleep(0.5)
-    raise TimeoutError(f"cdm serve not ready after {timeout:.0f} s; see {log}")
+    def __getattr__(self, name):  # url, root, log, pid, startup_s, env
+        return getattr(self.live, name)
 
 
 @contextlib.contextmanager
@@ -186,26 +154,15 @@ def serving(source: Path, work: Path, logs: Path, name: str, workers: int = 1,
     The server's process tree is killed on leaving, whatever happened."""
     root = work / name
     shutil.copytree(source, root, ignore=shutil.ignore_patterns("service.db*"))
-    keys = {"user": create_key(root, "bench", False), "admin": create_key(root, "admin", True)}
-    port = free_port()
-    url = f"http://127.0.0.1:{port}"
+    keys = {"user": testing.cli_key(root, "bench"),
+            "admin": testing.cli_key(root, "admin", admin=True)}
     log_path = logs / f"{name}.log"
     extra = dict(env or {})
-    print(f"[{name}] starting cdm serve --workers {workers} on port {port} "
+    print(f"[{name}] starting cdm serve --workers {workers} "
           f"{' '.join(f'{k}={v}' for k, v in extra.items())} (log {log_path})", flush=True)
-    with open(log_path, "w") as log:
-        t0 = time.monotonic()
-        proc = subprocess.Popen([CDM, "serve", "--store", str(root), "--port", str(port),
-                                 "--workers", str(workers)],
-                                env={**os.environ, **extra}, stdout=log,
-                                stderr=subprocess.STDOUT, start_new_session=True)
-        try:
-            wait_ready(url, proc, log_path)
-            server = Server(url, root, log_path, keys, proc.pid, time.monotonic() - t0, extra)
-            print(f"[{name}] ready after {server.startup_s:.1f} s", flush=True)
-            yield server
-        finally:
-            kill_tree(proc.pid)
+    with testing.serving(root, log_path, workers=workers, env=extra) as live:
+        print(f"[{name}] ready at {live.url} after {live.startup_s:.1f} s", flush=True)
+        yield Server(live, keys)
 
 
 def log_summary(path: Path, limit: int = 8) -> dict:
@@ -604,7 +561,7 @@ def main() -> int:
     source = Path(args.store).resolve()
     if not (source / "manifest.json").is_file():
         print(f"store {args.store} does not exist (no manifest.json there); build it first "
-              "(see README.md); nothing was measured")
+              "(see docs/evidence.md); nothing was measured")
         return 1
     contributors = ShardStore.open(source).contributor_ids
     if "workers" in parts and FORGET not in contributors:

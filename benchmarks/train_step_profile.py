@@ -10,11 +10,7 @@ top operators over 30 steps. Prints measured numbers; it does not pass or fail.
 from __future__ import annotations
 
 import argparse
-import sys
 import time
-from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 

@@ -53,7 +53,7 @@ from valuation.properties import load_property  # noqa: E402
 RESULTS = Path(__file__).parent / "results" / "valuation-cost"
 CORE_MONOLITH_STEPS = 5600
 FINETUNE_STEPS = 800  # the pruned model's fine-tune on D_N (valuation's default)
-# measured on the default store (README, "Valuation on the default store"), 2 workers
+# measured on the default store (docs/evidence.md, "Valuation on the default store"), 2 workers
 MEASURED = {"exact_composition_wall_s": 327.0, "retrain_800_wall_s": 2942.0,
             "pruned_1000_wall_s": 2660.0, "pruned_100_wall_s": 397.0, "workers": 2}
 

@@ -25,29 +25,13 @@ from collections import deque
 from dataclasses import dataclass
 
 from shards.data import validate_contributor_id
-from shards.errors import CDMError
+from shards.settings import ROLES, env_int
 
 from .db import Database
+from .errors import AuthError, ForbiddenError, RateLimitError
 
 SCRYPT = {"n": 2**14, "r": 8, "p": 1, "dklen": 32}
-ROLES = ("user", "contributor", "admin")
 _DUMMY_SALT, _DUMMY_HASH = secrets.token_bytes(16), secrets.token_bytes(32)
-
-
-class AuthError(CDMError):
-    """Missing, invalid, revoked or expired API key (HTTP 401)."""
-
-
-class ForbiddenError(CDMError):
-    """A valid key without the right (HTTP 403)."""
-
-
-class RateLimitError(CDMError):
-    """Too many failed key checks, or too much spend for one key (HTTP 429)."""
-
-    def __init__(self, message: str, retry_after: float):
-        super().__init__(message)
-        self.retry_after = max(1, int(retry_after + 0.999))
 
 
 @dataclass(frozen=True)
@@ -115,7 +99,10 @@ class FailureLimiter:
     a client is refused without a key check (no scrypt) until its oldest failure
     leaves the window. Per process: with W workers a client gets up to W x limit."""
 
-    def __init__(self, limit: int = 20, window: float = 60.0, max_clients: int = 100_000):
+    def __init__(self, limit: int | None = None, window: float = 60.0,
+                 max_clients: int = 100_000):
+        """`limit` default: CDM_AUTH_FAILURES_PER_MINUTE (20)."""
+        limit = env_int("CDM_AUTH_FAILURES_PER_MINUTE") if limit is None else limit
         self.limit, self.window, self.max_clients = limit, window, max_clients
         self._failures: dict[str, deque] = {}
         self._lock = threading.Lock()

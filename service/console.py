@@ -6,8 +6,8 @@ client, with the key the person pasted (kept in the browser's sessionStorage). I
 files hold no data and are served without a key; every API call carries
 `Authorization: Bearer <key>` and passes the same `Gate` and the same role checks.
 
-The API lacked what the console has to show; the endpoints below add it, each
-scoped by role like `credit` and `history`:
+The API lacked what the console has to show; the endpoints below add it (their
+inputs in schemas.py), each scoped by role like `credit` and `history`:
 
   whoami       any key: its user, role, contributor and licence
   keys         admin: every key (no secret, no hash)
@@ -22,15 +22,13 @@ scoped by role like `credit` and `history`:
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
-
-from pydantic import BaseModel, ConfigDict, Field
 
 from shards.errors import short
 
-from .auth import ForbiddenError, Principal
+from .auth import Principal
+from .credit import payout_policy, payout_shares
 from .db import Database
-from .platform import NotFoundError, payout_policy, payout_shares
+from .errors import ForbiddenError, NotFoundError
 
 STATIC = Path(__file__).with_name("console")
 MOUNT = "/ui"
@@ -66,45 +64,6 @@ def app():
         return await files(scope, receive, with_headers)
 
     return Starlette(routes=[Mount("/", app=static)])
-
-
-# ------------------------------------------------------------------ inputs
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", strict=True)
-
-
-class NoInput(_Strict):
-    pass
-
-
-class RevokeKeyInput(_Strict):
-    key_id: str = Field(min_length=1, max_length=64, description="the id `keys` lists")
-
-
-class AuditInput(_Strict):
-    contributor_id: str | None = Field(None, pattern=r"^(\*|[a-z0-9][a-z0-9_-]{0,63})$",
-                                       description="admin: only this contributor's records "
-                                                   "('*': those about no one contributor)")
-    limit: int = Field(200, ge=1, le=5000)
-
-
-class JobsInput(_Strict):
-    kind: Literal["purge", "add", "value"] | None = None
-    limit: int = Field(50, ge=1, le=1000)
-
-
-class ValuationsInput(_Strict):
-    limit: int = Field(200, ge=1, le=5000)
-
-
-INPUTS = {"/whoami": NoInput, "/keys": NoInput, "/revoke_key": RevokeKeyInput,
-          "/audit": AuditInput, "/jobs": JobsInput, "/valuations": ValuationsInput}
-ERRORS = {"/whoami": (400, 401, 413, 415, 429),
-          "/keys": (400, 401, 403, 413, 415, 429),
-          "/revoke_key": (400, 401, 403, 404, 413, 415, 429),
-          "/audit": (400, 401, 403, 413, 415, 429),
-          "/jobs": (400, 401, 403, 413, 415, 429),
-          "/valuations": (400, 401, 403, 413, 415, 429)}
 
 
 # --------------------------------------------------------------- endpoints

@@ -14,6 +14,10 @@ import time
 import uuid
 from pathlib import Path
 
+from shards.forgetting import Cleaner
+
+DB_FILE = "service.db"  # in the store's folder
+
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS keys (
     key_id TEXT PRIMARY KEY, user TEXT NOT NULL, role TEXT NOT NULL,
@@ -73,7 +77,7 @@ class Database:
         self.path = Path(path)
         self._local = threading.local()
         self._conn().executescript(SCHEMA)
-        with self._tx() as db:
+        with self.transaction() as db:
             for table, columns in MIGRATIONS.items():
                 have = {r["name"] for r in db.execute(f"PRAGMA table_info({table})")}
                 for name, kind in columns.items():
@@ -91,7 +95,10 @@ class Database:
             self._local.conn = conn
         return conn
 
-    def _tx(self):
+    def transaction(self):
+        """A context manager holding one write transaction (BEGIN IMMEDIATE, then COMMIT,
+        or ROLLBACK on an exception); yields the connection, which the methods that
+        take `db=` accept so that several writes commit together."""
         db = self._conn()
 
         class _Tx:
@@ -108,7 +115,7 @@ class Database:
     def insert_key(self, key_id: str, user: str, role: str, license: list[str] | None,
                    salt: bytes, key_hash: bytes, expires_at: float | None = None,
                    contributor_id: str | None = None) -> None:
-        with self._tx() as db:
+        with self.transaction() as db:
             db.execute("INSERT INTO keys (key_id, user, role, license, salt, key_hash, created_at, "
                        "expires_at, contributor_id) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
                        (key_id, user, role, json.dumps(license), salt, key_hash, time.time(),
@@ -126,7 +133,7 @@ class Database:
     def revoke_key(self, key_id: str) -> bool:
         """Mark a key revoked (kept for the audit trail). Returns whether it existed
         and was not already revoked."""
-        with self._tx() as db:
+        with self.transaction() as db:
             cur = db.execute("UPDATE keys SET revoked_at = ? WHERE key_id = ? AND revoked_at IS NULL",
                              (time.time(), key_id))
             return cur.rowcount == 1
@@ -134,7 +141,7 @@ class Database:
     def revoke_contributor_keys(self, contributor_id: str) -> int:
         """Revoke the keys that act for `contributor_id` (it was forgotten: a later
         contributor with the same id is someone else). Returns how many."""
-        with self._tx() as db:
+        with self.transaction() as db:
             return db.execute("UPDATE keys SET revoked_at = ? WHERE contributor_id = ? AND "
                               "revoked_at IS NULL", (time.time(), contributor_id)).rowcount
 
@@ -144,7 +151,7 @@ class Database:
         """One row per generate request, and its per-contributor credit, in one
         transaction. Returns the request id."""
         request_id = uuid.uuid4().hex
-        with self._tx() as db:
+        with self.transaction() as db:
             db.execute("INSERT INTO requests VALUES (?, ?, ?, ?, ?, ?)",
                        (request_id, user, time.time(), json.dumps(params),
                         json.dumps(contributors), json.dumps(attribution)))
@@ -196,7 +203,7 @@ class Database:
               db: sqlite3.Connection | None = None) -> dict:
         """Append an audit record; returns it as `audit_log` would."""
         if db is None:
-            with self._tx() as db:
+            with self.transaction() as db:
                 return self.audit(actor, action, contributor_id, details, db)
         at = time.time()
         cur = db.execute("INSERT INTO audit (at, actor, action, contributor_id, details) "
@@ -222,7 +229,7 @@ class Database:
     def create_job(self, kind: str, actor: str, params: dict,
                    db: sqlite3.Connection | None = None) -> str:
         if db is None:
-            with self._tx() as db:
+            with self.transaction() as db:
                 return self.create_job(kind, actor, params, db)
         job_id = uuid.uuid4().hex
         db.execute("INSERT INTO jobs (job_id, kind, actor, params, status, created_at) "
@@ -233,7 +240,7 @@ class Database:
     def update_job(self, job_id: str, status: str, result: dict | None = None,
                    error: str | None = None, db: sqlite3.Connection | None = None) -> None:
         if db is None:
-            with self._tx() as db:
+            with self.transaction() as db:
                 return self.update_job(job_id, status, result, error, db)
         finished = time.time() if status in ("succeeded", "failed") else None
         db.execute("UPDATE jobs SET status = ?, result = ?, error = ?, finished_at = ? "
@@ -243,12 +250,12 @@ class Database:
 
     def set_job_plan(self, job_id: str, plan: dict) -> None:
         """What a job is about to do, written before it does it (crash recovery)."""
-        with self._tx() as db:
+        with self.transaction() as db:
             db.execute("UPDATE jobs SET plan = ? WHERE job_id = ?", (json.dumps(plan), job_id))
 
     def claim_job(self, job_id: str) -> bool:
         """queued -> running; False if another runner took it first."""
-        with self._tx() as db:
+        with self.transaction() as db:
             return db.execute("UPDATE jobs SET status = 'running' WHERE job_id = ? AND "
                               "status = 'queued'", (job_id,)).rowcount == 1
 
@@ -279,7 +286,7 @@ class Database:
         to wait when the key's spend over the last minute plus `cost` would pass
         `per_minute` (nothing is charged then)."""
         now = time.time()
-        with self._tx() as db:
+        with self.transaction() as db:
             if per_minute is not None:
                 rows = db.execute("SELECT at, cost FROM spend WHERE key_id = ? AND at > ? "
                                   "ORDER BY at", (key_id, now - 60)).fetchall()
@@ -298,7 +305,7 @@ class Database:
         return None
 
     def release(self, worker: str, seq: int) -> None:
-        with self._tx() as db:
+        with self.transaction() as db:
             db.execute("DELETE FROM inflight WHERE worker = ? AND seq = ?", (worker, seq))
 
     def inflight_since(self, generation: int, started_after: float = 0.0) -> list[dict]:
@@ -310,13 +317,13 @@ class Database:
 
     def drop_inflight(self, workers: list[str]) -> None:
         """Forget the in-flight rows of workers known to be dead."""
-        with self._tx() as db:
+        with self.transaction() as db:
             db.executemany("DELETE FROM inflight WHERE worker = ?", [(w,) for w in workers])
 
     # ------------------------------------------------------------ valuations
     def record_valuation(self, prop: str, method: str, values: dict,
                          kind: str = "primary", params: dict | None = None) -> None:
-        with self._tx() as db:
+        with self.transaction() as db:
             db.execute("INSERT INTO valuations (at, property, method, values_json, kind, params) "
                        "VALUES (?, ?, ?, ?, ?, ?)",
                        (time.time(), prop, method, json.dumps(values), kind, _params(params)))
@@ -348,7 +355,7 @@ class Database:
 
     def set_payout_policy(self, actor: str, prop: str, method: str,
                           params: dict | None = None) -> None:
-        with self._tx() as db:
+        with self.transaction() as db:
             db.execute("INSERT INTO payout_policy (at, actor, property, method, params) "
                        "VALUES (?, ?, ?, ?, ?)", (time.time(), actor, prop, method, _params(params)))
 
@@ -362,7 +369,7 @@ class Database:
 
     def drop_valuations(self, contributor_id: str) -> int:
         """Delete the recorded valuations that have a value for `contributor_id`."""
-        with self._tx() as db:
+        with self.transaction() as db:
             rows = db.execute("SELECT id, values_json FROM valuations").fetchall()
             ids = [r["id"] for r in rows if contributor_id in json.loads(r["values_json"])]
             db.executemany("DELETE FROM valuations WHERE id = ?", [(i,) for i in ids])
@@ -375,3 +382,13 @@ class Database:
             "WHERE kind IS NULL OR kind = 'primary' GROUP BY property)")
         return {r["property"]: {"method": r["method"], "at": r["at"],
                                 "values": json.loads(r["values_json"])} for r in rows}
+
+
+def drop_recorded_valuations(store_root: str | Path, contributor_id: str) -> int:
+    """The cleaner's call (shards/forgetting.py): delete the recorded valuations that
+    value `contributor_id` (their player set no longer exists)."""
+    path = Path(store_root) / DB_FILE
+    return Database(path).drop_valuations(contributor_id) if path.exists() else 0
+
+
+CLEANER = Cleaner("recorded-valuations", DB_FILE, drop_recorded_valuations)

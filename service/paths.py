@@ -15,7 +15,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-DATA_ROOTS_ENV = "CDM_DATA_ROOTS"
+from shards.settings import DATA_ROOTS_ENV
+
 SHOWN_PATH_CHARS = 200
 
 
@@ -39,7 +40,7 @@ def _resolve(path: str | Path) -> Path:
 
 def allowed_roots(store_root: Path) -> list[Path]:
     """The data roots: the folders of CDM_DATA_ROOTS, resolved, or when it is unset
-    the folder holding `store_root` (the layout `make store` and the README use).
+    the folder holding `store_root` (the layout `make store` and docs/usage.md use).
 
     Raises:
         ValueError: CDM_DATA_ROOTS is set but names no folder, or one of its folders

@@ -2,7 +2,7 @@
 
 Trained with cross-entropy on forward-noised samples (x_0 from D_i, any t, label i),
 drawn with class frequencies pi_i, so softmax(f)_i ~= pi_i p_t^i(x_t) / sum_j pi_j p_t^j.
-For shard priors lambda_i and any subset S (DESIGN.md):
+For shard priors lambda_i and any subset S (docs/maths.md):
 
     (1) w_i^S(x_t, t) = lambda_i p_t^i(x_t) / sum_{j in S} lambda_j p_t^j(x_t)
     (2)               = softmax_{i in S}( f_i(x_t, t) + log lambda_i - log pi_i )
@@ -15,9 +15,16 @@ time embedding) and is trained on draws y ~ uniform over labels, i ~ uniform ove
 contributors holding y, x_0 ~ D_i^y, so softmax(f(x_t, t, y))_i ~= p_t^i(x_t | y) /
 sum_{j holds y} p_t^j(x_t | y): the scores are log p_t^i(x_t | y) up to a constant of
 the row, and the sampler adds log lambda_i(y) over the contributors of S holding y.
+
+`JointRouter` is this router as the store builds, adds and forgets it (router.py):
+STORE/classifier/v<NNNN>/ holds its versions, the manifest names the live one. It saw
+everyone's data, so a forget retrains it from scratch on the others' kept data, and
+an add fine-tunes an expanded copy on replayed data of every live contributor.
 """
 
 from __future__ import annotations
+
+import shutil
 
 import torch
 from diffusers import DDPMScheduler
@@ -26,6 +33,13 @@ from diffusers.models.embeddings import TimestepEmbedding, Timesteps
 from diffusers.models.modeling_utils import ModelMixin
 from diffusers.models.resnet import ResnetBlock2D
 
+from .errors import StoreError
+from .faults import crashpoint
+from .files import files_hash
+from .models import seeded
+from .router import RouterUpdate
+from .routing import posterior_weights
+from .shard import derived_seed
 from .training import TrainConfig, forward_noise, optimize
 
 
@@ -115,25 +129,6 @@ def mixture_weights(
         (B, n) weights, zero outside S, each row summing to 1.
     """
     return posterior_weights(logits - log_train_freq, log_prior, allowed)
-
-
-def posterior_weights(log_ratios: torch.Tensor, log_prior: torch.Tensor,
-                      allowed: torch.Tensor) -> torch.Tensor:
-    """softmax over i in S of (s_i + log lambda_i), for any router's scores s_i that
-    equal log p_t^i(x_t) up to a constant shared by all i (eq. 2 and heads.py eq. 6).
-
-    Args:
-        log_ratios: (B, n) router scores.
-        log_prior: (n,) log lambda_i, or (B, n) per sample (lambda_i(y_b), labelled stores).
-        allowed: (n,) or (B, n) bool, the subset S; at least one True per row.
-
-    Returns:
-        (B, n) weights, zero outside S, each row summing to 1.
-    """
-    if not bool(allowed.any(dim=-1).all()):
-        raise ValueError("the allowed subset S is empty")
-    z = (log_ratios + log_prior).masked_fill(~allowed, float("-inf"))
-    return torch.softmax(z, dim=-1)
 
 
 def train_classifier(
@@ -231,3 +226,135 @@ def expand_classifier(old: ShardClassifier, contributor_ids: list[str]) -> Shard
             new.head.weight[j] = old.head.weight[i]
             new.head.bias[j] = old.head.bias[i]
     return new
+
+
+class ClassifierSwitch(RouterUpdate):
+    """A new classifier version (or none, when no contributor is live): saved and named
+    in the manifest by `apply`, the version it replaces deleted by `finish`."""
+
+    def __init__(self, root, trained: tuple[ShardClassifier, dict] | None):
+        self.root, self.trained, self.previous = root, trained, None
+
+    def apply(self, manifest: dict) -> None:
+        self.previous = manifest.get("classifier")
+        if self.trained is None:
+            manifest["classifier"] = None
+            return
+        classifier, meta = self.trained
+        version = (self.previous or {}).get("version", 0) + 1
+        path = f"classifier/v{version:04d}"
+        classifier.save_pretrained(self.root / path)
+        manifest["classifier"] = {**meta, "version": version, "path": path,
+                                  "contributor_ids": list(classifier.config.contributor_ids),
+                                  "weights_hash": files_hash(self.root / path)}
+        self.path = path
+
+    def finish(self) -> None:
+        crashpoint("classifier:switched")
+        named = None if self.trained is None else self.path
+        if self.previous and self.previous["path"] != named:
+            shutil.rmtree(self.root / self.previous["path"], ignore_errors=True)
+
+
+class JointRouter:
+    """Router `joint` (router.py): one classifier that saw every contributor's data."""
+
+    kind = "joint"
+    public_use = None
+    retrains = "classifier"
+
+    def setup(self, root, manifest, public, public_labels) -> None:
+        pass
+
+    def check_add(self, store, data) -> None:
+        if store.pending_purges:
+            raise StoreError(f"purge pending for {store.pending_purges}; add after it finishes")
+
+    def contributor_part(self, store, data, scheduler, device, progress) -> dict:
+        return {}
+
+    def _new(self, store, ids: list[str]) -> ShardClassifier:
+        return ShardClassifier(contributor_ids=ids, in_channels=store.image_shape[0],
+                               block_out_channels=list(store.config.classifier_channels),
+                               num_labels=store.num_labels)
+
+    def train(self, store, device, progress) -> ClassifierSwitch:
+        """From scratch, deterministic in (sorted live ids, their data, store seed): a
+        store that retrains it after removing c equals a store that never had c."""
+        ids = store.contributor_ids
+        if not ids:
+            return ClassifierSwitch(store.root, None)
+        seed = derived_seed(store.config.seed, "classifier")
+        with seeded(seed):
+            classifier = self._new(store, ids)
+        kept = [store.contributor_data(c) for c in ids]
+        loss = train_classifier(classifier, [k[0] for k in kept], store.noise_schedule(),
+                                store.config.classifier_train, seed,
+                                labels=[k[1] for k in kept] if store.num_labels else None,
+                                device=device, progress=progress)
+        return ClassifierSwitch(store.root, (classifier.cpu(), {
+            "trained": "scratch", "steps": store.config.classifier_train.steps,
+            "final_loss": loss}))
+
+    def extend(self, store, data, device, progress) -> ClassifierSwitch:
+        """A new output for `data`'s contributor, fine-tuned on replayed data of every
+        live contributor and the new one's (from scratch if none is live)."""
+        cid, config = data.contributor_id, store.config
+        if store.manifest["classifier"] is None:  # every earlier contributor was forgotten
+            seed = derived_seed(config.seed, "classifier")
+            with seeded(seed):
+                classifier = self._new(store, [cid])
+            loss = train_classifier(classifier, [data.images], store.noise_schedule(),
+                                    config.classifier_train, seed, device=device,
+                                    progress=progress,
+                                    labels=None if data.labels is None else [data.labels])
+            return ClassifierSwitch(store.root, (classifier.cpu(), {
+                "trained": "scratch", "steps": config.classifier_train.steps, "final_loss": loss}))
+        ids = sorted([*store.manifest["contributors"], cid])
+        version = store.manifest["classifier"]["version"] + 1
+        seed = derived_seed(config.seed, "classifier-update", str(version))
+        with seeded(seed):
+            classifier = expand_classifier(self.load(store), ids)
+        kept = {c: store.contributor_data(c) for c in store.manifest["contributors"]}
+        kept[cid] = (data.images, data.labels)
+        train = TrainConfig(**{**config.classifier_train.to_dict(),
+                               "steps": config.classifier_update_steps, "warmup_steps": 0})
+        loss = train_classifier(classifier, [kept[c][0] for c in ids], store.noise_schedule(),
+                                train, seed, device=device, progress=progress,
+                                labels=[kept[c][1] for c in ids] if store.num_labels else None)
+        return ClassifierSwitch(store.root, (classifier.cpu(), {
+            "trained": "update", "steps": train.steps, "final_loss": loss}))
+
+    def derived_paths(self, contributor_id: str, entry: dict) -> list[str]:
+        return []
+
+    def staging_paths(self, contributor_id: str) -> list[str]:
+        return []
+
+    def audit(self, store, entry) -> dict:
+        live = (store.manifest["classifier"] or {}).get("weights_hash")
+        return {"classifier_before" if entry is not None else "classifier_after": live}
+
+    def orphans(self, store) -> list[str]:
+        """Versions the manifest does not name (a crash between a new version's switch
+        and the old one's deletion): they may have seen forgotten data."""
+        named = (store.manifest.get("classifier") or {}).get("path")
+        folder = store.root / "classifier"
+        deleted = []
+        if folder.is_dir():
+            for child in sorted(folder.iterdir()):
+                if f"classifier/{child.name}" != named:
+                    shutil.rmtree(child, ignore_errors=True)
+                    deleted.append(f"classifier/{child.name}")
+        return deleted
+
+    def fingerprint(self, store, coalition) -> dict:
+        c = store.manifest["classifier"]
+        return {"hashes": {"classifier": c["weights_hash"]},
+                "depends_on": sorted(set(c.get("contributor_ids") or store.contributor_ids)
+                                     | set(coalition))}
+
+    def load(self, store) -> ShardClassifier:
+        if store.manifest.get("classifier") is None:
+            raise StoreError(f"store {store.root} has no joint classifier (no live contributor)")
+        return ShardClassifier.from_pretrained(store.root / store.manifest["classifier"]["path"]).eval()

@@ -12,19 +12,15 @@ label that is not such an integer is a DataError naming the file. A store is lab
 (its shards class-conditional) when its contributors' data is.
 
 All images of a data set share one size and channel count (1 = grayscale, 3 = RGB).
-A `.npy` file holds one image, shape (H, W), (H, W, C) or (C, H, W) with C in {1, 3},
-either uint8 in [0, 255] or floats in [0, 1].
+Files: `.png`, `.jpg`/`.jpeg` or `.npy` (one image each; `decode.py`).
 
 The data hash (sha256 over sorted file names and bytes) identifies exactly which
 bytes a shard was trained on; it is what the audit log of a forget names. Each file is
 read once, and the bytes hashed are the bytes decoded.
 
-Limits (folders may come from an untrusted upload, and a small PNG can decode to
-gigabytes): a file larger than CDM_MAX_IMAGE_BYTES (default 1 MiB) is not read; an
-image whose header claims more than CDM_MAX_IMAGE_PIXELS pixels (default 512 x 512)
-is not decoded; a folder with more than CDM_MAX_IMAGES image files (default 100000) is
-not loaded. A `.png` must hold a PNG and a `.jpg`/`.jpeg` a JPEG (no other decoder of
-PIL runs). Error messages name at most one file of a folder, never its listing.
+Folders may come from an untrusted upload: files are read and decoded within the
+limits of `decode.py` (bytes, pixels, files per folder). Error messages name at most
+one file of a folder, never its listing.
 """
 
 from __future__ import annotations
@@ -32,95 +28,21 @@ from __future__ import annotations
 import csv
 import hashlib
 import io
-import math
-import os
 import re
-import stat
-import struct
-import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
 
+from .decode import IMAGE_SUFFIXES, ImageLimits, read_file, read_images
 from .errors import DataError, short
+from .settings import CONTRIBUTOR_ID as CONTRIBUTOR_ID_PATTERN
+from .settings import MAX_LABEL
 
 LABELS_CSV = "labels.csv"
-MAX_LABEL = 999
 LABEL = re.compile(r"^[0-9]{1,3}$")
-CONTRIBUTOR_ID = re.compile(r"^[a-z0-9][a-z0-9_-]{0,63}$")
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".npy")
-PIL_FORMATS = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG"}
-
-MAX_IMAGE_BYTES_ENV = "CDM_MAX_IMAGE_BYTES"
-MAX_IMAGE_PIXELS_ENV = "CDM_MAX_IMAGE_PIXELS"
-MAX_IMAGES_ENV = "CDM_MAX_IMAGES"
-# (default, smallest, largest) of each limit. The pixel limit stays below PIL's own
-# MAX_IMAGE_PIXELS (89478485), so an image PIL would warn about is rejected by ours.
-LIMIT_RANGES = {
-    MAX_IMAGE_BYTES_ENV: (1 << 20, 1, 1 << 30),
-    MAX_IMAGE_PIXELS_ENV: (512 * 512, 1, 1 << 26),
-    MAX_IMAGES_ENV: (100_000, 1, 10_000_000),
-}
-# what a broken file can make PIL's or numpy's readers raise (besides DataError's own)
-_DECODE_ERRORS = (OSError, ValueError, SyntaxError, EOFError, IndexError, TypeError,
-                  struct.error, zlib.error)
-
-
-def _env_limit(name: str) -> int:
-    """The integer in environment variable `name`, or its default when unset.
-
-    Raises:
-        ValueError: naming the variable and its allowed range, for a value that is not
-            an integer in that range (an empty value included).
-    """
-    default, low, high = LIMIT_RANGES[name]
-    raw = os.environ.get(name)
-    if raw is None:
-        return default
-    try:
-        value = int(raw.strip())
-    except ValueError:
-        value = None
-    if value is None or not low <= value <= high:
-        raise ValueError(f"{name}={raw[:40]!r} must be an integer in [{low}, {high}]")
-    return value
-
-
-@dataclass(frozen=True)
-class ImageLimits:
-    """Bounds on what loading a folder may read and decode (see the module docstring)."""
-
-    max_bytes: int = LIMIT_RANGES[MAX_IMAGE_BYTES_ENV][0]
-    max_pixels: int = LIMIT_RANGES[MAX_IMAGE_PIXELS_ENV][0]
-    max_images: int = LIMIT_RANGES[MAX_IMAGES_ENV][0]
-
-    def __post_init__(self):
-        """Check each limit against its variable's allowed range.
-
-        Raises:
-            ValueError: naming the field, its variable and its allowed range.
-        """
-        fields = (("max_bytes", MAX_IMAGE_BYTES_ENV), ("max_pixels", MAX_IMAGE_PIXELS_ENV),
-                  ("max_images", MAX_IMAGES_ENV))
-        for field, env in fields:
-            _, low, high = LIMIT_RANGES[env]
-            value = getattr(self, field)
-            if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
-                raise ValueError(f"{field}={value!r} ({env}) must be an integer in [{low}, {high}]")
-
-    @classmethod
-    def from_env(cls) -> ImageLimits:
-        """The limits in CDM_MAX_IMAGE_BYTES, CDM_MAX_IMAGE_PIXELS and CDM_MAX_IMAGES,
-        read now (so a changed environment applies to the next load).
-
-        Raises:
-            ValueError: naming the variable and its allowed range, for a bad value.
-        """
-        return cls(_env_limit(MAX_IMAGE_BYTES_ENV), _env_limit(MAX_IMAGE_PIXELS_ENV),
-                   _env_limit(MAX_IMAGES_ENV))
+CONTRIBUTOR_ID = re.compile(CONTRIBUTOR_ID_PATTERN)
 
 
 def validate_contributor_id(contributor_id: str) -> str:
@@ -162,173 +84,6 @@ class ContributorData:
         return self.images.shape[0]
 
 
-def _reason(err: BaseException, path: Path) -> str:
-    """`err`'s message with `path` shortened to its file name (no server paths)."""
-    return str(err).replace(str(path), path.name)
-
-
-def _read_file(path: Path, who: str, max_bytes: int) -> bytes:
-    """The bytes of regular file `path`, read once and at most `max_bytes` of them.
-
-    The size is checked on the open file (a name swapped for a FIFO or a device after
-    listing is refused, not read) and again on what was read (a file that grew, or a
-    /proc-like file reporting size 0, cannot slip past the limit).
-
-    Raises:
-        DataError: naming the file and the limit, for a file too large, not regular or
-            unreadable.
-    """
-    too_large = (f"{who}: {path.name} is larger than the limit of {max_bytes} bytes "
-                 f"({MAX_IMAGE_BYTES_ENV})")
-    try:
-        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
-        with open(fd, "rb") as f:
-            info = os.fstat(fd)
-            if not stat.S_ISREG(info.st_mode):
-                raise DataError(f"{who}: {path.name} is not a regular file")
-            if info.st_size > max_bytes:
-                raise DataError(f"{too_large}: it has {info.st_size} bytes")
-            data = f.read(max_bytes + 1)
-    except OSError as err:
-        raise DataError(f"{who}: unreadable image file {path.name}: {_reason(err, path)}") from err
-    if len(data) > max_bytes:
-        raise DataError(too_large)
-    return data
-
-
-def _npy_pixels(shape: tuple[int, ...]) -> int:
-    """Pixels (H x W) of an array of `shape`, read the way `_to_chw` reads it."""
-    if len(shape) == 3:
-        if shape[-1] in (1, 3) and shape[0] not in (1, 3):
-            return shape[0] * shape[1]
-        return shape[1] * shape[2]
-    return math.prod(shape)
-
-
-def _decode_npy(name: str, data: bytes, who: str, limits: ImageLimits) -> np.ndarray:
-    """One `.npy` file's array, after its header was checked against the data's length
-    and the pixel limit (numpy would otherwise allocate whatever the header claims)."""
-    buf = io.BytesIO(data)
-    version = np.lib.format.read_magic(buf)
-    if version == (1, 0):
-        shape, _, dtype = np.lib.format.read_array_header_1_0(buf)
-    elif version == (2, 0):
-        shape, _, dtype = np.lib.format.read_array_header_2_0(buf)
-    else:
-        raise DataError(f"{who}: {name}: unsupported .npy format version {version}")
-    if dtype.hasobject:
-        raise DataError(f"{who}: {name}: object arrays are not images")
-    if math.prod(shape) * dtype.itemsize != len(data) - buf.tell():
-        raise DataError(f"{who}: {name}: the array's size does not match its .npy header")
-    pixels = _npy_pixels(shape)
-    if pixels > limits.max_pixels:
-        raise DataError(f"{who}: {name} has {pixels} pixels, more than the limit of "
-                        f"{limits.max_pixels} ({MAX_IMAGE_PIXELS_ENV})")
-    buf.seek(0)
-    return np.load(buf, allow_pickle=False)
-
-
-def _decode_pil(name: str, fmt: str, data: bytes, who: str, limits: ImageLimits) -> np.ndarray:
-    """One PNG or JPEG as an array; its size is checked from the header PIL reads at
-    `Image.open`, before `load` decodes (and allocates) the pixels."""
-    try:
-        with Image.open(io.BytesIO(data), formats=[fmt]) as img:
-            width, height = img.size
-            if width * height > limits.max_pixels:
-                raise DataError(
-                    f"{who}: {name} is {width}x{height} = {width * height} pixels, more than "
-                    f"the limit of {limits.max_pixels} ({MAX_IMAGE_PIXELS_ENV})")
-            img.load()
-            if img.mode not in ("L", "RGB"):
-                if img.mode in ("1", "P", "I;16", "I"):
-                    img = img.convert("L")
-                elif img.mode in ("RGBA", "LA", "CMYK", "YCbCr"):
-                    img = img.convert("RGB" if img.mode != "LA" else "L")
-            return np.asarray(img)
-    except DataError:
-        raise
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
-        # PIL's own bound (hit when PIL's limit is below ours, or with -W error)
-        raise DataError(f"{who}: {name} exceeds the pixel limit of {limits.max_pixels} "
-                        f"({MAX_IMAGE_PIXELS_ENV}): {err}") from err
-    except UnidentifiedImageError as err:
-        raise DataError(f"{who}: unreadable image file {name}: not a {fmt} image") from err
-
-
-def _read_image(path: Path, who: str, limits: ImageLimits) -> tuple[bytes, np.ndarray]:
-    """Read one file (bounded), decode it; returns its bytes and float32 (C, H, W) in
-    [0, 1].
-
-    Raises:
-        DataError: naming the file (by name, not full path) and the limit it broke, for
-            a file too large, too many pixels, not the format its suffix names,
-            truncated or otherwise unreadable, or of a shape or dtype that is no image.
-    """
-    data = _read_file(path, who, limits.max_bytes)
-    suffix = path.suffix.lower()
-    try:
-        if suffix == ".npy":
-            arr = _decode_npy(path.name, data, who, limits)
-        else:
-            arr = _decode_pil(path.name, PIL_FORMATS[suffix], data, who, limits)
-    except DataError:
-        raise
-    except _DECODE_ERRORS as err:
-        raise DataError(f"{who}: unreadable image file {path.name}: {_reason(err, path)}") from err
-    return data, _to_chw(arr, f"{who}: {path.name}")
-
-
-def _to_chw(arr: np.ndarray, what: str) -> np.ndarray:
-    """float32 (C, H, W) in [0, 1] from (H, W), (H, W, C) or (C, H, W), uint8 or float.
-
-    Raises:
-        DataError: prefixed with `what`, for any other shape or dtype, or floats
-            outside [0, 1].
-    """
-    if arr.ndim == 2:
-        arr = arr[None]
-    elif arr.ndim == 3 and arr.shape[-1] in (1, 3) and arr.shape[0] not in (1, 3):
-        arr = np.moveaxis(arr, -1, 0)
-    if arr.ndim != 3 or arr.shape[0] not in (1, 3):
-        raise DataError(
-            f"{what}: image shape {arr.shape} is not (H, W), (H, W, C) or (C, H, W) "
-            "with C in {1, 3}"
-        )
-    if arr.dtype == np.uint8:
-        return arr.astype(np.float32) / 255.0
-    if np.issubdtype(arr.dtype, np.floating):
-        if not np.isfinite(arr).all() or arr.min() < 0.0 or arr.max() > 1.0:
-            raise DataError(f"{what}: float images must be finite and in [0, 1]")
-        return arr.astype(np.float32)
-    raise DataError(f"{what}: dtype {arr.dtype} is not uint8 or float")
-
-
-def _read_images(files: list[Path], who: str, limits: ImageLimits,
-                 labels: list[int] | None = None) -> tuple[torch.Tensor, str]:
-    """Read `files` as one (N, C, H, W) tensor in [-1, 1] and the data hash of the
-    bytes read (as `hash_files` would compute it, each name prefixed by its label
-    when `labels` are given); `who` prefixes errors.
-
-    Raises:
-        DataError: from `_read_image`, or naming the first file whose shape differs
-            from the first file's.
-    """
-    digest = hashlib.sha256()
-    arrays = []
-    for i, path in enumerate(files):
-        data, arr = _read_image(path, who, limits)
-        if arrays and arr.shape != arrays[0].shape:
-            raise DataError(
-                f"{who}: {path.name} has shape {arr.shape}, but the images before it "
-                f"have {arrays[0].shape}; all images must match"
-            )
-        name = path.name if labels is None else f"{labels[i]}/{path.name}"
-        digest.update(name.encode())
-        digest.update(b"\0")
-        digest.update(data)
-        arrays.append(arr)
-    return torch.from_numpy(np.stack(arrays)) * 2.0 - 1.0, digest.hexdigest()
-
 
 def image_files(folder: Path, max_images: int | None = None) -> list[Path]:
     """The image files directly inside `folder`, sorted by name.
@@ -348,7 +103,7 @@ def image_files(folder: Path, max_images: int | None = None) -> list[Path]:
             files.append(path)
             if len(files) > limit:
                 raise DataError(f"{folder} holds more than {limit} image files, the limit "
-                                f"({MAX_IMAGES_ENV})")
+                                "(CDM_MAX_IMAGES)")
     return sorted(files)
 
 
@@ -376,7 +131,7 @@ def parse_label(text: object, what: str) -> int:
 
 def _labels_csv(path: Path, who: str, max_bytes: int) -> dict[str, int]:
     """file name -> label from a labels.csv (rows `file,label`, an optional header)."""
-    text = _read_file(path, who, max_bytes).decode("utf-8", errors="replace")
+    text = read_file(path, who, max_bytes).decode("utf-8", errors="replace")
     mapping: dict[str, int] = {}
     for number, row in enumerate(csv.reader(io.StringIO(text)), start=1):
         if not row or (number == 1 and [c.strip().lower() for c in row] == ["file", "label"]):
@@ -453,7 +208,7 @@ def load_contributor(folder: str | Path, contributor_id: str | None = None,
         raise DataError(
             f"{who}: no images ({', '.join(IMAGE_SUFFIXES)}) in {folder}"
         )
-    images, data_hash = _read_images(files, who, limits, labels)
+    images, data_hash = read_images(files, who, limits, labels)
     return ContributorData(contributor_id, images, data_hash,
                            None if labels is None else torch.tensor(labels, dtype=torch.long))
 
@@ -539,7 +294,7 @@ def load_labelled_folder(folder: str | Path, limits: ImageLimits | None = None
     files, labels = scan_folder(folder, str(folder), limits)
     if not files:
         raise DataError(f"no images in {folder}")
-    images = _read_images(files, str(folder), limits, labels)[0]
+    images = read_images(files, str(folder), limits, labels)[0]
     return images, None if labels is None else torch.tensor(labels, dtype=torch.long)
 
 

@@ -61,14 +61,14 @@ def _corrupt(images: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     return np.clip(noisy, 0.0, 1.0)
 
 
-def _write_pngs(folder: Path, prefix: str, images: np.ndarray) -> None:
+def write_pngs(folder: Path, prefix: str, images: np.ndarray) -> None:
     folder.mkdir(parents=True, exist_ok=True)
     for i, img in enumerate(images):
         pixels = np.round(img * 255.0).astype(np.uint8)
         Image.fromarray(pixels, mode="L").save(folder / f"{prefix}-{i:04d}.png")
 
 
-def _write_labelled(folder: Path, prefix: str, images: np.ndarray, labels: np.ndarray) -> None:
+def write_labelled(folder: Path, prefix: str, images: np.ndarray, labels: np.ndarray) -> None:
     """`folder/<digit>/<prefix>-<i>.png`, i counting over the whole set."""
     for digit in np.unique(labels):
         idx = np.flatnonzero(labels == digit)
@@ -79,7 +79,7 @@ def _write_labelled(folder: Path, prefix: str, images: np.ndarray, labels: np.nd
             Image.fromarray(pixels, mode="L").save(sub / f"{prefix}-{i:04d}.png")
 
 
-def _split_sizes(n: int) -> tuple[int, int, int]:
+def split_sizes(n: int) -> tuple[int, int, int]:
     """(held out, public, low quality) image counts of a class of `n` images."""
     n_held = int(round(HELDOUT_FRACTION * n))
     n_pub = int(round(PUBLIC_FRACTION * n))
@@ -92,7 +92,7 @@ def max_contributors() -> int:
     from sklearn.datasets import load_digits
 
     counts = np.bincount(load_digits().target, minlength=N_CLASSES)
-    owned = sum(int(n) - sum(_split_sizes(int(n))) for n in counts)
+    owned = sum(int(n) - sum(split_sizes(int(n))) for n in counts)
     return owned // MIN_IMAGES + 1
 
 
@@ -154,18 +154,18 @@ def _write(out_dir: Path, seed: int, n: int | None) -> dict:
     low_labels, public_labels = [], []
     for digit in range(N_CLASSES):
         idx = rng.permutation(np.flatnonzero(labels == digit))
-        n_held, n_pub, n_low = _split_sizes(len(idx))
+        n_held, n_pub, n_low = split_sizes(len(idx))
         held, idx = idx[:n_held], idx[n_held:]
         pub, idx = idx[:n_pub], idx[n_pub:]
         low, idx = idx[:n_low], idx[n_low:]
-        _write_pngs(out_dir / "heldout" / str(digit), f"heldout-{digit}", images[held])
+        write_pngs(out_dir / "heldout" / str(digit), f"heldout-{digit}", images[held])
         heldout_counts[digit] = len(held)
         public.append(images[pub])
         public_labels.append(np.full(len(pub), digit))
         low_quality.append(_corrupt(images[low], rng))
         low_labels.append(np.full(len(low), digit))
         owned.append(images[idx])
-    _write_labelled(out_dir / "public", "public", np.concatenate(public), np.concatenate(public_labels))
+    write_labelled(out_dir / "public", "public", np.concatenate(public), np.concatenate(public_labels))
     if n is None:
         honest = _default_owners(owned)
     else:
@@ -175,7 +175,7 @@ def _write(out_dir: Path, seed: int, n: int | None) -> dict:
     everyone = {**honest, LOW_QUALITY: (list(range(N_CLASSES)), np.concatenate(low_quality),
                                         np.concatenate(low_labels))}
     for cid, (classes, imgs, labs) in everyone.items():
-        _write_labelled(out_dir / "contributors" / cid, cid, imgs, labs)
+        write_labelled(out_dir / "contributors" / cid, cid, imgs, labs)
         table["contributors"][cid] = {
             "classes": classes,
             "images": int(len(imgs)),

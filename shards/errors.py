@@ -1,9 +1,6 @@
 """Domain errors raised by the library; the CLI and the service map them to messages
 and HTTP statuses in one place each."""
 
-import os
-import signal
-
 
 class CDMError(Exception):
     """Base class of every error this project raises on purpose."""
@@ -56,14 +53,3 @@ def short(value: object, limit: int = 80) -> str:
     errors, and an error must not be as large as the input that caused it."""
     text = str(value)
     return text if len(text) <= limit else text[: limit - 3] + "..."
-
-
-CRASH_ENV = "CDM_CRASH_AT"
-
-
-def crashpoint(name: str) -> None:
-    """Fault injection for the crash tests: `CDM_CRASH_AT=<name>` kills this process
-    with SIGKILL here, as a power cut would (no cleanup, no `finally`). Does nothing
-    when the variable is unset or names another point."""
-    if os.environ.get(CRASH_ENV) == name:
-        os.kill(os.getpid(), signal.SIGKILL)

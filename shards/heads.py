@@ -7,13 +7,14 @@ t drawn the same way for both classes, has the optimum
 
     (5) r_i(x_t, t) = log p_t^i(x_t) / p_t^ref(x_t)
 
-so for any subset S, with priors lambda_i (DESIGN.md eq. 1):
+so for any subset S, with priors lambda_i (docs/maths.md eq. 1):
 
     (6) softmax_{i in S}( r_i + log lambda_i ) = lambda_i p_t^i / sum_{j in S} lambda_j p_t^j
 
 the reference density cancels. Forgetting c deletes head c; adding c trains head c;
 no head ever sees another contributor's data. Where the reference has little mass
-the ratios are poorly estimated (README compares this router with the joint one).
+the ratios are poorly estimated (docs/evidence.md compares this router with the joint
+one).
 
 Labelled stores condition every head on the label y: its own images of label y
 against reference images of the same label y, so the optimum is
@@ -28,11 +29,18 @@ sampler gives every other contributor weight 0 for that label.
 A head is a small time-conditioned MLP on the image (average-pooled to at most
 16 x 16 pixels): h1 = silu(W1 x + T1 e(t) + L1[y] + b1), h2 = silu(W2 h1 + T2 e(t) +
 L2[y] + b2), r = w3 . h2 + b3, with e(t) a fixed sinusoidal embedding and L1, L2
-label embeddings (labelled stores only). `HeadsRouter` stacks the
+label embeddings (labelled stores only). `StackedHeads` stacks the
 live heads' weights and evaluates all of them in three batched matmuls.
+
+`HeadsRouter` is this router as the store builds, adds and forgets it (router.py):
+STORE/reference/ holds the public reference (owned by nobody, with its labels in a
+labelled store), STORE/router/<id>/ contributor <id>'s head.
 """
 
 from __future__ import annotations
+
+import os
+import shutil
 
 import torch
 import torch.nn.functional as F
@@ -40,7 +48,13 @@ from diffusers import DDPMScheduler
 from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.models.embeddings import Timesteps
 from diffusers.models.modeling_utils import ModelMixin
+from safetensors.torch import load_file, save_file
 
+from .errors import DataError
+from .files import files_hash, sweep, tensor_hash
+from .models import seeded
+from .router import RouterUpdate
+from .shard import derived_seed
 from .training import TrainConfig, forward_noise, optimize
 
 MAX_SIDE = 16
@@ -94,13 +108,13 @@ def _labels(y: torch.Tensor | None, x_t: torch.Tensor) -> torch.Tensor:
     return torch.as_tensor(y, device=x_t.device).expand(x_t.shape[0])
 
 
-class HeadsRouter(torch.nn.Module):
+class StackedHeads(torch.nn.Module):
     """Every live head at once: (x_t, t) -> (B, K) log ratios r_i (eq. 5)."""
 
     def __init__(self, heads: list[DensityRatioHead]):
         super().__init__()
         if not heads:
-            raise ValueError("HeadsRouter needs at least one head")
+            raise ValueError("StackedHeads needs at least one head")
         self.contributor_ids = [h.config.contributor_id for h in heads]
         self.time_proj = heads[0].time_proj
         names = ["lin1.weight", "lin1.bias", "time1.weight", "lin2.weight", "lin2.bias",
@@ -178,3 +192,83 @@ def train_head(head: DensityRatioHead, images: torch.Tensor, reference: torch.Te
 
     return optimize(head, batch_loss, config, weight_decay=1e-4, device=device,
                     desc=f"head {head.config.contributor_id}", progress=progress)
+
+
+class HeadsRouter:
+    """Router `heads` (router.py): a head per contributor, nothing shared."""
+
+    kind = "heads"
+    public_use = "router 'heads' (its reference)"
+    retrains = "nothing"
+
+    def setup(self, root, manifest, public, public_labels) -> None:
+        (root / "reference").mkdir()
+        kept = {"images": public.contiguous()}
+        if public_labels is not None:
+            kept["labels"] = public_labels.contiguous()
+        save_file(kept, str(root / "reference" / "images.safetensors"))
+        manifest["reference"] = {"path": "reference", "images": len(public),
+                                 "data_hash": tensor_hash(public)}
+
+    @staticmethod
+    def reference(store) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The public reference: images and labels (None: unlabelled)."""
+        kept = load_file(store.root / store.manifest["reference"]["path"] / "images.safetensors")
+        return kept["images"], kept.get("labels")
+
+    def check_add(self, store, data) -> None:
+        if not store.num_labels:
+            return
+        lacking = sorted(set(data.label_counts()) - {int(y) for y in self.reference(store)[1].unique()})
+        if lacking:
+            raise DataError(f"contributor {data.contributor_id!r} has label(s) {lacking}, of "
+                            "which the store's public reference holds no image")
+
+    def contributor_part(self, store, data, scheduler, device, progress) -> dict:
+        """Train router/<id> on D_id against the reference (eq. 5), staged and renamed."""
+        cid, config = data.contributor_id, store.config
+        seed = derived_seed(config.seed, "head", cid)
+        with seeded(seed):
+            head = DensityRatioHead(contributor_id=cid, in_features=feature_dim(store.image_shape),
+                                    hidden=config.head_hidden, num_labels=store.num_labels)
+        reference, reference_labels = self.reference(store)
+        loss = train_head(head, data.images, reference, scheduler, config.head_train, seed,
+                          labels=data.labels, reference_labels=reference_labels,
+                          device=device, progress=progress)
+        staging, final = store.root / "router" / f".{cid}.partial", store.root / "router" / cid
+        head.cpu().save_pretrained(staging)
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(staging, final)
+        return {"head": {"path": f"router/{cid}", "weights_hash": files_hash(final), "seed": seed,
+                         "steps": config.head_train.steps, "final_loss": loss}}
+
+    def train(self, store, device, progress) -> RouterUpdate:
+        return RouterUpdate()
+
+    def extend(self, store, data, device, progress) -> RouterUpdate:
+        return RouterUpdate()
+
+    def derived_paths(self, contributor_id: str, entry: dict) -> list[str]:
+        head = (entry.get("head") or {}).get("path")
+        return [head] if head else []
+
+    def staging_paths(self, contributor_id: str) -> list[str]:
+        return [f"router/.{contributor_id}.partial"]
+
+    def audit(self, store, entry) -> dict:
+        if entry is None or not entry.get("head"):
+            return {}
+        return {"head_weights_hash": entry["head"]["weights_hash"]}
+
+    def orphans(self, store) -> list[str]:
+        known = set(store.manifest["contributors"]) | set(store.manifest["excluded"])
+        return sweep(store.root, "router", known)
+
+    def fingerprint(self, store, coalition) -> dict:
+        return {"hashes": {"heads": {c: store.contributor(c)["head"]["weights_hash"]
+                                     for c in sorted(coalition)}},
+                "depends_on": sorted(coalition)}
+
+    def load(self, store) -> StackedHeads:
+        return StackedHeads([DensityRatioHead.from_pretrained(store.root / store.contributor(c)["head"]["path"]).eval()
+                             for c in store.contributor_ids])

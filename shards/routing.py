@@ -1,7 +1,16 @@
-"""Sparse routing: which shards each sample is evaluated on at a denoising step.
+"""The routing maths: the posterior over a subset S of shards, and which shards each
+sample is evaluated on at a denoising step.
 
-Given the masked mixture weights w^S (B, K) of a step (rows sum to 1 over S), a
-routing picks for every sample b a set R_b within S and renormalises over it:
+Any router gives scores s_i(x_t, t) equal to log p_t^i(x_t) up to a constant shared by
+every i (router.py); with priors lambda_i the posterior restricted to S is
+
+    (2) w_i^S = softmax_{i in S}( s_i + log lambda_i )
+              = lambda_i p_t^i(x_t) / sum_{j in S} lambda_j p_t^j(x_t)      (docs/maths.md)
+
+so masking the scores to S is the exact posterior of S (`posterior_weights`).
+
+Sparse routing: given the masked weights w^S (B, K) of a step (rows sum to 1 over S),
+a routing picks for every sample b a set R_b within S and renormalises over it:
 
     dense   R_b = S                                                  (the reference)
     topk    R_b = the top_k shards by w_b, or the smallest set (in decreasing weight)
@@ -20,7 +29,30 @@ from dataclasses import dataclass
 
 import torch
 
-KINDS = ("dense", "topk")
+from .settings import DEFAULT_MASS, DEFAULT_TOP_K
+from .settings import ROUTINGS as KINDS
+
+
+def posterior_weights(log_ratios: torch.Tensor, log_prior: torch.Tensor,
+                      allowed: torch.Tensor) -> torch.Tensor:
+    """Eq. (2): softmax over i in S of (s_i + log lambda_i), for any router's scores s_i
+    that equal log p_t^i(x_t) up to a constant shared by all i.
+
+    Args:
+        log_ratios: (B, n) router scores.
+        log_prior: (n,) log lambda_i, or (B, n) per sample (lambda_i(y_b), labelled stores).
+        allowed: (n,) or (B, n) bool, the subset S; at least one True per row.
+
+    Returns:
+        (B, n) weights, zero outside S, each row summing to 1.
+
+    Raises:
+        ValueError: an empty S in some row.
+    """
+    if not bool(allowed.any(dim=-1).all()):
+        raise ValueError("the allowed subset S is empty")
+    z = (log_ratios + log_prior).masked_fill(~allowed, float("-inf"))
+    return torch.softmax(z, dim=-1)
 
 
 @dataclass(frozen=True)
@@ -89,8 +121,7 @@ class Routing:
         return self.kind + (f" ({', '.join(parts)})" if parts else "")
 
 
-DEFAULT_TOP_K, DEFAULT_MASS = 3, 0.9
-# Chosen from benchmarks/routing_sweep.py (README, "Choosing the default routing").
+# Chosen from benchmarks/routing_sweep.py (docs/evidence.md, "Choosing the default routing").
 DEFAULT_ROUTING = Routing("topk", top_k=DEFAULT_TOP_K, mass=DEFAULT_MASS, default_k=True)
 
 

@@ -1,6 +1,6 @@
 """Composed sampling: the one place the denoising loop lives.
 
-For a subset S of contributors, at every step (DESIGN.md, classifier.py eq. 2):
+For a subset S of contributors, at every step (docs/maths.md; routing.py eq. 2):
 
     (3) eps_S(x_t, t) = sum_{i in S} w_i^S(x_t, t) eps_i(x_t, t)
 
@@ -11,7 +11,7 @@ uses w_i = 1/|S|, the baseline that mixes vector fields into blends of distribut
 DDPM is the default because its fresh noise at every step corrects errors in the
 estimated weights; the deterministic DDIM ODE accumulates them. On the default store
 DDIM drifts mass toward the broad (corrupted) shard: 26% of final-step attribution
-against a 7.4% prior, where DDPM gives 9% (see README, "Evidence").
+against a 7.4% prior, where DDPM gives 9% (docs/evidence.md).
 
 Sparse routing (routing.py eq. 4): the router's weights are computed first (cheap);
 each sample is then evaluated only on its routed shards, all (sample, shard) pairs of
@@ -42,6 +42,7 @@ batch; differences ~1e-6).
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import numpy as np
@@ -50,12 +51,12 @@ from diffusers import DDIMScheduler, DDPMScheduler
 from tqdm.auto import tqdm
 
 from .bank import ShardBank
-from .classifier import posterior_weights
 from .errors import LabelUnavailableError, UnknownContributorError
-from .routing import Routing, route
+from .router import EqualScores, RouterModel
+from .routing import Routing, posterior_weights, route
+from .settings import MODES
 
-SCHEDULERS = {"ddim": DDIMScheduler, "ddpm": DDPMScheduler}
-MODES = ("composed", "naive")
+SCHEDULERS = {"ddpm": DDPMScheduler, "ddim": DDIMScheduler}
 
 
 @dataclass(frozen=True)
@@ -95,14 +96,36 @@ class SampleOutput:
         }
 
 
+def compose(shards: ShardBank | Mapping[str, torch.nn.Module], schedule_config: dict,
+            image_shape: tuple[int, int, int], router: RouterModel | None = None,
+            priors: dict[str, float] | None = None,
+            label_counts: dict[str, dict[int, int]] | None = None,
+            num_labels: int = 0) -> ComposedSampler:
+    """The one way a composed sampler is assembled: from a store's lazy `ShardBank`,
+    or from models in memory ({id: UNet}, all of one architecture: a monolith alone,
+    a benchmark's shards). Without a `router` every shard scores alike
+    (`EqualScores`): with one model that is plain sampling with it, weight 1.
+    `priors` default to equal."""
+    if not isinstance(shards, ShardBank):
+        states = {cid: model.eval().state_dict() for cid, model in shards.items()}
+        template = next(iter(shards.values()))
+        shards = ShardBank(template, states.__getitem__, list(states), capacity=len(states))
+    if router is None:
+        router = EqualScores(shards.contributor_ids)
+    priors = priors or {c: 1.0 for c in shards.contributor_ids}
+    return ComposedSampler(shards, router, schedule_config, priors, image_shape, label_counts,
+                           num_labels)
+
+
 class ComposedSampler:
     """Samples from the mixture of shards restricted to any subset of live contributors.
 
-    `router` is the joint `ShardClassifier` or the per-contributor `HeadsRouter`:
-    anything with `contributor_ids` and `log_ratios(x_t, t) -> (B, K)` scores equal to
-    log p_t^i(x_t) up to a constant shared by all i. The joint classifier may have
-    outputs for contributors that are no longer live (excluded, purge pending); those
-    outputs are always masked out.
+    `router` is a `RouterModel` (router.py): the joint `ShardClassifier`, the
+    per-contributor `StackedHeads`, or `EqualScores`; anything with `contributor_ids`
+    and `log_ratios(x_t, t) -> (B, K)` scores equal to log p_t^i(x_t) up to a constant
+    shared by all i. The joint classifier may have outputs for contributors that are
+    no longer live (excluded, purge pending); those outputs are always masked out.
+    Assemble one with `compose`.
     """
 
     def __init__(self, bank: ShardBank, router, schedule_config: dict,

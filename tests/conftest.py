@@ -80,10 +80,9 @@ def joint_store(tmp_path_factory, datasets):
 
 @pytest.fixture(scope="session")
 def lora_store(tmp_path_factory, datasets, public):
-    from dataclasses import replace
 
     return ShardStore.create(tmp_path_factory.mktemp("s") / "lora", datasets,
-                             replace(TINY_CONFIG, kind="lora"), public=public, device="cpu",
+                             TINY_CONFIG.replace(kind="lora"), public=public, device="cpu",
                              progress=False)
 
 
@@ -126,3 +125,10 @@ def wait_for_job(get_job, timeout=120.0):
             return job
         time.sleep(0.1)
     raise TimeoutError(f"job still {job['status']} after {timeout}s")
+
+
+def pytest_collection_modifyitems(items):
+    """Every test not marked `integration` is a unit test (`make test-fast`)."""
+    for item in items:
+        if item.get_closest_marker("integration") is None:
+            item.add_marker(pytest.mark.unit)

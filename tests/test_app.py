@@ -10,6 +10,8 @@ from starlette.testclient import TestClient
 from service.auth import create_key
 from service.db import Database
 
+pytestmark = pytest.mark.integration
+
 
 @pytest.fixture(scope="module")
 def client(full_store, tmp_path_factory):

@@ -2,26 +2,15 @@
 driven by Playwright, against one real `cdm serve` over a tiny store, shared by the
 module. The tests run in file order: they share the server's state (the customer's
 requests feed the contributor's and admin's pages; the contributor removes itself
-before the admin adds and forgets).
-
-As a script it drives the same pages against a copy of another store (the default
-one), writes one screenshot per role and prints each page's load time:
-
-    .venv/bin/python tests/test_console.py --store var/store --shots docs
+before the admin adds and forgets). Screenshots and page loads of the default store:
+benchmarks/console_shots.py (`make console-shots`).
 """
 
 from __future__ import annotations
 
-import argparse
-import contextlib
 import json
 import os
 import shutil
-import socket
-import statistics
-import subprocess
-import sys
-import tempfile
 import time
 import urllib.error
 import urllib.request
@@ -29,25 +18,17 @@ from pathlib import Path
 
 import pytest
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("BENTOML_DO_NOT_TRACK", "true")
+from service import testing
+from service.auth import create_key
+from service.db import Database
+from service.testing import CONSOLE_TABS as TABS
+from service.testing import chromium_path, launch, measure_loads, sign_in
+from service.testing import page_ready as wait_ready
 
-sys.path.insert(0, str(Path(__file__).parent))
-from proctree import kill_tree  # noqa: E402
-
-from service.auth import create_key  # noqa: E402
-from service.db import Database  # noqa: E402
-
-CDM = str(Path(sys.executable).with_name("cdm"))
-TABS = {"user": ["generate", "usage"], "contributor": ["mine"],
-        "admin": ["contributors", "jobs", "audit", "keys", "valuation", "generate"]}
+pytestmark = pytest.mark.integration
 
 
 # ---------------------------------------------------------------- helpers
-def chromium_path() -> str | None:
-    return shutil.which("chromium") or shutil.which("chromium-browser")
-
-
 def missing(message: str):
     """No browser here: a failure in CI (it must run there), a skip elsewhere."""
     if os.environ.get("CI", "").lower() == "true":
@@ -55,77 +36,9 @@ def missing(message: str):
     pytest.skip(message)
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def post(base: str, endpoint: str, key: str, body: dict | None = None) -> tuple[int, dict]:
-    req = urllib.request.Request(f"{base}/{endpoint}", data=json.dumps(body or {}).encode(),
-                                 headers={"Authorization": f"Bearer {key}",
-                                          "Content-Type": "application/json"})
-    try:
-        with urllib.request.urlopen(req, timeout=120) as r:
-            return r.status, json.loads(r.read())
-    except urllib.error.HTTPError as err:
-        return err.code, json.loads(err.read())
-
-
-@contextlib.contextmanager
-def serving(root: Path, log_path: Path, env: dict | None = None):
-    """`cdm serve` over `root` on a free loopback port; yields its base URL."""
-    port = free_port()
-    with open(log_path, "w") as log:
-        proc = subprocess.Popen([CDM, "serve", "--store", str(root), "--port", str(port)],
-                                env={**os.environ, "HF_HUB_OFFLINE": "1",
-                                     "BENTOML_DO_NOT_TRACK": "true", **(env or {})},
-                                stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-        try:
-            deadline = time.monotonic() + 120
-            while True:
-                if proc.poll() is not None:
-                    raise RuntimeError(f"cdm serve exited with {proc.returncode}: "
-                                       f"{log_path.read_text()[-3000:]}")
-                try:
-                    with urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=2):
-                        break
-                except OSError:
-                    if time.monotonic() > deadline:
-                        raise TimeoutError("cdm serve did not become ready") from None
-                    time.sleep(0.3)
-            yield f"http://127.0.0.1:{port}"
-        finally:
-            kill_tree(proc.pid)
-
-
-def launch(playwright):
-    """The system Chromium; Playwright never downloads a browser here."""
-    return playwright.chromium.launch(executable_path=chromium_path(), headless=True,
-                                      args=["--no-sandbox", "--disable-gpu"])
-
-
-def sign_in(page, base: str, key: str, tab: str | None = None, refused: bool = False) -> None:
-    page.goto(f"{base}/ui/" + (f"#{tab}" if tab else ""))
-    page.wait_for_selector('body[data-ready="signin"]')
-    page.fill("#key", key)
-    page.evaluate("delete document.body.dataset.ready")
-    page.click("#signin button[type=submit]")
-    page.wait_for_selector('body[data-ready="signin"]' if refused else
-                           'body[data-ready]:not([data-ready="signin"])')
-
-
-def wait_ready(page, tab: str, timeout: float = 30_000) -> None:
-    page.wait_for_selector(f'body[data-ready="{tab}"]', timeout=timeout)
-
-
-def load_ms(page, base: str, tab: str) -> float:
-    """A full load of one page (HTML, script, style, the key's role and the page's
-    data), from navigation start to the page showing its data, in ms."""
-    page.goto(f"{base}/ui/#{tab}")
-    page.reload()
-    wait_ready(page, tab)
-    return float(page.evaluate("window.cdmReadyAt"))
+    status, out, _ = testing.post(base, endpoint, key, body)
+    return status, out
 
 
 def no_horizontal_overflow(page) -> bool:
@@ -178,8 +91,9 @@ def server(full_store, tmp_path_factory):
     time.sleep(0.05)
     db.record_valuation("precision", "exact", {"a": 0.11, "b": 0.06, "c": 0.03}, "primary")
     db.set_payout_policy("root", "precision", "exact")  # pay by the rows above
-    with serving(root, work / "serve.log", {"CDM_DATA_ROOTS": str(work)}) as base:
-        yield {"base": base, "keys": keys, "root": root, "incoming": work / "incoming",
+    with testing.serving(root, work / "serve.log", env={"CDM_DATA_ROOTS": str(work)},
+                         timeout=120) as live:
+        yield {"base": live.url, "keys": keys, "root": root, "incoming": work / "incoming",
                "shots": Path(os.environ.get("CDM_CONSOLE_SHOTS") or work / "shots")}
 
 
@@ -440,7 +354,7 @@ def test_pages_fit_a_phones_width(server, pw):
 
 
 def test_page_load_times_are_measured(server, pw):
-    """Each role's pages, loaded afresh; reported (README), not asserted."""
+    """Each role's pages, loaded afresh; reported (docs/api.md), not asserted."""
     times = measure_loads(pw, server["base"], {r: server["keys"][k] for r, k in
                                                (("user", "ann"), ("contributor", "ada"),
                                                 ("admin", "root"))}, repeats=1)
@@ -480,70 +394,3 @@ def test_a_revoked_key_is_signed_out(server, pw):
 def shot(server: dict, name: str) -> Path:
     server["shots"].mkdir(parents=True, exist_ok=True)
     return server["shots"] / f"console-{name}.png"
-
-
-def measure_loads(browser, base: str, keys: dict[str, str], repeats: int = 3) -> dict[str, float]:
-    """Median ms from navigation start to each role's page showing its data."""
-    out = {}
-    for role, key in keys.items():
-        context = browser.new_context(viewport={"width": 1200, "height": 900})
-        page = context.new_page()
-        sign_in(page, base, key)
-        for tab in TABS[role]:
-            out[f"{role}/{tab}"] = round(statistics.median(
-                load_ms(page, base, tab) for _ in range(repeats)), 1)
-        context.close()
-    return out
-
-
-def main() -> int:
-    """Screenshots and page-load times against a copy of a store (the default one)."""
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--store", default="var/store")
-    parser.add_argument("--shots", default="docs", help="where console-<role>.png go")
-    parser.add_argument("--repeats", type=int, default=5)
-    args = parser.parse_args()
-    from playwright.sync_api import sync_playwright
-
-    from shards import ShardStore
-
-    if chromium_path() is None:
-        raise SystemExit("no chromium on PATH: apt-get install -y chromium")
-    shots = Path(args.shots)
-    shots.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory() as tmp:
-        root = Path(tmp) / "store"
-        shutil.copytree(args.store, root)
-        ids = ShardStore.open(root).contributor_ids
-        db = Database(root / "service.db")
-        keys = {"user": create_key(db, "customer", ids[: (len(ids) + 1) // 2]),
-                "contributor": create_key(db, ids[0], None, role="contributor",
-                                          contributor_id=ids[0]),
-                "admin": create_key(db, "admin", None, role="admin")}
-        with serving(root, Path(tmp) / "serve.log") as base, sync_playwright() as p:
-            browser = launch(p)
-            page = browser.new_page(viewport={"width": 1200, "height": 900})
-            sign_in(page, base, keys["user"])  # warm: the first key check, the sampler
-            page.fill("#n", "8")
-            page.click("#generate")
-            page.wait_for_selector("#gallery figure.sample >> nth=7", timeout=300_000)
-            page.screenshot(path=str(shots / "console-user.png"), full_page=True)
-            page.set_viewport_size({"width": 390, "height": 844})
-            page.screenshot(path=str(shots / "console-phone.png"), full_page=True)
-            times = measure_loads(browser, base, keys, repeats=args.repeats)
-            for role, tab in (("contributor", "mine"), ("admin", "contributors"),
-                              ("admin", "valuation")):
-                page = browser.new_page(viewport={"width": 1200, "height": 900})
-                sign_in(page, base, keys[role], tab=tab)
-                wait_ready(page, tab)
-                name = role if tab in ("mine", "contributors") else f"{role}-{tab}"
-                page.screenshot(path=str(shots / f"console-{name}.png"), full_page=True)
-            browser.close()
-    print("page | median load (ms)\n---|---")
-    for page_name, ms in times.items():
-        print(f"{page_name} | {ms}")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

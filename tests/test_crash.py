@@ -15,6 +15,8 @@ from service.db import Database
 from service.platform import Platform
 from shards import ShardStore
 
+pytestmark = pytest.mark.integration
+
 CDM = str(Path(sys.executable).with_name("cdm"))
 FORGET_POINTS = ["forget:excluded", "forget:acknowledged", "purge:planned",
                  "purge:caches-dropped", "purge:files-deleted", "purge:committed"]

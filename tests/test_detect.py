@@ -1,28 +1,17 @@
 """The planted-noise benchmark's arithmetic (benchmarks/detect.py) on closed-form games:
 the subset view, AUROC, ranks and the honest-order Spearman."""
 
-import importlib.util
-import sys
-from pathlib import Path
-
 import numpy as np
 import pytest
 
 from valuation.utility import CachedUtility, GameUtility
 
-BENCH = Path(__file__).parent.parent / "benchmarks"
-
 
 @pytest.fixture(scope="module")
 def detect():
-    sys.path.insert(0, str(BENCH))
-    try:
-        spec = importlib.util.spec_from_file_location("detect_bench", BENCH / "detect.py")
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-    finally:
-        sys.path.remove(str(BENCH))
-    return module
+    import detect  # benchmarks/ is on the tests' path (pyproject.toml, pytest's pythonpath)
+
+    return detect
 
 
 WEIGHTS = {"a": 3.0, "b": 2.0, "c": 1.0, "bad": -1.0, "meh": 1.5}

@@ -138,3 +138,82 @@ def test_batched_requests_equal_individual_ones(full_store):
         assert out.contributor_ids == alone.contributor_ids
         assert_close(out.images, alone.images, atol=1e-5)
         assert_close(out.attribution_mean, alone.attribution_mean, atol=1e-5)
+
+
+def _derive_everything(store, heldout):
+    """A valuation (exact by composition, pruned fine-tune) cached in the store, its
+    pruned base, and the values recorded in the store's database: everything the
+    valuation and the service derive from the contributors' data."""
+    from service.credit import record_primary
+    from service.db import DB_FILE, Database
+    from valuation.run import ValuationSettings, run_valuation
+
+    settings = ValuationSettings(property="quality", methods=("exact", "pruned"), n=8, steps=2,
+                                 monolith_steps=4, finetune_steps=3, subset_steps=2,
+                                 lds_coalitions=3, top_k=1)
+    _, results = run_valuation(store.root, settings, heldout=heldout, progress=False)
+    record_primary(Database(store.root / DB_FILE), results)
+
+
+def _traces(store, contributor_id: str) -> list[str]:
+    """What of the contributor is left: cache entries and sample files that depend on it,
+    pruned bases trained on it, recorded valuations that value it, folders named for it."""
+    import json
+
+    from safetensors import safe_open
+
+    from service.db import DB_FILE, Database
+
+    left = [str(p) for p in store.root.rglob("*") if p.name.startswith((contributor_id, f".{contributor_id}"))
+            and "evaluator" not in p.parts]
+    for path in (store.root / "valuation" / "cache").glob("*/*.json"):
+        if contributor_id in json.loads(path.read_text())["depends_on"]:
+            left.append(str(path))
+    for path in (store.root / "valuation" / "cache" / "samples").glob("*.safetensors"):
+        with safe_open(str(path), "pt") as f:
+            if contributor_id in json.loads(f.metadata()["depends_on"]):
+                left.append(str(path))
+    for path in (store.root / "valuation" / "pruned").glob("*/pruned.json"):
+        if contributor_id in json.loads(path.read_text())["depends_on"]:
+            left.append(str(path.parent))
+    left += [f"valuation {v['method']} in {DB_FILE}" for v in Database(store.root / DB_FILE).valuations()
+             if contributor_id in v["values"]]
+    return left
+
+
+@pytest.mark.parametrize("entry", ["library", "cli"])
+def test_forget_through_any_entry_point_removes_every_derived_artefact(joint_copy, heldout, entry):
+    """The store's own forget (no service running) deletes the valuation caches, the
+    pruned bases and the recorded valuations too: the cleaners registered by valuation
+    and service (pyproject.toml entry points) run at every purge, whoever calls it."""
+    _derive_everything(joint_copy, heldout)
+    assert len(_traces(joint_copy, "b")) >= 4  # cache entries, samples, a pruned base, values
+    assert (joint_copy.root / "valuation" / "pruned").is_dir()
+    if entry == "library":
+        audit = joint_copy.forget("b")
+        assert audit["derived_dropped"]["pruned-bases"] >= 1
+        assert audit["derived_dropped"]["recorded-valuations"] >= 1
+        assert audit["derived_dropped"]["valuation-cache"] >= 1
+    else:
+        from service.cli import main
+
+        assert main(["forget", "b", "--store", str(joint_copy.root)]) == 0
+    store = ShardStore.open(joint_copy.root)
+    assert store.contributor_ids == ["a", "c"] and store.pending_purges == []
+    assert _traces(store, "b") == []
+
+
+def test_a_purge_refuses_a_store_holding_data_no_cleaner_owns(store_copy, monkeypatch):
+    """Derived data that no installed cleaner can forget stops the purge before anything
+    is deleted, rather than leave a trace of the contributor behind."""
+    (store_copy.root / "derived-by-someone").mkdir()
+    store_copy.exclude("b")
+    with pytest.raises(StoreError, match="derived-by-someone, which no installed cleaner owns"):
+        store_copy.purge("b")
+    assert (store_copy.root / "shards" / "b").is_dir() and store_copy.pending_purges == ["b"]
+    from shards import Cleaner, forgetting
+
+    monkeypatch.setattr(forgetting, "_registered", {})  # this test's registration only
+    forgetting.register_cleaner(Cleaner("test-cleaner", "derived-by-someone", lambda root, cid: 0))
+    store_copy.purge("b")
+    assert not (store_copy.root / "shards" / "b").exists()

@@ -49,7 +49,7 @@ def labelled_store(request, tmp_path_factory, labelled_dir):
     public, labels = load_labelled_folder(labelled_dir / "public")
     return ShardStore.create(tmp_path_factory.mktemp("ls") / request.param,
                              load_contributors(labelled_dir / "contributors"),
-                             replace(LABELLED, router=request.param), public=public,
+                             LABELLED.replace(router=request.param), public=public,
                              public_labels=labels, device="cpu", progress=False)
 
 
@@ -134,7 +134,7 @@ def test_shared_label_mixes_by_label_prior(labelled_store):
     """Label 1 is held by a and b: both get weight, and the weights are the closed
     form softmax(r_i(x, t, 1) + log lambda_i(1)) over {a, b}."""
     sampler = labelled_store.load_sampler("cpu")
-    from shards.classifier import posterior_weights
+    from shards.routing import posterior_weights
 
     x, t, y = torch.randn(5, 1, 8, 8), torch.full((5,), 500), torch.full((5,), 1)
     scores = sampler.router.log_ratios(x, t, y)

@@ -11,7 +11,8 @@ from PIL import Image
 
 from service.auth import ForbiddenError, create_key
 from service.db import Database
-from service.platform import NotFoundError, Platform
+from service.errors import NotFoundError
+from service.platform import Platform
 from shards import ShardStore
 from shards.errors import UnknownContributorError
 from valuation.utility import store_cache
@@ -95,7 +96,7 @@ def test_forget_excludes_before_returning_then_purges(platform):
     done = wait_for_job(lambda: platform.job(admin, job["job_id"]))
     assert done["status"] == "succeeded", done
     assert not (platform.store.root / "shards" / "b").exists()
-    assert "b" not in platform._sampler.classifier_ids  # nothing in memory serves b
+    assert "b" not in platform.live.sampler.classifier_ids  # nothing in memory serves b
     actions = [(e["action"], e["contributor_id"]) for e in platform.db.audit_log("b")]
     assert actions == [("exclude", "b"), ("purge", "b")]
     purge = platform.db.audit_log("b")[1]["details"]
@@ -224,7 +225,8 @@ def test_value_job_feeds_credit_and_forget_drops_what_depends_on_the_contributor
         platform.value(admin, methods=["magic"])
     with pytest.raises(ValueError, match="unknown valuation settings"):
         platform.value(admin, colour="red")
-    started = platform.value(admin, methods=["exact", "retrain"], n=16, steps=2, retrain_steps=5,
+    started = platform.value(admin, property="quality", methods=["exact", "retrain"], n=16, steps=2,
+                             retrain_steps=5,
                              heldout=str(heldout))
     job = wait_for_job(lambda: platform.job(admin, started["job_id"]))
     assert job["status"] == "succeeded", job
@@ -283,7 +285,7 @@ def test_value_job_feeds_credit_and_forget_drops_what_depends_on_the_contributor
 
 def test_cost_limits_per_request_and_per_key(store_copy):
     from service.auth import RateLimitError
-    from service.platform import Limits
+    from service.generation import Limits
 
     platform = Platform(store_copy.root, device="cpu",
                         limits=Limits(request_cost=20, key_cost_per_minute=30))
@@ -321,7 +323,7 @@ def test_a_contributor_forgets_itself_and_its_keys_end_with_it(platform):
 
 
 def test_payout_shares_floor_negative_values_and_sum_to_one():
-    from service.platform import payout_shares
+    from service.credit import payout_shares
 
     assert payout_shares({"a": 3.0, "b": 1.0, "m": -2.0}, {"a", "b", "m"}) == {
         "a": 0.75, "b": 0.25, "m": 0.0}

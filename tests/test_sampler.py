@@ -57,7 +57,7 @@ def test_single_contributor_equals_that_shard_alone(sampler, full_store, schedul
 def test_restricted_weights_equal_renormalised_full_posterior(request, store_name):
     """Masking to S equals renormalising the all-shard weights over S (eq. 1), for
     either router."""
-    from shards.classifier import posterior_weights
+    from shards.routing import posterior_weights
 
     sampler = request.getfixturevalue(store_name).load_sampler("cpu")
     x, t = torch.randn(6, 1, 8, 8), torch.full((6,), 400)

@@ -3,30 +3,19 @@ and durability of an acknowledged request across a kill -9."""
 
 import contextlib
 import json
-import os
 import shutil
-import socket
-import subprocess
-import sys
 import time
 import urllib.error
 import urllib.request
-from pathlib import Path
 
 import psutil
 import pytest
 from conftest import wait_for_job
-from proctree import kill_tree
 
+from service import testing
 from service.db import Database
 
-CDM = str(Path(sys.executable).with_name("cdm"))
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+pytestmark = pytest.mark.integration
 
 
 def post(port, endpoint, key, body):
@@ -34,42 +23,19 @@ def post(port, endpoint, key, body):
     return status, out
 
 
-def wait_ready(port, proc, timeout=120):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"cdm serve exited with {proc.returncode}")
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=2) as r:
-                if r.status == 200:
-                    return
-        except OSError:
-            time.sleep(0.5)
-    raise TimeoutError("cdm serve did not become ready")
+def post_worker(port, endpoint, key, body):
+    """(status, body, the pid of the worker that answered)."""
+    return testing.post(f"http://127.0.0.1:{port}", endpoint, key, body)
 
 
 @contextlib.contextmanager
 def serving(full_store, tmp_path, workers=1):
     root = tmp_path / "store"
     shutil.copytree(full_store.root, root)
-    keys = {}
-    for user, license, admin in [("ann", "a,b", False), ("root", "all", True)]:
-        args = [CDM, "keys", "create", "--store", str(root), "--user", user, "--license", license]
-        out = subprocess.run(args + (["--admin"] if admin else []), capture_output=True, text=True,
-                             check=True)
-        keys[user] = out.stdout.strip()
-    port = free_port()
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "BENTOML_DO_NOT_TRACK": "true"}
-    log = open(tmp_path / "serve.log", "w")
-    proc = subprocess.Popen([CDM, "serve", "--store", str(root), "--port", str(port),
-                             "--workers", str(workers)], env=env,
-                            stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    try:
-        wait_ready(port, proc)
-        yield port, keys, root, proc
-    finally:
-        kill_tree(proc.pid)
-        log.close()
+    keys = {"ann": testing.cli_key(root, "ann", "a,b"),
+            "root": testing.cli_key(root, "root", "all", admin=True)}
+    with testing.serving(root, tmp_path / "serve.log", workers=workers, timeout=120) as server:
+        yield server.port, keys, root, server.proc
 
 
 @pytest.fixture()
@@ -112,18 +78,6 @@ def test_real_server_generate_forget_credit_and_kill(server):
     row = Database(root / "service.db").get_request(last["request_id"])
     assert row is not None and json.loads(row["attribution"]) == last["attribution"]
     assert not (root / "shards" / "b").exists()
-
-
-def post_worker(port, endpoint, key, body):
-    """Like `post`, also returning the pid of the worker that answered."""
-    req = urllib.request.Request(f"http://127.0.0.1:{port}/{endpoint}", data=json.dumps(body).encode(),
-                                 headers={"Authorization": f"Bearer {key}",
-                                          "Content-Type": "application/json"})
-    try:
-        with urllib.request.urlopen(req, timeout=120) as r:
-            return r.status, json.loads(r.read()), r.headers["x-cdm-worker"]
-    except urllib.error.HTTPError as err:
-        return err.code, json.loads(err.read()), err.headers.get("x-cdm-worker")
 
 
 def test_two_workers_agree_on_a_forget_under_load(full_store, tmp_path):

@@ -7,13 +7,13 @@ import numpy as np
 import pytest
 
 from valuation.shapley import (
-    StoppingRule,
     exact_shapley,
     kernel_matrix,
     kernel_shap,
     leave_one_out,
     permutation_shapley,
 )
+from valuation.stopping import StoppingRule
 from valuation.utility import CachedUtility, GameUtility
 
 

@@ -63,19 +63,18 @@ def test_heads_store_keeps_no_contributor_data_unless_asked(full_store, joint_st
 
 
 def test_create_refuses_existing_store_and_leaves_nothing_on_failure(tmp_path, datasets, tiny_config, full_store):
-    from dataclasses import replace
 
     with pytest.raises(StoreError, match="not empty"):
         ShardStore.create(full_store.root, datasets, tiny_config, progress=False)
     with pytest.raises(DataError, match="router 'heads'.*public data"):
         ShardStore.create(tmp_path / "x", datasets, tiny_config, progress=False)
     with pytest.raises(DataError, match="kind 'lora'.*public data"):
-        ShardStore.create(tmp_path / "x", datasets, replace(tiny_config, kind="lora", router="joint"),
+        ShardStore.create(tmp_path / "x", datasets, tiny_config.replace(kind="lora", router="joint"),
                           progress=False)
     with pytest.raises(ValueError, match="router='magic'; allowed"):
-        replace(tiny_config, router="magic")
+        tiny_config.replace(router="magic")
     with pytest.raises(ValueError, match="needs keep_data=True"):
-        replace(tiny_config, router="joint", keep_data=False)
+        tiny_config.replace(router="joint", keep_data=False)
     assert not (tmp_path / "x").exists()
     assert not list(tmp_path.glob(".x.partial-*"))
 
@@ -118,7 +117,7 @@ def test_add_trains_one_shard_and_updates_classifier(tmp_path, datasets, full_st
     # the new shard equals the one trained in a fresh store (it depends only on its data)
     assert reopened.contributor("c")["weights_hash"] == full_store.contributor("c")["weights_hash"]
     assert reopened.manifest["classifier"]["trained"] == "update"
-    assert reopened.load_classifier().config.contributor_ids == ["a", "b", "c"]
+    assert reopened.load_router().config.contributor_ids == ["a", "b", "c"]
     assert len(list((store.root / "classifier").iterdir())) == 1  # old version removed
     out = reopened.load_sampler("cpu")(["c"], n=2, steps=2, seed=0)
     assert out.contributor_ids == ["c"]
@@ -179,26 +178,27 @@ def test_lora_bank_rows_equal_peft_one_adapter_at_a_time(lora_store):
 def test_steps_in_proportion_to_images_depend_on_own_data_only(datasets, tiny_config):
     from dataclasses import replace
 
+    from shards.config import StoreConfig
     from shards.models import make_noise_schedule
-    from shards.shard import StoreConfig, train_shard
+    from shards.shard import train_shard
 
     assert tiny_config.steps_reference_images == 154  # the default: in proportion
-    fixed = replace(tiny_config, steps_reference_images=None)  # 12 steps whatever the size
+    fixed = tiny_config.replace(steps_reference_images=None)  # 12 steps whatever the size
     assert fixed.shard_train_for("full", 5) == fixed.shard_train_for("full", 500) == fixed.shard_train
-    prop = replace(fixed, steps_reference_images=20, min_shard_steps=3)
+    prop = fixed.replace(steps_reference_images=20, min_shard_steps=3)
     assert prop.shard_train_for("full", 20).steps == 12
     assert prop.shard_train_for("full", 10).steps == 6
     assert prop.shard_train_for("full", 60).steps == 36
     assert prop.shard_train_for("lora", 40).steps == 2 * prop.lora_train.steps
     assert prop.shard_train_for("full", 1).steps == 3  # the floor
-    assert replace(prop, min_shard_steps=200).shard_train_for("full", 1).steps == 12  # <= configured
+    assert prop.replace(min_shard_steps=200).shard_train_for("full", 1).steps == 12  # <= configured
     assert all(prop.shard_train_for("full", n).warmup_steps <= prop.shard_train_for("full", n).steps
                for n in (1, 10, 60))
     assert StoreConfig.from_dict(prop.to_dict()) == prop
     assert StoreConfig.from_dict({k: v for k, v in fixed.to_dict().items()  # stores of before
                                   if k not in ("steps_reference_images", "min_shard_steps")}) == fixed
     with pytest.raises(ValueError, match="steps_reference_images"):
-        replace(fixed, steps_reference_images=0)
+        fixed.replace(steps_reference_images=0)
     half = replace(datasets[0], images=datasets[0].images[:10])
     scheduler = make_noise_schedule(prop.schedule)
     _, meta = train_shard(half, "full", prop, scheduler, progress=False)

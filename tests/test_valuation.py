@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from valuation.properties import build_evaluator, load_labelled_folder, load_property
+from valuation.properties import build_evaluator, load_heldout, load_property
 from valuation.run import ValuationSettings, run_valuation
 from valuation.utility import CachedUtility, CompositionUtility, prior_images, store_cache
 
@@ -24,7 +24,7 @@ def valued_store(joint_copy, heldout):
 
 
 def test_properties_of_the_held_out_digits_themselves(valued_store, heldout):
-    images, labels = load_labelled_folder(heldout)
+    images, labels = load_heldout(heldout)
     x = torch.as_tensor(images)
     assert abs(load_property(valued_store.root, "quality")(x)) < 1e-3  # FD to itself
     assert load_property(valued_store.root, "diversity")(x) > 0.9 * np.log(10)
@@ -40,7 +40,7 @@ def test_property_errors_are_clear(store_copy, tmp_path):
     with pytest.raises(Exception, match="no evaluator"):
         load_property(store_copy.root, "quality")
     with pytest.raises(Exception, match="one sub-folder per class"):
-        load_labelled_folder(tmp_path)
+        load_heldout(tmp_path)
     with pytest.raises(ValueError, match="arch, checkpoint and head"):
         load_property(store_copy.root, "aesthetic")
 
@@ -107,13 +107,18 @@ def test_every_method_end_to_end_and_the_report(valued_store, tmp_path):
 
 
 def test_worker_processes_give_the_same_values(valued_store):
+    """Worker processes run with their share of the CPU's threads (1 each here, 2 in
+    this process), and convolutions reduce in another order with another thread count:
+    the values agree within float rounding (observed: 5e-8 relative), not bit for bit."""
     one, _ = run_valuation(valued_store.root, ValuationSettings(methods=("exact",), **TINY_VALUE),
                            progress=False)
     store_cache(valued_store).root.rename(valued_store.root / "old-cache")
     two, res = run_valuation(valued_store.root, ValuationSettings(
         methods=("exact",), workers=2, **TINY_VALUE), progress=False)
     assert res["exact"].extra["computed"] == 8
-    assert two["methods"]["exact"]["values"] == one["methods"]["exact"]["values"]
+    a, b = one["methods"]["exact"]["values"], two["methods"]["exact"]["values"]
+    assert a.keys() == b.keys()
+    assert all(b[c] == pytest.approx(a[c], rel=1e-6, abs=1e-9) for c in a), (a, b)
 
 
 def test_bad_settings_and_missing_evaluator(store_copy):
@@ -234,11 +239,10 @@ def test_the_evaluator_is_rebuilt_for_another_seed(valued_store, heldout):
 
 
 def test_an_unknown_method_is_refused_not_run_as_attribution():
-    from valuation.run import _estimate
-    from valuation.utility import GameUtility
+    from valuation.methods import method
 
     with pytest.raises(ValueError, match="method='magic'; allowed"):
-        _estimate("magic", CachedUtility(GameUtility("ab", len)), None, None, False)
+        method("magic")
 
 
 def test_semivalues_run_through_the_same_utilities(valued_store, heldout):
@@ -257,7 +261,7 @@ def test_semivalues_run_through_the_same_utilities(valued_store, heldout):
 
 
 def test_precision_and_recall_separate_fidelity_from_coverage(valued_store, heldout):
-    images, labels = load_labelled_folder(heldout)
+    images, labels = load_heldout(heldout)
     x = torch.as_tensor(images)
     precision = load_property(valued_store.root, "precision")
     recall = load_property(valued_store.root, "recall")

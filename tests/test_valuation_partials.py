@@ -12,11 +12,11 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
+import valuation.cache as cache_module
 import valuation.monolith as monolith
-import valuation.utility as utility
+from valuation.cache import UtilityCache
 from valuation.monolith import STAGING_PREFIX, PrunedFinetuneUtility, drop_pruned_bases
 from valuation.properties import build_evaluator
-from valuation.utility import UtilityCache
 
 
 def entry(depends_on):
@@ -63,7 +63,7 @@ def killed_writer(cache_root, call):
     rename that would have published the write: what a kill -9 or a power cut leaves."""
     code = textwrap.dedent(f"""
         import os, torch
-        from valuation.utility import UtilityCache
+        from valuation.cache import UtilityCache
         cache = UtilityCache({str(cache_root)!r})
         (cache.root / "samples").mkdir(parents=True, exist_ok=True)
         (cache.root / "game").mkdir(parents=True, exist_ok=True)
@@ -93,7 +93,7 @@ def test_a_writer_interrupted_by_an_exception_leaves_nothing(tmp_path, monkeypat
     def broken(*args):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(utility.os, "replace", broken)
+    monkeypatch.setattr(cache_module.os, "replace", broken)
     with pytest.raises(KeyboardInterrupt):
         cache.put_images("k", images(), ["a"])
     monkeypatch.undo()
@@ -108,7 +108,7 @@ def test_a_write_whose_tmp_file_a_forget_dropped_is_not_cached(tmp_path, monkeyp
         save_file(tensors, path, metadata=metadata)
         dropped.append(cache.drop("c"))  # a forget runs between the write and the rename
 
-    monkeypatch.setattr(utility, "save_file", save_then_forget)
+    monkeypatch.setattr(cache_module, "save_file", save_then_forget)
     cache.put_images("k", images(), ["a"])  # no error: the samples just are not cached
     assert dropped == [1] and cache.get_images("k") is None
     assert not [p for p in cache.root.rglob("*") if p.is_file()]

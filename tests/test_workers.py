@@ -15,6 +15,8 @@ from service.platform import Platform
 from shards import ShardStore
 from shards.errors import UnknownContributorError
 
+pytestmark = pytest.mark.integration
+
 
 @pytest.fixture()
 def two_workers(store_copy):

@@ -15,7 +15,8 @@ properties of diffusion models to data groups"):
     pruned structure is rebuilt by pruning the monolith again, which is deterministic).
     A base is built in a staging folder and renamed into place with its pruned.json,
     which names the contributors whose data shaped it, so that a forget always finds
-    it (`drop_pruned_bases` deletes staging folders whoever they were built for).
+    it (`drop_pruned_bases`, run at every purge as `CLEANER`, deletes staging folders
+    whoever they were built for).
 
 Both sample with the one-model sampler below, with the same seed for every S
 (common random numbers), and share U(empty set) with composition (`prior_images`).
@@ -40,12 +41,11 @@ from diffusers.models.upsampling import Upsample2D
 from safetensors.torch import load_file, save_file
 
 from shards import ShardStore
-from shards.bank import ShardBank
-from shards.classifier import ShardClassifier
+from shards.files import fsync_dir, write_json_atomic
+from shards.forgetting import Cleaner
 from shards.models import make_unet
-from shards.sampler import ComposedSampler
+from shards.sampler import ComposedSampler, compose
 from shards.shard import derived_seed
-from shards.store import write_json_atomic
 from shards.training import TrainConfig, train_denoiser
 
 from .properties import load_property
@@ -58,10 +58,7 @@ def single_model_sampler(model: torch.nn.Module, schedule_config: dict, shape) -
     """One UNet as a one-shard composition: its weight is exactly 1, so this is plain
     sampling with that UNet (tests/test_sampler.py holds it against the chain), with
     the same initial and step noise as the composed sampler for the same seed."""
-    state = model.eval().state_dict()
-    bank = ShardBank(model, lambda _: state, ["all"], capacity=1)
-    return ComposedSampler(bank, ShardClassifier(contributor_ids=["all"]).eval(),
-                           schedule_config, {"all": 1.0}, shape)
+    return compose({"all": model}, schedule_config, shape)
 
 
 def prune_unet(model: UNet2DModel, ratio: float) -> dict:
@@ -69,7 +66,9 @@ def prune_unet(model: UNet2DModel, ratio: float) -> dict:
 
     torch-pruning keeps GroupNorm groups whole and attention heads consistent; after
     it, diffusers' Downsample2D/Upsample2D still hold the old `channels` (their forward
-    asserts on it), so it is refreshed from the pruned conv. Returns parameter counts.
+    asserts on it), so it is refreshed from the pruned conv: an attribute of diffusers'
+    internals, tested with the diffusers versions pyproject.toml admits (an upper
+    bound). Returns parameter counts.
     """
     if not 0 < ratio < 1:
         raise ValueError(f"pruning ratio={ratio} must be in (0, 1)")
@@ -270,7 +269,7 @@ class PrunedFinetuneUtility(_MonolithUtility):
                 return theirs
             shutil.rmtree(self.folder)  # untrusted: no readable pruned.json
             os.rename(staging, self.folder)
-        _fsync_dir(self.folder.parent)
+        fsync_dir(self.folder.parent)
         return meta
 
     def base(self) -> UNet2DModel:
@@ -310,15 +309,6 @@ def _same_folder(path: Path, handle: int) -> bool:
         return False
 
 
-def _fsync_dir(folder: Path) -> None:
-    """Make a rename in `folder` durable."""
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def drop_pruned_bases(store_root: str | Path, contributor_id: str) -> int:
     """Delete stored pruned bases whose training data included `contributor_id`, and
     everything under STORE/valuation/pruned/ that cannot say whose data it holds:
@@ -349,3 +339,6 @@ def drop_pruned_bases(store_root: str | Path, contributor_id: str) -> int:
                 continue
         dropped += 1
     return dropped
+
+
+CLEANER = Cleaner("pruned-bases", "valuation", drop_pruned_bases)

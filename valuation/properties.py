@@ -31,8 +31,8 @@ from safetensors.torch import load_file, save_file
 
 from shards.data import load_image_folder
 from shards.errors import DataError
-from shards.shard import files_hash
-from shards.store import write_json_atomic
+from shards.files import files_hash, write_json_atomic
+from shards.settings import PROPERTIES
 
 from .features import (
     frechet_distance,
@@ -42,7 +42,6 @@ from .features import (
     train_feature_net,
 )
 
-PROPERTIES = ("quality", "diversity", "confidence", "precision", "recall", "aesthetic")
 PR_K = 3  # neighbours that set a ball's radius (precision, recall)
 EVALUATOR_FORMAT = 2  # 2: the held-out features are stored (precision, recall)
 
@@ -51,7 +50,7 @@ def evaluator_dir(store_root: str | Path) -> Path:
     return Path(store_root) / "valuation" / "evaluator"
 
 
-def load_labelled_folder(heldout: str | Path) -> tuple[np.ndarray, np.ndarray]:
+def load_heldout(heldout: str | Path) -> tuple[np.ndarray, np.ndarray]:
     """Images in [0, 1] and labels from `heldout/<label>/*` (integer folder names)."""
     root = Path(heldout)
     folders = sorted((p for p in root.iterdir() if p.is_dir()), key=lambda p: p.name) \
@@ -72,7 +71,7 @@ def build_evaluator(store_root: str | Path, heldout: str | Path, seed: int = 0) 
     statistics. Returns its folder. Rebuilt when the held-out data or the seed
     changed (the property key hashes the evaluator's files, so cached utilities of
     the old evaluator are not reused)."""
-    images, labels = load_labelled_folder(heldout)
+    images, labels = load_heldout(heldout)
     data_hash = hashlib.sha256(images.tobytes() + labels.tobytes()).hexdigest()
     folder = evaluator_dir(store_root)
     meta_path = folder / "evaluator.json"

@@ -1,14 +1,5 @@
-"""One valuation run: the methods asked for, on the utilities they need, compared in
-one report. Used by `cdm value` and by the service's `value` job.
-
-    method        utility U(S)                           Shapley arithmetic
-    exact         composition of the shards in S         all 2^n coalitions (eq. 1)
-    permutation   composition                            antithetic permutations (eq. 2)
-    kernelshap    composition                            paired KernelSHAP (eq. 3)
-    pruned        pruned monolith fine-tuned on D_S      exact if n <= max_exact, else KernelSHAP
-    retrain       monolith retrained on D_S              exact if n <= max_exact, else KernelSHAP
-    loo           composition                            U(N) - U(N \\ i)
-    attribution   composition (U(N), U(empty) only)      split by mean sampler attribution
+"""One valuation run: the methods asked for (methods.py), on the utilities they need,
+compared in one report. Used by `cdm value` and by the service's `value` job.
 """
 
 from __future__ import annotations
@@ -19,27 +10,25 @@ from pathlib import Path
 
 from shards import ShardStore
 from shards.errors import DataError
+from shards.settings import (
+    BETA_ALPHA,
+    BETA_BETA,
+    METHODS,
+    VALUE_METHODS,
+    VALUE_N,
+    VALUE_PROPERTY,
+    VALUE_STEPS,
+)
 
 from . import report as rpt
+from .cache import store_cache
+from .methods import method
 from .monolith import PrunedFinetuneUtility, RetrainUtility
 from .properties import build_evaluator, evaluator_dir
 from .result import ValuationResult
-from .semivalues import msr_banzhaf, semivalue_weights
-from .shapley import (
-    StoppingRule,
-    attribution_mass,
-    exact_semivalue,
-    exact_shapley,
-    kernel_shap,
-    leave_one_out,
-    permutation_shapley,
-)
-from .utility import CachedUtility, CompositionUtility, store_cache
+from .stopping import StoppingRule
+from .utility import CachedUtility, CompositionUtility
 
-METHODS = ("exact", "permutation", "kernelshap", "banzhaf", "banzhaf-msr", "beta-shapley",
-           "pruned", "retrain", "loo", "attribution")
-COMPOSITION_METHODS = ("exact", "permutation", "kernelshap", "banzhaf", "banzhaf-msr",
-                       "beta-shapley", "loo", "attribution")
 TRUTH_UTILITIES = ("composition", "retrain")
 U_EMPTY = ("the property of the prior's samples: the common initial noise x_T ~ N(0, I), "
            "clipped to [-1, 1] (what the sampler returns with no denoiser), for every method.")
@@ -49,10 +38,10 @@ U_EMPTY = ("the property of the prior's samples: the common initial noise x_T ~ 
 class ValuationSettings:
     """Everything a valuation run depends on besides the store."""
 
-    property: str = "quality"
-    methods: tuple[str, ...] = ("exact", "beta-shapley", "loo", "attribution")
-    n: int = 256
-    steps: int = 25
+    property: str = VALUE_PROPERTY
+    methods: tuple[str, ...] = VALUE_METHODS
+    n: int = VALUE_N
+    steps: int = VALUE_STEPS
     seed: int = 0
     scheduler: str = "ddpm"
     workers: int = 1
@@ -66,8 +55,8 @@ class ValuationSettings:
     retrain_steps: int = 800
     lds_coalitions: int = 50
     top_k: int = 3
-    alpha: float = 16.0  # beta-shapley: Beta(alpha, beta) over coalition sizes
-    beta: float = 1.0
+    alpha: float = BETA_ALPHA  # beta-shapley: Beta(alpha, beta) over coalition sizes
+    beta: float = BETA_BETA
     rank_patience: int = 0  # sampled methods: stop once the ranking held this many updates
     ray_address: str | None = None
     aesthetic: dict | None = field(default=None)
@@ -104,10 +93,6 @@ def _sources(store_root: Path, s: ValuationSettings) -> dict[str, tuple[type, di
     }
 
 
-def _utility_of(method: str) -> str:
-    return "composition" if method in COMPOSITION_METHODS else method
-
-
 def run_valuation(store_root: str | Path, settings: ValuationSettings,
                   heldout: str | Path | None = None, report_dir: str | Path | None = None,
                   progress: bool = True) -> tuple[dict, dict[str, ValuationResult]]:
@@ -124,7 +109,7 @@ def run_valuation(store_root: str | Path, settings: ValuationSettings,
                             "digits folder (heldout/<digit>/*.png) to build one")
         build_evaluator(store_root, heldout, seed=settings.seed)
     specs = _sources(store_root, settings)
-    needed = {_utility_of(m) for m in settings.methods} | {"composition"}
+    needed = {method(m).utility for m in settings.methods} | {"composition"}
     utilities: dict[str, CachedUtility] = {}
     for name in sorted(needed):
         factory, kwargs = specs[name]
@@ -132,7 +117,7 @@ def run_valuation(store_root: str | Path, settings: ValuationSettings,
         if isinstance(source, PrunedFinetuneUtility):
             source.progress = progress
             source.prepare()  # steps 1-3 once, before any worker starts
-        utilities[name] = CachedUtility(source, store_cache(source.store), settings.workers,
+        utilities[name] = CachedUtility(source, store_cache(source.store.root), settings.workers,
                                         (factory, kwargs), progress, settings.ray_address)
     try:
         results, used = _run_methods(utilities, settings, progress)
@@ -152,59 +137,20 @@ def _run_methods(utilities: dict[str, CachedUtility], settings: ValuationSetting
                         rank_patience=settings.rank_patience)
     results: dict[str, ValuationResult] = {}
     used: dict[str, set[frozenset]] = {}
-    for method in settings.methods:
-        u = utilities[_utility_of(method)]
+    for name in settings.methods:
+        m = method(name)
+        u = utilities[m.utility]
         before = (u.evaluations, u.hits)
         u.touched.clear()
         start = time.perf_counter()
-        r = results[method] = _estimate(method, u, rule, settings, progress)
-        used[method] = set(u.touched)
-        r.method, r.seconds = method, time.perf_counter() - start
+        r = results[name] = m.estimate(u, rule, settings, progress)
+        used[name] = set(u.touched)
+        r.method, r.seconds = name, time.perf_counter() - start
         r.extra.update(computed=u.evaluations - before[0], cached=u.hits - before[1],
-                       utility=_utility_of(method),
-                       compute_seconds=sum(u.seconds[c] for c in u.touched))
-        if method == "pruned":
+                       utility=m.utility, compute_seconds=sum(u.seconds[c] for c in u.touched))
+        if isinstance(u.source, PrunedFinetuneUtility):
             r.extra["pruned_base"] = u.source.prepare()
     return results, used
-
-
-SHAPLEY_PREFERENCE = ("exact", "kernelshap", "permutation", "retrain", "pruned")
-
-
-def primary(results: dict[str, ValuationResult]) -> ValuationResult | None:
-    """The most exact Shapley result of a run (what `credit` shows), if any."""
-    method = next((m for m in SHAPLEY_PREFERENCE if m in results), None)
-    return results[method] if method else None
-
-
-def _estimate(method: str, u: CachedUtility, rule: StoppingRule, s: ValuationSettings,
-              progress: bool) -> ValuationResult:
-    n = len(u.players)
-    if method == "exact" or (method in ("pruned", "retrain") and n <= s.max_exact):
-        return exact_shapley(u, progress)
-    if method == "permutation":
-        return permutation_shapley(u, rule, s.seed, progress=progress)
-    if method in ("kernelshap", "pruned", "retrain"):
-        return kernel_shap(u, rule, s.seed, progress=progress)
-    if method == "banzhaf":
-        return exact_semivalue(u, semivalue_weights("banzhaf", n), "banzhaf", progress)
-    if method == "beta-shapley":
-        weights = semivalue_weights("beta", n, s.alpha, s.beta)
-        result = exact_semivalue(u, weights, "beta-shapley", progress)
-        result.extra.update(alpha=s.alpha, beta=s.beta)
-        return result
-    if method == "banzhaf-msr":
-        return msr_banzhaf(u, rule, s.seed, progress=progress)
-    if method == "loo":
-        return leave_one_out(u)
-    if method != "attribution":
-        raise ValueError(f"method={method!r}; allowed: {list(METHODS)}")
-    u_empty, u_full = u.many([frozenset(), frozenset(u.players)])
-    start = time.perf_counter()
-    out = u.source.sampler(None, n=s.n, steps=s.steps, seed=s.seed, scheduler=s.scheduler)
-    mass = {c: float(out.attribution_mean[:, i].mean()) for i, c in enumerate(out.contributor_ids)}
-    return attribution_mass(list(u.players), mass, u_full, u_empty, u.property,
-                            seconds=time.perf_counter() - start)
 
 
 def _heldout_lds(u: CachedUtility, players: list[str], results: dict[str, ValuationResult],

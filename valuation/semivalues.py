@@ -29,10 +29,10 @@ import time
 
 import numpy as np
 from scipy.special import betaln
-from tqdm.auto import tqdm
 
 from .result import ValuationResult
-from .shapley import RankTracker, StoppingRule, Utility, _ends, _too_small, exact_semivalue
+from .shapley import ends, exact_semivalue
+from .stopping import Estimate, StoppingRule, Utility, sample_until
 
 KINDS = ("shapley", "banzhaf", "beta")
 
@@ -69,44 +69,40 @@ def msr_banzhaf(utility: Utility, rule: StoppingRule | None = None, seed: int = 
     if n < 2:
         return exact_semivalue(utility, semivalue_weights("banzhaf", n), "banzhaf-msr")
     rng = np.random.default_rng(seed)
-    u_full, u_empty = _ends(utility)
-    seen: set[frozenset] = {frozenset(), frozenset(players)}
+    u_full, u_empty = ends(utility)
     member: list[np.ndarray] = []
     value: list[float] = []
-    phi, stderr = np.zeros(n), np.full(n, np.inf)
-    ranks = RankTracker()
-    bar = tqdm(total=rule.max_evaluations, desc="banzhaf msr", disable=not progress, leave=False)
-    while not rule.done(len(seen), len(value), stderr, ranks.stable) and len(seen) < 2 ** n:
+    drawn: list[np.ndarray] = []
+
+    def draw(est: Estimate) -> list[frozenset]:
         zs = rng.random((batch, n)) < 0.5
         coalitions = [frozenset(np.asarray(players)[z].tolist()) for z in zs]
-        fresh = [c for c in dict.fromkeys(coalitions) if c not in seen]
-        room = rule.max_evaluations - len(seen)
+        fresh = [c for c in dict.fromkeys(coalitions) if c not in est.seen]
+        room = rule.max_evaluations - len(est.seen)
         if len(fresh) > room:  # stay within the budget of distinct coalitions
             keep = set(fresh[:room])
-            kept = [j for j, c in enumerate(coalitions) if c in seen or c in keep]
+            kept = [j for j, c in enumerate(coalitions) if c in est.seen or c in keep]
             zs, coalitions = zs[kept], [coalitions[j] for j in kept]
-        if not coalitions:
-            break
-        values = utility.many(coalitions)
-        bar.update(len(set(coalitions) - seen))
-        seen.update(coalitions)
-        member += list(zs)
-        value += values
+        drawn[:] = list(zs)
+        return coalitions
+
+    def absorb(_: list[frozenset], values: list[float], est: Estimate) -> None:
+        member.extend(drawn)
+        value.extend(values)
+        est.samples = len(value)
         z, y = np.asarray(member), np.asarray(value)
         m_in, m_out = z.sum(0), (~z).sum(0)
         if np.all(m_in >= 1) and np.all(m_out >= 1):
             mean_in = (z * y[:, None]).sum(0) / m_in
             mean_out = ((~z) * y[:, None]).sum(0) / m_out
-            phi = mean_in - mean_out
+            est.values = mean_in - mean_out
             if np.all(m_in >= 2) and np.all(m_out >= 2):
                 var_in = ((z * (y[:, None] - mean_in) ** 2).sum(0)) / (m_in - 1)
                 var_out = (((~z) * (y[:, None] - mean_out) ** 2).sum(0)) / (m_out - 1)
-                stderr = np.sqrt(var_in / m_in + var_out / m_out)
-            ranks.update(phi)
-        bar.set_postfix(max_stderr=f"{float(np.max(stderr)):.3g}")
-    bar.close()
-    if not value:
-        raise ValueError(_too_small(rule, n))
-    return ValuationResult("banzhaf-msr", utility.property, players, phi, stderr, u_full,
-                           u_empty, evaluations=len(seen), seconds=time.perf_counter() - start,
-                           samples=len(value), extra={"rank_stable_updates": ranks.stable})
+                est.stderr = np.sqrt(var_in / m_in + var_out / m_out)
+
+    est = sample_until(utility, rule, draw, absorb, "banzhaf msr", progress)
+    phi = est.values if est.values is not None else np.zeros(n)
+    return ValuationResult("banzhaf-msr", utility.property, players, phi, est.stderr, u_full,
+                           u_empty, evaluations=len(est.seen), seconds=time.perf_counter() - start,
+                           samples=est.samples, extra={"rank_stable_updates": est.rank_stable})

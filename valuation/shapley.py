@@ -26,72 +26,16 @@ from __future__ import annotations
 import itertools
 import math
 import time
-from dataclasses import dataclass
-from typing import Protocol
 
 import numpy as np
 from tqdm.auto import tqdm
 
 from .result import ValuationResult
+from .stopping import Estimate, StoppingRule, Utility, sample_until
 
 
-class Utility(Protocol):
-    players: tuple[str, ...]
-    property: str
-
-    def many(self, coalitions: list[frozenset]) -> list[float]: ...
-
-
-@dataclass(frozen=True)
-class StoppingRule:
-    """Stop a sampled estimator at `max_evaluations` distinct coalitions, or earlier
-    once at least `min_samples` samples give max_i stderr_i <= `stderr_tol`, or once
-    the ranking of the values has not changed over the last `rank_patience` updates
-    (0: off). The estimators also stop once every coalition has been seen (then exact
-    is cheaper)."""
-
-    max_evaluations: int = 2000
-    stderr_tol: float = 0.0
-    min_samples: int = 4
-    rank_patience: int = 0
-
-    def __post_init__(self):
-        if self.max_evaluations < 2 or self.stderr_tol < 0 or self.min_samples < 2 \
-                or self.rank_patience < 0:
-            raise ValueError(f"bad stopping rule {self}: max_evaluations >= 2, "
-                             "stderr_tol >= 0, min_samples >= 2, rank_patience >= 0")
-
-    def done(self, evaluations: int, samples: int, stderr: np.ndarray,
-             stable_updates: int = 0) -> bool:
-        if evaluations >= self.max_evaluations:
-            return True
-        if samples < self.min_samples:
-            return False
-        if self.rank_patience and stable_updates >= self.rank_patience:
-            return True
-        return self.stderr_tol > 0 and float(np.max(stderr)) <= self.stderr_tol
-
-
-class RankTracker:
-    """How many updates in a row the ranking of the values has stayed the same."""
-
-    def __init__(self):
-        self.order: tuple | None = None
-        self.stable = 0
-
-    def update(self, values: np.ndarray) -> None:
-        order = tuple(np.argsort(-np.asarray(values), kind="stable").tolist())
-        self.stable = self.stable + 1 if order == self.order else 0
-        self.order = order
-
-
-def _too_small(rule: StoppingRule, n: int) -> str:
-    return (f"max_evaluations={rule.max_evaluations} leaves no coalition to sample beyond "
-            f"the empty and the full one; allowed: at least 3 (for {n} players, "
-            f"{2 ** n} coalitions in all)")
-
-
-def _ends(utility: Utility) -> tuple[float, float]:
+def ends(utility: Utility) -> tuple[float, float]:
+    """(U(N), U(empty)), evaluated together."""
     u_empty, u_full = utility.many([frozenset(), frozenset(utility.players)])
     return u_full, u_empty
 
@@ -121,8 +65,8 @@ def exact_semivalue(utility: Utility, weights, method: str,
                            evaluations=len(coalitions), seconds=time.perf_counter() - start)
 
 
-def permutation_shapley(utility: Utility, rule: StoppingRule = StoppingRule(), seed: int = 0,
-                        batch: int = 4, progress: bool = False) -> ValuationResult:
+def permutation_shapley(utility: Utility, rule: StoppingRule | None = None,
+                        seed: int = 0, batch: int = 4, progress: bool = False) -> ValuationResult:
     """Eq. (2) by Monte Carlo over antithetic pairs (pi, reversed pi): a sample is the
     pair's mean marginal vector; stderr = std over pairs / sqrt(pairs). Each pair's
     marginals sum to U(N) - U(empty), so efficiency holds exactly at every stop."""
@@ -132,40 +76,36 @@ def permutation_shapley(utility: Utility, rule: StoppingRule = StoppingRule(), s
     if n < 2:  # phi = U(N) - U(empty): nothing to sample
         return exact_shapley(utility)
     rng = np.random.default_rng(seed)
-    u_full, u_empty = _ends(utility)
-    seen: set[frozenset] = {frozenset(), frozenset(players)}
+    u_full, u_empty = ends(utility)
     samples: list[np.ndarray] = []
-    stderr = np.full(n, np.inf)
-    ranks = RankTracker()
-    bar = tqdm(total=rule.max_evaluations, desc="permutation shapley", disable=not progress,
-               leave=False)
-    while not rule.done(len(seen), len(samples), stderr, ranks.stable) and len(seen) < 2 ** n:
-        orders = []
+    orders: list[list[int]] = []
+
+    def draw(_: Estimate) -> list[frozenset]:
+        orders.clear()
         for _ in range(batch):
             order = list(rng.permutation(n))
-            orders += [order, order[::-1]]
-        prefixes = [frozenset(players[j] for j in order[:k]) for order in orders
-                    for k in range(n + 1)]
-        values = dict(zip(prefixes, utility.many(prefixes), strict=True))
-        bar.update(len(set(prefixes) - seen))
-        seen.update(prefixes)
+            orders.extend([order, order[::-1]])
+        return [frozenset(players[j] for j in order[:k]) for order in orders
+                for k in range(n + 1)]
+
+    def absorb(prefixes: list[frozenset], values: list[float], est: Estimate) -> None:
+        value = dict(zip(prefixes, values, strict=True))
         for a in range(0, len(orders), 2):
             pair = np.zeros(n)
             for order in orders[a:a + 2]:
                 for k, j in enumerate(order):
                     before = frozenset(players[m] for m in order[:k])
-                    pair[j] += 0.5 * (values[before | {players[j]}] - values[before])
+                    pair[j] += 0.5 * (value[before | {players[j]}] - value[before])
             samples.append(pair)
         if len(samples) > 1:
-            stderr = np.std(samples, axis=0, ddof=1) / np.sqrt(len(samples))
-        ranks.update(np.mean(samples, axis=0))
-        bar.set_postfix(max_stderr=f"{float(np.max(stderr)):.3g}")
-    bar.close()
-    if not samples:
-        raise ValueError(_too_small(rule, n))
-    return ValuationResult("permutation", utility.property, players, np.mean(samples, axis=0),
-                           stderr, u_full, u_empty, evaluations=len(seen),
-                           seconds=time.perf_counter() - start, samples=len(samples))
+            est.stderr = np.std(samples, axis=0, ddof=1) / np.sqrt(len(samples))
+        est.values, est.samples = np.mean(samples, axis=0), len(samples)
+
+    est = sample_until(utility, rule or StoppingRule(), draw, absorb, "permutation shapley",
+                       progress)
+    return ValuationResult("permutation", utility.property, players, est.values, est.stderr,
+                           u_full, u_empty, evaluations=len(est.seen),
+                           seconds=time.perf_counter() - start, samples=est.samples)
 
 
 def kernel_matrix(n: int) -> tuple[np.ndarray, np.ndarray]:
@@ -192,7 +132,7 @@ def _constrained_ls(zs: np.ndarray, ys: np.ndarray, total: float) -> tuple[np.nd
     return m @ (zs.T @ ys / len(zs)) + c, m
 
 
-def kernel_shap(utility: Utility, rule: StoppingRule = StoppingRule(), seed: int = 0,
+def kernel_shap(utility: Utility, rule: StoppingRule | None = None, seed: int = 0,
                 batch: int = 8, progress: bool = False) -> ValuationResult:
     """Eq. (3) with paired sampling (z and 1 - z), solved on the sampled A_hat, b_hat
     (Lundberg & Lee), which is exact on additive games and efficient by construction.
@@ -204,42 +144,35 @@ def kernel_shap(utility: Utility, rule: StoppingRule = StoppingRule(), seed: int
     if n < 2:
         return exact_shapley(utility)
     rng = np.random.default_rng(seed)
-    u_full, u_empty = _ends(utility)
+    u_full, u_empty = ends(utility)
     p, _ = kernel_matrix(n)
-    seen: set[frozenset] = {frozenset(), frozenset(players)}
     zs: list[np.ndarray] = []
     ys: list[float] = []
-    stderr = np.full(n, np.inf)
-    phi = np.zeros(n)
-    ranks = RankTracker()
-    bar = tqdm(total=rule.max_evaluations, desc="kernel shap", disable=not progress, leave=False)
-    while not rule.done(len(seen), len(zs) // 2, stderr, ranks.stable) and len(seen) < 2 ** n:
+
+    def draw(_: Estimate) -> list[frozenset]:
         new = []
         for _ in range(batch):
             z = np.zeros(n, dtype=bool)
             z[rng.choice(n, size=rng.choice(np.arange(1, n), p=p), replace=False)] = True
             new += [z, ~z]
-        coalitions = [frozenset(np.asarray(players)[z].tolist()) for z in new]
-        values = utility.many(coalitions)
-        bar.update(len(set(coalitions) - seen))
-        seen.update(coalitions)
-        zs += new
-        ys += [v - u_empty for v in values]
+        zs.extend(new)
+        return [frozenset(np.asarray(players)[z].tolist()) for z in new]
+
+    def absorb(_: list[frozenset], values: list[float], est: Estimate) -> None:
+        ys.extend(v - u_empty for v in values)
         z_arr, y_arr = np.asarray(zs, dtype=np.float64), np.asarray(ys)
         phi, m = _constrained_ls(z_arr, y_arr, u_full - u_empty)
         g = z_arr * (y_arr - z_arr @ phi)[:, None]
         g = 0.5 * (g[0::2] + g[1::2])
         if len(g) > 1:
-            stderr = np.sqrt(np.clip(np.diag(m @ np.cov(g, rowvar=False) @ m.T), 0, None)
-                             / len(g))
-        ranks.update(phi)
-        bar.set_postfix(max_stderr=f"{float(np.max(stderr)):.3g}")
-    bar.close()
-    if not zs:
-        raise ValueError(_too_small(rule, n))
-    return ValuationResult("kernelshap", utility.property, players, phi, stderr, u_full,
-                           u_empty, evaluations=len(seen), seconds=time.perf_counter() - start,
-                           samples=len(zs) // 2)
+            est.stderr = np.sqrt(np.clip(np.diag(m @ np.cov(g, rowvar=False) @ m.T), 0, None)
+                                 / len(g))
+        est.values, est.samples = phi, len(zs) // 2
+
+    est = sample_until(utility, rule or StoppingRule(), draw, absorb, "kernel shap", progress)
+    return ValuationResult("kernelshap", utility.property, players, est.values, est.stderr,
+                           u_full, u_empty, evaluations=len(est.seen),
+                           seconds=time.perf_counter() - start, samples=est.samples)
 
 
 def leave_one_out(utility: Utility) -> ValuationResult:

@@ -2,8 +2,9 @@
 
 `CachedUtility` is what the estimators in `shapley.py` call. It wraps a *source*
 (how U(S) is obtained: composing the shards in S, fine-tuning a pruned model on D_S,
-retraining on D_S, or a closed-form game), looks each coalition up in a disk cache,
-and computes the misses, in local worker processes when asked.
+retraining on D_S, or a closed-form game), remembers what it computed (memo), looks
+each coalition up in the disk cache (cache.py), and computes the misses on a back-end
+(parallel.py: this process, local workers or Ray).
 
 Common random numbers: every source samples with the same seed for every S, so the
 initial noise x_T and the sampler's step noise are the same across coalitions.
@@ -12,36 +13,27 @@ U(empty set) is the property of the prior's samples: x_T ~ N(0, I) itself (the s
 x_T every coalition starts from), clipped to [-1, 1], i.e. what the sampler returns
 with no denoiser. It is the same for every method, so their values are comparable.
 
-Cache: one JSON file per (source key) under STORE/valuation/cache/<method>/. An
-entry records `depends_on`, the contributors whose data shaped the number (for
-composition: S with the per-contributor heads router; every contributor the joint
-classifier was trained on with that router). Forgetting c deletes
-every entry that depends on c, and nothing else that can say what it depends on:
-temporary files of interrupted writes, and entries or sample files that cannot be
-read, are deleted too.
+Cache: one JSON file per (source key) under STORE/valuation/cache/<method>/, with
+`depends_on`, the contributors whose data shaped the number; forgetting c deletes
+every entry that depends on c (cache.py).
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import os
 import time
-import uuid
 from collections.abc import Callable
-from concurrent.futures import ProcessPoolExecutor
-from multiprocessing import get_context
 from pathlib import Path
 from typing import Protocol
 
 import torch
-from safetensors import safe_open
-from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from shards import ShardStore
-from shards.store import write_json_atomic
 
+from .cache import UtilityCache, store_cache
+from .parallel import Backend
 from .properties import load_property
 
 
@@ -81,116 +73,11 @@ def prior_images(n: int, image_shape, seed: int) -> torch.Tensor:
     return (x.clamp(-1, 1) + 1) / 2
 
 
-# Temporary files under the cache: ours and write_json_atomic's (`.<name>.<random>.tmp`),
-# and safetensors' own (`.tmpXXXXXX`, which save_file writes and then renames).
-TMP_PATTERNS = ("*.tmp", ".tmp*")
-
-
-class UtilityCache:
-    """JSON entries under `root/<method>/<key>.json`, written atomically; sampled
-    images under `root/samples/<key>.safetensors` (so every property of a coalition
-    is measured on one sampling run), with `depends_on` in the file's metadata."""
-
-    def __init__(self, root: str | Path):
-        self.root = Path(root)
-
-    def get(self, method: str, key: str) -> dict | None:
-        path = self.root / method / f"{key}.json"
-        return json.loads(path.read_text()) if path.exists() else None
-
-    def put(self, method: str, key: str, entry: dict) -> None:
-        """Write one entry atomically (through a `.<name>.<random>.tmp` file). If a
-        concurrent `drop` deleted the temporary file, the entry is not cached."""
-        (self.root / method).mkdir(parents=True, exist_ok=True)
-        try:
-            write_json_atomic(self.root / method / f"{key}.json", entry)
-        except FileNotFoundError:
-            pass  # a forget ran meanwhile: caching is optional, publishing untrusted is not
-
-    def entries(self) -> list[tuple[Path, dict]]:
-        return [(p, json.loads(p.read_text())) for p in sorted(self.root.glob("*/*.json"))]
-
-    def get_images(self, key: str) -> torch.Tensor | None:
-        path = self.root / "samples" / f"{key}.safetensors"
-        return load_file(str(path))["images"] if path.exists() else None
-
-    def put_images(self, key: str, images: torch.Tensor, depends_on: list[str]) -> None:
-        """Write the samples of `key` atomically, through a `.<key>.<random>.tmp` file
-        (unique, so that concurrent writers of one key do not share it). If a concurrent
-        `drop` deleted the temporary file, the samples are not cached."""
-        folder = self.root / "samples"
-        folder.mkdir(parents=True, exist_ok=True)
-        tmp = folder / f".{key}.{uuid.uuid4().hex[:8]}.tmp"
-        try:
-            save_file({"images": images.contiguous()}, str(tmp),
-                      metadata={"depends_on": json.dumps(sorted(depends_on))})
-            os.replace(tmp, folder / f"{key}.safetensors")
-        except FileNotFoundError:
-            pass  # a forget ran meanwhile (see `put`)
-        except BaseException:
-            tmp.unlink(missing_ok=True)
-            raise
-
-    def drop(self, contributor_id: str) -> int:
-        """Delete every entry and every sample file that depends on `contributor_id`'s
-        data, and every file that cannot say what it depends on: the temporary files of
-        writes in progress or interrupted (`TMP_PATTERNS`, whoever they are for: a
-        write in progress then skips caching), entries and sample files that cannot be
-        read. Returns how many files were deleted."""
-        dropped = 0
-        for path in sorted(self.root.glob("*/*.json")):
-            try:
-                depends_on = json.loads(path.read_text())["depends_on"]
-            except (OSError, ValueError, KeyError, TypeError):
-                depends_on = None  # unreadable: untrusted
-            if depends_on is None or contributor_id in depends_on:
-                dropped += _unlink(path)
-        for path in sorted(self.root.glob("samples/*.safetensors")):
-            try:
-                with safe_open(str(path), "pt") as f:
-                    depends_on = json.loads(f.metadata()["depends_on"])
-            except Exception:  # truncated or foreign; safetensors raises its own errors
-                depends_on = None
-            if depends_on is None or contributor_id in depends_on:
-                dropped += _unlink(path)
-        for path in sorted({p for pattern in TMP_PATTERNS for p in self.root.rglob(pattern)}):
-            if path.is_file():
-                dropped += _unlink(path)
-        return dropped
-
-
-def _unlink(path: Path) -> int:
-    """Delete file `path`; 1 if this call deleted it, 0 if it was gone already."""
-    try:
-        path.unlink()
-    except FileNotFoundError:
-        return 0
-    return 1
-
-
-def store_cache(store: ShardStore) -> UtilityCache:
-    return UtilityCache(store.root / "valuation" / "cache")
-
-
-_WORKER_SOURCE: UtilitySource | None = None
-
-
-def _init_worker(factory: Callable, kwargs: dict, threads: int) -> None:
-    global _WORKER_SOURCE
-    torch.set_num_threads(threads)
-    _WORKER_SOURCE = factory(**kwargs)
-
-
-def _evaluate_in_worker(coalition: frozenset) -> tuple[float, float]:
-    start = time.perf_counter()
-    value = _WORKER_SOURCE.evaluate(coalition)
-    return value, time.perf_counter() - start
-
-
 class CachedUtility:
-    """U(S) for the estimators: cache lookups, then the misses computed by `source`
-    in this process (workers=1) or in `workers` spawned processes, each of which
-    rebuilds the source from `spec = (factory, kwargs)`.
+    """U(S) for the estimators: the memo, then the disk cache, then the misses computed
+    by `source` on a `Backend` (this process with workers=1, else `workers` spawned
+    processes or Ray actors, each rebuilding the source from `spec = (factory,
+    kwargs)`).
 
     `evaluations` counts coalitions computed here, `hits` those read from the cache;
     `seconds[S]` is what computing U(S) cost (now or when it was cached), and
@@ -200,19 +87,14 @@ class CachedUtility:
     def __init__(self, source: UtilitySource, cache: UtilityCache | None = None,
                  workers: int = 1, spec: tuple[Callable, dict] | None = None,
                  progress: bool = False, ray_address: str | None = None):
-        if workers < 1:
-            raise ValueError(f"workers={workers} must be >= 1")
-        if (workers > 1 or ray_address) and spec is None:
-            raise ValueError("worker processes need a spec (factory, kwargs) to rebuild the source")
-        self.source, self.cache, self.workers, self.spec = source, cache, workers, spec
-        self.ray_address = ray_address
+        self.backend = Backend(source, workers, spec, ray_address)
+        self.source, self.cache = source, cache
         self.players, self.property = source.players, source.property
         self.progress = progress
         self.evaluations = self.hits = 0
         self.seconds: dict[frozenset, float] = {}
         self.touched: set[frozenset] = set()
         self._memo: dict[frozenset, float] = {}
-        self._pool: ProcessPoolExecutor | None = None
 
     def __call__(self, coalition) -> float:
         return self.many([frozenset(coalition)])[0]
@@ -233,7 +115,10 @@ class CachedUtility:
                 self._memo[coalition] = entry["value"]
                 self.seconds[coalition] = entry["seconds"]
                 self.hits += 1
-        for coalition, (value, seconds) in zip(missing, self._compute(missing), strict=True):
+        bar = tqdm(total=len(missing), desc=f"U(S) {self.source.method}/{self.property}",
+                   disable=not self.progress or not missing, leave=False)
+        for coalition, (value, seconds) in zip(missing, self.backend.run(missing), strict=True):
+            bar.update()
             self._memo[coalition] = value
             self.evaluations += 1
             self.seconds[coalition] = seconds
@@ -243,57 +128,11 @@ class CachedUtility:
                     "coalition": sorted(coalition), "value": value, "seconds": seconds,
                     "depends_on": sorted(self.source.depends_on(coalition)),
                     "created_at": time.time()})
+        bar.close()
         return [self._memo[c] for c in coalitions]
 
-    def _compute(self, missing: list[frozenset]):
-        desc = f"U(S) {self.source.method}/{self.property}"
-        bar = tqdm(total=len(missing), desc=desc, disable=not self.progress or not missing,
-                   leave=False)
-        if (self.workers == 1 and not self.ray_address) or len(missing) < 2:
-            for coalition in missing:
-                start = time.perf_counter()
-                value = self.source.evaluate(coalition)
-                bar.update()
-                yield value, time.perf_counter() - start
-        else:
-            pool = self._worker_pool()
-            run = pool.imap if self.ray_address else pool.map
-            for result in run(_evaluate_in_worker, missing):
-                bar.update()
-                yield result
-        bar.close()
-
-    def _worker_pool(self):
-        """Started at the first batch that needs it and kept until `close`, so that
-        sampled estimators do not pay the workers' start-up at every batch: local
-        spawned processes, or actors of a Ray cluster (`ray_address`: an address, or
-        "local" to start Ray on this machine; needs `pip install '.[ray]'`, and on a
-        cluster every node needs this package and the store's path)."""
-        if self._pool is None:
-            factory, kwargs = self.spec
-            if self.ray_address:
-                try:
-                    from ray.util.multiprocessing import Pool
-                except ImportError as err:
-                    raise ValueError("ray is not installed: pip install '.[ray]'") from err
-                address = None if self.ray_address == "local" else self.ray_address
-                self._pool = Pool(self.workers, initializer=_init_worker,
-                                  initargs=(factory, kwargs, 1), ray_address=address)
-            else:
-                threads = max(1, (os.cpu_count() or 1) // self.workers)
-                self._pool = ProcessPoolExecutor(self.workers, mp_context=get_context("spawn"),
-                                                 initializer=_init_worker,
-                                                 initargs=(factory, kwargs, threads))
-        return self._pool
-
     def close(self) -> None:
-        if self._pool is None:
-            return
-        if self.ray_address:
-            self._pool.terminate()
-        else:
-            self._pool.shutdown()
-        self._pool = None
+        self.backend.close()
 
 
 class GameUtility:
@@ -331,7 +170,7 @@ class CompositionUtility:
         self.measure = load_property(self.store.root, property, aesthetic)
         self.settings = {"n": n, "steps": steps, "seed": seed, "scheduler": scheduler}
         self.device = device
-        self.cache = store_cache(self.store)
+        self.cache = store_cache(self.store.root)
         self._sampler = None
 
     @property

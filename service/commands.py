@@ -1,0 +1,310 @@
+"""What each `cdm` subcommand does: parse nothing (cli.py builds the options), call the
+library or the service's logic, print. Heavy imports happen inside each command, so
+`cdm --help` is quick."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+
+def _csv(value: str) -> list[str]:
+    return [v.strip() for v in value.split(",") if v.strip()]
+
+
+def cmd_demo_data(args) -> None:
+    from shards.demo import write_demo_data
+
+    out = Path(args.dir)
+    table = write_demo_data(out, seed=args.seed, contributors=args.contributors)
+    for cid, entry in table["contributors"].items():
+        note = "  (corrupted: planted low quality)" if entry["corrupted"] else ""
+        print(f"{cid:10s} {entry['images']:4d} images  digits {entry['classes']}{note}")
+    print(f"public: {table['public_images']} images; held out: "
+          f"{sum(table['heldout_images'].values())} images (owned by nobody)")
+    print(f"wrote {out}/contributors/<id>/*.png, {out}/public, {out}/heldout, {out}/owners.json")
+
+
+def _store_config(args):
+    from shards import StoreConfig
+
+    if args.equal_steps and args.steps_per_images is not None:
+        raise ValueError("--equal-steps and --steps-per-images exclude each other")
+    config = StoreConfig(seed=args.seed, kind=args.kind, router=args.router,
+                         keep_data=True if args.keep_data else None)
+    changes = {}
+    if args.shard_steps is not None:
+        n = args.shard_steps
+        changes.update(shard_train=config.shard_train.with_steps(n).to_dict(),
+                       base_train=config.base_train.with_steps(n).to_dict(),
+                       lora_train=config.lora_train.with_steps(n).to_dict())
+    if args.equal_steps:
+        changes["steps_reference_images"] = None
+    elif args.steps_per_images is not None:
+        changes["steps_reference_images"] = args.steps_per_images
+    if args.classifier_steps is not None:
+        n = args.classifier_steps
+        changes.update(classifier_train=config.classifier_train.with_steps(n).to_dict(),
+                       classifier_update_steps=max(1, n // 3))
+    if args.head_steps is not None:
+        changes["head_train"] = config.head_train.with_steps(args.head_steps).to_dict()
+    return config.replace(**changes)
+
+
+def cmd_train(args) -> None:
+    from dataclasses import replace as drop
+
+    from shards import ShardStore, load_contributors
+    from shards.data import load_labelled_folder
+
+    config = _store_config(args)  # options first: their errors come before any data is read
+    datasets = load_contributors(args.data_dir)
+    public, public_labels = load_labelled_folder(args.public) if args.public else (None, None)
+    if args.no_labels:  # the unconditional store of earlier versions, from labelled data
+        datasets = [drop(d, labels=None) for d in datasets]
+        public_labels = None
+    store = ShardStore.create(args.store, datasets, config, public=public,
+                              device=args.device, public_labels=public_labels)
+    _print_store(store)
+
+
+def cmd_add(args) -> None:
+    from shards import ShardStore, load_contributor
+
+    store = ShardStore.open(args.store)
+    entry = store.add(load_contributor(args.folder), kind=args.kind, device=args.device)
+    router = "its head trained" if entry.get("head") else "classifier updated"
+    print(f"added {entry['contributor_id']} ({entry['kind']}, {entry['images']} images, "
+          f"final loss {entry['final_loss']:.4f}); {router}")
+    _print_store(store)
+
+
+def _print_store(store) -> None:
+    print(f"store {store.root}: {len(store.contributor_ids)} contributors")
+    for cid in store.contributor_ids:
+        e = store.contributor(cid)
+        labels = ",".join(sorted(e.get("labels", {}), key=int))
+        print(f"  {cid:10s} {e['kind']:4s} {e['images']:5d} images  loss {e['final_loss']:.4f}  "
+              f"data {e['data_hash'][:12]}" + (f"  labels {labels}" if labels else ""))
+    c = store.manifest["classifier"]
+    if c is not None:
+        print(f"  classifier v{c['version']} ({c['trained']}, loss {c['final_loss']:.4f})")
+    else:
+        print(f"  router: one density-ratio head per contributor; data kept: {store.config.keeps_data}")
+
+
+def cmd_sample(args) -> None:
+    from shards import ShardStore
+    from shards.images import save_grid
+
+    path = Path(args.out)
+    if path.suffix not in (".png", ".npz"):
+        raise ValueError(f"--out must end in .png or .npz, got {path.name!r}")
+    from shards.routing import Routing
+
+    routing = Routing.parse(args.routing, args.top_k, args.mass, args.mode)
+    store = ShardStore.open(args.store)
+    sampler = store.load_sampler(args.device, cache_shards=args.cache_shards, router=args.router)
+    contributors = _csv(args.contributors) if args.contributors else None
+    from shards.data import parse_label
+    from shards.sampler import SampleRequest
+
+    labels = tuple(parse_label(y, "--label") for y in _csv(args.label)) if args.label else None
+    request = SampleRequest(None if contributors is None else tuple(contributors), args.n,
+                            args.seed, labels)
+    out = sampler.sample_batch([request], steps=args.steps, scheduler=args.scheduler,
+                               mode=args.mode, progress=True, routing=routing)[0]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if path.suffix == ".npz":
+        import numpy as np
+
+        extra = {} if out.labels is None else {"labels": out.labels.numpy()}
+        np.savez(path, images=out.images.numpy(), contributor_ids=np.array(out.contributor_ids),
+                 attribution_mean=out.attribution_mean.numpy(),
+                 attribution_last=out.attribution_last.numpy(), **extra)
+    else:
+        save_grid(out.images, path)
+    rows = sampler.shard_rows / (args.n * args.steps)
+    print(f"wrote {path} ({args.n} samples, {args.scheduler}, {args.steps} steps, {args.mode}, "
+          f"routing {routing.kind}: {rows:.2f} shard evaluations per sample and step)")
+    print(f"{'contributor':12s} {'mean attribution':>17s} {'last-step':>10s}")
+    for cid, row in out.attribution_table().items():
+        print(f"{cid:12s} {row['mean']:17.3f} {row['last']:10.3f}")
+
+
+def cmd_keys(args) -> None:
+    import time
+
+    from shards import ShardStore
+
+    from .auth import create_key
+    from .db import DB_FILE, Database
+
+    store = ShardStore.open(args.store)
+    db = Database(store.root / DB_FILE)
+    if args.keys_command == "demo":
+        live = store.contributor_ids
+        subset = live[: max(1, len(live) // 2)]
+        admin = create_key(db, "demo-admin", None, role="admin")
+        user = create_key(db, "demo-user", subset)
+        print(f"demo admin key (all contributors, admin):  {admin}")
+        print(f"demo user key (licensed for {','.join(subset)}): {user}")
+        return
+    if args.keys_command == "list":
+        print(f"{'key id':14s} {'user':16s} {'role':11s} {'status':8s} {'expires':20s} licence")
+        now = time.time()
+        for k in db.list_keys():
+            status = ("revoked" if k["revoked_at"] else
+                      "expired" if k["expires_at"] and k["expires_at"] <= now else "active")
+            expires = (time.strftime("%Y-%m-%d %H:%M", time.gmtime(k["expires_at"]))
+                       if k["expires_at"] else "never")
+            licence = (f"acts for {k['contributor_id']}" if k["contributor_id"] else
+                       "all" if k["license"] is None else ",".join(k["license"]) or "-")
+            print(f"{k['key_id']:14s} {k['user'][:16]:16s} {k['role']:11s} {status:8s} "
+                  f"{expires:20s} {licence}")
+        return
+    if args.keys_command == "revoke":
+        if not db.revoke_key(args.key_id):
+            raise ValueError(f"no active key with id {args.key_id!r} (see cdm keys list)")
+        print(f"revoked {args.key_id}: refused from the next request, in every worker")
+        return
+    role = "admin" if args.admin else "contributor" if args.contributor else "user"
+    if args.contributor:
+        if args.license is not None:
+            raise ValueError("--contributor keys act for one contributor and generate with "
+                             "none: drop --license")
+        store.contributor(args.contributor)  # must be live
+        license = []
+    elif args.license is None:
+        raise ValueError("--license is required (comma-separated ids, or 'all')")
+    else:
+        license = None if args.license == "all" else _csv(args.license)
+    if license:
+        unknown = sorted(set(license) - set(store.contributor_ids))
+        if unknown:
+            raise ValueError(f"--license names contributors not in the store: {', '.join(unknown)}")
+    key = create_key(db, args.user, license, role=role, expires_days=args.expires,
+                     contributor_id=args.contributor)
+    print(key)
+    print("(shown once: only its hash is stored)", file=sys.stderr)
+
+
+def _cli_principal():
+    import getpass
+
+    from .auth import Principal
+
+    return Principal(f"cli:{getpass.getuser()}", "admin", None)
+
+
+def cmd_forget(args) -> None:
+    from shards.errors import StoreError
+
+    from .platform import Platform
+
+    platform = Platform(args.store, device=args.device, serve=False)
+    job = platform.forget(_cli_principal(), args.contributor_id)
+    print(f"excluded {args.contributor_id} (no request from now on uses it); purging ...")
+    platform.run_jobs()
+    done = platform.db.get_job(job["job_id"])
+    if done["status"] != "succeeded":
+        raise StoreError(f"purge job {job['job_id']} {done['status']}: {done['error']}")
+    result = done["result"]
+    print(f"forgot {args.contributor_id}: deleted {', '.join(result['deleted'])}; retrained "
+          f"{result['retrained']}; valuation entries dropped: {result['valuation_caches_dropped']}")
+    print(f"audit: data {result['data_hash'][:12]}, weights {result['weights_hash'][:12]} "
+          f"(job {job['job_id']})")
+
+
+def cmd_jobs(args) -> None:
+    from .platform import Platform
+
+    platform = Platform(args.store, device=args.device, serve=False)
+    if args.run:
+        ran = platform.run_jobs()
+        print(f"ran {ran} job(s) (queued, and any a crash interrupted)")
+    for job in platform.db.jobs()[-args.last:]:
+        cid = job["params"].get("contributor_id", "*")
+        print(f"{job['job_id']}  {job['kind']:6s} {cid:12s} {job['status']:10s} "
+              f"{job['error'] or ''}")
+
+
+def cmd_payout(args) -> None:
+    from .credit import describe_policy
+    from .platform import Platform
+
+    platform = Platform(args.store, serve=False)
+    if args.property or args.method:
+        if not (args.property and args.method):
+            raise ValueError("give both --property and --method (or neither, to show)")
+        out = platform.set_payout_policy(_cli_principal(), args.property, args.method,
+                                         args.alpha, args.beta)
+    else:
+        out = platform.payout()
+    policy = out["policy"]
+    print("policy: " + (describe_policy(policy) if policy else "none"))
+    for cid, share in (out["shares"] or {}).items():
+        print(f"  {cid:12s} {share:8.4f}")
+    print(out["note"])
+
+
+def cmd_serve(args) -> None:
+    from shards import ShardStore
+
+    ShardStore.open(args.store)  # fail here, with a clear message, not inside bentoml
+    if args.workers < 1:
+        raise ValueError(f"--workers={args.workers}; allowed: an integer >= 1")
+    env = {**os.environ, "CDM_STORE": str(Path(args.store).resolve()),
+           "CDM_WORKERS": str(args.workers)}
+    bentoml = Path(sys.executable).with_name("bentoml")
+    cmd = [str(bentoml), "serve", "service.app:CDMService", "--host", args.host,
+           "--port", str(args.port), "--working-dir", str(Path(__file__).resolve().parent.parent)]
+    os.execve(cmd[0], cmd, env)
+
+
+def cmd_value(args) -> None:
+    from valuation.run import ValuationSettings, run_valuation
+
+    from .credit import record_primary
+    from .db import DB_FILE, Database
+
+    aesthetic = None
+    if args.property == "aesthetic":
+        aesthetic = {"arch": args.clip_arch, "checkpoint": args.clip_checkpoint,
+                     "head": args.aesthetic_head}
+    settings = ValuationSettings(
+        property=args.property, methods=tuple(_csv(args.methods)), n=args.n, steps=args.steps,
+        seed=args.seed, workers=args.workers, max_evaluations=args.max_evaluations,
+        stderr_tol=args.stderr_tol, pruning_ratio=args.pruning_ratio,
+        monolith_steps=args.monolith_steps, finetune_steps=args.finetune_steps,
+        subset_steps=args.subset_steps, retrain_steps=args.retrain_steps, aesthetic=aesthetic,
+        ray_address=args.ray, alpha=args.alpha, beta=args.beta,
+        rank_patience=args.rank_patience)
+    from shards import ShardStore
+
+    store = ShardStore.open(args.store)
+    # the admin lock: no forget's purge runs meanwhile (it would race the utility cache);
+    # exclusions still take effect at once, and a forgotten player voids the run
+    with store.admin_lock():
+        players = set(store.contributor_ids)
+        report, results = run_valuation(args.store, settings, heldout=args.heldout,
+                                        report_dir=args.report)
+        store.refresh()
+        gone = sorted(players - set(store.contributor_ids))
+        if gone:
+            raise ValueError(f"contributor(s) {', '.join(gone)} were forgotten during the "
+                             "valuation; nothing was recorded as credit; run it again")
+        # recorded before the lock is released: no purge can run in between
+        best = record_primary(Database(Path(args.store) / DB_FILE), results)
+    methods = list(results)
+    print(f"{'contributor':12s}" + "".join(f"{m:>14s}" for m in methods))
+    for c in report["players"]:
+        print(f"{c:12s}" + "".join(f"{results[m][c]:14.4f}" for m in methods))
+    print("seconds     " + "".join(f"{results[m].seconds:14.1f}" for m in methods))
+    for pair, v in report["correlations"].items():
+        print(f"{pair}: Pearson {v['pearson']:.3f}, Spearman {v['spearman']:.3f}")
+    if best is not None:
+        print(f"recorded the {best.method} values as the store's latest {args.property} credit")
+    if args.report:
+        print(f"report: {args.report}/report.md")

@@ -1,0 +1,241 @@
+"""Licensed generation, without HTTP: admission (cost limits, the key's spend), the
+checks of a request against the live registry and the key's licence, the glue to the
+step scheduler (which requests share a batch), and the ledger row and response.
+
+A request is registered as in flight (in the database, with the store generation it
+started at) before it snapshots the registry, and released when it leaves the
+scheduler; a purge waits until no request from before its exclusion is in flight
+(forget.py), so no request that could still load a forgotten shard outlives its files.
+"""
+
+from __future__ import annotations
+
+import base64
+import dataclasses
+import io
+import threading
+import time
+
+from PIL import Image
+
+from shards import ShardStore
+from shards.data import to_uint8
+from shards.errors import UnknownContributorError
+from shards.routing import Routing
+from shards.sampler import ComposedSampler, SampleOutput, SampleRequest
+from shards.settings import SAMPLE_STEPS, env_int
+
+from .auth import Principal
+from .db import Database
+from .errors import ForbiddenError, RateLimitError, UnavailableError
+from .metrics import ServiceMetrics
+
+
+@dataclasses.dataclass(frozen=True)
+class Limits:
+    """Per-request and per-key budgets, in images x steps, and the batch bounds; from
+    the environment by default (shards/settings.py: CDM_MAX_REQUEST_COST,
+    CDM_KEY_COST_PER_MINUTE, None for no limit, CDM_MAX_BATCH_ROWS, CDM_MAX_BATCH)."""
+
+    request_cost: int = 64 * 500
+    key_cost_per_minute: int | None = 100_000
+    batch_rows: int = 64
+    batch_requests: int = 64
+
+    @classmethod
+    def from_env(cls) -> Limits:
+        return cls(env_int("CDM_MAX_REQUEST_COST"), env_int("CDM_KEY_COST_PER_MINUTE"),
+                   env_int("CDM_MAX_BATCH_ROWS"), env_int("CDM_MAX_BATCH"))
+
+
+def png_base64(image_hwc) -> str:
+    """One uint8 (H, W, C) image as a base64 PNG."""
+    buf = io.BytesIO()
+    mode = "L" if image_hwc.shape[-1] == 1 else "RGB"
+    Image.fromarray(image_hwc[..., 0] if mode == "L" else image_hwc, mode=mode).save(buf, "PNG")
+    return base64.b64encode(buf.getvalue()).decode()
+
+
+class LiveSampler:
+    """This worker's sampler over the store's live contributors, reloaded whenever a
+    live contributor's weights or head, or the joint classifier, changed (a forget then
+    a re-add of the same id included)."""
+
+    def __init__(self, store: ShardStore, device: str | None):
+        self.store, self.device = store, device
+        self.sampler: ComposedSampler | None = None
+        self._key: tuple | None = None
+        self._lock = threading.RLock()
+
+    def sync(self) -> tuple[ComposedSampler | None, set[str]]:
+        """Pick up other processes' changes to the store; returns the sampler and the
+        live set, from one manifest."""
+        with self._lock:
+            self.store.refresh()
+            m = self.store.manifest
+            live = dict(m["contributors"])
+            key = (tuple((c, e["weights_hash"], (e.get("head") or {}).get("weights_hash"))
+                         for c, e in sorted(live.items())),
+                   (m.get("classifier") or {}).get("weights_hash"))
+            if key != self._key:
+                self.sampler = None  # drop the old weights before loading the new
+                self.sampler = self.store.load_sampler(self.device) if live else None
+                self._key = key
+            return self.sampler, set(live)
+
+
+@dataclasses.dataclass
+class GenerationJob:
+    """A generate request that passed its checks, bound to the sampler snapshot
+    taken when it started."""
+
+    principal: Principal
+    sampler: ComposedSampler
+    request: SampleRequest
+    params: dict
+    routing: Routing
+    seq: int = 0
+    seconds: float = 0.0
+    started: float = dataclasses.field(default_factory=time.perf_counter)
+
+
+class Generation:
+    """Admits, checks and finishes generate requests of one worker (`worker`: its
+    id in the in-flight table)."""
+
+    def __init__(self, store: ShardStore, db: Database, live: LiveSampler,
+                 metrics: ServiceMetrics, limits: Limits, worker: str):
+        self.store, self.db, self.live, self.metrics = store, db, live, metrics
+        self.limits, self.worker = limits, worker
+        self._seq = 0
+        self._lock = threading.Lock()
+
+    def prepare(self, principal: Principal, contributors: list[str] | None = None, n: int = 4,
+                steps: int = SAMPLE_STEPS, seed: int = 0, mode: str = "composed",
+                scheduler: str = "ddpm", routing: str | None = None, top_k: int | None = None,
+                mass: float | None = None, label: int | list[int] | None = None) -> GenerationJob:
+        """Check the request, charge the key, register the request as in flight, then
+        snapshot the registry (after registering: a purge that did not see this request
+        in flight ran after the snapshot, whose live set already excludes the forgotten).
+        The job counts as in flight until `release(job.seq)`.
+
+        Raises:
+            ValueError: bad arguments, or n x steps above the per-request limit (400).
+            RateLimitError: the key's spend over the last minute (429).
+            and the errors of `_check`.
+        """
+        route = Routing.parse(routing, top_k, mass, mode)
+        labels = None if label is None else tuple([label] if isinstance(label, int) else label)
+        cost = n * steps
+        if cost > self.limits.request_cost:
+            raise ValueError(f"n x steps = {cost} exceeds this server's per-request limit "
+                             f"{self.limits.request_cost} (CDM_MAX_REQUEST_COST)")
+        with self._lock:
+            self._seq += 1
+            seq = self._seq
+        wait = self.db.admit(principal.key_id or principal.user, cost,
+                             self.limits.key_cost_per_minute, self.worker, seq, self.store.generation)
+        if wait is not None:
+            raise RateLimitError(f"key of {principal.user!r} spent its {self.limits.key_cost_per_minute} "
+                                 "images x steps per minute (CDM_KEY_COST_PER_MINUTE)", wait)
+        try:
+            sampler, live = self.live.sync()
+            return self._check(principal, contributors, n, steps, seed, mode, scheduler, route,
+                               sampler, live, seq, labels)
+        except BaseException:
+            self.release(seq)
+            raise
+
+    def release(self, seq: int) -> None:
+        """The request `seq` no longer holds its sampler snapshot (idempotent)."""
+        self.db.release(self.worker, seq)
+
+    def _check(self, principal, contributors, n, steps, seed, mode, scheduler, route, sampler,
+               live, seq, labels=None) -> GenerationJob:
+        """Raises:
+            UnknownContributorError: a named contributor is not live (404).
+            LabelUnavailableError: no contributor of S holds a requested label (404).
+            ForbiddenError: a named contributor is not licensed (403), or none is.
+            UnavailableError: no live contributor at all (503).
+        """
+        if sampler is None:
+            raise UnavailableError("the store has no live contributors")
+        if contributors is None:
+            allowed = sorted(live if principal.license is None else live & principal.license)
+            if not allowed:
+                raise ForbiddenError(f"key of {principal.user!r} is licensed for no live contributor")
+        else:
+            if len(set(contributors)) != len(contributors):
+                raise ValueError("contributors lists an id twice")
+            unknown = sorted(set(contributors) - live)
+            if unknown:
+                raise UnknownContributorError(unknown)
+            principal.check_license(contributors)
+            allowed = sorted(contributors)
+        if route.top_k is not None and route.top_k > len(allowed):  # "at most k": all of S
+            route = dataclasses.replace(route, top_k=len(allowed))
+        route.check_subset(len(allowed))
+        request = SampleRequest(tuple(allowed), n, seed, labels)
+        sampler.check_labels(request)  # a label no contributor of S holds: 404 before sampling
+        params = {"n": n, "steps": steps, "seed": seed, "mode": mode, "scheduler": scheduler,
+                  **route.to_dict()}
+        if labels is not None:
+            params["label"] = list(labels)
+        return GenerationJob(principal, sampler, request, params, route, seq)
+
+    # ----------------------------------------------------- the step scheduler
+    @staticmethod
+    def batch_key(job: GenerationJob) -> tuple:
+        """Jobs with the same key may share a batch."""
+        p = job.params
+        return (id(job.sampler), p["steps"], p["scheduler"], p["mode"], job.routing)
+
+    @staticmethod
+    def open_batch(job: GenerationJob):
+        """An empty batch for the job's settings."""
+        p = job.params
+        return job.sampler.batch(p["steps"], p["scheduler"], p["mode"], job.routing)
+
+    def observe(self, job: GenerationJob, together: int) -> None:
+        """A job finished in a batch of `together` requests."""
+        job.seconds = time.perf_counter() - job.started
+        self.metrics.batch_size.observe(together)
+
+    def sample_here(self, jobs: list[GenerationJob]) -> list[SampleOutput | Exception]:
+        """Sample prepared jobs in this thread (no scheduler: the CLI), batching those
+        that share a key (a job's images do not depend on its batch)."""
+        self.metrics.batch_size.observe(len(jobs))
+        outputs: list[SampleOutput | Exception | None] = [None] * len(jobs)
+        groups: dict[tuple, list[int]] = {}
+        for i, job in enumerate(jobs):
+            groups.setdefault(self.batch_key(job), []).append(i)
+        for idx in groups.values():
+            start = time.perf_counter()
+            first = jobs[idx[0]]
+            try:
+                outs = first.sampler.sample_batch(
+                    [jobs[i].request for i in idx], first.params["steps"],
+                    first.params["scheduler"], first.params["mode"], routing=first.routing)
+            except Exception as err:  # reported to each request of the group
+                outs = [err] * len(idx)
+            seconds = time.perf_counter() - start
+            for i, out in zip(idx, outs, strict=True):
+                jobs[i].seconds = seconds
+                outputs[i] = out
+        return outputs
+
+    def finish(self, job: GenerationJob, out: SampleOutput) -> dict:
+        """Ledger row (durable before returning), metrics, and the response body."""
+        attribution = {c: out.attribution_mean[:, i].tolist() for i, c in enumerate(out.contributor_ids)}
+        request_id = self.db.record_request(job.principal.user, job.params, out.contributor_ids,
+                                            attribution)
+        self.metrics.record_generation(out.contributor_ids, attribution, job.seconds)
+        return {
+            "request_id": request_id,
+            "contributors": out.contributor_ids,
+            "images": [png_base64(img) for img in to_uint8(out.images * 2 - 1)],
+            "attribution": attribution,
+            "attribution_last": {c: out.attribution_last[:, i].tolist()
+                                 for i, c in enumerate(out.contributor_ids)},
+            "labels": None if out.labels is None else out.labels.tolist(),
+        }

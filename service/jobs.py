@@ -1,0 +1,219 @@
+"""Admin jobs (purge, add, value) as rows of the jobs table, and the runner that
+executes them.
+
+Every worker runs a runner, but a runner executes jobs only while holding the store's
+admin lock, so each job runs once, in one process; a job the lock's holder finds
+`running` was orphaned by a crash: purges resume from their recorded plan and write
+any missing audit record, adds finish their record or remove their partial files,
+valuations are marked failed. Jobs run in the order they were created.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from pathlib import Path
+
+from shards import ShardStore, load_contributor
+from shards.errors import StoreError, short
+from shards.faults import crashpoint
+from shards.settings import PURGE_RETRY_SECONDS, VALUE_METHODS
+from valuation.run import ValuationSettings, run_valuation
+
+from .auth import Principal
+from .credit import record_primary
+from .db import Database
+from .errors import NotFoundError, Postponed, UnavailableError
+from .forget import Forgetting
+from .generation import LiveSampler
+from .paths import resolve_data_folder
+
+log = logging.getLogger("cdm")
+
+
+class Jobs:
+    """The jobs of one store: admission of add and value jobs, and the runner."""
+
+    def __init__(self, store: ShardStore, db: Database, live: LiveSampler, forgetting: Forgetting,
+                 data_roots: list[Path], device: str | None, wake: threading.Event,
+                 closed: threading.Event):
+        self.store, self.db, self.live, self.forgetting = store, db, live, forgetting
+        self.data_roots, self.device, self.wake, self.closed = data_roots, device, wake, closed
+        self._swept = False
+        self.handlers = {"purge": forgetting.purge, "add": self._add, "value": self._value}
+
+    # -------------------------------------------------------------- admission
+    def data_folder(self, folder: str) -> Path:
+        """A folder a request names, under the data roots. A folder outside them, or
+        missing, is one 404 (a request cannot tell which of the two it was)."""
+        try:
+            return resolve_data_folder(folder, self.data_roots)
+        except ValueError as err:
+            raise NotFoundError(str(err)) from None
+
+    def add_contributor(self, principal: Principal, folder: str, kind: str | None = None) -> dict:
+        """Admin: validate the folder now (errors are immediate), train in the
+        background. `folder` must lie under one of the data roots (CDM_DATA_ROOTS)."""
+        principal.require_admin()
+        path = self.data_folder(folder)
+        data = load_contributor(path)
+        self.store.refresh()
+        if data.contributor_id in self.store.contributor_ids:
+            raise ValueError(f"contributor {data.contributor_id!r} is already live")
+        job_id = self.db.create_job("add", principal.user,
+                                    {"folder": str(path), "contributor_id": data.contributor_id,
+                                     "data_hash": data.data_hash, "kind": kind})
+        self.wake.set()
+        return {"job_id": job_id, "contributor_id": data.contributor_id}
+
+    def value(self, principal: Principal, heldout: str | None = None, **settings) -> dict:
+        """Admin: start a valuation job of the live contributors; `settings` are
+        `ValuationSettings` fields (property, methods, n, steps, seed, ...), checked
+        now. Its most exact Shapley values become the property's latest credit."""
+        principal.require_admin()
+        unknown = sorted(set(settings) - set(ValuationSettings.__dataclass_fields__))
+        if unknown:
+            raise ValueError(f"unknown valuation settings {unknown}")
+        settings = ValuationSettings(**{"methods": VALUE_METHODS, **settings})
+        if settings.property == "aesthetic":
+            raise ValueError("property 'aesthetic' needs local model paths: use `cdm value`")
+        if heldout is not None:
+            heldout = str(self.data_folder(heldout))
+        self.store.refresh()
+        if not self.store.contributor_ids:
+            raise UnavailableError("no live contributor to value")
+        job_id = self.db.create_job("value", principal.user, {
+            "settings": {k: getattr(settings, k) for k in settings.__dataclass_fields__},
+            "heldout": heldout, "property": settings.property, "methods": list(settings.methods)})
+        self.wake.set()
+        return {"job_id": job_id, "property": settings.property, "methods": list(settings.methods)}
+
+    def job(self, principal: Principal, job_id: str) -> dict:
+        """A job, to an admin, or to the contributor key whose forgetting it is."""
+        job = self.db.get_job(job_id)
+        if job is None or not (principal.is_admin or (
+                job["kind"] == "purge"
+                and principal.may_act_for(job["params"].get("contributor_id", "")))):
+            raise NotFoundError(f"no job {short(job_id)!r}")
+        job.pop("plan", None)
+        return job
+
+    # ----------------------------------------------------------------- runner
+    def loop(self) -> None:
+        """The runner thread: runs jobs whenever woken, and at least every second."""
+        while not self.closed.is_set():
+            self.wake.wait(timeout=1.0)
+            self.wake.clear()
+            try:
+                self.run()
+            except Exception:  # keep the runner alive; the job row says what failed
+                log.exception("job runner")
+
+    def run(self) -> int:
+        """Run orphaned and queued jobs, one at a time, under the store's admin lock
+        (one runner across every process). Returns how many ran."""
+        if not self._swept:  # once per process: folders of adds a crash interrupted
+            self.store.cleanup_orphans()
+            self._swept = True
+        changed = self.store.refresh()
+        if changed:
+            self.live.sync()  # an idle worker drops a forgotten contributor's weights too
+        if not self.db.jobs(("queued", "running")) and not changed \
+                and not self.store.pending_purges:
+            return 0
+        ran = 0
+        with self.store.admin_lock():
+            for job in self.db.jobs(("running",)):  # the lock holder runs nothing else: orphans
+                self._run(job, recovering=True)
+                ran += 1
+            with self.store.write_lock():  # forget writes exclusion + job under it
+                recent = time.time() - PURGE_RETRY_SECONDS
+                covered = {j["params"].get("contributor_id") for j in self.db.jobs()
+                           if j["kind"] == "purge" and (j["status"] in ("queued", "running") or (
+                               j["status"] == "failed" and (j["finished_at"] or 0) > recent))}
+                for cid in sorted(set(self.store.pending_purges) - covered):  # crash: no job
+                    self.db.create_job("purge", "system", {"contributor_id": cid})
+            for job in self.db.jobs(("queued",)):
+                if self.closed.is_set():
+                    break
+                if self.db.claim_job(job["job_id"]):
+                    self._run(job, recovering=False)
+                    ran += 1
+        return ran
+
+    def _run(self, job: dict, recovering: bool) -> None:
+        try:
+            if recovering and job["kind"] == "value":
+                raise StoreError("interrupted by a restart")
+            if recovering and job["kind"] == "add":
+                result = self._recover_add(job)
+            else:
+                result = self.handlers[job["kind"]](job)
+        except Postponed as why:
+            log.warning("job %s (%s) postponed: %s", job["job_id"], job["kind"], why)
+            return
+        except Exception as err:  # a failed job is reported through `job`, not raised
+            log.warning("job %s (%s) failed: %s", job["job_id"], job["kind"], err)
+            self.db.update_job(job["job_id"], "failed", error=f"{type(err).__name__}: {err}")
+            return
+        if job["kind"] == "purge":
+            with self.db.transaction() as tx:  # the record and the job's end, together
+                if not self.db.has_audit("purge", job["job_id"]):
+                    self.db.audit(job["actor"], "purge", job["params"]["contributor_id"], result, tx)
+                self.db.update_job(job["job_id"], "succeeded", result=result, db=tx)
+        else:
+            self.db.update_job(job["job_id"], "succeeded", result=result)
+
+    # ------------------------------------------------------------ add, value
+    def _add(self, job: dict) -> dict:
+        params = job["params"]
+        data = load_contributor(params["folder"])
+        if data.data_hash != params["data_hash"]:
+            raise StoreError("the folder changed since the request was accepted; send it again")
+        entry = self.store.add(data, kind=params.get("kind"), device=self.device, progress=False)
+        crashpoint("add:committed")
+        self.live.sync()
+        return self._add_record(job, entry)
+
+    def _add_record(self, job: dict, entry: dict, **extra) -> dict:
+        self.db.audit(job["actor"], "add", entry["contributor_id"] if "contributor_id" in entry
+                      else job["params"]["contributor_id"],
+                      {"data_hash": entry["data_hash"], "weights_hash": entry["weights_hash"],
+                       "job_id": job["job_id"], **extra})
+        return {"contributor_id": job["params"]["contributor_id"], "final_loss": entry["final_loss"]}
+
+    def _recover_add(self, job: dict) -> dict:
+        """An add that a crash interrupted: done if the manifest names it (write the
+        missing record), else its partial files are deleted and the job fails."""
+        cid = job["params"]["contributor_id"]
+        self.store.refresh()
+        if cid in self.store.manifest["contributors"]:  # the add finished before the crash
+            entry = self.store.contributor(cid)
+            if self.db.has_audit("add", job["job_id"]):
+                return {"contributor_id": cid, "final_loss": entry["final_loss"]}
+            return self._add_record(job, entry, recovered=True)
+        deleted = self.store.cleanup_orphans()
+        raise StoreError(f"interrupted by a restart; partial files removed: {deleted or 'none'}")
+
+    def _value(self, job: dict) -> dict:
+        raw = dict(job["params"]["settings"])
+        raw["methods"] = tuple(raw["methods"])
+        settings = ValuationSettings(**raw)
+        players = set(self.store.contributor_ids)
+        report, results = run_valuation(self.store.root, settings,
+                                        heldout=job["params"].get("heldout"), progress=False)
+        self.store.refresh()
+        gone = sorted(players - set(self.store.contributor_ids))
+        if gone:  # recording would keep values of a forgotten contributor
+            raise StoreError(f"contributor(s) {', '.join(gone)} were forgotten during the "
+                             "valuation; nothing was recorded; run it again")
+        record_primary(self.db, results)
+        self.db.audit(job["actor"], "value", "*", {"property": settings.property,
+                                                    "methods": list(settings.methods),
+                                                    "job_id": job["job_id"]})
+        return {"property": settings.property, "players": report["players"],
+                "methods": {m: {k: r[k] for k in ("values", "stderr", "u_full", "u_empty",
+                                                  "efficiency_gap", "seconds")}
+                            for m, r in report["methods"].items()},
+                "correlations": report["correlations"]}

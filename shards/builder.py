@@ -1,0 +1,210 @@
+"""Building a store and adding to it: everything trained from what a contributor
+brings (its shard, its part of the router, a kept copy of its data where configured).
+
+A new store is built in a sibling temp folder and renamed into place; an add writes
+new folders first (each staged as `.<id>.partial` and renamed) and switches the
+manifest last, under the write lock, so a crash leaves the previous store intact and
+folders the manifest does not name, which `forgetting.cleanup_orphans` deletes. One
+add or purge runs at a time (the admin lock, across processes).
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import shutil
+import uuid
+from pathlib import Path
+
+import torch
+from diffusers import DDPMScheduler, UNet2DModel
+from safetensors.torch import save_file
+from tqdm.auto import tqdm
+
+from .config import StoreConfig
+from .data import ContributorData, check_same_labelling, check_same_shape, validate_contributor_id
+from .errors import DataError, StoreError
+from .faults import crashpoint
+from .files import files_hash, tensor_hash
+from .forgetting import cleanup_orphans
+from .models import make_noise_schedule, pick_device
+from .registry import FORMAT, ShardRegistry, now, router_for
+from .shard import save_shard, train_base, train_shard
+
+
+def build_store(root: str | Path, datasets: list[ContributorData], config: StoreConfig,
+                public: torch.Tensor | None, public_labels: torch.Tensor | None,
+                device: str | None, progress: bool) -> Path:
+    """Train one shard (and its router part) per contributor and the router's shared
+    part; write the store at `root`. Labelled data makes a labelled store
+    (class-conditional shards and router). Returns `root`.
+
+    Raises:
+        StoreError: `root` exists and is not empty.
+        DataError: no data, duplicate ids, mismatched shapes, labelled and unlabelled
+            contributors mixed, no public data where LoRA shards or the router need it
+            (labelled too, in a labelled store).
+    """
+    root = Path(root)
+    if root.exists() and (not root.is_dir() or any(root.iterdir())):
+        raise StoreError(f"{root} already exists and is not empty; choose a new store path")
+    if not datasets:
+        raise DataError("no contributors to train")
+    ids = [d.contributor_id for d in datasets]
+    if len(set(ids)) != len(ids):
+        raise DataError(f"duplicate contributor ids: {sorted({i for i in ids if ids.count(i) > 1})}")
+    check_same_shape(datasets)
+    check_same_labelling(datasets)
+    image_shape = datasets[0].image_shape
+    labelled = datasets[0].labels is not None
+    num_labels = 0
+    if labelled:
+        num_labels = 1 + max(int(d.labels.max()) for d in datasets)
+        if public_labels is not None and len(public_labels):
+            num_labels = max(num_labels, 1 + int(public_labels.max()))
+    router = router_for(config.router)
+    needs = [use for use in ("kind 'lora' (its base model)" if config.kind == "lora" else None,
+                             router.public_use) if use]
+    if needs:
+        _check_public(datasets, public, public_labels, image_shape, labelled, needs)
+    tmp = root.parent / f".{root.name}.partial-{uuid.uuid4().hex[:8]}"
+    tmp.mkdir(parents=True)
+    try:
+        _build(tmp, sorted(datasets, key=lambda d: d.contributor_id), config, public,
+               public_labels if labelled else None, image_shape, num_labels,
+               pick_device(device), progress)
+        if root.exists():
+            root.rmdir()
+        os.replace(tmp, root)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return root
+
+
+def _check_public(datasets, public, public_labels, image_shape, labelled, needs) -> None:
+    if public is None or len(public) == 0:
+        raise DataError(f"{' and '.join(needs)} need(s) public data owned by nobody "
+                        "(--public DIR)")
+    if tuple(public.shape[1:]) != image_shape:
+        raise DataError(f"public images have shape {tuple(public.shape[1:])}, contributors {image_shape}")
+    if labelled and public_labels is None:
+        raise DataError("the contributors' data is labelled, so the public data must be "
+                        "too (a <label>/ folder per label or a labels.csv)")
+    if labelled:
+        lacking = sorted({int(y) for d in datasets for y in d.labels.unique()}
+                         - {int(y) for y in public_labels.unique()})
+        if lacking:
+            raise DataError(f"the public data has no image of label(s) {lacking}, which "
+                            f"contributors hold; {' and '.join(needs)} need(s) them")
+
+
+def _build(root: Path, datasets, config: StoreConfig, public, public_labels, image_shape,
+           num_labels: int, device, progress: bool) -> None:
+    scheduler = make_noise_schedule(config.schedule)
+    scheduler.save_pretrained(root / "schedule")
+    manifest = {"format": FORMAT, "created_at": now(), "image_shape": list(image_shape),
+                "config": config.to_dict(), "base": None, "contributors": {},
+                "classifier": None, "reference": None, "num_labels": num_labels,
+                "excluded": {}, "generation": 0}
+    base = None
+    if config.kind == "lora":
+        base, loss = train_base(public, image_shape, config, scheduler, device, progress,
+                                public_labels, num_labels)
+        base.save_pretrained(root / "base")
+        manifest["base"] = {"path": "base", "images": len(public), "final_loss": loss,
+                            "data_hash": tensor_hash(public), "weights_hash": files_hash(root / "base")}
+    store = ShardRegistry(root, manifest)
+    store.router.setup(root, manifest, public, public_labels)
+    for data in tqdm(datasets, desc="shards", disable=not progress):
+        manifest["contributors"][data.contributor_id] = write_contributor(
+            store, data, config.kind, scheduler, base, device, progress)
+    store.commit(manifest, store.router.train(store, device, progress))
+
+
+def write_contributor(store: ShardRegistry, data: ContributorData, kind: str,
+                      scheduler: DDPMScheduler, base: UNet2DModel | None, device,
+                      progress: bool) -> dict:
+    """Train and write shards/<id>, the router's part of <id>, and data/<id> where
+    configured; each folder is staged and renamed. Returns the manifest entry, which
+    the caller switches in: until the manifest names <id>, these folders are orphans."""
+    cid = data.contributor_id
+    model, meta = train_shard(data, kind, store.config, scheduler, base, device, progress,
+                              store.num_labels)
+    staging = store.root / "shards" / f".{cid}.partial"
+    weights_hash = save_shard(model, meta, staging)
+    entry = {**meta, "path": f"shards/{cid}", "data_path": None,
+             "weights_hash": weights_hash, "added_at": now()}
+    entry.update(store.router.contributor_part(store, data, scheduler, device, progress))
+    shard_dir, data_dir = store.root / "shards" / cid, store.root / "data" / cid
+    for orphan in (shard_dir, data_dir):  # left by a crash before a manifest switch
+        shutil.rmtree(orphan, ignore_errors=True)
+    if store.config.keeps_data:
+        data_staging = store.root / "data" / f".{cid}.partial"
+        data_staging.mkdir(parents=True)
+        kept = {"images": data.images.contiguous()}
+        if data.labels is not None:
+            kept["labels"] = data.labels.contiguous()
+        save_file(kept, str(data_staging / "images.safetensors"),
+                  metadata={"data_hash": data.data_hash})
+        os.replace(data_staging, data_dir)
+        entry["data_path"] = f"data/{cid}"
+    os.replace(staging, shard_dir)
+    return entry
+
+
+def add_contributor(store: ShardRegistry, data: ContributorData, kind: str | None = None,
+                    device: str | None = None, progress: bool = True) -> dict:
+    """Train a shard for a new contributor, then its router part (router.py: a head of
+    its own, or the joint classifier extended); returns the new manifest entry.
+
+    Raises:
+        DataError: the id is already live or excluded, the image shape or labels do not
+            fit the store, or a LoRA shard in a store without a public base.
+        StoreError: the router refuses an add now (joint: a purge is pending).
+    """
+    kind = kind or store.config.kind
+    cid = validate_contributor_id(data.contributor_id)
+    with store.admin_lock():
+        _check_addable(store, data, kind)
+        check_same_shape([data], store.image_shape)
+        _check_labels(store, data)
+        dev = pick_device(device)
+        scheduler = store.noise_schedule()
+        base = None
+        if kind == "lora":
+            base = UNet2DModel.from_pretrained(store.root / store.manifest["base"]["path"])
+        cleanup_orphans(store)
+        entry = write_contributor(store, data, kind, scheduler, base, dev, progress)
+        crashpoint("add:shard-written")
+        update = store.router.extend(store, data, dev, progress)
+        with store.write_lock():
+            _check_addable(store, data, kind)
+            manifest = copy.deepcopy(store.manifest)
+            manifest["contributors"][cid] = entry
+            store.commit(manifest, update)
+        return entry
+
+
+def _check_addable(store: ShardRegistry, data: ContributorData, kind: str) -> None:
+    cid = data.contributor_id
+    if cid in store.manifest["contributors"]:
+        raise DataError(f"contributor {cid!r} is already in the store")
+    if cid in store.manifest["excluded"]:
+        raise DataError(f"contributor {cid!r} is being forgotten; add it after the purge")
+    if kind == "lora" and store.manifest["base"] is None:
+        raise DataError("this store has no public base model; add with --kind full")
+
+
+def _check_labels(store: ShardRegistry, data: ContributorData) -> None:
+    """A labelled store takes labelled data with labels it knows (and that the router
+    can take); an unlabelled one takes unlabelled data."""
+    check_same_labelling([data], labelled=store.num_labels > 0)
+    if store.num_labels:
+        unknown = sorted(y for y in data.label_counts() if y >= store.num_labels)
+        if unknown:
+            raise DataError(f"contributor {data.contributor_id!r} has label(s) {unknown} "
+                            f"(folder {unknown[0]}/ or its labels.csv rows), which this store "
+                            f"does not know; allowed: 0..{store.num_labels - 1} (fixed when the "
+                            "store was created)")
+    store.router.check_add(store, data)

@@ -1,0 +1,62 @@
+"""Writing files so that a crash leaves the old or the new version, never a partial
+one; and the hashes that name what was written."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import uuid
+from pathlib import Path
+
+import torch
+
+
+def fsync_dir(folder: Path) -> None:
+    """Make a rename (or a deletion) in `folder` durable."""
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_json_atomic(path: Path, obj) -> None:
+    """Write JSON to a temp file beside `path`, fsync it, rename over `path`, fsync
+    the directory: readers see the old or the new file, never a partial one."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
+    with open(tmp, "w") as f:
+        f.write(json.dumps(obj, indent=2, sort_keys=True) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    fsync_dir(path.parent)
+
+
+def files_hash(folder: Path) -> str:
+    """sha256 over the safetensors files of a saved model folder."""
+    digest = hashlib.sha256()
+    for path in sorted(Path(folder).glob("*.safetensors")):
+        digest.update(path.name.encode())
+        digest.update(path.read_bytes())
+    return digest.hexdigest()
+
+
+def tensor_hash(tensor: torch.Tensor) -> str:
+    """sha256 over a tensor's bytes (the public data's hash in the manifest)."""
+    return hashlib.sha256(tensor.contiguous().numpy().tobytes()).hexdigest()
+
+
+def sweep(root: Path, folder: str, known: set[str]) -> list[str]:
+    """Delete the children of `root/folder` that are staging folders (`.<id>.partial`)
+    or name no id in `known`; returns the store-relative paths deleted."""
+    deleted = []
+    parent = Path(root) / folder
+    if parent.is_dir():
+        for child in sorted(parent.iterdir()):
+            if child.name.endswith(".partial") or child.name not in known:
+                shutil.rmtree(child, ignore_errors=True)
+                deleted.append(f"{folder}/{child.name}")
+    return deleted

@@ -1,0 +1,226 @@
+"""The registry of a store: which contributors are live, read from and written to
+STORE/manifest.json, under locks that every process opening the store shares.
+
+The manifest is the source of truth: a folder it does not name is not part of the
+store. It is written atomically (temp file, fsync, rename), always as the next
+`generation`, and only under an exclusive `fcntl` lock on STORE/.lock, after
+re-reading it from disk; readers call `refresh()` (one `stat`) to pick up another
+process's change. So no writer works from a stale copy, and an exclusion written by
+one process is seen by every other at its next `refresh()`. Long operations that
+change what is on disk (add, purge) also hold STORE/.admin.lock, one at a time.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import threading
+import time
+from pathlib import Path
+
+import torch
+from diffusers import DDPMScheduler
+from filelock import FileLock
+from safetensors.torch import load_file
+
+from .classifier import JointRouter
+from .config import StoreConfig
+from .errors import StoreError, UnknownContributorError
+from .files import write_json_atomic
+from .heads import HeadsRouter
+from .router import Router, RouterUpdate
+
+FORMAT = 1
+MANIFEST = "manifest.json"
+LOCK = ".lock"
+ADMIN_LOCK = ".admin.lock"
+
+
+ROUTERS: dict[str, Router] = {"heads": HeadsRouter(), "joint": JointRouter()}
+
+
+def router_for(kind: str) -> Router:
+    """The router of `kind` (one of shards/settings.py ROUTERS).
+
+    Raises:
+        ValueError: an unknown kind.
+    """
+    if kind not in ROUTERS:
+        raise ValueError(f"router={kind!r}; allowed: {sorted(ROUTERS)}")
+    return ROUTERS[kind]
+
+
+def now() -> str:
+    """The time as the manifest records it (UTC, ISO 8601)."""
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+
+
+def read_manifest(root: Path) -> tuple[dict, tuple]:
+    """The manifest of the store at `root` and its file stamp (inode, mtime, size).
+
+    Raises:
+        StoreError: no manifest, not JSON, or of another format.
+    """
+    path = root / MANIFEST
+    try:
+        with open(path) as f:
+            st = os.fstat(f.fileno())
+            text = f.read()
+    except FileNotFoundError:
+        raise StoreError(f"no shard store at {root} (missing {MANIFEST})") from None
+    try:
+        manifest = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise StoreError(f"{path} is not valid JSON: {err}") from err
+    if manifest.get("format") != FORMAT:
+        raise StoreError(f"{path}: format {manifest.get('format')!r}, expected {FORMAT}")
+    # written before forgetting had two stages, or before generations were counted
+    manifest.setdefault("excluded", {})
+    manifest.setdefault("generation", 0)
+    return manifest, (st.st_ino, st.st_mtime_ns, st.st_size)
+
+
+class ShardRegistry:
+    """The live contributors of the store at `root`, their entries, and the locks."""
+
+    def __init__(self, root: str | Path, manifest: dict, stamp: tuple | None = None):
+        self.root = Path(root)
+        self._lock = threading.RLock()
+        self._set(manifest, stamp)
+        # one lock file each; thread-local: two threads of one process exclude each other
+        self._write_lock = FileLock(self.root / LOCK, preserve_lock_file=True)
+        self._admin_lock = FileLock(self.root / ADMIN_LOCK, preserve_lock_file=True)
+
+    def _set(self, manifest: dict, stamp: tuple | None) -> None:
+        with self._lock:
+            self.manifest = manifest
+            self.config = StoreConfig.from_dict(manifest["config"])
+            self._stamp = stamp
+
+    @classmethod
+    def open(cls, root: str | Path):
+        """Open an existing store. Raises StoreError if there is none at `root`."""
+        root = Path(root)
+        return cls(root, *read_manifest(root))
+
+    # ---------------------------------------------------------- generations
+    @property
+    def generation(self) -> int:
+        """Counts manifest writes: changes whenever any process changed the registry."""
+        return int(self.manifest["generation"])
+
+    def refresh(self, force: bool = False) -> bool:
+        """Re-read the manifest if another process (or another object) replaced it
+        since this one last read or wrote it; one `stat` when nothing changed
+        (`force`: re-read anyway, as every holder of a lock does). Returns whether it
+        was re-read."""
+        try:
+            st = os.stat(self.root / MANIFEST)
+        except FileNotFoundError:
+            raise StoreError(f"store {self.root} lost its {MANIFEST}") from None
+        if not force and (st.st_ino, st.st_mtime_ns, st.st_size) == self._stamp:
+            return False
+        self._set(*read_manifest(self.root))
+        return True
+
+    def commit(self, manifest: dict, update: RouterUpdate | None = None) -> None:
+        """Write `manifest` as the next generation and make it this object's view;
+        with a router `update`, its files are written and named in `manifest` first,
+        and what it replaced is deleted after. Callers hold `write_lock` (or own a
+        store no one else can see yet)."""
+        if update is not None:
+            update.apply(manifest)
+        manifest["generation"] = int(manifest.get("generation", 0)) + 1
+        write_json_atomic(self.root / MANIFEST, manifest)
+        st = os.stat(self.root / MANIFEST)
+        self._set(manifest, (st.st_ino, st.st_mtime_ns, st.st_size))
+        if update is not None:
+            update.finish()
+
+    @contextlib.contextmanager
+    def write_lock(self):
+        """Hold the store's exclusive lock (against this process's other threads and
+        other processes alike), with the manifest re-read from disk on entry. Every
+        change to the manifest happens inside; reentrant within one thread. Held for
+        milliseconds: training runs outside it."""
+        with self._write_lock:
+            self.refresh(force=True)
+            yield self
+
+    @contextlib.contextmanager
+    def admin_lock(self):
+        """Serialises the long operations that change what is on disk (add, purge)
+        across threads and processes; exclusions do not wait for it. Reentrant
+        within one thread."""
+        with self._admin_lock:
+            self.refresh(force=True)
+            yield self
+
+    # -------------------------------------------------------------- reading
+    @property
+    def router(self) -> Router:
+        """The store's router (the kind its config names)."""
+        return router_for(self.config.router)
+
+    @property
+    def contributor_ids(self) -> list[str]:
+        return sorted(self.manifest["contributors"])
+
+    @property
+    def image_shape(self) -> tuple[int, int, int]:
+        return tuple(self.manifest["image_shape"])
+
+    @property
+    def num_labels(self) -> int:
+        """How many labels the store's class-conditional models know (0: unlabelled)."""
+        return int(self.manifest.get("num_labels", 0))
+
+    @property
+    def pending_purges(self) -> list[str]:
+        """Contributors excluded whose purge has not finished."""
+        return sorted(self.manifest["excluded"])
+
+    def contributor(self, contributor_id: str) -> dict:
+        """The manifest entry of a live contributor.
+
+        Raises:
+            UnknownContributorError: it is not live.
+        """
+        try:
+            return self.manifest["contributors"][contributor_id]
+        except KeyError:
+            raise UnknownContributorError(contributor_id) from None
+
+    def label_counts(self, contributor_id: str) -> dict[int, int]:
+        """{label: images} of a live contributor; empty in an unlabelled store."""
+        return {int(y): n for y, n in self.contributor(contributor_id).get("labels", {}).items()}
+
+    def priors(self) -> dict[str, float]:
+        """lambda_i: proportional to |D_i| (`size`) or equal (`uniform`)."""
+        entries = self.manifest["contributors"]
+        if self.config.priors == "uniform":
+            return {c: 1.0 for c in entries}
+        return {c: float(e["images"]) for c, e in entries.items()}
+
+    def noise_schedule(self) -> DDPMScheduler:
+        """The forward process every model of the store shares."""
+        return DDPMScheduler.from_pretrained(self.root / "schedule")
+
+    def contributor_data(self, contributor_id: str) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The kept copy of a live contributor's images and labels (None: unlabelled).
+
+        Raises:
+            StoreError: the store does not keep contributor data (keep_data off).
+        """
+        entry = self.contributor(contributor_id)
+        if not entry.get("data_path"):
+            raise StoreError(f"store {self.root} keeps no contributor data (keep_data is off); "
+                             "rebuild it with keep_data (cdm train --keep-data) for methods "
+                             "that retrain on raw data")
+        kept = load_file(self.root / entry["data_path"] / "images.safetensors")
+        return kept["images"], kept.get("labels")
+
+    def contributor_images(self, contributor_id: str) -> torch.Tensor:
+        """The kept copy of a live contributor's images (see `contributor_data`)."""
+        return self.contributor_data(contributor_id)[0]

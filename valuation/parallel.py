@@ -1,0 +1,95 @@
+"""Where the utilities a valuation misses in its cache are computed: in this process,
+in local worker processes (spawned, each with its share of the CPU's threads), or on
+a Ray cluster (actors). Each worker rebuilds the utility's source from a spec
+(factory, kwargs), so nothing but coalitions and numbers crosses processes.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable, Iterator
+from concurrent.futures import ProcessPoolExecutor
+from multiprocessing import get_context
+
+import torch
+
+_WORKER_SOURCE = None
+
+
+def _init_worker(factory: Callable, kwargs: dict, threads: int) -> None:
+    global _WORKER_SOURCE
+    torch.set_num_threads(threads)
+    _WORKER_SOURCE = factory(**kwargs)
+
+
+def _evaluate_in_worker(coalition: frozenset) -> tuple[float, float]:
+    start = time.perf_counter()
+    value = _WORKER_SOURCE.evaluate(coalition)
+    return value, time.perf_counter() - start
+
+
+def timed(source, coalition: frozenset) -> tuple[float, float]:
+    """(U(S), seconds it took) computed here."""
+    start = time.perf_counter()
+    value = source.evaluate(coalition)
+    return value, time.perf_counter() - start
+
+
+class Backend:
+    """Computes U(S) for coalitions with `source` here (workers=1), or in `workers`
+    spawned processes, or as `workers` actors of the Ray cluster at `ray_address`
+    ("local": start Ray on this machine; needs `pip install '.[ray]'`, and on a cluster
+    every node needs this package and the store's path). The pool starts at the
+    first batch that needs it and is kept until `close`, so sampled estimators do not
+    pay the workers' start-up at every batch.
+
+    Raises:
+        ValueError: workers < 1; workers or Ray without a `spec` to rebuild the source.
+    """
+
+    def __init__(self, source, workers: int = 1, spec: tuple[Callable, dict] | None = None,
+                 ray_address: str | None = None):
+        if workers < 1:
+            raise ValueError(f"workers={workers} must be >= 1")
+        if (workers > 1 or ray_address) and spec is None:
+            raise ValueError("worker processes need a spec (factory, kwargs) to rebuild the source")
+        self.source, self.workers, self.spec, self.ray_address = source, workers, spec, ray_address
+        self._pool = None
+
+    def run(self, coalitions: list[frozenset]) -> Iterator[tuple[float, float]]:
+        """(U(S), seconds) for each coalition, in order."""
+        if (self.workers == 1 and not self.ray_address) or len(coalitions) < 2:
+            for coalition in coalitions:
+                yield timed(self.source, coalition)
+            return
+        pool = self._start()
+        run = pool.imap if self.ray_address else pool.map
+        yield from run(_evaluate_in_worker, coalitions)
+
+    def _start(self):
+        if self._pool is None:
+            factory, kwargs = self.spec
+            if self.ray_address:
+                try:
+                    from ray.util.multiprocessing import Pool
+                except ImportError as err:
+                    raise ValueError("ray is not installed: pip install '.[ray]'") from err
+                address = None if self.ray_address == "local" else self.ray_address
+                self._pool = Pool(self.workers, initializer=_init_worker,
+                                  initargs=(factory, kwargs, 1), ray_address=address)
+            else:
+                threads = max(1, (os.cpu_count() or 1) // self.workers)
+                self._pool = ProcessPoolExecutor(self.workers, mp_context=get_context("spawn"),
+                                                 initializer=_init_worker,
+                                                 initargs=(factory, kwargs, threads))
+        return self._pool
+
+    def close(self) -> None:
+        if self._pool is None:
+            return
+        if self.ray_address:
+            self._pool.terminate()
+        else:
+            self._pool.shutdown()
+        self._pool = None
