@@ -48,7 +48,7 @@ serve: store
 	$(BIN)/cdm keys demo --store $(STORE)
 	$(BIN)/cdm serve --store $(STORE) --port 3000
 
-# every test but the `slow` ones: unit and integration (servers, Chromium, schemathesis)
+# every test: unit and integration (servers, Chromium, schemathesis, crash injection)
 test: install chromium
 	$(BIN)/pytest -q
 

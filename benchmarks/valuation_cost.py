@@ -65,8 +65,7 @@ def timed(fn):
 
 
 def train_seconds(model, images, schedule, base: TrainConfig, steps: int) -> float:
-    config = TrainConfig(**{**base.to_dict(), "steps": steps,
-                            "warmup_steps": min(base.warmup_steps, steps // 5)})
+    config = base.with_steps(steps)
     return timed(lambda: train_denoiser(model, images, schedule, config, seed=0,
                                         progress=False))[1]
 

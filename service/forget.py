@@ -7,11 +7,12 @@ Step by step (crash points in brackets; `CDM_CRASH_AT`, shards/faults.py):
      acknowledged                                               [forget:acknowledged]
   3. plan (the purge's audit record) on the job row             [purge:planned]
   4. wait until no request from before the exclusion is in flight (every worker)
-  5. the store's purge (shards/forgetting.py): everything derived from the data by
-     other parts (valuation caches, pruned bases, recorded valuations) [purge:caches-dropped];
-     shard, router part, data and staging folders           [purge:files-deleted];
-     a joint classifier retrained and switched                  [classifier:switched];
-     the exclusion record dropped from the manifest             [purge:committed]
+  5. the store's purge (shards/forgetting.py): what other parts derived from the data
+     (valuation caches, pruned bases, recorded valuations)     [purge:caches-dropped];
+     shard, router part, kept data and staging folders         [purge:files-deleted];
+     router `joint`: the classifier retrained; the exclusion record dropped from the
+     manifest, with the new classifier named in the same write [classifier:switched],
+     then the old version deleted                              [purge:committed]
   6. keys that act for the contributor revoked; audit `purge` and the job's end, one
      transaction (jobs.py)
 Steps 1 and 2 run under the store's write lock, so a job runner never sees an

@@ -23,7 +23,7 @@ from shards.data import to_uint8
 from shards.errors import UnknownContributorError
 from shards.routing import Routing
 from shards.sampler import ComposedSampler, SampleOutput, SampleRequest
-from shards.settings import SAMPLE_STEPS, env_int
+from shards.settings import SAMPLE_STEPS, VARIABLES, env_int
 
 from .auth import Principal
 from .db import Database
@@ -37,10 +37,10 @@ class Limits:
     the environment by default (shards/settings.py: CDM_MAX_REQUEST_COST,
     CDM_KEY_COST_PER_MINUTE, None for no limit, CDM_MAX_BATCH_ROWS, CDM_MAX_BATCH)."""
 
-    request_cost: int = 64 * 500
-    key_cost_per_minute: int | None = 100_000
-    batch_rows: int = 64
-    batch_requests: int = 64
+    request_cost: int = VARIABLES["CDM_MAX_REQUEST_COST"].default
+    key_cost_per_minute: int | None = VARIABLES["CDM_KEY_COST_PER_MINUTE"].default
+    batch_rows: int = VARIABLES["CDM_MAX_BATCH_ROWS"].default
+    batch_requests: int = VARIABLES["CDM_MAX_BATCH"].default
 
     @classmethod
     def from_env(cls) -> Limits:

@@ -13,7 +13,6 @@ from __future__ import annotations
 import copy
 import os
 import shutil
-import uuid
 from pathlib import Path
 
 import torch
@@ -25,7 +24,7 @@ from .config import StoreConfig
 from .data import ContributorData, check_same_labelling, check_same_shape, validate_contributor_id
 from .errors import DataError, StoreError
 from .faults import crashpoint
-from .files import files_hash, tensor_hash
+from .files import building, files_hash, tensor_hash
 from .forgetting import cleanup_orphans
 from .models import make_noise_schedule, pick_device
 from .registry import FORMAT, ShardRegistry, now, router_for
@@ -67,18 +66,10 @@ def build_store(root: str | Path, datasets: list[ContributorData], config: Store
                              router.public_use) if use]
     if needs:
         _check_public(datasets, public, public_labels, image_shape, labelled, needs)
-    tmp = root.parent / f".{root.name}.partial-{uuid.uuid4().hex[:8]}"
-    tmp.mkdir(parents=True)
-    try:
+    with building(root) as tmp:
         _build(tmp, sorted(datasets, key=lambda d: d.contributor_id), config, public,
                public_labels if labelled else None, image_shape, num_labels,
                pick_device(device), progress)
-        if root.exists():
-            root.rmdir()
-        os.replace(tmp, root)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return root
 
 

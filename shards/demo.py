@@ -26,15 +26,13 @@ from __future__ import annotations
 
 import json
 import numbers
-import os
-import shutil
-import uuid
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
 from .errors import DataError
+from .files import building
 
 OWNERS: dict[str, list[int]] = {
     "alice": [0, 1],
@@ -131,15 +129,8 @@ def write_demo_data(out_dir: str | Path, seed: int = 0, contributors: int | None
     final = Path(out_dir)
     if final.exists() and any(final.iterdir()):
         raise DataError(f"{final} exists and is not empty")
-    out_dir = final.parent / f".{final.name}.partial-{uuid.uuid4().hex[:8]}"
-    try:
+    with building(final) as out_dir:
         table = _write(out_dir, seed, n)
-        if final.exists():
-            final.rmdir()
-        os.replace(out_dir, final)
-    except BaseException:
-        shutil.rmtree(out_dir, ignore_errors=True)
-        raise
     return table
 
 

@@ -3,11 +3,13 @@ one; and the hashes that name what was written."""
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
 import shutil
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -60,3 +62,21 @@ def sweep(root: Path, folder: str, known: set[str]) -> list[str]:
                 shutil.rmtree(child, ignore_errors=True)
                 deleted.append(f"{folder}/{child.name}")
     return deleted
+
+
+@contextlib.contextmanager
+def building(final: Path) -> Iterator[Path]:
+    """A sibling temp folder to build `final` in: renamed into place when the block
+    ends (`final` absent or an empty folder), deleted if the block raises, so `final`
+    is either complete or absent."""
+    final = Path(final)
+    tmp = final.parent / f".{final.name}.partial-{uuid.uuid4().hex[:8]}"
+    tmp.mkdir(parents=True)
+    try:
+        yield tmp
+        if final.exists():
+            final.rmdir()
+        os.replace(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise

@@ -5,7 +5,7 @@ compared in one report. Used by `cdm value` and by the service's `value` job.
 from __future__ import annotations
 
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 from shards import ShardStore
@@ -19,6 +19,7 @@ from shards.settings import (
     VALUE_PROPERTY,
     VALUE_STEPS,
 )
+from shards.training import TrainConfig
 
 from . import report as rpt
 from .cache import store_cache
@@ -76,8 +77,10 @@ class ValuationSettings:
 
 
 def _train(steps: int, warmup: bool = True) -> dict:
-    """TrainConfig fields for `steps` steps: 50 warm-up steps, fewer for short runs."""
-    return {"steps": steps, "warmup_steps": min(50, steps // 5) if warmup else 0}
+    """TrainConfig fields of a `steps`-step run: the default warm-up cut as
+    `TrainConfig.with_steps` cuts it, or none."""
+    train = TrainConfig().with_steps(steps)
+    return (train if warmup else replace(train, warmup_steps=0)).to_dict()
 
 
 def _sources(store_root: Path, s: ValuationSettings) -> dict[str, tuple[type, dict]]:

@@ -30,6 +30,8 @@ import time
 import numpy as np
 from scipy.special import betaln
 
+from shards.settings import BETA_ALPHA, BETA_BETA
+
 from .result import ValuationResult
 from .shapley import ends, exact_semivalue
 from .stopping import Estimate, StoppingRule, Utility, sample_until
@@ -37,7 +39,8 @@ from .stopping import Estimate, StoppingRule, Utility, sample_until
 KINDS = ("shapley", "banzhaf", "beta")
 
 
-def semivalue_weights(kind: str, n: int, alpha: float = 16.0, beta: float = 1.0) -> np.ndarray:
+def semivalue_weights(kind: str, n: int, alpha: float = BETA_ALPHA,
+                      beta: float = BETA_BETA) -> np.ndarray:
     """p_k of eq. (1) for k = 0..n-1 (the size of the coalition i joins).
 
     Raises:
