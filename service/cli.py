@@ -1,15 +1,24 @@
 """`cdm`: the command line. Options, choices and defaults come from shards/settings.py
-(and the defaults of StoreConfig and ValuationSettings), so each is written once; each
-subcommand is a function of commands.py. Domain errors (`CDMError`, `ValueError`)
-become one-line messages and exit status 2."""
+(and StoreConfig's defaults), so each is written once; each subcommand is a function of
+commands.py. Domain errors (`CDMError`, `ValueError`) become one-line messages and exit
+status 2."""
 
 from __future__ import annotations
 
-import argparse
 import os
-import sys
 
-from shards.settings import (
+# Before anything else: importing any part of `shards` imports diffusers (and with it
+# huggingface_hub, which reads these at import), so shards.settings.offline() would
+# come too late here.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("BENTOML_DO_NOT_TRACK", "true")
+
+import argparse  # noqa: E402
+import sys  # noqa: E402
+from types import SimpleNamespace  # noqa: E402
+
+from shards.config import StoreConfig  # noqa: E402
+from shards.settings import (  # noqa: E402
     DEFAULT_MASS,
     DEFAULT_TOP_K,
     METHODS,
@@ -20,21 +29,15 @@ from shards.settings import (
     SAMPLE_STEPS,
     SCHEDULERS,
     SHARD_KINDS,
+    VALUATION,
     VARIABLES,
-    env_int,
-    offline,
     store_path,
 )
-
-offline()  # before any library that could download is imported
-
-from shards.config import StoreConfig  # noqa: E402
-from valuation.run import ValuationSettings  # noqa: E402
 
 from . import commands  # noqa: E402
 
 STORE = StoreConfig()  # the defaults the help texts name
-VALUE = ValuationSettings()
+VALUE = SimpleNamespace(**VALUATION)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -208,8 +211,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--store", default=store_path())
     p.add_argument("--port", type=int, default=3000)
     p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--workers", type=int, default=env_int("CDM_WORKERS"),
-                   help="worker processes; each checks the store before every request")
+    p.add_argument("--workers", type=int, default=None,
+                   help="worker processes; each checks the store before every request "
+                        "(default: $CDM_WORKERS, else 1)")
     p.set_defaults(func=commands.cmd_serve)
     return parser
 

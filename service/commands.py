@@ -74,9 +74,8 @@ def cmd_add(args) -> None:
 
     store = ShardStore.open(args.store)
     entry = store.add(load_contributor(args.folder), kind=args.kind, device=args.device)
-    router = "its head trained" if entry.get("head") else "classifier updated"
     print(f"added {entry['contributor_id']} ({entry['kind']}, {entry['images']} images, "
-          f"final loss {entry['final_loss']:.4f}); {router}")
+          f"final loss {entry['final_loss']:.4f}); router {store.config.router} updated")
     _print_store(store)
 
 
@@ -87,11 +86,7 @@ def _print_store(store) -> None:
         labels = ",".join(sorted(e.get("labels", {}), key=int))
         print(f"  {cid:10s} {e['kind']:4s} {e['images']:5d} images  loss {e['final_loss']:.4f}  "
               f"data {e['data_hash'][:12]}" + (f"  labels {labels}" if labels else ""))
-    c = store.manifest["classifier"]
-    if c is not None:
-        print(f"  classifier v{c['version']} ({c['trained']}, loss {c['final_loss']:.4f})")
-    else:
-        print(f"  router: one density-ratio head per contributor; data kept: {store.config.keeps_data}")
+    print(f"  {store.router.describe(store)}")
 
 
 def cmd_sample(args) -> None:
@@ -251,12 +246,13 @@ def cmd_payout(args) -> None:
 
 def cmd_serve(args) -> None:
     from shards import ShardStore
+    from shards.settings import check_int, env_int
 
     ShardStore.open(args.store)  # fail here, with a clear message, not inside bentoml
-    if args.workers < 1:
-        raise ValueError(f"--workers={args.workers}; allowed: an integer >= 1")
+    workers = env_int("CDM_WORKERS") if args.workers is None else args.workers
+    check_int("CDM_WORKERS", workers, "--workers")
     env = {**os.environ, "CDM_STORE": str(Path(args.store).resolve()),
-           "CDM_WORKERS": str(args.workers)}
+           "CDM_WORKERS": str(workers)}
     bentoml = Path(sys.executable).with_name("bentoml")
     cmd = [str(bentoml), "serve", "service.app:CDMService", "--host", args.host,
            "--port", str(args.port), "--working-dir", str(Path(__file__).resolve().parent.parent)]

@@ -14,8 +14,6 @@ import time
 import uuid
 from pathlib import Path
 
-from shards.forgetting import Cleaner
-
 DB_FILE = "service.db"  # in the store's folder
 
 SCHEMA = """
@@ -383,12 +381,3 @@ class Database:
         return {r["property"]: {"method": r["method"], "at": r["at"],
                                 "values": json.loads(r["values_json"])} for r in rows}
 
-
-def drop_recorded_valuations(store_root: str | Path, contributor_id: str) -> int:
-    """The cleaner's call (shards/forgetting.py): delete the recorded valuations that
-    value `contributor_id` (their player set no longer exists)."""
-    path = Path(store_root) / DB_FILE
-    return Database(path).drop_valuations(contributor_id) if path.exists() else 0
-
-
-CLEANER = Cleaner("recorded-valuations", DB_FILE, drop_recorded_valuations)

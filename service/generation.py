@@ -13,6 +13,7 @@ from __future__ import annotations
 import base64
 import dataclasses
 import io
+import json
 import threading
 import time
 
@@ -72,11 +73,10 @@ class LiveSampler:
         live set, from one manifest."""
         with self._lock:
             self.store.refresh()
-            m = self.store.manifest
-            live = dict(m["contributors"])
-            key = (tuple((c, e["weights_hash"], (e.get("head") or {}).get("weights_hash"))
-                         for c, e in sorted(live.items())),
-                   (m.get("classifier") or {}).get("weights_hash"))
+            live = dict(self.store.manifest["contributors"])
+            router = self.store.router_fingerprint(live)["hashes"] if live else None
+            key = (tuple((c, e["weights_hash"]) for c, e in sorted(live.items())),
+                   json.dumps(router, sort_keys=True))
             if key != self._key:
                 self.sampler = None  # drop the old weights before loading the new
                 self.sampler = self.store.load_sampler(self.device) if live else None

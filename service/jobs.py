@@ -18,7 +18,7 @@ from pathlib import Path
 from shards import ShardStore, load_contributor
 from shards.errors import StoreError, short
 from shards.faults import crashpoint
-from shards.settings import PURGE_RETRY_SECONDS, VALUE_METHODS
+from shards.settings import PURGE_RETRY_SECONDS, SERVED_PROPERTIES
 from valuation.run import ValuationSettings, run_valuation
 
 from .auth import Principal
@@ -35,9 +35,11 @@ log = logging.getLogger("cdm")
 class Jobs:
     """The jobs of one store: admission of add and value jobs, and the runner."""
 
-    def __init__(self, store: ShardStore, db: Database, live: LiveSampler, forgetting: Forgetting,
-                 data_roots: list[Path], device: str | None, wake: threading.Event,
-                 closed: threading.Event):
+    def __init__(self, store: ShardStore, db: Database, live: LiveSampler | None,
+                 forgetting: Forgetting, data_roots: list[Path], device: str | None,
+                 wake: threading.Event, closed: threading.Event):
+        """`live`: the worker's sampler, reloaded when another process changed the
+        store (None: no sampler to keep current, as in the CLI)."""
         self.store, self.db, self.live, self.forgetting = store, db, live, forgetting
         self.data_roots, self.device, self.wake, self.closed = data_roots, device, wake, closed
         self._swept = False
@@ -75,9 +77,10 @@ class Jobs:
         unknown = sorted(set(settings) - set(ValuationSettings.__dataclass_fields__))
         if unknown:
             raise ValueError(f"unknown valuation settings {unknown}")
-        settings = ValuationSettings(**{"methods": VALUE_METHODS, **settings})
-        if settings.property == "aesthetic":
-            raise ValueError("property 'aesthetic' needs local model paths: use `cdm value`")
+        settings = ValuationSettings(**settings)
+        if settings.property not in SERVED_PROPERTIES:
+            raise ValueError(f"property {settings.property!r} needs local model paths: use "
+                             "`cdm value`")
         if heldout is not None:
             heldout = str(self.data_folder(heldout))
         self.store.refresh()
@@ -117,7 +120,7 @@ class Jobs:
             self.store.cleanup_orphans()
             self._swept = True
         changed = self.store.refresh()
-        if changed:
+        if changed and self.live is not None:
             self.live.sync()  # an idle worker drops a forgotten contributor's weights too
         if not self.db.jobs(("queued", "running")) and not changed \
                 and not self.store.pending_purges:
@@ -173,7 +176,8 @@ class Jobs:
             raise StoreError("the folder changed since the request was accepted; send it again")
         entry = self.store.add(data, kind=params.get("kind"), device=self.device, progress=False)
         crashpoint("add:committed")
-        self.live.sync()
+        if self.live is not None:
+            self.live.sync()
         return self._add_record(job, entry)
 
     def _add_record(self, job: dict, entry: dict, **extra) -> dict:

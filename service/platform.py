@@ -27,7 +27,7 @@ from pathlib import Path
 from shards import ShardStore
 
 from .auth import Principal
-from .context import shared
+from .context import Shared, shared
 from .credit import Credit
 from .forget import Forgetting
 from .generation import Generation, GenerationJob, Limits, LiveSampler
@@ -41,13 +41,14 @@ class Platform:
     """One store, its database, this worker's sampler, step scheduler and job runner.
 
     `serve=False` (the CLI) loads no sampler and starts no threads: call `run_jobs()`
-    to execute queued and orphaned jobs in the calling thread."""
+    to execute queued and orphaned jobs in the calling thread. `parts`: the database
+    handle and key verifier (default: this process's, which its Gate uses too)."""
 
     def __init__(self, store_path: str | Path, device: str | None = None, serve: bool = True,
-                 limits: Limits | None = None):
+                 limits: Limits | None = None, parts: Shared | None = None):
         self.store = ShardStore.open(store_path)
         self.device = device
-        parts = shared(self.store.root)  # the Gate of this process uses the same two
+        parts = parts or shared(self.store.root)
         self.db, self.verify = parts.db, parts.verify
         self.metrics = ServiceMetrics()
         self.limits = limits or Limits.from_env()
@@ -58,7 +59,7 @@ class Platform:
                                      self.worker)
         self.forgetting = Forgetting(self.store, self.db, self.live, self.metrics, device,
                                      self._wake, self._closed)
-        self.jobs = Jobs(self.store, self.db, self.live, self.forgetting,
+        self.jobs = Jobs(self.store, self.db, self.live if serve else None, self.forgetting,
                          allowed_roots(self.store.root), device, self._wake, self._closed)
         self.reads = Credit(self.store, self.db)
         self._scheduler = self._runner = None

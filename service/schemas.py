@@ -23,10 +23,7 @@ from shards.settings import (
     SCHEDULERS,
     SERVED_PROPERTIES,
     SHARD_KINDS,
-    VALUE_METHODS,
-    VALUE_N,
-    VALUE_PROPERTY,
-    VALUE_STEPS,
+    VALUATION,
     env_int,
 )
 
@@ -81,18 +78,18 @@ class AddContributorInput(Strict):
 
 
 class ValueInput(Strict):
-    property: Property = Field(VALUE_PROPERTY,
+    property: Property = Field(VALUATION["property"],
                                description="default: what the default payout policy pays by")
     methods: list[Method] = Field(
-        list(VALUE_METHODS), min_length=1, max_length=len(METHODS),
+        list(VALUATION["methods"]), min_length=1, max_length=len(METHODS),
         json_schema_extra={"uniqueItems": True},
         description="default: exact Shapley (credit's `shapley` and the default payout "
                     f"policy) and Beta({BETA_ALPHA:g}, {BETA_BETA:g}) Shapley (the better "
                     "policy on unconditional stores)")
     alpha: float = Field(BETA_ALPHA, gt=0, le=1000, description="beta-shapley: Beta(alpha, beta)")
     beta: float = Field(BETA_BETA, gt=0, le=1000, description="beta-shapley")
-    n: int = Field(VALUE_N, ge=2, le=4096, description="samples per coalition")
-    steps: int = Field(VALUE_STEPS, ge=1, le=500, description="sampling steps per coalition")
+    n: int = Field(VALUATION["n"], ge=2, le=4096, description="samples per coalition")
+    steps: int = Field(VALUATION["steps"], ge=1, le=500, description="sampling steps per coalition")
     seed: int = Field(0, ge=0, le=2**63 - 1)
     heldout: str | None = Field(None, min_length=1, max_length=4096,
                                 description="held-out digits folder on the server (first run)")

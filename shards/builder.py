@@ -152,7 +152,8 @@ def add_contributor(store: ShardRegistry, data: ContributorData, kind: str | Non
     Raises:
         DataError: the id is already live or excluded, the image shape or labels do not
             fit the store, or a LoRA shard in a store without a public base.
-        StoreError: the router refuses an add now (joint: a purge is pending).
+        StoreError: the router refuses an add now (joint: a purge is pending; checked
+            again under the write lock, as an exclusion may land while it trains).
     """
     kind = kind or store.config.kind
     cid = validate_contributor_id(data.contributor_id)
@@ -183,6 +184,7 @@ def _check_addable(store: ShardRegistry, data: ContributorData, kind: str) -> No
         raise DataError(f"contributor {cid!r} is already in the store")
     if cid in store.manifest["excluded"]:
         raise DataError(f"contributor {cid!r} is being forgotten; add it after the purge")
+    store.router.check_state(store)
     if kind == "lora" and store.manifest["base"] is None:
         raise DataError("this store has no public base model; add with --kind full")
 
@@ -198,4 +200,4 @@ def _check_labels(store: ShardRegistry, data: ContributorData) -> None:
                             f"(folder {unknown[0]}/ or its labels.csv rows), which this store "
                             f"does not know; allowed: 0..{store.num_labels - 1} (fixed when the "
                             "store was created)")
-    store.router.check_add(store, data)
+    store.router.check_data(store, data)

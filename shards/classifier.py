@@ -266,9 +266,12 @@ class JointRouter:
     def setup(self, root, manifest, public, public_labels) -> None:
         pass
 
-    def check_add(self, store, data) -> None:
+    def check_state(self, store) -> None:
         if store.pending_purges:
             raise StoreError(f"purge pending for {store.pending_purges}; add after it finishes")
+
+    def check_data(self, store, data) -> None:
+        pass
 
     def contributor_part(self, store, data, scheduler, device, progress) -> dict:
         return {}
@@ -330,6 +333,12 @@ class JointRouter:
 
     def staging_paths(self, contributor_id: str) -> list[str]:
         return []
+
+    def describe(self, store) -> str:
+        c = store.manifest["classifier"]
+        if c is None:
+            return "router: joint classifier (none: no live contributor)"
+        return f"classifier v{c['version']} ({c['trained']}, loss {c['final_loss']:.4f})"
 
     def audit(self, store, entry) -> dict:
         live = (store.manifest["classifier"] or {}).get("weights_hash")

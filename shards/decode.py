@@ -28,7 +28,7 @@ import torch
 from PIL import Image, UnidentifiedImageError
 
 from .errors import DataError
-from .settings import check_int, env_int
+from .settings import VARIABLES, check_int, env_int
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".npy")
 PIL_FORMATS = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG"}
@@ -44,9 +44,9 @@ class ImageLimits:
     """Bounds on what loading a folder may read and decode (the module docstring);
     defaults are the variables' defaults."""
 
-    max_bytes: int = 1 << 20
-    max_pixels: int = 512 * 512
-    max_images: int = 100_000
+    max_bytes: int = VARIABLES["CDM_MAX_IMAGE_BYTES"].default
+    max_pixels: int = VARIABLES["CDM_MAX_IMAGE_PIXELS"].default
+    max_images: int = VARIABLES["CDM_MAX_IMAGES"].default
 
     def __post_init__(self):
         """Raises ValueError naming the field, its variable and its allowed range."""

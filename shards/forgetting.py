@@ -57,15 +57,32 @@ def register_cleaner(cleaner: Cleaner) -> None:
 
 
 def cleaners() -> list[Cleaner]:
-    """The installed cleaners (entry points) and the registered ones, by name."""
-    found = {c.name: c for c in (ep.load() for ep in entry_points(group=CLEANERS_GROUP))}
+    """The installed cleaners (entry points) and the registered ones, by name.
+
+    Raises:
+        StoreError: an installed cleaner cannot be loaded (nothing is deleted then).
+    """
+    found = {}
+    for ep in entry_points(group=CLEANERS_GROUP):
+        try:
+            cleaner = ep.load()
+        except (ImportError, AttributeError) as err:
+            raise StoreError(f"cleaner {ep.name!r} ({ep.value}) cannot be loaded: {err}; "
+                             "reinstall the package that declares it (pip install -e .)") from err
+        found[cleaner.name] = cleaner
     return [c for _, c in sorted({**found, **_registered}.items())]
+
+
+def _owned(name: str, owners) -> bool:
+    """Whether top-level entry `name` is one of `owners` (or an SQLite companion of
+    one: `service.db-wal`, `-shm`, `-journal`)."""
+    return any(name == o or name in (f"{o}-wal", f"{o}-shm", f"{o}-journal") for o in owners)
 
 
 def _check_owned(store: ShardRegistry, installed: list[Cleaner]) -> None:
     owned = [*STORE_OWNS, *(c.owns for c in installed)]
     for path in store.root.iterdir():
-        if not path.name.startswith(".") and not any(path.name.startswith(o) for o in owned):
+        if not path.name.startswith(".") and not _owned(path.name, owned):
             raise StoreError(f"store {store.root} holds {path.name}, which no installed "
                              "cleaner owns: a purge could leave data derived from the "
                              "contributor there; install the package that wrote it "
@@ -143,15 +160,13 @@ def purge(store: ShardRegistry, contributor_id: str, device: str | None = None,
             if (store.root / rel).exists():
                 shutil.rmtree(store.root / rel)
         crashpoint("purge:files-deleted")
-        # the shared part of the router saw the data (joint): retrained on the others'
-        retrain = store.router.retrains != "nothing"
-        update = store.router.train(store, pick_device(device), progress) if retrain else None
+        # the router's shared part from scratch on the others (joint; heads have none)
+        update = store.router.train(store, pick_device(device), progress)
         with store.write_lock():
             manifest = copy.deepcopy(store.manifest)
             del manifest["excluded"][contributor_id]
             store.commit(manifest, update)
-        if retrain:
-            audit.update(store.router.audit(store, None))
+        audit.update(store.router.audit(store, None))
         return audit
 
 

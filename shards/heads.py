@@ -216,7 +216,10 @@ class HeadsRouter:
         kept = load_file(store.root / store.manifest["reference"]["path"] / "images.safetensors")
         return kept["images"], kept.get("labels")
 
-    def check_add(self, store, data) -> None:
+    def check_state(self, store) -> None:
+        pass
+
+    def check_data(self, store, data) -> None:
         if not store.num_labels:
             return
         lacking = sorted(set(data.label_counts()) - {int(y) for y in self.reference(store)[1].unique()})
@@ -254,6 +257,10 @@ class HeadsRouter:
 
     def staging_paths(self, contributor_id: str) -> list[str]:
         return [f"router/.{contributor_id}.partial"]
+
+    def describe(self, store) -> str:
+        return (f"router: one density-ratio head per contributor; data kept: "
+                f"{store.config.keeps_data}")
 
     def audit(self, store, entry) -> dict:
         if entry is None or not entry.get("head"):

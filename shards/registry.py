@@ -24,6 +24,7 @@ from diffusers import DDPMScheduler
 from filelock import FileLock
 from safetensors.torch import load_file
 
+from . import settings
 from .classifier import JointRouter
 from .config import StoreConfig
 from .errors import StoreError, UnknownContributorError
@@ -38,6 +39,8 @@ ADMIN_LOCK = ".admin.lock"
 
 
 ROUTERS: dict[str, Router] = {"heads": HeadsRouter(), "joint": JointRouter()}
+if tuple(ROUTERS) != settings.ROUTERS:
+    raise RuntimeError("shards/registry.py and shards/settings.py ROUTERS disagree")
 
 
 def router_for(kind: str) -> Router:

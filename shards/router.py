@@ -62,8 +62,13 @@ class Router(Protocol):
               public_labels: torch.Tensor | None) -> None:
         """At store creation, before any contributor: write what the router keeps."""
 
-    def check_add(self, store, data: ContributorData) -> None:
-        """Raise DataError or StoreError if `data` cannot be added now."""
+    def check_state(self, store) -> None:
+        """Raise StoreError if the store cannot take an add now (checked before the
+        training and again under the write lock, before the manifest switch)."""
+
+    def check_data(self, store, data: ContributorData) -> None:
+        """Raise DataError if the router cannot take `data` (after the store's own
+        checks of its shape and labels)."""
 
     def contributor_part(self, store, data: ContributorData,
                          scheduler: DDPMScheduler, device, progress: bool) -> dict:
@@ -84,6 +89,9 @@ class Router(Protocol):
 
     def staging_paths(self, contributor_id: str) -> list[str]:
         """Store-relative folders an interrupted add of that contributor may have left."""
+
+    def describe(self, store) -> str:
+        """One line on the router of the store, for people."""
 
     def audit(self, store, entry: dict | None) -> dict:
         """What a purge's audit record says of the router (before the purge, with the

@@ -56,7 +56,7 @@ from .router import EqualScores, RouterModel
 from .routing import Routing, posterior_weights, route
 from .settings import MODES
 
-SCHEDULERS = {"ddpm": DDPMScheduler, "ddim": DDIMScheduler}
+SCHEDULER_CLASSES = {"ddpm": DDPMScheduler, "ddim": DDIMScheduler}
 
 
 @dataclass(frozen=True)
@@ -293,8 +293,8 @@ class Batch:
 
     def __init__(self, sampler: ComposedSampler, steps: int, scheduler: str, mode: str,
                  routing: Routing):
-        if scheduler not in SCHEDULERS:
-            raise ValueError(f"scheduler={scheduler!r}; allowed: {sorted(SCHEDULERS)}")
+        if scheduler not in SCHEDULER_CLASSES:
+            raise ValueError(f"scheduler={scheduler!r}; allowed: {sorted(SCHEDULER_CLASSES)}")
         if mode not in MODES:
             raise ValueError(f"mode={mode!r}; allowed: {list(MODES)}")
         routing.check_mode(mode)
@@ -302,7 +302,7 @@ class Batch:
             raise ValueError(f"steps must be >= 1, got {steps}")
         self.sampler, self.steps, self.scheduler, self.mode, self.routing = (
             sampler, steps, scheduler, mode, routing)
-        self.sched = SCHEDULERS[scheduler].from_config(sampler.schedule_config)
+        self.sched = SCHEDULER_CLASSES[scheduler].from_config(sampler.schedule_config)
         self.sched.set_timesteps(steps)
         device, k = sampler.device, len(sampler.classifier_ids)
         self.members: list[_Member] = []

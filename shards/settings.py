@@ -35,13 +35,21 @@ MAX_LABEL = 999  # labels are integers 0..MAX_LABEL
 DEFAULT_TOP_K, DEFAULT_MASS = 3, 0.9
 # Beta Shapley's Beta(alpha, beta): (16, 1) is Kwon & Zou's choice for noisy data.
 BETA_ALPHA, BETA_BETA = 16.0, 1.0
-# What `value` computes when nothing is named (API, `cdm value`): precision by exact
-# Shapley (credit's `shapley` and the default payout policy) and by Beta(16, 1) Shapley
-# (the better policy on unconditional stores; the same coalitions, so nothing more is
-# sampled).
-VALUE_PROPERTY = "precision"
-VALUE_METHODS = ("exact", "beta-shapley")
-VALUE_N, VALUE_STEPS = 256, 25  # samples and sampling steps per coalition
+# A valuation run's settings (valuation/run.py ValuationSettings, `cdm value`, the API's
+# `value`). When nothing is named it computes precision by exact Shapley (credit's
+# `shapley` and the default payout policy) and by Beta(16, 1) Shapley (the better policy
+# on unconditional stores; the same coalitions, so nothing more is sampled).
+VALUATION = {
+    "property": "precision", "methods": ("exact", "beta-shapley"),
+    "n": 256, "steps": 25,  # samples and sampling steps per coalition
+    "seed": 0, "scheduler": "ddpm", "workers": 1,
+    "max_exact": 10,  # pruned and retrain: exact Shapley up to this many players
+    "max_evaluations": 400, "stderr_tol": 0.0, "rank_patience": 0,  # sampled methods
+    "pruning_ratio": 0.3, "monolith_steps": 2400, "finetune_steps": 800,  # Lin et al.
+    "subset_steps": 100, "retrain_steps": 800,
+    "lds_coalitions": 50, "top_k": 3,  # the report's LDS and counterfactual removals
+    "alpha": BETA_ALPHA, "beta": BETA_BETA,
+}
 # Pay by exact Shapley values of precision unless an admin sets a policy: on the
 # planted-noise benchmark over the default (class-conditional) store it ranks planted
 # contributors lowest with mean AUROC 0.917 and 0.908 (two sampling seeds) and keeps the
@@ -72,8 +80,8 @@ class Variable:
 
 VARIABLES = {v.name: v for v in (
     Variable("CDM_WORKERS", 1, 1, 1024, "worker processes of `cdm serve`"),
-    Variable("CDM_MAX_N", 64, 1, 4096, "the largest `n` a generate request may ask for"),
-    Variable("CDM_MAX_STEPS", 500, 1, 10_000, "the largest `steps` a generate request may ask for"),
+    Variable("CDM_MAX_N", 64, 1, 1 << 20, "the largest `n` a generate request may ask for"),
+    Variable("CDM_MAX_STEPS", 500, 1, 1 << 20, "the largest `steps` a generate request may ask for"),
     Variable("CDM_MAX_REQUEST_COST", 64 * 500, 1, 1 << 40, "n x steps of one request"),
     Variable("CDM_KEY_COST_PER_MINUTE", 100_000, 1, 1 << 40,
              "n x steps one key may spend per minute, over all workers", none=True),

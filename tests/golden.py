@@ -50,10 +50,10 @@ def write_data(root: Path) -> None:
         _write(root / "heldout" / str(d), imgs[digits.target == d][-12:])
 
 
-def _sample(store: ShardStore) -> dict:
+def _sample(store: ShardStore, pair: tuple[str, str] = ("a", "b")) -> dict:
     sampler = store.load_sampler("cpu")
     out = {}
-    for name, contributors in (("all", None), ("pair", ("a", "b"))):
+    for name, contributors in (("all", None), ("pair", pair)):
         request = SampleRequest(contributors, SAMPLE["n"], SAMPLE["seed"])
         res = sampler.sample_batch([request], steps=SAMPLE["steps"])[0]
         out[name] = {"image_sums": res.images.double().sum(dim=(1, 2, 3)).tolist(),
@@ -92,7 +92,39 @@ def compute(work: Path) -> dict:
     exact = values["exact"]
     result["shapley"] = {"players": list(exact.players), "values": exact.values.tolist(),
                          "u_full": exact.u_full, "u_empty": exact.u_empty}
+    result["methods"] = _methods(work, data, datasets, base)
+    result["add_forget"] = _add_forget(work, data, public, base)
     return result
+
+
+def _methods(work: Path, data: Path, datasets, base: dict) -> dict:
+    """Every valuation method on a tiny joint store that keeps its data (the sampled
+    estimators, the pruned fine-tune and the retrain included), tiny settings."""
+    from shards import StoreConfig
+    from valuation.run import ValuationSettings, run_valuation
+
+    store = ShardStore.create(work / "valued", datasets, StoreConfig(**base, router="joint"),
+                              device="cpu", progress=False)
+    settings = ValuationSettings(
+        property="quality", n=8, steps=2, lds_coalitions=4, top_k=1, max_evaluations=6,
+        monolith_steps=6, finetune_steps=4, subset_steps=2, retrain_steps=4,
+        methods=("exact", "permutation", "kernelshap", "banzhaf", "banzhaf-msr",
+                 "beta-shapley", "pruned", "retrain", "loo", "attribution"))
+    _, results = run_valuation(store.root, settings, heldout=data / "heldout", progress=False)
+    return {m: r.values.tolist() for m, r in results.items()}
+
+
+def _add_forget(work: Path, data: Path, public, base: dict) -> dict:
+    """A heads store of a and b, then c added, then a forgotten: what it samples."""
+    from shards import StoreConfig, load_contributor
+
+    ab = [d for d in load_contributors(data / "contributors") if d.contributor_id != "c"]
+    store = ShardStore.create(work / "changing", ab, StoreConfig(**base), public=public,
+                              device="cpu", progress=False)
+    store.add(load_contributor(data / "contributors" / "c"), device="cpu", progress=False)
+    store.exclude("a")
+    store.purge("a")
+    return _sample(ShardStore.open(store.root), ("b", "c"))
 
 
 if __name__ == "__main__":

@@ -1,6 +1,7 @@
 """Behaviour held across restructurings: tiny seeded stores (heads, joint, LoRA,
-labelled) built and sampled now give the images and the exact Shapley values that
-the code gave before (tests/data/golden.json, written by tests/golden.py).
+labelled, one changed by an add and a forget) built and sampled now give the images,
+and every valuation method the values, that the code gave before
+(tests/data/golden.json, written by tests/golden.py).
 
 The same seed gives the same bytes on the same machine with the same thread count;
 across thread counts float reductions may differ in the last digits, so the numbers
@@ -22,7 +23,7 @@ def numbers(tmp_path_factory):
     return compute(tmp_path_factory.mktemp("golden"))
 
 
-@pytest.mark.parametrize("store", ["heads", "joint", "lora", "labelled"])
+@pytest.mark.parametrize("store", ["heads", "joint", "lora", "labelled", "add_forget"])
 @pytest.mark.parametrize("subset", ["all", "pair"])
 def test_same_images_and_attribution_as_before(numbers, store, subset):
     got, want = numbers[store][subset], REFERENCE[store][subset]
@@ -38,3 +39,10 @@ def test_same_exact_shapley_values_as_before(numbers):
                                rtol=1e-5)
     # efficiency holds on the recomputed values
     assert sum(got["values"]) == pytest.approx(got["u_full"] - got["u_empty"], abs=1e-9)
+
+
+@pytest.mark.parametrize("method", ["exact", "permutation", "kernelshap", "banzhaf", "banzhaf-msr",
+                                    "beta-shapley", "pruned", "retrain", "loo", "attribution"])
+def test_every_valuation_method_gives_the_values_of_before(numbers, method):
+    np.testing.assert_allclose(numbers["methods"][method], REFERENCE["methods"][method],
+                               rtol=1e-5, atol=1e-7, err_msg=method)

@@ -3,7 +3,7 @@ import torch
 from conftest import assert_close
 
 from shards.errors import UnknownContributorError
-from shards.sampler import SCHEDULERS
+from shards.sampler import SCHEDULER_CLASSES
 
 
 @pytest.fixture(scope="module")
@@ -41,7 +41,7 @@ def test_single_contributor_equals_that_shard_alone(sampler, full_store, schedul
     """Restricted to {b}, w_b = 1: the composition is shard b's own sampling chain."""
     out = sampler(["b"], n=3, steps=6, seed=2, scheduler=scheduler)
     unet = full_store.load_shard("b")
-    sched = SCHEDULERS[scheduler].from_config(sampler.schedule_config)
+    sched = SCHEDULER_CLASSES[scheduler].from_config(sampler.schedule_config)
     sched.set_timesteps(6)
     generator = torch.Generator().manual_seed(2)
     x = torch.randn((3, 1, 8, 8), generator=generator)

@@ -11,6 +11,7 @@ import pytest
 from conftest import wait_for_job
 
 from service.auth import create_key
+from service.context import separate
 from service.platform import Platform
 from shards import ShardStore
 from shards.errors import UnknownContributorError
@@ -20,7 +21,10 @@ pytestmark = pytest.mark.integration
 
 @pytest.fixture()
 def two_workers(store_copy):
-    workers = [Platform(store_copy.root, device="cpu") for _ in range(2)]
+    """Two workers in this process, each with a database handle and key verifier of
+    its own, as two worker processes have."""
+    workers = [Platform(store_copy.root, device="cpu", parts=separate(store_copy.root))
+               for _ in range(2)]
     yield workers
     for w in workers:
         w.close()

@@ -7,7 +7,8 @@ composition: S with the per-contributor heads router; every contributor the join
 classifier was trained on with that router). Forgetting c deletes every entry that
 depends on c, and everything that cannot say what it depends on: temporary files of
 interrupted writes, and entries or sample files that cannot be read. `CLEANER` runs
-that at every purge, whoever calls it (an entry point in pyproject.toml).
+that at every purge, whoever calls it (an entry point in pyproject.toml, and
+registered when this module is imported).
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from shards.files import write_json_atomic
-from shards.forgetting import Cleaner
+from shards.forgetting import Cleaner, register_cleaner
 
 # Temporary files under the cache: ours and write_json_atomic's (`.<name>.<random>.tmp`),
 # and safetensors' own (`.tmpXXXXXX`, which save_file writes and then renames).
@@ -124,3 +125,4 @@ def drop_from_store(store_root: str | Path, contributor_id: str) -> int:
 
 
 CLEANER = Cleaner("valuation-cache", "valuation", drop_from_store)
+register_cleaner(CLEANER)  # also where the package is not installed (no entry points)

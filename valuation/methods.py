@@ -88,7 +88,8 @@ METHODS: dict[str, Method] = {m.name: m for m in (
     Method("loo", "composition", lambda u, r, s, p: leave_one_out(u)),
     Method("attribution", "composition", _attribution),
 )}
-assert tuple(METHODS) == NAMES, "valuation/methods.py and shards/settings.py disagree"
+if tuple(METHODS) != NAMES:
+    raise RuntimeError("valuation/methods.py and shards/settings.py METHODS disagree")
 # the most exact Shapley values of a run are the property's credit (`primary`)
 SHAPLEY_PREFERENCE = ("exact", "kernelshap", "permutation", "retrain", "pruned")
 

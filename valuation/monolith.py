@@ -42,7 +42,7 @@ from safetensors.torch import load_file, save_file
 
 from shards import ShardStore
 from shards.files import fsync_dir, write_json_atomic
-from shards.forgetting import Cleaner
+from shards.forgetting import Cleaner, register_cleaner
 from shards.models import make_unet
 from shards.sampler import ComposedSampler, compose
 from shards.shard import derived_seed
@@ -342,3 +342,4 @@ def drop_pruned_bases(store_root: str | Path, contributor_id: str) -> int:
 
 
 CLEANER = Cleaner("pruned-bases", "valuation", drop_pruned_bases)
+register_cleaner(CLEANER)  # also where the package is not installed (no entry points)

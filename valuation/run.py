@@ -10,15 +10,7 @@ from pathlib import Path
 
 from shards import ShardStore
 from shards.errors import DataError
-from shards.settings import (
-    BETA_ALPHA,
-    BETA_BETA,
-    METHODS,
-    VALUE_METHODS,
-    VALUE_N,
-    VALUE_PROPERTY,
-    VALUE_STEPS,
-)
+from shards.settings import METHODS, VALUATION
 from shards.training import TrainConfig
 
 from . import report as rpt
@@ -37,28 +29,30 @@ U_EMPTY = ("the property of the prior's samples: the common initial noise x_T ~ 
 
 @dataclass
 class ValuationSettings:
-    """Everything a valuation run depends on besides the store."""
+    """Everything a valuation run depends on besides the store; defaults from
+    shards/settings.py VALUATION."""
 
-    property: str = VALUE_PROPERTY
-    methods: tuple[str, ...] = VALUE_METHODS
-    n: int = VALUE_N
-    steps: int = VALUE_STEPS
-    seed: int = 0
-    scheduler: str = "ddpm"
-    workers: int = 1
-    max_exact: int = 10
-    max_evaluations: int = 400
-    stderr_tol: float = 0.0
-    pruning_ratio: float = 0.3
-    monolith_steps: int = 2400
-    finetune_steps: int = 800
-    subset_steps: int = 100
-    retrain_steps: int = 800
-    lds_coalitions: int = 50
-    top_k: int = 3
-    alpha: float = BETA_ALPHA  # beta-shapley: Beta(alpha, beta) over coalition sizes
-    beta: float = BETA_BETA
-    rank_patience: int = 0  # sampled methods: stop once the ranking held this many updates
+    property: str = VALUATION["property"]
+    methods: tuple[str, ...] = VALUATION["methods"]
+    n: int = VALUATION["n"]
+    steps: int = VALUATION["steps"]
+    seed: int = VALUATION["seed"]
+    scheduler: str = VALUATION["scheduler"]
+    workers: int = VALUATION["workers"]
+    max_exact: int = VALUATION["max_exact"]
+    max_evaluations: int = VALUATION["max_evaluations"]
+    stderr_tol: float = VALUATION["stderr_tol"]
+    pruning_ratio: float = VALUATION["pruning_ratio"]
+    monolith_steps: int = VALUATION["monolith_steps"]
+    finetune_steps: int = VALUATION["finetune_steps"]
+    subset_steps: int = VALUATION["subset_steps"]
+    retrain_steps: int = VALUATION["retrain_steps"]
+    lds_coalitions: int = VALUATION["lds_coalitions"]
+    top_k: int = VALUATION["top_k"]
+    alpha: float = VALUATION["alpha"]  # beta-shapley: Beta(alpha, beta) over coalition sizes
+    beta: float = VALUATION["beta"]
+    rank_patience: int = VALUATION["rank_patience"]  # sampled methods: stop once the
+    # ranking held this many updates
     ray_address: str | None = None
     aesthetic: dict | None = field(default=None)
 
