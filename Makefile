@@ -52,7 +52,7 @@ serve: store
 test: install chromium
 	$(BIN)/pytest -q
 
-# the inner loop: unit tests only (library calls in this process), a few minutes
+# the inner loop: unit tests only (library calls in this process), about 2 minutes
 test-fast: install
 	$(BIN)/pytest -q -m unit
 
