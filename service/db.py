@@ -217,6 +217,14 @@ class Database:
         return [{**dict(r), "details": json.loads(r["details"])}
                 for r in self._conn().execute(sql + " ORDER BY id", args)]
 
+    def forgotten(self, contributor_id: str) -> dict | None:
+        """The latest exclusion record of `contributor_id` (a forget was acknowledged
+        for that id), or None if it was never forgotten."""
+        row = self._conn().execute(
+            "SELECT at, actor FROM audit WHERE action = 'exclude' AND contributor_id = ? "
+            "ORDER BY id DESC LIMIT 1", (contributor_id,)).fetchone()
+        return None if row is None else dict(row)
+
     def has_audit(self, action: str, job_id: str) -> bool:
         """Whether the job `job_id` already wrote its `action` record."""
         return self._conn().execute(

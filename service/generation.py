@@ -65,6 +65,7 @@ class LiveSampler:
     def __init__(self, store: ShardStore, device: str | None):
         self.store, self.device = store, device
         self.sampler: ComposedSampler | None = None
+        self.generation: int | None = None  # of the manifest last synced with
         self._key: tuple | None = None
         self._lock = threading.RLock()
 
@@ -73,6 +74,7 @@ class LiveSampler:
         live set, from one manifest."""
         with self._lock:
             self.store.refresh()
+            self.generation = self.store.generation
             live = dict(self.store.manifest["contributors"])
             router = self.store.router_fingerprint(live)["hashes"] if live else None
             key = (tuple((c, e["weights_hash"]) for c, e in sorted(live.items())),

@@ -60,14 +60,30 @@ class Jobs:
         principal.require_admin()
         path = self.data_folder(folder)
         data = load_contributor(path)
-        self.store.refresh()
-        if data.contributor_id in self.store.contributor_ids:
-            raise ValueError(f"contributor {data.contributor_id!r} is already live")
+        self.check_new_id(data.contributor_id)
         job_id = self.db.create_job("add", principal.user,
                                     {"folder": str(path), "contributor_id": data.contributor_id,
                                      "data_hash": data.data_hash, "kind": kind})
         self.wake.set()
         return {"job_id": job_id, "contributor_id": data.contributor_id}
+
+    def check_new_id(self, contributor_id: str) -> None:
+        """An id is admitted once: never while live, never after it was forgotten (a
+        new contributor under an old id would inherit the old one's licences, credit,
+        history and audit records).
+
+        Raises:
+            ValueError: the id is live (400).
+            StoreError: the id belonged to a forgotten contributor (409).
+        """
+        self.store.refresh()
+        if contributor_id in self.store.contributor_ids:
+            raise ValueError(f"contributor {contributor_id!r} is already live")
+        if contributor_id in self.store.pending_purges or self.db.forgotten(contributor_id):
+            raise StoreError(f"contributor id {contributor_id!r} belonged to a contributor who "
+                             "was forgotten; ids are not reused, so that one contributor's "
+                             "licences, credit and history never cover another: rename the "
+                             "folder to a new id")
 
     def value(self, principal: Principal, heldout: str | None = None, **settings) -> dict:
         """Admin: start a valuation job of the live contributors; `settings` are
@@ -120,8 +136,10 @@ class Jobs:
             self.store.cleanup_orphans()
             self._swept = True
         changed = self.store.refresh()
-        if changed and self.live is not None:
-            self.live.sync()  # an idle worker drops a forgotten contributor's weights too
+        # an idle worker drops a forgotten contributor's weights too: compared with the
+        # generation the sampler was built at (another read may have refreshed the store)
+        if self.live is not None and self.live.generation != self.store.generation:
+            self.live.sync()
         if not self.db.jobs(("queued", "running")) and not changed \
                 and not self.store.pending_purges:
             return 0

@@ -97,25 +97,44 @@ def test_processes_writing_the_store_at_once_lose_nothing(store_copy, data_dir, 
     store.load_sampler("cpu")(None, n=1, steps=1)
 
 
-def test_an_idle_worker_drops_a_forgotten_contributor_re_added_under_its_id(two_workers, data_dir):
-    """Forget c, purge, add a different c: a worker that served the old c and then
-    stayed idle serves the new c's weights, never the old ones."""
+def test_an_idle_worker_drops_a_forgotten_contributors_weights(two_workers):
+    """Worker two served c, then only answered reads (which refresh the store) while
+    worker one forgot c: its job runner's next pass drops every weight of c, without a
+    generate request to make it reload. (Worker two's runner thread is stopped and its
+    pass run here, so that the reads surely come before it.)"""
+    one, two = two_workers
+    key = create_key(one.db, "root", None, role="admin")
+    admin_one, admin_two = one.verify(f"Bearer {key}"), two.verify(f"Bearer {key}")
+    two.generate(admin_two, contributors=["c"], n=1, steps=2)
+    assert "c" in two.live.sampler.bank.slots  # c's weights are resident in worker two
+    two._closed.set()  # stop worker two's runner thread; its sampler keeps serving
+    two._wake.set()
+    two._runner.join(timeout=30)
+    job = one.forget(admin_one, "c")
+    assert wait_for_job(lambda: one.job(admin_one, job["job_id"]))["status"] == "succeeded"
+    assert two.contributors() and two.credit(admin_two)  # reads: each refreshes the store
+    two.run_jobs()  # the runner's pass
+    assert two.live.sampler.bank.contributor_ids == ["a", "b"]
+    assert "c" not in two.live.sampler.bank.slots
+
+
+def test_a_forgotten_id_is_not_admitted_again(two_workers, data_dir):
+    """A new contributor under a forgotten one's id would inherit its licences, credit,
+    history and audit: the id is refused, with a clear error, in every worker."""
     import shutil
+
+    from shards.errors import StoreError
 
     one, two = two_workers
     key = create_key(one.db, "root", None, role="admin")
     admin_one, admin_two = one.verify(f"Bearer {key}"), two.verify(f"Bearer {key}")
-    old = two.generate(admin_two, contributors=["c"], n=2, steps=3, seed=4)
     job = one.forget(admin_one, "c")
+    folder = one.store.root.parent / "c"
+    shutil.copytree(data_dir / "contributors" / "a", folder)  # someone else's data, id c
+    with pytest.raises(StoreError, match="ids are not reused"):  # while the purge runs
+        two.add_contributor(admin_two, str(folder))
     assert wait_for_job(lambda: one.job(admin_one, job["job_id"]))["status"] == "succeeded"
-    shutil.copytree(data_dir / "contributors" / "a", one.store.root.parent / "c")  # new data
-    added = one.add_contributor(admin_one, str(one.store.root.parent / "c"))
-    assert wait_for_job(lambda: one.job(admin_one, added["job_id"]))["status"] == "succeeded"
-    new = two.generate(admin_two, contributors=["c"], n=2, steps=3, seed=4)
-    fresh = Platform(one.store.root, device="cpu")
-    try:
-        reference = fresh.generate(fresh.verify(f"Bearer {key}"), contributors=["c"], n=2,
-                                   steps=3, seed=4)
-    finally:
-        fresh.close()
-    assert new["images"] == reference["images"] and new["images"] != old["images"]
+    for worker, admin in ((one, admin_one), (two, admin_two)):
+        with pytest.raises(StoreError, match="belonged to a contributor who was forgotten"):
+            worker.add_contributor(admin, str(folder))
+    assert not [j for j in one.db.jobs() if j["kind"] == "add"]  # nothing was queued
