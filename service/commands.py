@@ -70,11 +70,22 @@ def cmd_train(args) -> None:
 
 
 def cmd_add(args) -> None:
-    from shards import ShardStore, load_contributor
+    """As the service adds: recovery of what a crash interrupted first, then an add job
+    (checked now, run here), audited like an API add."""
+    from shards.errors import StoreError
 
-    store = ShardStore.open(args.store)
-    entry = store.add(load_contributor(args.folder), kind=args.kind, device=args.device)
-    print(f"added {entry['contributor_id']} ({entry['kind']}, {entry['images']} images, "
+    from .platform import Platform
+
+    platform = Platform(args.store, device=args.device, serve=False)
+    platform.run_jobs()
+    job = platform.add_contributor(_cli_principal(), args.folder, args.kind, anywhere=True)
+    platform.run_jobs()
+    done = platform.db.get_job(job["job_id"])
+    if done["status"] != "succeeded":
+        raise StoreError(f"add job {job['job_id']} {done['status']}: {done['error']}")
+    store = platform.store
+    entry = store.contributor(job["contributor_id"])
+    print(f"added {job['contributor_id']} ({entry['kind']}, {entry['images']} images, "
           f"final loss {entry['final_loss']:.4f}); router {store.config.router} updated")
     _print_store(store)
 

@@ -42,6 +42,7 @@ class Jobs:
         store (None: no sampler to keep current, as in the CLI)."""
         self.store, self.db, self.live, self.forgetting = store, db, live, forgetting
         self.data_roots, self.device, self.wake, self.closed = data_roots, device, wake, closed
+        self.progress = live is None  # progress bars where a person runs the jobs (CLI)
         self._swept = False
         self.handlers = {"purge": forgetting.purge, "add": self._add, "value": self._value}
 
@@ -54,11 +55,13 @@ class Jobs:
         except ValueError as err:
             raise NotFoundError(str(err)) from None
 
-    def add_contributor(self, principal: Principal, folder: str, kind: str | None = None) -> dict:
+    def add_contributor(self, principal: Principal, folder: str, kind: str | None = None,
+                        anywhere: bool = False) -> dict:
         """Admin: validate the folder now (errors are immediate), train in the
-        background. `folder` must lie under one of the data roots (CDM_DATA_ROOTS)."""
+        background. `folder` must lie under one of the data roots (CDM_DATA_ROOTS),
+        unless `anywhere` (the shell's `cdm add`, which reads as its user)."""
         principal.require_admin()
-        path = self.data_folder(folder)
+        path = Path(folder).resolve() if anywhere else self.data_folder(folder)
         data = load_contributor(path)
         self.check_new_id(data.contributor_id)
         job_id = self.db.create_job("add", principal.user,
@@ -192,7 +195,8 @@ class Jobs:
         data = load_contributor(params["folder"])
         if data.data_hash != params["data_hash"]:
             raise StoreError("the folder changed since the request was accepted; send it again")
-        entry = self.store.add(data, kind=params.get("kind"), device=self.device, progress=False)
+        entry = self.store.add(data, kind=params.get("kind"), device=self.device,
+                               progress=self.progress)
         crashpoint("add:committed")
         if self.live is not None:
             self.live.sync()

@@ -132,9 +132,10 @@ class Platform:
         """Exclude now, purge in the background (forget.py)."""
         return self.forgetting.forget(principal, contributor_id)
 
-    def add_contributor(self, principal: Principal, folder: str, kind: str | None = None) -> dict:
+    def add_contributor(self, principal: Principal, folder: str, kind: str | None = None,
+                        anywhere: bool = False) -> dict:
         """Admin: validate a data folder now, train it in the background (jobs.py)."""
-        return self.jobs.add_contributor(principal, folder, kind)
+        return self.jobs.add_contributor(principal, folder, kind, anywhere)
 
     def value(self, principal: Principal, heldout: str | None = None, **settings) -> dict:
         """Admin: start a valuation job (jobs.py)."""

@@ -5,6 +5,7 @@ import pytest
 from conftest import write_pngs
 
 from service.cli import main
+from shards import ShardStore
 
 
 def test_train_sample_png_and_npz(tmp_path, data_dir, capsys):
@@ -101,3 +102,20 @@ def test_value_prints_values_writes_a_report_and_records_credit(store_copy, held
     assert "policy: beta-shapley (alpha 16, beta 1) values of precision" in out
     shares = [float(line.split()[1]) for line in out.splitlines() if line.startswith("  ")]
     assert len(shares) == 3 and (sum(shares) == pytest.approx(1.0) or sum(shares) == 0)
+
+
+def test_add_from_the_shell_is_audited_like_an_api_add(store_copy, data_dir, capsys):
+    """`cdm add` runs as an add job: its audit record names the data and weights."""
+    import shutil
+
+    from service.db import Database
+
+    folder = store_copy.root.parent / "dora"
+    shutil.copytree(data_dir / "contributors" / "c", folder)
+    assert main(["add", str(folder), "--store", str(store_copy.root), "--device", "cpu"]) == 0
+    assert "added dora" in capsys.readouterr().out
+    [record] = Database(store_copy.root / "service.db").audit_log("dora")
+    entry = ShardStore.open(store_copy.root).contributor("dora")
+    assert record["action"] == "add" and record["actor"].startswith("cli:")
+    assert record["details"]["data_hash"] == entry["data_hash"]
+    assert record["details"]["weights_hash"] == entry["weights_hash"]

@@ -107,3 +107,26 @@ def test_joint_purge_survives_kill_after_the_classifier_switch(joint_copy):
     db = Database(root / "service.db")
     assert [e["action"] for e in db.audit_log("b")] == ["exclude", "purge"]
     assert traces(root, "b") == []
+
+
+def test_add_from_the_shell_first_finishes_what_a_crash_interrupted(store_copy, data_dir):
+    """A forget killed after its purge committed, before its keys were revoked: the
+    next `cdm add` (an entry point that changes the store) runs recovery first, so the
+    forgotten contributor's key is revoked and its purge recorded before anything else."""
+    from service.auth import create_key
+
+    root = store_copy.root
+    key = create_key(Database(root / "service.db"), "bee", None, role="contributor",
+                     contributor_id="b")
+    killed = cdm("forget", "b", "--store", str(root), crash_at="purge:committed")
+    assert killed.returncode == -9, killed.stderr[-2000:]
+    db = Database(root / "service.db")
+    key_id = key.split("_")[1]
+    assert db.get_key(key_id)["revoked_at"] is None  # the crash came before the revocation
+    folder = root.parent / "dora"
+    shutil.copytree(data_dir / "contributors" / "c", folder)
+    added = cdm("add", str(folder), "--store", str(root), "--device", "cpu")
+    assert added.returncode == 0, added.stderr[-2000:]
+    assert db.get_key(key_id)["revoked_at"] is not None
+    assert [e["action"] for e in db.audit_log("b")] == ["exclude", "purge"]
+    assert [e["action"] for e in db.audit_log("dora")] == ["add"]
