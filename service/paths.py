@@ -40,7 +40,8 @@ def _resolve(path: str | Path) -> Path:
 
 def allowed_roots(store_root: Path) -> list[Path]:
     """The data roots: the folders of CDM_DATA_ROOTS, resolved, or when it is unset
-    the folder holding `store_root` (the layout `make store` and docs/usage.md use).
+    the folder holding `store_root` (the layout `make store` and docs/usage.md use),
+    unless that is the filesystem's root: then none (set CDM_DATA_ROOTS).
 
     Raises:
         ValueError: CDM_DATA_ROOTS is set but names no folder, or one of its folders
@@ -48,7 +49,9 @@ def allowed_roots(store_root: Path) -> list[Path]:
     """
     raw = os.environ.get(DATA_ROOTS_ENV)
     if raw is None:
-        return [_resolve(store_root).parent]
+        parent = _resolve(store_root).parent
+        # a store at the top of the filesystem would make every folder a data root
+        return [] if parent == parent.parent else [parent]
     roots = [_resolve(part) for part in raw.split(os.pathsep) if part.strip()]
     if not roots:
         raise ValueError(f"{DATA_ROOTS_ENV} is set but names no folder: give one or more "

@@ -93,12 +93,16 @@ def image_files(folder: Path, max_images: int | None = None) -> list[Path]:
             so a huge folder is refused before it is sorted or read.
 
     Raises:
-        DataError: naming the folder and the limit, for more image files than that.
+        DataError: naming the folder and the limit, for more image files than that;
+            naming the file, for a symbolic link (a data folder holds its files itself).
         ValueError: a bad CDM_MAX_IMAGES, when `max_images` is not given.
     """
     limit = ImageLimits.from_env().max_images if max_images is None else max_images
     files = []
     for path in folder.iterdir():
+        if path.suffix.lower() in IMAGE_SUFFIXES and path.is_symlink():
+            raise DataError(f"{folder.name}/{short(path.name, 64)} is a symbolic link; a data "
+                            "folder must hold its files itself")
         if path.suffix.lower() in IMAGE_SUFFIXES and path.is_file():
             files.append(path)
             if len(files) > limit:
@@ -150,9 +154,14 @@ def scan_folder(folder: Path, who: str, limits: ImageLimits) -> tuple[list[Path]
 
     Raises:
         DataError: images beside label folders, a bad label folder name, a file without
-            a label or a labels.csv row without a file, too many image files.
+            a label or a labels.csv row without a file, too many image files, a label
+            folder or an image that is a symbolic link.
     """
     subdirs = [p for p in folder.iterdir() if p.is_dir() and not p.name.startswith(".")]
+    for d in subdirs:
+        if d.is_symlink():
+            raise DataError(f"{who}: folder {short(d.name, 40)}/ is a symbolic link; a data "
+                            "folder must hold its files itself")
     flat = image_files(folder, limits.max_images)
     if subdirs:
         if flat:
@@ -183,13 +192,16 @@ def scan_folder(folder: Path, who: str, limits: ImageLimits) -> tuple[list[Path]
 
 
 def load_contributor(folder: str | Path, contributor_id: str | None = None,
-                     limits: ImageLimits | None = None) -> ContributorData:
+                     limits: ImageLimits | None = None,
+                     shape: tuple[int, int, int] | None = None) -> ContributorData:
     """Load and validate one contributor folder (labelled or not: module docstring).
 
     Args:
         folder: a directory holding the contributor's images.
         contributor_id: defaults to the folder's name.
         limits: bounds on files, bytes and pixels; default `ImageLimits.from_env()`.
+        shape: the (C, H, W) a store expects; each image's size is checked against it
+            from its header, before it is decoded (an add to a store).
 
     Raises:
         DataError: bad id, missing or empty folder, too many image files, a file too
@@ -208,7 +220,7 @@ def load_contributor(folder: str | Path, contributor_id: str | None = None,
         raise DataError(
             f"{who}: no images ({', '.join(IMAGE_SUFFIXES)}) in {folder}"
         )
-    images, data_hash = read_images(files, who, limits, labels)
+    images, data_hash = read_images(files, who, limits, labels, shape)
     return ContributorData(contributor_id, images, data_hash,
                            None if labels is None else torch.tensor(labels, dtype=torch.long))
 

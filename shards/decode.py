@@ -4,15 +4,20 @@ its pixels are decoded, and errors name the file (never a folder's listing).
 
 Limits (shards/settings.py; a small PNG can decode to gigabytes): a file larger than
 CDM_MAX_IMAGE_BYTES (default 1 MiB) is not read; an image whose header claims more
-than CDM_MAX_IMAGE_PIXELS pixels (default 512 x 512) is not decoded; a folder with
-more than CDM_MAX_IMAGES image files (default 100000) is not loaded. A `.png` must
-hold a PNG and a `.jpg`/`.jpeg` a JPEG (no other decoder of PIL runs). A `.npy` file
-holds one image, shape (H, W), (H, W, C) or (C, H, W) with C in {1, 3}, either uint8
-in [0, 255] or floats in [0, 1].
+than CDM_MAX_IMAGE_PIXELS pixels (default 512 x 512), or another size than the images
+before it (or than the store's, when adding to one), is not decoded; a folder with
+more than CDM_MAX_IMAGES image files (default 100000), or whose images would take more
+than CDM_MAX_DECODED_BYTES decoded (default 2 GiB), is not loaded. A file is opened
+only if it is not a symbolic link (a data folder holds its files itself: a link could
+point outside the folders a request may name). A `.png` must hold a PNG and a
+`.jpg`/`.jpeg` a JPEG (no other decoder of PIL runs). A `.npy` file holds one image,
+shape (H, W), (H, W, C) or (C, H, W) with C in {1, 3}, either uint8 in [0, 255] or
+floats in [0, 1].
 """
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import io
 import math
@@ -36,7 +41,7 @@ PIL_FORMATS = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG"}
 _DECODE_ERRORS = (OSError, ValueError, SyntaxError, EOFError, IndexError, TypeError,
                   struct.error, zlib.error)
 _LIMITS = (("max_bytes", "CDM_MAX_IMAGE_BYTES"), ("max_pixels", "CDM_MAX_IMAGE_PIXELS"),
-           ("max_images", "CDM_MAX_IMAGES"))
+           ("max_images", "CDM_MAX_IMAGES"), ("max_decoded", "CDM_MAX_DECODED_BYTES"))
 
 
 @dataclass(frozen=True)
@@ -47,6 +52,7 @@ class ImageLimits:
     max_bytes: int = VARIABLES["CDM_MAX_IMAGE_BYTES"].default
     max_pixels: int = VARIABLES["CDM_MAX_IMAGE_PIXELS"].default
     max_images: int = VARIABLES["CDM_MAX_IMAGES"].default
+    max_decoded: int = VARIABLES["CDM_MAX_DECODED_BYTES"].default
 
     def __post_init__(self):
         """Raises ValueError naming the field, its variable and its allowed range."""
@@ -55,8 +61,9 @@ class ImageLimits:
 
     @classmethod
     def from_env(cls) -> ImageLimits:
-        """The limits in CDM_MAX_IMAGE_BYTES, CDM_MAX_IMAGE_PIXELS and CDM_MAX_IMAGES,
-        read now (so a changed environment applies to the next load).
+        """The limits in CDM_MAX_IMAGE_BYTES, CDM_MAX_IMAGE_PIXELS, CDM_MAX_IMAGES and
+        CDM_MAX_DECODED_BYTES, read now (so a changed environment applies to the next
+        load).
 
         Raises:
             ValueError: naming the variable and its allowed range, for a bad value.
@@ -72,18 +79,19 @@ def _reason(err: BaseException, path: Path) -> str:
 def read_file(path: Path, who: str, max_bytes: int) -> bytes:
     """The bytes of regular file `path`, read once and at most `max_bytes` of them.
 
-    The size is checked on the open file (a name swapped for a FIFO or a device after
-    listing is refused, not read) and again on what was read (a file that grew, or a
-    /proc-like file reporting size 0, cannot slip past the limit).
+    The size is checked on the open file (a name swapped for a FIFO, a device or a
+    symbolic link after listing is refused, not read: O_NOFOLLOW) and again on what
+    was read (a file that grew, or a /proc-like file reporting size 0, cannot slip
+    past the limit).
 
     Raises:
-        DataError: naming the file and the limit, for a file too large, not regular or
-            unreadable.
+        DataError: naming the file and the limit, for a file too large, not regular, a
+            symbolic link or unreadable.
     """
     too_large = (f"{who}: {path.name} is larger than the limit of {max_bytes} bytes "
                  f"(CDM_MAX_IMAGE_BYTES)")
     try:
-        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | getattr(os, "O_NONBLOCK", 0))
         with open(fd, "rb") as f:
             info = os.fstat(fd)
             if not stat.S_ISREG(info.st_mode):
@@ -92,22 +100,40 @@ def read_file(path: Path, who: str, max_bytes: int) -> bytes:
                 raise DataError(f"{too_large}: it has {info.st_size} bytes")
             data = f.read(max_bytes + 1)
     except OSError as err:
+        if err.errno == errno.ELOOP:
+            raise DataError(f"{who}: {path.name} is a symbolic link; a data folder must hold "
+                            "its files itself") from err
         raise DataError(f"{who}: unreadable image file {path.name}: {_reason(err, path)}") from err
     if len(data) > max_bytes:
         raise DataError(too_large)
     return data
 
 
+def _check_size(name: str, who: str, height: int, width: int,
+                expect: tuple[int, int] | None) -> None:
+    """Raise DataError, from the header and before decoding, for an image whose size
+    is not `expect` (H, W)."""
+    if expect is not None and (height, width) != tuple(expect):
+        raise DataError(f"{who}: {name} is {width}x{height} pixels, but {expect[1]}x{expect[0]} "
+                        "are expected (the images before it, or the store's); all images "
+                        "must match")
+
+
+def _npy_hw(shape: tuple[int, ...]) -> tuple[int, int]:
+    """(H, W) of an image array of `shape` (2 or 3 dimensions), read the way `_to_chw`
+    reads it."""
+    if len(shape) == 3 and shape[-1] in (1, 3) and shape[0] not in (1, 3):
+        return shape[0], shape[1]
+    return shape[-2], shape[-1]
+
+
 def _npy_pixels(shape: tuple[int, ...]) -> int:
-    """Pixels (H x W) of an array of `shape`, read the way `_to_chw` reads it."""
-    if len(shape) == 3:
-        if shape[-1] in (1, 3) and shape[0] not in (1, 3):
-            return shape[0] * shape[1]
-        return shape[1] * shape[2]
-    return math.prod(shape)
+    """Pixels (H x W) of an array of `shape` (every element, if it is no image)."""
+    return math.prod(_npy_hw(shape)) if len(shape) in (2, 3) else math.prod(shape)
 
 
-def _decode_npy(name: str, data: bytes, who: str, limits: ImageLimits) -> np.ndarray:
+def _decode_npy(name: str, data: bytes, who: str, limits: ImageLimits,
+                expect: tuple[int, int] | None = None) -> np.ndarray:
     """One `.npy` file's array, after its header was checked against the data's length
     and the pixel limit (numpy would otherwise allocate whatever the header claims)."""
     buf = io.BytesIO(data)
@@ -126,11 +152,14 @@ def _decode_npy(name: str, data: bytes, who: str, limits: ImageLimits) -> np.nda
     if pixels > limits.max_pixels:
         raise DataError(f"{who}: {name} has {pixels} pixels, more than the limit of "
                         f"{limits.max_pixels} (CDM_MAX_IMAGE_PIXELS)")
+    if len(shape) in (2, 3):
+        _check_size(name, who, *_npy_hw(shape), expect)
     buf.seek(0)
     return np.load(buf, allow_pickle=False)
 
 
-def _decode_pil(name: str, fmt: str, data: bytes, who: str, limits: ImageLimits) -> np.ndarray:
+def _decode_pil(name: str, fmt: str, data: bytes, who: str, limits: ImageLimits,
+                expect: tuple[int, int] | None = None) -> np.ndarray:
     """One PNG or JPEG as an array; its size is checked from the header PIL reads at
     `Image.open`, before `load` decodes (and allocates) the pixels."""
     try:
@@ -140,6 +169,7 @@ def _decode_pil(name: str, fmt: str, data: bytes, who: str, limits: ImageLimits)
                 raise DataError(
                     f"{who}: {name} is {width}x{height} = {width * height} pixels, more than "
                     f"the limit of {limits.max_pixels} (CDM_MAX_IMAGE_PIXELS)")
+            _check_size(name, who, height, width, expect)
             img.load()
             if img.mode not in ("L", "RGB"):
                 if img.mode in ("1", "P", "I;16", "I"):
@@ -157,7 +187,8 @@ def _decode_pil(name: str, fmt: str, data: bytes, who: str, limits: ImageLimits)
         raise DataError(f"{who}: unreadable image file {name}: not a {fmt} image") from err
 
 
-def _read_image(path: Path, who: str, limits: ImageLimits) -> tuple[bytes, np.ndarray]:
+def _read_image(path: Path, who: str, limits: ImageLimits,
+                expect: tuple[int, int] | None = None) -> tuple[bytes, np.ndarray]:
     """Read one file (bounded), decode it; returns its bytes and float32 (C, H, W) in
     [0, 1].
 
@@ -170,9 +201,9 @@ def _read_image(path: Path, who: str, limits: ImageLimits) -> tuple[bytes, np.nd
     suffix = path.suffix.lower()
     try:
         if suffix == ".npy":
-            arr = _decode_npy(path.name, data, who, limits)
+            arr = _decode_npy(path.name, data, who, limits, expect)
         else:
-            arr = _decode_pil(path.name, PIL_FORMATS[suffix], data, who, limits)
+            arr = _decode_pil(path.name, PIL_FORMATS[suffix], data, who, limits, expect)
     except DataError:
         raise
     except _DECODE_ERRORS as err:
@@ -206,19 +237,27 @@ def _to_chw(arr: np.ndarray, what: str) -> np.ndarray:
 
 
 def read_images(files: list[Path], who: str, limits: ImageLimits,
-                 labels: list[int] | None = None) -> tuple[torch.Tensor, str]:
+                labels: list[int] | None = None,
+                shape: tuple[int, int, int] | None = None) -> tuple[torch.Tensor, str]:
     """Read `files` as one (N, C, H, W) tensor in [-1, 1] and the data hash of the
-    bytes read (as `shards.data.hash_files` would compute it, each name prefixed by its label
-    when `labels` are given); `who` prefixes errors.
+    bytes read (as `shards.data.hash_files` would compute it, each name prefixed by its
+    label when `labels` are given); `who` prefixes errors. Every image must have the
+    first one's size, or `shape` (C, H, W) when given: checked from each header before
+    it is decoded.
 
     Raises:
-        DataError: from `_read_image`, or naming the first file whose shape differs
-            from the first file's.
+        DataError: from `_read_image`, naming the first file whose shape differs, or
+            when the images would take more than CDM_MAX_DECODED_BYTES decoded.
     """
     digest = hashlib.sha256()
     arrays = []
+    expect = None if shape is None else tuple(shape[1:])
     for i, path in enumerate(files):
-        data, arr = _read_image(path, who, limits)
+        if arrays and (i + 1) * arrays[0].nbytes > limits.max_decoded:
+            raise DataError(f"{who}: its {len(files)} images would take more than "
+                            f"{limits.max_decoded} bytes decoded (CDM_MAX_DECODED_BYTES)")
+        data, arr = _read_image(path, who, limits, expect)
+        expect = arr.shape[1:]
         if arrays and arr.shape != arrays[0].shape:
             raise DataError(
                 f"{who}: {path.name} has shape {arr.shape}, but the images before it "

@@ -96,6 +96,8 @@ VARIABLES = {v.name: v for v in (
     Variable("CDM_MAX_IMAGE_BYTES", 1 << 20, 1, 1 << 30, "bytes of one image file"),
     Variable("CDM_MAX_IMAGE_PIXELS", 512 * 512, 1, 1 << 26, "pixels an image header may claim"),
     Variable("CDM_MAX_IMAGES", 100_000, 1, 10_000_000, "image files of one folder"),
+    Variable("CDM_MAX_DECODED_BYTES", 2 << 30, 1, 1 << 40,
+             "bytes the decoded images of one folder may take (float32)"),
 )}
 STORE_ENV = "CDM_STORE"  # the store `cdm serve` serves (default var/store)
 DEFAULT_STORE = "var/store"

@@ -33,7 +33,7 @@ def test_mixed_sizes_name_the_file(tmp_path):
     folder = tmp_path / "ann"
     write_pngs(folder, gray(2))
     Image.fromarray(gray(1, size=16)[0]).save(folder / "zz-big.png")
-    with pytest.raises(DataError, match="zz-big.png has shape"):
+    with pytest.raises(DataError, match="zz-big.png is 16x16 pixels, but 8x8 are expected"):
         load_contributor(folder)
 
 

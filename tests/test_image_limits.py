@@ -89,7 +89,7 @@ def test_pixel_limit_from_the_environment(folder, monkeypatch):
     monkeypatch.setenv("CDM_MAX_IMAGE_PIXELS", "1000")
     refused(folder, r"big\.png is 32x32 = 1024 pixels, more than the limit of 1000")
     monkeypatch.setenv("CDM_MAX_IMAGE_PIXELS", "1024")
-    with pytest.raises(DataError, match="img-000.png has shape"):  # big.png read, 8x8 next
+    with pytest.raises(DataError, match="img-000.png is 8x8 pixels, but 32x32 are expected"):
         load_contributor(folder)
 
 
@@ -189,3 +189,62 @@ def test_unreadable_file_names_only_the_file(folder):
     (folder / "secret.png").chmod(0)
     message = refused(folder, r"unreadable image file secret\.png: .*Permission denied")
     assert str(folder) not in message
+
+
+# ---------------------------------------------------------------- links and sizes
+def test_links_inside_a_data_folder_are_refused_unread(tmp_path, folder, monkeypatch):
+    """A folder under the data roots may hold links to anywhere: an image file that is a
+    link (to another contributor's PNG, to /etc/passwd) and a label folder that is one
+    are refused, naming the link; the target is never opened."""
+    import builtins
+
+    outside = tmp_path / "someone-else"
+    write_pngs(outside, np.full((3, 8, 8), 200, dtype=np.uint8))
+    (folder / "stolen.png").symlink_to(outside / "img-000.png")
+    refused(folder, r"ann/stolen\.png is a symbolic link; a data folder must hold its files")
+    (folder / "stolen.png").unlink()
+    (folder / "passwd.png").symlink_to("/etc/passwd")
+    opened = []
+    real_open = os.open
+    monkeypatch.setattr(os, "open", lambda p, *a, **k: opened.append(str(p)) or real_open(p, *a, **k))
+    refused(folder, r"passwd\.png is a symbolic link")
+    assert not any("passwd" in p for p in opened)
+    assert builtins.open  # (os.open is what reads files; it never saw the link)
+    (folder / "passwd.png").unlink()
+    labelled = tmp_path / "bob"
+    (labelled / "3").mkdir(parents=True)
+    write_pngs(labelled / "3", np.zeros((2, 8, 8), dtype=np.uint8))
+    (labelled / "4").symlink_to(outside, target_is_directory=True)
+    refused(labelled, r"folder 4/ is a symbolic link")
+
+
+def test_a_link_swapped_in_after_listing_is_not_followed(folder, tmp_path):
+    """The check at listing time has a twin at open time (O_NOFOLLOW): a file replaced by
+    a link between the two is refused, not read."""
+    from shards.decode import read_file
+
+    target = tmp_path / "secret.png"
+    target.write_bytes(noise_png(8))
+    (folder / "img-000.png").unlink()
+    (folder / "img-000.png").symlink_to(target)
+    with pytest.raises(DataError, match=r"img-000\.png is a symbolic link"):
+        read_file(folder / "img-000.png", "contributor 'ann'", 1 << 20)
+
+
+def test_an_add_checks_each_images_size_against_the_store_before_decoding(tmp_path, never_decoded):
+    """300 solid 512x512 PNGs (a few KB each on disk, 786 KB decoded) added to a store
+    of 8x8 images: refused from the first header, nothing decoded, memory flat."""
+    folder = tmp_path / "big"
+    write_pngs(folder, np.zeros((300, 512, 512), dtype=np.uint8))
+    message = refused(folder, r"img-000\.png is 512x512 pixels, but 8x8 are expected",
+                      shape=(1, 8, 8))
+    assert "img-001" not in message
+
+
+def test_the_decoded_size_of_a_folder_is_bounded(folder, monkeypatch):
+    write_pngs(folder, np.zeros((6, 8, 8), dtype=np.uint8))  # 6 images of 256 bytes (float32)
+    monkeypatch.setenv("CDM_MAX_DECODED_BYTES", str(5 * 256))
+    refused(folder, r"its 6 images would take more than 1280 bytes decoded "
+                    r"\(CDM_MAX_DECODED_BYTES\)")
+    monkeypatch.setenv("CDM_MAX_DECODED_BYTES", str(6 * 256))
+    assert len(load_contributor(folder)) == 6

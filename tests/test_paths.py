@@ -1,6 +1,7 @@
 """Data folders named by a request are confined to the data roots (service/paths.py)."""
 
 import os
+from pathlib import Path
 
 import pytest
 
@@ -113,3 +114,13 @@ def test_default_root_is_the_folder_holding_the_store(tmp_path, monkeypatch, roo
     check_refused(str(tmp_path), roots, "outside")
     monkeypatch.chdir(root)
     assert allowed_roots("store") == [root]  # a relative store path, resolved
+
+
+def test_no_default_root_for_a_store_at_the_top_of_the_filesystem(monkeypatch):
+    """A store at /store would make / the data root: every folder a request names.
+    Without CDM_DATA_ROOTS such a store admits none."""
+    monkeypatch.delenv("CDM_DATA_ROOTS", raising=False)
+    assert allowed_roots(Path("/store")) == []
+    with pytest.raises(ValueError, match="outside the allowed data roots: none; set CDM_DATA_ROOTS"):
+        resolve_data_folder("/etc", allowed_roots(Path("/store")))
+    assert allowed_roots(Path("/srv/cdm/store")) == [Path("/srv/cdm")]
