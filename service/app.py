@@ -24,10 +24,13 @@ from .platform import Platform
 WORKERS = env_int("CDM_WORKERS")
 
 
-def _release_when_prepared(platform: Platform):
+def release_when_prepared(platform: Platform):
+    """A done-callback for the preparation of a request whose client left: release
+    what it registered, in a thread (a synced database write that may wait for the
+    lock must not block the event loop)."""
     def callback(task: asyncio.Future) -> None:
         if not task.cancelled() and task.exception() is None:
-            platform.release(task.result().seq)
+            asyncio.get_running_loop().run_in_executor(None, platform.release, task.result().seq)
 
     return callback
 
@@ -82,7 +85,7 @@ class CDMService:
             try:
                 job = await asyncio.shield(prepared)
             except asyncio.CancelledError:  # the client left: release what it registered
-                prepared.add_done_callback(_release_when_prepared(self.platform))
+                prepared.add_done_callback(release_when_prepared(self.platform))
                 raise
             # the scheduler releases the job when it leaves (a cancelled future that
             # never started included); a running one finishes on its snapshot

@@ -98,12 +98,12 @@ def audit(principal: Principal, db: Database, contributor_id: str | None = None,
         contributor_id = principal.contributor_id
     elif not principal.is_admin:
         raise ForbiddenError(f"user {principal.user!r} may not read the audit log")
-    return {"records": db.audit_log(contributor_id)[::-1][:limit]}
+    return {"records": db.audit_log(contributor_id, limit=limit, newest_first=True)}
 
 
 def jobs(principal: Principal, db: Database, kind: str | None = None, limit: int = 50) -> dict:
     principal.require_admin()
-    rows = [j for j in db.jobs() if kind is None or j["kind"] == kind][::-1][:limit]
+    rows = db.jobs(kind=kind, limit=limit, newest_first=True)
     for job in rows:
         job.pop("plan", None)
     return {"jobs": rows}

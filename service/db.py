@@ -210,12 +210,18 @@ class Database:
         return {"id": cur.lastrowid, "at": at, "actor": actor, "action": action,
                 "contributor_id": contributor_id, "details": details}
 
-    def audit_log(self, contributor_id: str | None = None) -> list[dict]:
-        sql, args = "SELECT * FROM audit", ()
+    def audit_log(self, contributor_id: str | None = None, limit: int | None = None,
+                  newest_first: bool = False) -> list[dict]:
+        """Audit records in order (or newest first), of one contributor or all, at most
+        `limit`."""
+        sql, args = "SELECT * FROM audit", []
         if contributor_id:
-            sql, args = sql + " WHERE contributor_id = ?", (contributor_id,)
+            sql, args = sql + " WHERE contributor_id = ?", [contributor_id]
+        sql += " ORDER BY id" + (" DESC" if newest_first else "")
+        if limit is not None:
+            sql, args = sql + " LIMIT ?", [*args, limit]
         return [{**dict(r), "details": json.loads(r["details"])}
-                for r in self._conn().execute(sql + " ORDER BY id", args)]
+                for r in self._conn().execute(sql, args)]
 
     def forgotten(self, contributor_id: str) -> dict | None:
         """The latest exclusion record of `contributor_id` (a forget was acknowledged
@@ -265,24 +271,38 @@ class Database:
             return db.execute("UPDATE jobs SET status = 'running' WHERE job_id = ? AND "
                               "status = 'queued'", (job_id,)).rowcount == 1
 
-    def get_job(self, job_id: str) -> dict | None:
-        row = self._conn().execute("SELECT * FROM jobs WHERE job_id = ?", (job_id,)).fetchone()
-        if row is None:
-            return None
+    @staticmethod
+    def _job(row: sqlite3.Row) -> dict:
         job = dict(row)
         job["params"] = json.loads(job["params"])
         job["result"] = json.loads(job["result"]) if job["result"] else None
         job["plan"] = json.loads(job["plan"]) if job.get("plan") else None
         return job
 
-    def jobs(self, statuses: tuple[str, ...] | None = None) -> list[dict]:
-        """Jobs in creation order, optionally only those with the given statuses."""
-        sql, args = "SELECT job_id FROM jobs", ()
+    def get_job(self, job_id: str) -> dict | None:
+        row = self._conn().execute("SELECT * FROM jobs WHERE job_id = ?", (job_id,)).fetchone()
+        return None if row is None else self._job(row)
+
+    def jobs(self, statuses: tuple[str, ...] | None = None, kind: str | None = None,
+             limit: int | None = None, newest_first: bool = False,
+             finished_after: float | None = None) -> list[dict]:
+        """Jobs in creation order (or newest first), optionally only those with the
+        given statuses or kind, or finished after a time, at most `limit`: one query."""
+        clauses, args = [], []
+        if finished_after is not None:
+            clauses.append("finished_at > ?")
+            args.append(finished_after)
         if statuses:
-            sql += f" WHERE status IN ({', '.join('?' * len(statuses))})"
-            args = statuses
-        rows = self._conn().execute(sql + " ORDER BY created_at", args).fetchall()
-        return [self.get_job(r["job_id"]) for r in rows]
+            clauses.append(f"status IN ({', '.join('?' * len(statuses))})")
+            args += list(statuses)
+        if kind is not None:
+            clauses.append("kind = ?")
+            args.append(kind)
+        sql = "SELECT * FROM jobs" + (" WHERE " + " AND ".join(clauses) if clauses else "")
+        sql += " ORDER BY created_at" + (" DESC" if newest_first else "")
+        if limit is not None:
+            sql, args = sql + " LIMIT ?", [*args, limit]
+        return [self._job(r) for r in self._conn().execute(sql, args).fetchall()]
 
     # ------------------------------------------------------- admission, spend
     def admit(self, key_id: str, cost: int, per_minute: int | None, worker: str, seq: int,

@@ -68,15 +68,21 @@ class Forgetting:
         contributor (audited as a self-request). Returns the purge job and the
         exclusion's audit record.
 
+        A forget of a contributor being forgotten answers with its purge job
+        (`in_progress`), as the first did.
+
         Raises:
             ForbiddenError: a user key, or a contributor key for someone else (403).
-            UnknownContributorError: not live (404).
+            UnknownContributorError: not live nor being forgotten (404).
         """
         if not principal.may_act_for(contributor_id):
             raise ForbiddenError(f"key of {principal.user!r} may not forget {short(contributor_id)!r}")
         self_request = principal.role == "contributor"
         with self.store.write_lock():  # steps 1-2: no runner sees one without the other
-            entry = self.store.exclude(contributor_id)
+            if contributor_id in self.store.manifest["excluded"]:  # asked again: in progress
+                return self._in_progress(contributor_id)
+            entry = self.store.exclude(contributor_id, {"actor": principal.user,
+                                                        "self_request": self_request})
             crashpoint("forget:excluded")
             with self.db.transaction() as tx:
                 job_id = self.db.create_job("purge", principal.user, {
@@ -90,6 +96,26 @@ class Forgetting:
         # purge ends, possibly before it could ask for its audit log
         return {"job_id": job_id, "contributor_id": contributor_id, "excluded": True,
                 "audit": record}
+
+    def purge_job(self, contributor_id: str) -> str:
+        """The id of the purge job of an excluded contributor: the queued or running one,
+        or a new one when a crash came between the exclusion and its job (as the one
+        who asked, recorded with the exclusion). Held: the store's write lock."""
+        for job in self.db.jobs(("queued", "running"), kind="purge"):
+            if job["params"].get("contributor_id") == contributor_id:
+                return job["job_id"]
+        asked = self.store.manifest["excluded"][contributor_id].get("requested_by") or {}
+        return self.db.create_job("purge", asked.get("actor", "system"), {
+            "contributor_id": contributor_id, "self_request": bool(asked.get("self_request"))})
+
+    def _in_progress(self, contributor_id: str) -> dict:
+        """The answer to a forget of a contributor already excluded: its purge job."""
+        job_id = self.purge_job(contributor_id)
+        self.wake.set()
+        records = [r for r in self.db.audit_log(contributor_id, newest_first=True)
+                   if r["action"] == "exclude"]
+        return {"job_id": job_id, "contributor_id": contributor_id, "excluded": True,
+                "in_progress": True, "audit": records[0] if records else None}
 
     def _exclude_details(self, job_id: str, entry: dict, self_request: bool, **extra) -> dict:
         return {"job_id": job_id, "data_hash": entry["data_hash"],

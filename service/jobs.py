@@ -152,12 +152,12 @@ class Jobs:
                 self._run(job, recovering=True)
                 ran += 1
             with self.store.write_lock():  # forget writes exclusion + job under it
-                recent = time.time() - PURGE_RETRY_SECONDS
-                covered = {j["params"].get("contributor_id") for j in self.db.jobs()
-                           if j["kind"] == "purge" and (j["status"] in ("queued", "running") or (
-                               j["status"] == "failed" and (j["finished_at"] or 0) > recent))}
+                recent = time.time() - PURGE_RETRY_SECONDS  # a failed purge is retried after
+                covered = {j["params"].get("contributor_id") for j in [
+                    *self.db.jobs(("queued", "running"), kind="purge"),
+                    *self.db.jobs(("failed",), kind="purge", finished_after=recent)]}
                 for cid in sorted(set(self.store.pending_purges) - covered):  # crash: no job
-                    self.db.create_job("purge", "system", {"contributor_id": cid})
+                    self.forgetting.purge_job(cid)
             for job in self.db.jobs(("queued",)):
                 if self.closed.is_set():
                     break

@@ -37,13 +37,23 @@ def write_json_atomic(path: Path, obj) -> None:
     fsync_dir(path.parent)
 
 
+def read_weights(folder: Path) -> dict[str, bytes]:
+    """The safetensors files of a saved model folder, by name (empty if it is gone)."""
+    return {p.name: p.read_bytes() for p in sorted(Path(folder).glob("*.safetensors"))}
+
+
+def weights_hash(files: dict[str, bytes]) -> str:
+    """sha256 over (name, bytes) of each file, in name order: a model folder's hash."""
+    digest = hashlib.sha256()
+    for name in sorted(files):
+        digest.update(name.encode())
+        digest.update(files[name])
+    return digest.hexdigest()
+
+
 def files_hash(folder: Path) -> str:
     """sha256 over the safetensors files of a saved model folder."""
-    digest = hashlib.sha256()
-    for path in sorted(Path(folder).glob("*.safetensors")):
-        digest.update(path.name.encode())
-        digest.update(path.read_bytes())
-    return digest.hexdigest()
+    return weights_hash(read_weights(folder))
 
 
 def tensor_hash(tensor: torch.Tensor) -> str:

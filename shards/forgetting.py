@@ -89,10 +89,11 @@ def _check_owned(store: ShardRegistry, installed: list[Cleaner]) -> None:
                              "(pip install -e .) and purge again")
 
 
-def exclude(store: ShardRegistry, contributor_id: str) -> dict:
+def exclude(store: ShardRegistry, contributor_id: str, requested_by: dict | None = None) -> dict:
     """Stage 1: drop `contributor_id` from the live registry (one atomic manifest write
     under the write lock, seen by every process at its next `refresh`). Its files stay
-    until `purge`. Returns its entry.
+    until `purge`; the exclusion record keeps `requested_by` (who asked: a crash before
+    the request's own records must not lose it) until then. Returns its entry.
 
     Raises:
         UnknownContributorError: it is not live.
@@ -102,7 +103,8 @@ def exclude(store: ShardRegistry, contributor_id: str) -> dict:
         manifest = copy.deepcopy(store.manifest)
         del manifest["contributors"][contributor_id]
         manifest["excluded"][contributor_id] = {**entry, "excluded_at": now(),
-                                                "generation": store.generation + 1}
+                                                "generation": store.generation + 1,
+                                                "requested_by": requested_by}
         store.commit(manifest)
     return entry
 

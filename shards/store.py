@@ -29,13 +29,14 @@ from pathlib import Path
 import torch
 from diffusers import UNet2DModel
 from peft import PeftModel
-from safetensors.torch import load_file
+from safetensors.torch import load as safetensors_load
 
 from . import builder, forgetting
 from .bank import ShardBank
 from .config import StoreConfig
 from .data import ContributorData
 from .errors import StoreError
+from .files import read_weights, weights_hash
 from .models import make_unet, pick_device
 from .registry import ShardRegistry
 from .router import RouterModel
@@ -66,9 +67,9 @@ class ShardStore(ShardRegistry):
         Returns the new manifest entry."""
         return builder.add_contributor(self, data, kind, device, progress)
 
-    def exclude(self, contributor_id: str) -> dict:
+    def exclude(self, contributor_id: str, requested_by: dict | None = None) -> dict:
         """Stage 1 of forgetting (`forgetting.exclude`). Returns the entry."""
-        return forgetting.exclude(self, contributor_id)
+        return forgetting.exclude(self, contributor_id, requested_by)
 
     def purge_plan(self, contributor_id: str) -> dict:
         """The audit record a purge of the excluded contributor will return."""
@@ -119,17 +120,22 @@ class ShardStore(ShardRegistry):
 
         The bank keeps the registry entries of the moment it was made: a request that
         started before an exclusion can still load the excluded shard until the purge
-        deletes its files (the service's purge waits for such requests first); a load
-        after that fails with StoreError rather than use anything else."""
+        deletes its files (the service's purge waits for such requests first). Every
+        load checks the files against the entry's weights hash: a shard purged, or
+        replaced by other weights, since the bank was made fails with StoreError rather
+        than serve anything else."""
         capacity = env_int("CDM_SHARD_CACHE") if capacity is None else capacity
         entries = {c: dict(self.contributor(c)) for c in self.contributor_ids}
 
         def load_state(cid: str) -> dict[str, torch.Tensor]:
             entry = entries[cid]
-            weights = self.root / entry["path"] / "diffusion_pytorch_model.safetensors"
-            if entry["kind"] == "full" and weights.is_file():
-                return load_file(weights)
-            return self.load_shard(cid, entry).state_dict()
+            files = read_weights(self.root / entry["path"])
+            if not files or weights_hash(files) != entry["weights_hash"]:
+                raise StoreError(f"shard {cid!r} was purged or replaced since this sampler "
+                                 "was loaded; it is not used (send the request again)")
+            if entry["kind"] == "full":
+                return safetensors_load(files["diffusion_pytorch_model.safetensors"])
+            return self.load_shard(cid, entry).state_dict()  # an adapter merged into the base
 
         template = make_unet(self.image_shape, self.config.unet, num_labels=self.num_labels)
         return ShardBank(template, load_state, list(entries), capacity)

@@ -329,3 +329,34 @@ def test_payout_shares_floor_negative_values_and_sum_to_one():
         "a": 0.75, "b": 0.25, "m": 0.0}
     assert payout_shares({"a": 1.0, "gone": 5.0}, {"a"}) == {"a": 1.0}  # only the live
     assert payout_shares({"a": -1.0, "b": 0.0}, {"a", "b"}) == {"a": 0.0, "b": 0.0}
+
+
+def test_a_forget_asked_again_answers_with_the_purge_in_progress(store_copy):
+    """Asked again while the purge runs (a client retrying after a timeout), forget
+    answers with the same purge job, not 404."""
+    platform = Platform(store_copy.root, device="cpu", serve=False)  # no runner: it waits
+    admin = principal(platform, "adm", None, "admin")
+    first = platform.forget(admin, "b")
+    again = platform.forget(admin, "b")
+    assert again["job_id"] == first["job_id"] and again["in_progress"] is True
+    assert again["audit"]["action"] == "exclude"
+    assert [j["job_id"] for j in platform.db.jobs(kind="purge")] == [first["job_id"]]
+    platform.run_jobs()
+    assert platform.db.get_job(first["job_id"])["status"] == "succeeded"
+
+
+def test_who_asked_survives_a_crash_between_the_exclusion_and_its_records(store_copy):
+    """The exclusion (in the manifest) carries who asked: a crash before the job row and
+    the audit record leaves them to recovery, which writes them as that person's, not
+    as `system`'s."""
+    platform = Platform(store_copy.root, device="cpu", serve=False)
+    key = create_key(platform.db, "bee", None, role="contributor", contributor_id="b")
+    bee = platform.verify(f"Bearer {key}")
+    store_copy.exclude("b", {"actor": bee.user, "self_request": True})  # then: the crash
+    platform.run_jobs()
+    [job] = platform.db.jobs(kind="purge")
+    assert job["actor"] == "bee" and job["params"]["self_request"] is True
+    assert job["status"] == "succeeded"
+    exclude = platform.db.audit_log("b")[0]
+    assert exclude["action"] == "exclude" and exclude["actor"] == "bee"
+    assert exclude["details"]["recovered"] is True and exclude["details"]["self_request"] is True

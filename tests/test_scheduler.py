@@ -84,3 +84,36 @@ def test_a_bad_request_fails_alone_and_cancelled_ones_are_skipped(store_copy):
         assert cancelled.cancelled() or cancelled.done()
     finally:
         scheduler.close()
+
+
+def test_a_left_clients_release_runs_off_the_event_loop():
+    """When a client leaves while its request is being admitted, what the request
+    registered is released in a worker thread, not on the event loop (the write can
+    wait up to 30 s for the database lock)."""
+    import asyncio
+    import threading
+
+    from service.app import release_when_prepared
+
+    threads = []
+
+    class Platform:
+        def release(self, seq):
+            threads.append((seq, threading.current_thread()))
+
+    class Prepared:
+        seq = 7
+
+    async def main():
+        loop_thread = threading.current_thread()
+        done = asyncio.get_running_loop().create_future()
+        done.set_result(Prepared())
+        release_when_prepared(Platform())(done)
+        for _ in range(100):
+            if threads:
+                break
+            await asyncio.sleep(0.01)
+        return loop_thread
+
+    loop_thread = asyncio.run(main())
+    assert len(threads) == 1 and threads[0][0] == 7 and threads[0][1] is not loop_thread

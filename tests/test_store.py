@@ -203,3 +203,22 @@ def test_steps_in_proportion_to_images_depend_on_own_data_only(datasets, tiny_co
     scheduler = make_noise_schedule(prop.schedule)
     _, meta = train_shard(half, "full", prop, scheduler, progress=False)
     assert meta["steps"] == 6 and meta["images"] == 10
+
+
+def test_a_lazy_load_checks_the_weights_against_the_registry(store_copy):
+    """A sampler made before a shard's files changed (purged, or replaced by other
+    weights under the same name) refuses to load them: StoreError, never other
+    weights."""
+    import shutil
+
+    sampler = store_copy.load_sampler("cpu", cache_shards=1)
+    sampler(["a"], n=1, steps=1)  # a is resident; b and c load lazily
+    shards = store_copy.root / "shards"
+    shutil.copy(shards / "a" / "diffusion_pytorch_model.safetensors",
+                shards / "b" / "diffusion_pytorch_model.safetensors")
+    with pytest.raises(StoreError, match="'b' was purged or replaced"):
+        sampler(["b"], n=1, steps=1)
+    shutil.rmtree(shards / "c")
+    with pytest.raises(StoreError, match="'c' was purged or replaced"):
+        sampler(["c"], n=1, steps=1)
+    assert len(sampler(["a"], n=1, steps=1).images) == 1
