@@ -1,11 +1,13 @@
 """API keys, roles and licences.
 
-A key reads `cdm_<key_id>_<secret>`. Only `key_id`, a random salt and
-scrypt(secret, salt) are stored. Every check reads the key's row (so a revocation
-or expiry counts on the next request, in every worker) and runs scrypt unless this
-process already verified this exact key against this exact hash; an unknown key id
-runs scrypt against a dummy hash, so a wrong key costs the same whether its id
-exists or not. Failed checks are rate limited per client.
+A key reads `cdm_<key_id>_<secret>`, the secret 192 random bits. Only `key_id` and
+HMAC-SHA-256(server secret, secret) are stored: with that much entropy a keyed hash
+is as safe as a slow one, and it is cheap and constant-time, so an unknown key id
+(checked against a dummy hash) costs microseconds, not a 16 MiB scrypt. Keys made
+before carry a salted scrypt hash; their next successful check upgrades it. Every
+check reads the key's row, so a revocation or an expiry counts on the next request,
+in every worker. Failed checks are rate limited per key id (per client address when
+the header holds no key id).
 
 A principal is a user name, a role and a licence:
   user         generates with the contributors it is licensed for; sees its own requests
@@ -30,8 +32,9 @@ from shards.settings import ROLES, env_int
 from .db import Database
 from .errors import AuthError, ForbiddenError, RateLimitError
 
-SCRYPT = {"n": 2**14, "r": 8, "p": 1, "dklen": 32}
-_DUMMY_SALT, _DUMMY_HASH = secrets.token_bytes(16), secrets.token_bytes(32)
+SCRYPT = {"n": 2**14, "r": 8, "p": 1, "dklen": 32}  # keys made before HMAC
+HMAC_SECRET = "key-hmac"  # the server secret's name in the database
+_DUMMY_HASH = secrets.token_bytes(32)
 
 
 @dataclass(frozen=True)
@@ -63,7 +66,11 @@ class Principal:
             raise ForbiddenError(f"key of {self.user!r} is not licensed for: {shown}")
 
 
-def _hash(secret: str, salt: bytes) -> bytes:
+def _hmac(secret: str, server_secret: bytes) -> bytes:
+    return hmac.new(server_secret, secret.encode(), hashlib.sha256).digest()
+
+
+def _scrypt(secret: str, salt: bytes) -> bytes:
     return hashlib.scrypt(secret.encode(), salt=salt, **SCRYPT)
 
 
@@ -88,16 +95,17 @@ def create_key(db: Database, user: str, license: list[str] | None, role: str = "
     if expires_days is not None and not expires_days > 0:
         raise ValueError(f"expires_days={expires_days!r}; allowed: a number > 0")
     expires_at = time.time() + expires_days * 86400 if expires_days is not None else None
-    key_id, secret, salt = secrets.token_hex(6), secrets.token_urlsafe(24), secrets.token_bytes(16)
+    key_id, secret = secrets.token_hex(6), secrets.token_urlsafe(24)
     db.insert_key(key_id, user, role, sorted(license) if license is not None else None,
-                  salt, _hash(secret, salt), expires_at, contributor_id)
+                  b"", _hmac(secret, db.secret(HMAC_SECRET)), expires_at, contributor_id)
     return f"cdm_{key_id}_{secret}"
 
 
 class FailureLimiter:
-    """At most `limit` failed key checks per client in any `window` seconds; beyond,
-    a client is refused without a key check (no scrypt) until its oldest failure
-    leaves the window. Per process: with W workers a client gets up to W x limit."""
+    """At most `limit` failed key checks per key id (or per client address, for a
+    header with no key id) in any `window` seconds; beyond, they are refused without a
+    key check until the oldest failure leaves the window. Per process: with W workers
+    up to W x limit."""
 
     def __init__(self, limit: int | None = None, window: float = 60.0,
                  max_clients: int = 100_000):
@@ -114,7 +122,8 @@ class FailureLimiter:
             while times and times[0] <= now - self.window:
                 times.popleft()
             if times is not None and len(times) >= self.limit:
-                raise RateLimitError("too many failed API key checks from this client; retry later",
+                raise RateLimitError("too many failed checks of this API key (or, without a key "
+                                     "id, from this client); retry later",
                                      times[0] + self.window - now)
 
     def fail(self, client: str) -> None:
@@ -132,19 +141,29 @@ class KeyVerifier:
         self.limiter = limiter or FailureLimiter()
         self._verified: dict[bytes, bytes] = {}  # sha256(key) -> the stored hash it matched
         self._lock = threading.Lock()
+        self._server_secret: bytes | None = None
 
     def __call__(self, authorization: str | None, client: str = "-") -> Principal:
         key = (authorization or "").partition(" ")[2].strip()
         digest = hashlib.sha256(key.encode()).digest()
+        parts = key.split("_", 2)
+        who = f"key {parts[1]}" if len(parts) == 3 and parts[0] == "cdm" and parts[1] \
+            else f"client {client}"
         with self._lock:
             known = self._verified.get(digest) if key else None
         if known is None:  # keys this process verified are not limited
-            self.limiter.check(client)
+            self.limiter.check(who)
         try:
             return self._verify(authorization, digest, known)
         except AuthError:
-            self.limiter.fail(client)
+            self.limiter.fail(who)
             raise
+
+    @property
+    def server_secret(self) -> bytes:
+        if self._server_secret is None:
+            self._server_secret = self.db.secret(HMAC_SECRET)
+        return self._server_secret
 
     def _verify(self, authorization: str | None, digest: bytes, known: bytes | None) -> Principal:
         """`digest`: sha256 of the header's key; `known`: the stored hash this process
@@ -158,11 +177,16 @@ class KeyVerifier:
         parts = key.split("_", 2)
         well_formed = len(parts) == 3 and parts[0] == "cdm"
         row = self.db.get_key(parts[1]) if well_formed else None
-        salt, stored = (row["salt"], row["key_hash"]) if row is not None else (_DUMMY_SALT, _DUMMY_HASH)
+        stored = row["key_hash"] if row is not None else _DUMMY_HASH
         if known is None or not hmac.compare_digest(known, stored):
-            ok = hmac.compare_digest(_hash(parts[2] if well_formed else key, salt), stored)
-            if not ok or row is None:
+            secret = parts[2] if well_formed else key
+            legacy = row is not None and row["scheme"] is None
+            computed = _scrypt(secret, row["salt"]) if legacy else _hmac(secret, self.server_secret)
+            if not hmac.compare_digest(computed, stored) or row is None:
                 raise AuthError("invalid API key")
+            if legacy:  # the next check is cheap: the hash the key is stored under now
+                stored = _hmac(secret, self.server_secret)
+                self.db.rehash_key(row["key_id"], stored)
             with self._lock:
                 self._verified[digest] = stored
         if row["revoked_at"] is not None:

@@ -8,6 +8,7 @@ replica of one store opens the same file; SQLite serialises their writes.
 from __future__ import annotations
 
 import json
+import os
 import sqlite3
 import threading
 import time
@@ -17,6 +18,7 @@ from pathlib import Path
 DB_FILE = "service.db"  # in the store's folder
 
 SCHEMA = """
+CREATE TABLE IF NOT EXISTS secrets (name TEXT PRIMARY KEY, value BLOB NOT NULL);
 CREATE TABLE IF NOT EXISTS keys (
     key_id TEXT PRIMARY KEY, user TEXT NOT NULL, role TEXT NOT NULL,
     license TEXT NOT NULL, salt BLOB NOT NULL, key_hash BLOB NOT NULL, created_at REAL NOT NULL);
@@ -48,7 +50,10 @@ CREATE TABLE IF NOT EXISTS inflight (
     started_at REAL NOT NULL, PRIMARY KEY (worker, seq));
 """
 # columns added after the first release; added in place to older databases
-MIGRATIONS = {"keys": {"expires_at": "REAL", "revoked_at": "REAL", "contributor_id": "TEXT"},
+# keys.scheme: 'hmac' (HMAC-SHA-256 with the server's secret), NULL: scrypt with the row's
+# salt (keys made before; upgraded to hmac at their next successful check)
+MIGRATIONS = {"keys": {"expires_at": "REAL", "revoked_at": "REAL", "contributor_id": "TEXT",
+                       "scheme": "TEXT"},
               "jobs": {"plan": "TEXT"},
               # 'primary': the run's most exact Shapley values (credit's `shapley`);
               # 'other': another method of the run (a payout policy may name it)
@@ -110,14 +115,27 @@ class Database:
         return _Tx()
 
     # ------------------------------------------------------------------ keys
+    def secret(self, name: str) -> bytes:
+        """A random 32-byte secret of this database, made at its first use."""
+        with self.transaction() as db:
+            db.execute("INSERT OR IGNORE INTO secrets VALUES (?, ?)", (name, os.urandom(32)))
+            return bytes(db.execute("SELECT value FROM secrets WHERE name = ?",
+                                    (name,)).fetchone()["value"])
+
     def insert_key(self, key_id: str, user: str, role: str, license: list[str] | None,
                    salt: bytes, key_hash: bytes, expires_at: float | None = None,
-                   contributor_id: str | None = None) -> None:
+                   contributor_id: str | None = None, scheme: str | None = "hmac") -> None:
         with self.transaction() as db:
             db.execute("INSERT INTO keys (key_id, user, role, license, salt, key_hash, created_at, "
-                       "expires_at, contributor_id) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                       "expires_at, contributor_id, scheme) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                        (key_id, user, role, json.dumps(license), salt, key_hash, time.time(),
-                        expires_at, contributor_id))
+                        expires_at, contributor_id, scheme))
+
+    def rehash_key(self, key_id: str, key_hash: bytes, scheme: str = "hmac") -> None:
+        """Store a key's hash under another scheme (a legacy scrypt hash, upgraded)."""
+        with self.transaction() as db:
+            db.execute("UPDATE keys SET key_hash = ?, salt = ?, scheme = ? WHERE key_id = ?",
+                       (key_hash, b"", scheme, key_id))
 
     def get_key(self, key_id: str) -> sqlite3.Row | None:
         return self._conn().execute("SELECT * FROM keys WHERE key_id = ?", (key_id,)).fetchone()

@@ -81,6 +81,10 @@ class Gate:
         try:
             if path == "/docs.json" and method == "GET":
                 return await self._openapi(scope, receive, send_logged)
+            if path == "/metrics" and method not in ("GET", "HEAD"):  # before the key: no secret
+                return await json_response(405, {"error": f"{short(method, 16)} is not allowed "
+                                                          "on /metrics; use GET"},
+                                           {"Allow": "GET, HEAD"})(scope, receive, send_logged)
             guarded = path in INPUTS or (path == "/metrics" and not self.metrics_public)
             if not guarded:
                 return await self.app(scope, receive, send_logged)

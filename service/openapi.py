@@ -9,6 +9,8 @@ from __future__ import annotations
 from .errors import REASONS
 from .schemas import ERROR_SCHEMA, ERRORS, INPUTS
 
+METRICS_ERRORS = (401, 403, 429)  # no key, not an admin's, too many failed checks
+
 
 def to_openapi_30(node):
     """Pydantic writes JSON Schema 2020-12; the document says OpenAPI 3.0: a nullable
@@ -57,4 +59,10 @@ def complete(spec: dict) -> dict:
                 responses[str(code)] = {"description": REASONS[code], "content": {
                     "application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}}
             op["responses"] = responses
+    for op in (spec.get("paths", {}).get("/metrics") or {}).values():  # guarded by the Gate
+        op["security"] = [{"bearer": []}, {}]  # {}: open with CDM_METRICS_PUBLIC=1
+        op.setdefault("responses", {}).update({
+            str(code): {"description": REASONS[code], "content": {
+                "application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}}
+            for code in METRICS_ERRORS})
     return spec

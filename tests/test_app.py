@@ -149,6 +149,13 @@ def test_metrics_and_health(client):
     call(client, "generate", "user", {"contributors": ["b"], "n": 2, "steps": 1})
     assert client.get("/metrics").status_code == 401
     assert client.get("/metrics", headers=auth(client, "user")).status_code == 403
+    for method in ("POST", "TRACE", "DELETE"):  # 405 whatever the key: nothing else is there
+        for who in ("user", "admin", None):
+            out = client.request(method, "/metrics", headers=auth(client, who) if who else {})
+            assert out.status_code == 405 and out.headers["allow"] == "GET, HEAD", (method, who)
+    spec = client.get("/docs.json").json()
+    documented = spec["paths"]["/metrics"]["get"]["responses"]
+    assert {"200", "401", "403", "429"} <= set(documented)
     text = client.get("/metrics", headers=auth(client, "admin")).text
     assert 'cdm_generated_samples_total{contributor="b"}' in text
     assert "cdm_generate_latency_seconds_bucket" in text
