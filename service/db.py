@@ -48,6 +48,8 @@ CREATE INDEX IF NOT EXISTS spend_by_key ON spend (key_id, at);
 CREATE TABLE IF NOT EXISTS inflight (
     worker TEXT NOT NULL, seq INTEGER NOT NULL, generation INTEGER NOT NULL,
     started_at REAL NOT NULL, PRIMARY KEY (worker, seq));
+CREATE TABLE IF NOT EXISTS workers (
+    worker TEXT PRIMARY KEY, started_at REAL NOT NULL, heartbeat_at REAL NOT NULL);
 """
 # columns added after the first release; added in place to older databases
 # keys.scheme: 'hmac' (HMAC-SHA-256 with the server's secret), NULL: scrypt with the row's
@@ -345,6 +347,7 @@ class Database:
                     return 60.0
                 db.execute("DELETE FROM spend WHERE at <= ?", (now - 60,))
                 db.execute("INSERT INTO spend VALUES (?, ?, ?)", (key_id, now, cost))
+            self.heartbeat(worker, db)
             db.execute("INSERT INTO inflight VALUES (?, ?, ?, ?)", (worker, seq, generation, now))
         return None
 
@@ -359,10 +362,31 @@ class Database:
             "SELECT * FROM inflight WHERE generation <= ? AND started_at > ?",
             (generation, started_after))]
 
-    def drop_inflight(self, workers: list[str]) -> None:
-        """Forget the in-flight rows of workers known to be dead."""
+    def heartbeat(self, worker: str, db: sqlite3.Connection | None = None) -> None:
+        """`worker` (a random instance id) is alive now."""
+        if db is None:
+            with self.transaction() as db:
+                return self.heartbeat(worker, db)
+        now = time.time()
+        db.execute("INSERT INTO workers VALUES (?, ?, ?) ON CONFLICT(worker) DO UPDATE SET "
+                   "heartbeat_at = excluded.heartbeat_at", (worker, now, now))
+        # workers silent for an hour with nothing in flight (a CLI that generated, then
+        # exited) leave no row behind
+        db.execute("DELETE FROM workers WHERE heartbeat_at < ? AND worker NOT IN "
+                   "(SELECT worker FROM inflight)", (now - 3600,))
+
+    def dead_workers(self, silent_since: float) -> list[str]:
+        """Workers with requests in flight whose last heartbeat is older than
+        `silent_since` (or who never beat)."""
+        return [r["worker"] for r in self._conn().execute(
+            "SELECT DISTINCT i.worker FROM inflight i LEFT JOIN workers w ON w.worker = i.worker "
+            "WHERE w.heartbeat_at IS NULL OR w.heartbeat_at < ?", (silent_since,))]
+
+    def drop_workers(self, workers: list[str]) -> None:
+        """Forget workers known to be dead (or stopped), and their in-flight rows."""
         with self.transaction() as db:
             db.executemany("DELETE FROM inflight WHERE worker = ?", [(w,) for w in workers])
+            db.executemany("DELETE FROM workers WHERE worker = ?", [(w,) for w in workers])
 
     # ------------------------------------------------------------ valuations
     def record_valuation(self, prop: str, method: str, values: dict,

@@ -23,15 +23,13 @@ writes the missing records.
 from __future__ import annotations
 
 import logging
-import os
-import socket
 import threading
 import time
 
 from shards import ShardStore
 from shards.errors import StoreError, short
 from shards.faults import crashpoint
-from shards.settings import PURGE_DRAIN_SECONDS, REQUEST_SECONDS
+from shards.settings import PURGE_DRAIN_SECONDS, REQUEST_SECONDS, WORKER_TIMEOUT_SECONDS
 
 from .auth import Principal
 from .db import Database
@@ -40,16 +38,6 @@ from .generation import LiveSampler
 from .metrics import ServiceMetrics
 
 log = logging.getLogger("cdm")
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 class Forgetting:
@@ -153,18 +141,18 @@ class Forgetting:
         return audit
 
     def _drain(self, generation: int | None) -> None:
-        """Wait until no worker holds a request that started before the exclusion
-        committed at `generation` (at most PURGE_DRAIN_SECONDS)."""
+        """Wait until no live worker holds a request that started before the exclusion
+        committed at `generation` (at most PURGE_DRAIN_SECONDS). A worker is live while
+        its heartbeat is fresh (WORKER_TIMEOUT_SECONDS); the rows of a dead one are
+        deleted, whatever host or pid namespace it ran in."""
         if generation is None:
             return
-        host = socket.gethostname()
         deadline = time.monotonic() + PURGE_DRAIN_SECONDS
         while time.monotonic() < deadline and not self.closed.is_set():
-            rows = self.db.inflight_since(generation - 1, time.time() - REQUEST_SECONDS)
-            dead = {r["worker"] for r in rows if r["worker"].split(":")[0] == host
-                    and not _pid_alive(int(r["worker"].split(":")[1]))}
+            dead = set(self.db.dead_workers(time.time() - WORKER_TIMEOUT_SECONDS))
             if dead:
-                self.db.drop_inflight(sorted(dead))
+                self.db.drop_workers(sorted(dead))
+            rows = self.db.inflight_since(generation - 1, time.time() - REQUEST_SECONDS)
             if not [r for r in rows if r["worker"] not in dead]:
                 return
             time.sleep(0.05)

@@ -25,6 +25,7 @@ import uuid
 from pathlib import Path
 
 from shards import ShardStore
+from shards.settings import WORKER_HEARTBEAT_SECONDS
 
 from .auth import Principal
 from .context import Shared, shared
@@ -52,7 +53,9 @@ class Platform:
         self.db, self.verify = parts.db, parts.verify
         self.metrics = ServiceMetrics()
         self.limits = limits or Limits.from_env()
-        self.worker = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
+        # a random instance id (host and pid only help a person reading the tables):
+        # alive while its heartbeat is fresh (forget.py)
+        self.worker = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex}"
         self._wake, self._closed = threading.Event(), threading.Event()
         self.live = LiveSampler(self.store, device)
         self.generation = Generation(self.store, self.db, self.live, self.metrics, self.limits,
@@ -62,8 +65,11 @@ class Platform:
         self.jobs = Jobs(self.store, self.db, self.live if serve else None, self.forgetting,
                          allowed_roots(self.store.root), device, self._wake, self._closed)
         self.reads = Credit(self.store, self.db)
-        self._scheduler = self._runner = None
+        self._scheduler = self._runner = self._heart = None
         if serve:
+            self.db.heartbeat(self.worker)
+            self._heart = threading.Thread(target=self._beat, name="cdm-heartbeat", daemon=True)
+            self._heart.start()
             self.live.sync()
             self.metrics.watch_shard_cache(lambda: self.live.sampler.bank.stats()
                                            if self.live.sampler else {})
@@ -86,6 +92,18 @@ class Platform:
             self._scheduler.close()
         if self._runner is not None:
             self._runner.join(timeout=10)
+        if self._heart is not None:
+            self._heart.join(timeout=10)
+            self.db.drop_workers([self.worker])  # its requests are released or never will be
+
+    def _beat(self) -> None:
+        """Tell every other worker this one is alive, every few seconds, whatever the
+        sampling thread and the job runner are busy with."""
+        while not self._closed.wait(WORKER_HEARTBEAT_SECONDS):
+            try:
+                self.db.heartbeat(self.worker)
+            except Exception:  # noqa: BLE001 - a missed beat is retried; never kill the thread
+                pass
 
     # ------------------------------------------------------------ generation
     def generate(self, principal: Principal, contributors: list[str] | None = None,

@@ -61,6 +61,10 @@ SAMPLE_STEPS = 50  # denoising steps of a generate request or `cdm sample`
 REQUEST_SECONDS = 600.0  # BentoML's traffic timeout: no request runs longer
 PURGE_DRAIN_SECONDS = 600.0  # a purge waits at most this long for older requests
 PURGE_RETRY_SECONDS = 600.0  # a failed purge is retried (as a new job) after this long
+# A worker (a random instance id) is alive while its heartbeat is fresh: host names and
+# pids mislead across containers that share a host name with their own pid namespaces
+WORKER_HEARTBEAT_SECONDS = 5.0
+WORKER_TIMEOUT_SECONDS = 30.0
 MAX_BODY_BYTES = 1 << 20  # JSON a request may send
 
 

@@ -360,3 +360,33 @@ def test_who_asked_survives_a_crash_between_the_exclusion_and_its_records(store_
     exclude = platform.db.audit_log("b")[0]
     assert exclude["action"] == "exclude" and exclude["actor"] == "bee"
     assert exclude["details"]["recovered"] is True and exclude["details"]["self_request"] is True
+
+
+def test_the_drain_knows_a_live_worker_by_its_heartbeat_not_by_host_and_pid(store_copy,
+                                                                          monkeypatch):
+    """A worker in another container with this host name and a pid that means nothing
+    here holds a request from before the exclusion: the purge waits while it beats,
+    then takes it for dead once it is silent, and deletes its rows."""
+    import socket
+    import time
+
+    import service.forget as forget
+
+    monkeypatch.setattr(forget, "PURGE_DRAIN_SECONDS", 30.0)
+    monkeypatch.setattr(forget, "WORKER_TIMEOUT_SECONDS", 1.0)
+    platform = Platform(store_copy.root, device="cpu", serve=False)
+    admin = principal(platform, "adm", None, "admin")
+    other = f"{socket.gethostname()}:999999:elsewhere"  # no such pid in this namespace
+    assert platform.db.admit("k", 1, None, other, 1, platform.store.generation) is None
+    platform.forget(admin, "b")
+    purge = threading.Thread(target=platform.run_jobs)
+    purge.start()
+    beat_until = time.monotonic() + 2.0
+    while time.monotonic() < beat_until:  # the other worker is alive and busy
+        platform.db.heartbeat(other)
+        time.sleep(0.1)
+    assert (store_copy.root / "shards" / "b").exists()  # the purge waited for it
+    purge.join(timeout=20)  # silent now: taken for dead after about a second
+    assert not purge.is_alive() and not (store_copy.root / "shards" / "b").exists()
+    assert platform.db.inflight_since(10**9) == []
+    assert platform.db.dead_workers(time.time()) == []
