@@ -212,7 +212,7 @@ def cmd_forget(args) -> None:
     platform = Platform(args.store, device=args.device, serve=False)
     job = platform.forget(_cli_principal(), args.contributor_id)
     print(f"excluded {args.contributor_id} (no request from now on uses it); purging ...")
-    platform.run_jobs()
+    platform.run_jobs("purge")
     done = platform.db.get_job(job["job_id"])
     if done["status"] != "succeeded":
         raise StoreError(f"purge job {job['job_id']} {done['status']}: {done['error']}")
@@ -291,19 +291,19 @@ def cmd_value(args) -> None:
     from shards import ShardStore
 
     store = ShardStore.open(args.store)
-    # the admin lock: no forget's purge runs meanwhile (it would race the utility cache);
-    # exclusions still take effect at once, and a forgotten player voids the run
-    with store.admin_lock():
+    # the work lock: one valuation or add at a time. A forget's purge runs beside it:
+    # nothing is cached for a contributor once excluded (valuation/utility.py), and a
+    # forgotten player voids the run
+    with store.work_lock():
         players = set(store.contributor_ids)
         report, results = run_valuation(args.store, settings, heldout=args.heldout,
                                         report_dir=args.report)
-        store.refresh()
-        gone = sorted(players - set(store.contributor_ids))
-        if gone:
-            raise ValueError(f"contributor(s) {', '.join(gone)} were forgotten during the "
-                             "valuation; nothing was recorded as credit; run it again")
-        # recorded before the lock is released: no purge can run in between
-        best = record_primary(Database(Path(args.store) / DB_FILE), results)
+        with store.write_lock():  # no exclusion between this check and the record
+            gone = sorted(players - set(store.contributor_ids))
+            if gone:
+                raise ValueError(f"contributor(s) {', '.join(gone)} were forgotten during "
+                                 "the valuation; nothing was recorded as credit; run it again")
+            best = record_primary(Database(Path(args.store) / DB_FILE), results)
     methods = list(results)
     print(f"{'contributor':12s}" + "".join(f"{m:>14s}" for m in methods))
     for c in report["players"]:

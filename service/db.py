@@ -303,11 +303,11 @@ class Database:
         row = self._conn().execute("SELECT * FROM jobs WHERE job_id = ?", (job_id,)).fetchone()
         return None if row is None else self._job(row)
 
-    def jobs(self, statuses: tuple[str, ...] | None = None, kind: str | None = None,
-             limit: int | None = None, newest_first: bool = False,
-             finished_after: float | None = None) -> list[dict]:
+    def jobs(self, statuses: tuple[str, ...] | None = None,
+             kind: str | tuple[str, ...] | None = None, limit: int | None = None,
+             newest_first: bool = False, finished_after: float | None = None) -> list[dict]:
         """Jobs in creation order (or newest first), optionally only those with the
-        given statuses or kind, or finished after a time, at most `limit`: one query."""
+        given statuses or kind(s), or finished after a time, at most `limit`: one query."""
         clauses, args = [], []
         if finished_after is not None:
             clauses.append("finished_at > ?")
@@ -316,8 +316,9 @@ class Database:
             clauses.append(f"status IN ({', '.join('?' * len(statuses))})")
             args += list(statuses)
         if kind is not None:
-            clauses.append("kind = ?")
-            args.append(kind)
+            kinds = (kind,) if isinstance(kind, str) else tuple(kind)
+            clauses.append(f"kind IN ({', '.join('?' * len(kinds))})")
+            args += list(kinds)
         sql = "SELECT * FROM jobs" + (" WHERE " + " AND ".join(clauses) if clauses else "")
         sql += " ORDER BY created_at" + (" DESC" if newest_first else "")
         if limit is not None:

@@ -47,6 +47,7 @@ class Forgetting:
     def __init__(self, store: ShardStore, db: Database, live: LiveSampler,
                  metrics: ServiceMetrics, device: str | None, wake: threading.Event,
                  closed: threading.Event):
+        """`wake`: set to wake the purge runner; `closed`: set when the worker stops."""
         self.store, self.db, self.live, self.metrics = store, db, live, metrics
         self.device, self.wake, self.closed = device, wake, closed
 

@@ -1,11 +1,14 @@
-"""Admin jobs (purge, add, value) as rows of the jobs table, and the runner that
-executes them.
+"""Admin jobs (purge, add, value) as rows of the jobs table, and the runners that
+execute them.
 
-Every worker runs a runner, but a runner executes jobs only while holding the store's
-admin lock, so each job runs once, in one process; a job the lock's holder finds
-`running` was orphaned by a crash: purges resume from their recorded plan and write
-any missing audit record, adds finish their record or remove their partial files,
-valuations are marked failed. Jobs run in the order they were created.
+Jobs run in two lanes, so that forgetting never waits for a contributor's training
+or a valuation: purges under the store's admin lock, adds and valuations under its
+work lock (shards/registry.py). Every worker runs a runner per lane, but a runner
+executes its lane's jobs only while holding the lane's lock, so each job runs once,
+in one process; a job of its lane that the lock's holder finds `running` was orphaned
+by a crash: purges resume from their recorded plan and write any missing audit
+record, adds finish their record or remove their partial files, valuations are marked
+failed. Within a lane, jobs run in the order they were created.
 """
 
 from __future__ import annotations
@@ -32,16 +35,21 @@ from .paths import resolve_data_folder
 log = logging.getLogger("cdm")
 
 
+LANES = {"purge": ("purge",), "work": ("add", "value")}  # lane -> the job kinds it runs
+
+
 class Jobs:
-    """The jobs of one store: admission of add and value jobs, and the runner."""
+    """The jobs of one store: admission of add and value jobs, and the runners."""
 
     def __init__(self, store: ShardStore, db: Database, live: LiveSampler | None,
                  forgetting: Forgetting, data_roots: list[Path], device: str | None,
-                 wake: threading.Event, closed: threading.Event):
+                 wakes: dict[str, threading.Event], closed: threading.Event):
         """`live`: the worker's sampler, reloaded when another process changed the
-        store (None: no sampler to keep current, as in the CLI)."""
+        store (None: no sampler to keep current, as in the CLI); `wakes`: an event per
+        lane, set to wake its runner."""
         self.store, self.db, self.live, self.forgetting = store, db, live, forgetting
-        self.data_roots, self.device, self.wake, self.closed = data_roots, device, wake, closed
+        self.data_roots, self.device, self.closed = data_roots, device, closed
+        self.wakes = wakes
         self.progress = live is None  # progress bars where a person runs the jobs (CLI)
         self._swept = False
         self.handlers = {"purge": forgetting.purge, "add": self._add, "value": self._value}
@@ -67,7 +75,7 @@ class Jobs:
         job_id = self.db.create_job("add", principal.user,
                                     {"folder": str(path), "contributor_id": data.contributor_id,
                                      "data_hash": data.data_hash, "kind": kind})
-        self.wake.set()
+        self.wakes["work"].set()
         return {"job_id": job_id, "contributor_id": data.contributor_id}
 
     def check_new_id(self, contributor_id: str) -> None:
@@ -108,7 +116,7 @@ class Jobs:
         job_id = self.db.create_job("value", principal.user, {
             "settings": {k: getattr(settings, k) for k in settings.__dataclass_fields__},
             "heldout": heldout, "property": settings.property, "methods": list(settings.methods)})
-        self.wake.set()
+        self.wakes["work"].set()
         return {"job_id": job_id, "property": settings.property, "methods": list(settings.methods)}
 
     def job(self, principal: Principal, job_id: str) -> dict:
@@ -121,21 +129,26 @@ class Jobs:
         job.pop("plan", None)
         return job
 
-    # ----------------------------------------------------------------- runner
-    def loop(self) -> None:
-        """The runner thread: runs jobs whenever woken, and at least every second."""
+    # ----------------------------------------------------------------- runners
+    def loop(self, lane: str) -> None:
+        """A runner thread of `lane`: runs its jobs whenever woken, and at least every
+        second."""
+        wake = self.wakes[lane]
         while not self.closed.is_set():
-            self.wake.wait(timeout=1.0)
-            self.wake.clear()
+            wake.wait(timeout=1.0)
+            wake.clear()
             try:
-                self.run()
+                self.run(lane)
             except Exception:  # keep the runner alive; the job row says what failed
-                log.exception("job runner")
+                log.exception("job runner (%s)", lane)
 
-    def run(self) -> int:
-        """Run orphaned and queued jobs, one at a time, under the store's admin lock
-        (one runner across every process). Returns how many ran."""
-        if not self._swept:  # once per process: folders of adds a crash interrupted
+    def run(self, lane: str | None = None) -> int:
+        """Run the orphaned and queued jobs of `lane` (both lanes, purges first, when
+        None), one at a time, under the lane's lock (one runner per lane across every
+        process). Returns how many ran."""
+        if lane is None:
+            return self.run("purge") + self.run("work")
+        if lane == "work" and not self._swept:  # once: folders of adds a crash interrupted
             self.store.cleanup_orphans()
             self._swept = True
         changed = self.store.refresh()
@@ -143,28 +156,35 @@ class Jobs:
         # generation the sampler was built at (another read may have refreshed the store)
         if self.live is not None and self.live.generation != self.store.generation:
             self.live.sync()
-        if not self.db.jobs(("queued", "running")) and not changed \
-                and not self.store.pending_purges:
+        kinds = LANES[lane]
+        pending = lane == "purge" and self.store.pending_purges
+        if not self.db.jobs(("queued", "running"), kind=kinds) and not changed and not pending:
             return 0
         ran = 0
-        with self.store.admin_lock():
-            for job in self.db.jobs(("running",)):  # the lock holder runs nothing else: orphans
+        with self.store.admin_lock() if lane == "purge" else self.store.work_lock():
+            for job in self.db.jobs(("running",), kind=kinds):  # the holder's own: orphans
                 self._run(job, recovering=True)
                 ran += 1
-            with self.store.write_lock():  # forget writes exclusion + job under it
-                recent = time.time() - PURGE_RETRY_SECONDS  # a failed purge is retried after
-                covered = {j["params"].get("contributor_id") for j in [
-                    *self.db.jobs(("queued", "running"), kind="purge"),
-                    *self.db.jobs(("failed",), kind="purge", finished_after=recent)]}
-                for cid in sorted(set(self.store.pending_purges) - covered):  # crash: no job
-                    self.forgetting.purge_job(cid)
-            for job in self.db.jobs(("queued",)):
+            if lane == "purge":
+                self._purge_jobs_for_exclusions()
+            for job in self.db.jobs(("queued",), kind=kinds):
                 if self.closed.is_set():
                     break
                 if self.db.claim_job(job["job_id"]):
                     self._run(job, recovering=False)
                     ran += 1
         return ran
+
+    def _purge_jobs_for_exclusions(self) -> None:
+        """A purge job for every exclusion without one (a crash came between the two),
+        unless a purge of it failed recently (retried after PURGE_RETRY_SECONDS)."""
+        with self.store.write_lock():  # forget writes exclusion + job under it
+            recent = time.time() - PURGE_RETRY_SECONDS
+            covered = {j["params"].get("contributor_id") for j in [
+                *self.db.jobs(("queued", "running"), kind="purge"),
+                *self.db.jobs(("failed",), kind="purge", finished_after=recent)]}
+            for cid in sorted(set(self.store.pending_purges) - covered):
+                self.forgetting.purge_job(cid)
 
     def _run(self, job: dict, recovering: bool) -> None:
         try:
@@ -229,12 +249,12 @@ class Jobs:
         players = set(self.store.contributor_ids)
         report, results = run_valuation(self.store.root, settings,
                                         heldout=job["params"].get("heldout"), progress=False)
-        self.store.refresh()
-        gone = sorted(players - set(self.store.contributor_ids))
-        if gone:  # recording would keep values of a forgotten contributor
-            raise StoreError(f"contributor(s) {', '.join(gone)} were forgotten during the "
-                             "valuation; nothing was recorded; run it again")
-        record_primary(self.db, results)
+        with self.store.write_lock():  # no exclusion between this check and the record
+            gone = sorted(players - set(self.store.contributor_ids))
+            if gone:  # recording would keep values of a forgotten contributor
+                raise StoreError(f"contributor(s) {', '.join(gone)} were forgotten during "
+                                 "the valuation; nothing was recorded; run it again")
+            record_primary(self.db, results)
         self.db.audit(job["actor"], "value", "*", {"property": settings.property,
                                                     "methods": list(settings.methods),
                                                     "job_id": job["job_id"]})

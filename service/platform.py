@@ -56,16 +56,17 @@ class Platform:
         # a random instance id (host and pid only help a person reading the tables):
         # alive while its heartbeat is fresh (forget.py)
         self.worker = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex}"
-        self._wake, self._closed = threading.Event(), threading.Event()
+        self._wakes = {"purge": threading.Event(), "work": threading.Event()}
+        self._closed = threading.Event()
         self.live = LiveSampler(self.store, device)
         self.generation = Generation(self.store, self.db, self.live, self.metrics, self.limits,
                                      self.worker)
         self.forgetting = Forgetting(self.store, self.db, self.live, self.metrics, device,
-                                     self._wake, self._closed)
+                                     self._wakes["purge"], self._closed)
         self.jobs = Jobs(self.store, self.db, self.live if serve else None, self.forgetting,
-                         allowed_roots(self.store.root), device, self._wake, self._closed)
+                         allowed_roots(self.store.root), device, self._wakes, self._closed)
         self.reads = Credit(self.store, self.db)
-        self._scheduler = self._runner = self._heart = None
+        self._scheduler, self._runners, self._heart = None, [], None
         if serve:
             self.db.heartbeat(self.worker)
             self._heart = threading.Thread(target=self._beat, name="cdm-heartbeat", daemon=True)
@@ -79,19 +80,23 @@ class Platform:
                                             max_jobs=self.limits.batch_requests,
                                             on_done=g.observe,
                                             on_leave=lambda job: g.release(job.seq))
-            self._runner = threading.Thread(target=self.jobs.loop, name="cdm-jobs", daemon=True)
-            self._wake.set()  # recover what a crash interrupted, now
-            self._runner.start()
+            for lane, wake in self._wakes.items():  # purges never wait for an add or valuation
+                runner = threading.Thread(target=self.jobs.loop, args=(lane,),
+                                          name=f"cdm-jobs-{lane}", daemon=True)
+                wake.set()  # recover what a crash interrupted, now
+                runner.start()
+                self._runners.append(runner)
 
     def close(self) -> None:
         """Stop the sampling thread and the job runner (a running job finishes first,
         up to 10 s; anything later is recovered by the next start)."""
         self._closed.set()
-        self._wake.set()
+        for wake in self._wakes.values():
+            wake.set()
         if self._scheduler is not None:
             self._scheduler.close()
-        if self._runner is not None:
-            self._runner.join(timeout=10)
+        for runner in self._runners:
+            runner.join(timeout=10)
         if self._heart is not None:
             self._heart.join(timeout=10)
             self.db.drop_workers([self.worker])  # its requests are released or never will be
@@ -163,9 +168,10 @@ class Platform:
         """A job, to an admin or to the contributor whose forgetting it is."""
         return self.jobs.job(principal, job_id)
 
-    def run_jobs(self) -> int:
-        """Run queued and orphaned jobs in this thread; returns how many ran."""
-        return self.jobs.run()
+    def run_jobs(self, lane: str | None = None) -> int:
+        """Run queued and orphaned jobs in this thread (of one lane, "purge" or "work",
+        or both); returns how many ran."""
+        return self.jobs.run(lane)
 
     # ----------------------------------------------------------------- reads
     def contributors(self) -> list[dict]:

@@ -5,7 +5,7 @@ A new store is built in a sibling temp folder and renamed into place; an add wri
 new folders first (each staged as `.<id>.partial` and renamed) and switches the
 manifest last, under the write lock, so a crash leaves the previous store intact and
 folders the manifest does not name, which `forgetting.cleanup_orphans` deletes. One
-add or purge runs at a time (the admin lock, across processes).
+add runs at a time (the work lock, across processes); purges run beside it.
 """
 
 from __future__ import annotations
@@ -157,7 +157,7 @@ def add_contributor(store: ShardRegistry, data: ContributorData, kind: str | Non
     """
     kind = kind or store.config.kind
     cid = validate_contributor_id(data.contributor_id)
-    with store.admin_lock():
+    with store.work_lock():  # one add at a time; a purge of someone else goes on
         _check_addable(store, data, kind)
         check_same_shape([data], store.image_shape)
         _check_labels(store, data)

@@ -175,9 +175,10 @@ def purge(store: ShardRegistry, contributor_id: str, device: str | None = None,
 def cleanup_orphans(store: ShardRegistry) -> list[str]:
     """Delete staging folders and folders of contributors the manifest does not name
     (left by an add that crashed before its manifest switch), and router folders the
-    manifest does not name. Returns the store-relative paths deleted. Takes the admin
-    lock: no add is mid-way."""
-    with store.admin_lock():
+    manifest does not name. Returns the store-relative paths deleted. Takes the work
+    lock (no add is mid-way) and the write lock (a purge's new classifier version is
+    written and named in one step)."""
+    with store.work_lock(), store.write_lock():
         known = set(store.manifest["contributors"]) | set(store.manifest["excluded"])
         deleted = sweep(store.root, "shards", known) + sweep(store.root, "data", known)
         return deleted + store.router.orphans(store)

@@ -6,8 +6,13 @@ store. It is written atomically (temp file, fsync, rename), always as the next
 `generation`, and only under an exclusive `fcntl` lock on STORE/.lock, after
 re-reading it from disk; readers call `refresh()` (one `stat`) to pick up another
 process's change. So no writer works from a stale copy, and an exclusion written by
-one process is seen by every other at its next `refresh()`. Long operations that
-change what is on disk (add, purge) also hold STORE/.admin.lock, one at a time.
+one process is seen by every other at its next `refresh()`.
+
+Long operations hold one of two more locks, so that forgetting never waits for a
+contributor's training: purges hold STORE/.admin.lock (one at a time), adds and
+valuations STORE/.work.lock (one at a time). A purge and an add touch different
+contributors' folders; what both could touch (the manifest, the joint classifier's
+versions, the orphan sweep) happens under the write lock.
 """
 
 from __future__ import annotations
@@ -35,7 +40,8 @@ from .router import Router, RouterUpdate
 FORMAT = 1
 MANIFEST = "manifest.json"
 LOCK = ".lock"
-ADMIN_LOCK = ".admin.lock"
+ADMIN_LOCK = ".admin.lock"  # purges
+WORK_LOCK = ".work.lock"  # adds, valuations
 
 
 ROUTERS: dict[str, Router] = {"heads": HeadsRouter(), "joint": JointRouter()}
@@ -94,6 +100,7 @@ class ShardRegistry:
         # one lock file each; thread-local: two threads of one process exclude each other
         self._write_lock = FileLock(self.root / LOCK, preserve_lock_file=True)
         self._admin_lock = FileLock(self.root / ADMIN_LOCK, preserve_lock_file=True)
+        self._work_lock = FileLock(self.root / WORK_LOCK, preserve_lock_file=True)
 
     def _set(self, manifest: dict, stamp: tuple | None) -> None:
         with self._lock:
@@ -153,10 +160,17 @@ class ShardRegistry:
 
     @contextlib.contextmanager
     def admin_lock(self):
-        """Serialises the long operations that change what is on disk (add, purge)
-        across threads and processes; exclusions do not wait for it. Reentrant
-        within one thread."""
+        """Serialises purges across threads and processes; exclusions, adds and
+        valuations do not wait for it. Reentrant within one thread."""
         with self._admin_lock:
+            self.refresh(force=True)
+            yield self
+
+    @contextlib.contextmanager
+    def work_lock(self):
+        """Serialises adds and valuations (and the orphan sweep) across threads and
+        processes; purges do not wait for it. Reentrant within one thread."""
+        with self._work_lock:
             self.refresh(force=True)
             yield self
 

@@ -390,3 +390,38 @@ def test_the_drain_knows_a_live_worker_by_its_heartbeat_not_by_host_and_pid(stor
     assert not purge.is_alive() and not (store_copy.root / "shards" / "b").exists()
     assert platform.db.inflight_since(10**9) == []
     assert platform.db.dead_workers(time.time()) == []
+
+
+def test_a_purge_does_not_wait_for_an_add_that_trains(store_copy, data_dir, monkeypatch):
+    """Forgetting never waits for someone else's training: with an add's training held
+    up, a forget's purge runs and finishes beside it, then the add finishes too."""
+    import shutil
+
+    import shards.builder as builder
+
+    training, release = threading.Event(), threading.Event()
+    real = builder.train_shard
+
+    def slow_train_shard(*args, **kwargs):
+        training.set()
+        release.wait(timeout=60)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(builder, "train_shard", slow_train_shard)
+    monkeypatch.setenv("CDM_DATA_ROOTS", str(store_copy.root.parent))
+    platform = Platform(store_copy.root, device="cpu")
+    try:
+        admin = principal(platform, "adm", None, "admin")
+        shutil.copytree(data_dir / "contributors" / "c", store_copy.root.parent / "dora")
+        added = platform.add_contributor(admin, str(store_copy.root.parent / "dora"))
+        assert training.wait(timeout=30)  # the add holds the work lane
+        forget = platform.forget(admin, "b")
+        purged = wait_for_job(lambda: platform.job(admin, forget["job_id"]), timeout=30)
+        assert purged["status"] == "succeeded", purged
+        assert platform.job(admin, added["job_id"])["status"] == "running"
+        release.set()
+        assert wait_for_job(lambda: platform.job(admin, added["job_id"]))["status"] == "succeeded"
+        assert ShardStore.open(store_copy.root).contributor_ids == ["a", "c", "dora"]
+    finally:
+        release.set()
+        platform.close()

@@ -293,3 +293,26 @@ def test_heldout_lds_uses_only_coalitions_the_method_did_not_evaluate(valued_sto
     assert held["exact"]["mean"] is None and held["exact"]["n"] == 0  # it used every coalition
     assert len(held["banzhaf-msr"]["runs"]) == 9
     assert "Held-out LDS" in (tmp_path / "report.md").read_text()
+
+
+def test_a_valuation_beside_a_purge_caches_nothing_of_the_one_being_forgotten(store_copy, heldout):
+    """Purges no longer wait for valuations: a valuation that started before an
+    exclusion and computes a coalition with the excluded contributor afterwards (its
+    files are still there until the purge deletes them) writes no cache entry and no
+    sample file for it, so the purge's cleaner has nothing to miss."""
+    import json
+
+    from safetensors import safe_open
+
+    build_evaluator(store_copy.root, heldout)
+    source = CompositionUtility(store_copy.root, "quality", n=8, steps=2)
+    assert source.sampler is not None  # loaded before the exclusion, as a running job's
+    u = CachedUtility(source, store_cache(store_copy))
+    u(frozenset({"a"}))
+    store_copy.exclude("b")
+    assert isinstance(u(frozenset({"a", "b"})), float)  # computed, not cached
+    entries = store_cache(store_copy).entries()
+    assert [e["coalition"] for _, e in entries] == [["a"]]
+    for path in (store_copy.root / "valuation" / "cache" / "samples").glob("*.safetensors"):
+        with safe_open(str(path), "pt") as f:
+            assert "b" not in json.loads(f.metadata()["depends_on"])

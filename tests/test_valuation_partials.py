@@ -149,7 +149,8 @@ def test_hand_made_partial_bases_are_dropped_whoever_they_name(tmp_path):
 
 
 class FakeStore:
-    """What `prepare` asks of the store: its root, and the live ids when it publishes."""
+    """What `prepare` asks of the store: its root, and the live ids when it publishes
+    (under the store's write lock)."""
 
     live = ["a", "b"]
 
@@ -163,6 +164,11 @@ class FakeStore:
     @property
     def contributor_ids(self):
         return list(self.live)
+
+    def write_lock(self):
+        import contextlib
+
+        return contextlib.nullcontext(self)
 
 
 @pytest.fixture

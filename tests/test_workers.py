@@ -110,9 +110,11 @@ def test_an_idle_worker_drops_a_forgotten_contributors_weights(two_workers):
     admin_one, admin_two = one.verify(f"Bearer {key}"), two.verify(f"Bearer {key}")
     two.generate(admin_two, contributors=["c"], n=1, steps=2)
     assert "c" in two.live.sampler.bank.slots  # c's weights are resident in worker two
-    two._closed.set()  # stop worker two's runner thread; its sampler keeps serving
-    two._wake.set()
-    two._runner.join(timeout=30)
+    two._closed.set()  # stop worker two's runner threads; its sampler keeps serving
+    for wake in two._wakes.values():
+        wake.set()
+    for runner in two._runners:
+        runner.join(timeout=30)
     job = one.forget(admin_one, "c")
     assert wait_for_job(lambda: one.job(admin_one, job["job_id"]))["status"] == "succeeded"
     assert two.contributors() and two.credit(admin_two)  # reads: each refreshes the store

@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import os
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -110,6 +111,23 @@ def _unlink(path: Path) -> int:
     except FileNotFoundError:
         return 0
     return 1
+
+
+def publish_if_live(store, depends_on, write: Callable[[], None]) -> bool:
+    """Run `write` (which caches something derived from the contributors `depends_on`)
+    only if every one of them is live, under the store's write lock: an exclusion is
+    then either seen here (nothing is written) or comes after, and its purge's cleaner
+    deletes what was written. A valuation that runs beside a purge thus caches nothing
+    of the contributor being forgotten. Returns whether it wrote. No store (a
+    closed-form game): written."""
+    if store is None:
+        write()
+        return True
+    with store.write_lock():
+        if not set(depends_on) <= set(store.contributor_ids):
+            return False
+        write()
+        return True
 
 
 def store_cache(store) -> UtilityCache:

@@ -254,22 +254,26 @@ class PrunedFinetuneUtility(_MonolithUtility):
         if not _same_folder(staging, handle):
             raise RuntimeError(f"{discarded}: its staging folder was deleted while it was "
                                "built (a forget dropped the pruned bases)")
-        gone = sorted(set(self.players) - set(ShardStore.open(self.store.root).contributor_ids))
-        if gone:
-            raise RuntimeError(f"{discarded}: contributors {gone} whose data it was trained "
-                               "on were forgotten while it was built")
-        try:
-            os.rename(staging, self.folder)
-        except FileNotFoundError as err:
-            raise RuntimeError(f"{discarded}: its staging folder was deleted before it was "
-                               "renamed into place (a forget dropped the pruned bases)") from err
-        except OSError:  # the final folder exists: another writer's, or a partial one
-            theirs = _read_meta(self.folder)
-            if theirs is not None:
-                return theirs
-            shutil.rmtree(self.folder)  # untrusted: no readable pruned.json
-            os.rename(staging, self.folder)
-        fsync_dir(self.folder.parent)
+        # under the write lock: an exclusion is seen here, or its purge's cleaner comes
+        # after the rename and deletes the base (valuation/cache.py publish_if_live)
+        with self.store.write_lock():
+            gone = sorted(set(self.players) - set(self.store.contributor_ids))
+            if gone:
+                raise RuntimeError(f"{discarded}: contributors {gone} whose data it was "
+                                   "trained on were forgotten while it was built")
+            try:
+                os.rename(staging, self.folder)
+            except FileNotFoundError as err:
+                raise RuntimeError(f"{discarded}: its staging folder was deleted before it "
+                                   "was renamed into place (a forget dropped the pruned "
+                                   "bases)") from err
+            except OSError:  # the final folder exists: another writer's, or a partial one
+                theirs = _read_meta(self.folder)
+                if theirs is not None:
+                    return theirs
+                shutil.rmtree(self.folder)  # untrusted: no readable pruned.json
+                os.rename(staging, self.folder)
+            fsync_dir(self.folder.parent)
         return meta
 
     def base(self) -> UNet2DModel:

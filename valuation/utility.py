@@ -20,6 +20,7 @@ every entry that depends on c (cache.py).
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import time
@@ -32,7 +33,7 @@ from tqdm.auto import tqdm
 
 from shards import ShardStore
 
-from .cache import UtilityCache, store_cache
+from .cache import UtilityCache, publish_if_live, store_cache
 from .parallel import Backend
 from .properties import load_property
 
@@ -103,14 +104,21 @@ class CachedUtility:
         coalitions = [frozenset(c) for c in coalitions]
         self.touched.update(coalitions)
         unknown = set(coalitions) - set(self._memo)
-        missing = []
+        missing, named = [], {}  # named: each coalition's key and what it depends on,
+        # taken before it is computed (a contributor excluded meanwhile has no entry to
+        # name it by afterwards)
         for coalition in sorted(unknown, key=lambda c: (len(c), sorted(c))):
             bad = coalition - set(self.players)
             if bad:
                 raise ValueError(f"coalition has players {sorted(bad)} not in {list(self.players)}")
-            entry = self.cache.get(self.source.method, self.source.key(coalition)) if self.cache else None
+            if not self.cache:
+                missing.append(coalition)
+                continue
+            key = self.source.key(coalition)
+            entry = self.cache.get(self.source.method, key)
             if entry is None:
                 missing.append(coalition)
+                named[coalition] = (key, sorted(self.source.depends_on(coalition)))
             else:
                 self._memo[coalition] = entry["value"]
                 self.seconds[coalition] = entry["seconds"]
@@ -123,11 +131,12 @@ class CachedUtility:
             self.evaluations += 1
             self.seconds[coalition] = seconds
             if self.cache:
-                self.cache.put(self.source.method, self.source.key(coalition), {
-                    "method": self.source.method, "property": self.property,
-                    "coalition": sorted(coalition), "value": value, "seconds": seconds,
-                    "depends_on": sorted(self.source.depends_on(coalition)),
-                    "created_at": time.time()})
+                key, depends_on = named[coalition]
+                entry = {"method": self.source.method, "property": self.property,
+                         "coalition": sorted(coalition), "value": value, "seconds": seconds,
+                         "depends_on": depends_on, "created_at": time.time()}
+                publish_if_live(getattr(self.source, "store", None), depends_on,
+                                functools.partial(self.cache.put, self.source.method, key, entry))
         bar.close()
         return [self._memo[c] for c in coalitions]
 
@@ -203,7 +212,9 @@ class CompositionUtility:
         if images is None:
             images = self.sampler(sorted(coalition), n=s["n"], steps=s["steps"], seed=s["seed"],
                                   scheduler=s["scheduler"]).images
-            self.cache.put_images(key, images, self.depends_on(coalition))
+            depends_on = self.depends_on(coalition)
+            publish_if_live(self.store, depends_on,
+                            lambda: self.cache.put_images(key, images, depends_on))
         return images
 
     def evaluate(self, coalition):
