@@ -34,19 +34,23 @@ from .metrics import ServiceMetrics
 
 @dataclasses.dataclass(frozen=True)
 class Limits:
-    """Per-request and per-key budgets, in images x steps, and the batch bounds; from
-    the environment by default (shards/settings.py: CDM_MAX_REQUEST_COST,
-    CDM_KEY_COST_PER_MINUTE, None for no limit, CDM_MAX_BATCH_ROWS, CDM_MAX_BATCH)."""
+    """Per-request and per-key budgets, in shard evaluations (images x steps x the
+    most shards an image runs on), the bound on shards per image, and the batch
+    bounds; from the environment by default (shards/settings.py: CDM_MAX_REQUEST_COST,
+    CDM_KEY_COST_PER_MINUTE, None for no limit, CDM_MAX_BATCH_ROWS, CDM_MAX_BATCH,
+    CDM_MAX_SHARDS_PER_IMAGE)."""
 
     request_cost: int = VARIABLES["CDM_MAX_REQUEST_COST"].default
     key_cost_per_minute: int | None = VARIABLES["CDM_KEY_COST_PER_MINUTE"].default
     batch_rows: int = VARIABLES["CDM_MAX_BATCH_ROWS"].default
     batch_requests: int = VARIABLES["CDM_MAX_BATCH"].default
+    shards_per_image: int = VARIABLES["CDM_MAX_SHARDS_PER_IMAGE"].default
 
     @classmethod
     def from_env(cls) -> Limits:
         return cls(env_int("CDM_MAX_REQUEST_COST"), env_int("CDM_KEY_COST_PER_MINUTE"),
-                   env_int("CDM_MAX_BATCH_ROWS"), env_int("CDM_MAX_BATCH"))
+                   env_int("CDM_MAX_BATCH_ROWS"), env_int("CDM_MAX_BATCH"),
+                   env_int("CDM_MAX_SHARDS_PER_IMAGE"))
 
 
 def png_base64(image_hwc) -> str:
@@ -122,16 +126,18 @@ class Generation:
         The job counts as in flight until `release(job.seq)`.
 
         Raises:
-            ValueError: bad arguments, or n x steps above the per-request limit (400).
+            ValueError: bad arguments, more shards per image than the cap, or a cost
+                above the per-request limit (400).
             RateLimitError: the key's spend over the last minute (429).
             and the errors of `_check`.
         """
         route = Routing.parse(routing, top_k, mass, mode)
         labels = None if label is None else tuple([label] if isinstance(label, int) else label)
-        cost = n * steps
+        cost = n * steps * self._shards_per_image(principal, contributors, route)
         if cost > self.limits.request_cost:
-            raise ValueError(f"n x steps = {cost} exceeds this server's per-request limit "
-                             f"{self.limits.request_cost} (CDM_MAX_REQUEST_COST)")
+            raise ValueError(f"n x steps x shards per image = {cost} exceeds this server's "
+                             f"per-request limit {self.limits.request_cost} "
+                             "(CDM_MAX_REQUEST_COST)")
         with self._lock:
             self._seq += 1
             seq = self._seq
@@ -139,7 +145,7 @@ class Generation:
                              self.limits.key_cost_per_minute, self.worker, seq, self.store.generation)
         if wait is not None:
             raise RateLimitError(f"key of {principal.user!r} spent its {self.limits.key_cost_per_minute} "
-                                 "images x steps per minute (CDM_KEY_COST_PER_MINUTE)", wait)
+                                 "shard evaluations per minute (CDM_KEY_COST_PER_MINUTE)", wait)
         try:
             sampler, live = self.live.sync()
             return self._check(principal, contributors, n, steps, seed, mode, scheduler, route,
@@ -151,6 +157,28 @@ class Generation:
     def release(self, seq: int) -> None:
         """The request `seq` no longer holds its sampler snapshot (idempotent)."""
         self.db.release(self.worker, seq)
+
+    def _shards_per_image(self, principal: Principal, contributors, route: Routing) -> int:
+        """The most shards the request evaluates an image on at a step: what its cost
+        multiplies (dense routing or a mass alone runs an image on every contributor of
+        S, which the default top-k bounds).
+
+        Raises:
+            ValueError: more than CDM_MAX_SHARDS_PER_IMAGE (400).
+        """
+        if contributors is None:
+            self.store.refresh()
+            live = set(self.store.contributor_ids)
+            size = len(live if principal.license is None else live & principal.license)
+        else:
+            size = len(set(contributors))
+        shards = route.max_shards(max(1, size))
+        if shards > self.limits.shards_per_image:
+            raise ValueError(f"this request may evaluate each image on {shards} shards at a "
+                             f"step; the limit is {self.limits.shards_per_image} "
+                             "(CDM_MAX_SHARDS_PER_IMAGE): name fewer contributors or set "
+                             "top_k")
+        return shards
 
     def _check(self, principal, contributors, n, steps, seed, mode, scheduler, route, sampler,
                live, seq, labels=None) -> GenerationJob:

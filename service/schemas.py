@@ -27,8 +27,8 @@ from shards.settings import (
     env_int,
 )
 
-# the largest generate request the schema admits; n x steps above CDM_MAX_REQUEST_COST
-# (default: their product) is a 400 too
+# the largest generate request the schema admits; a cost (n x steps x shards per image)
+# above CDM_MAX_REQUEST_COST (default: their product at the default routing) is a 400 too
 MAX_N = env_int("CDM_MAX_N")
 MAX_STEPS = env_int("CDM_MAX_STEPS")
 ContributorId = Field(pattern=CONTRIBUTOR_ID)

@@ -112,6 +112,12 @@ class Routing:
             raise ValueError(f"top_k={self.top_k} is larger than the {size} contributor(s) "
                              f"requested; allowed: 1..{size}")
 
+    def max_shards(self, size: int) -> int:
+        """The most shards a sample is evaluated on at a step, for a subset of `size`
+        contributors: top_k (at most `size`) when it is set, else all of them (dense,
+        or a mass alone, which can need every shard)."""
+        return size if self.top_k is None else min(self.top_k, size)
+
     def to_dict(self) -> dict:
         return {"routing": self.kind, "top_k": self.top_k, "mass": self.mass}
 

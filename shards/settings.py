@@ -86,9 +86,15 @@ VARIABLES = {v.name: v for v in (
     Variable("CDM_WORKERS", 1, 1, 1024, "worker processes of `cdm serve`"),
     Variable("CDM_MAX_N", 64, 1, 1 << 20, "the largest `n` a generate request may ask for"),
     Variable("CDM_MAX_STEPS", 500, 1, 1 << 20, "the largest `steps` a generate request may ask for"),
-    Variable("CDM_MAX_REQUEST_COST", 64 * 500, 1, 1 << 40, "n x steps of one request"),
-    Variable("CDM_KEY_COST_PER_MINUTE", 100_000, 1, 1 << 40,
-             "n x steps one key may spend per minute, over all workers", none=True),
+    # Cost is what is computed: shard evaluations, n x steps x the most shards an image
+    # runs on (routing.Routing.max_shards). The defaults are those of before in images
+    # x steps, times the default routing's 3 shards.
+    Variable("CDM_MAX_REQUEST_COST", 64 * 500 * 3, 1, 1 << 40,
+             "shard evaluations of one request (n x steps x shards per image)"),
+    Variable("CDM_KEY_COST_PER_MINUTE", 300_000, 1, 1 << 40,
+             "shard evaluations one key may spend per minute, over all workers", none=True),
+    Variable("CDM_MAX_SHARDS_PER_IMAGE", 16, 1, 1 << 20,
+             "the most shards a request may evaluate an image on at a step"),
     Variable("CDM_MAX_BATCH_ROWS", 64, 1, 1 << 20, "images sampled in one batch"),
     Variable("CDM_MAX_BATCH", 64, 1, 1 << 20, "requests sampled in one batch (1: no batching)"),
     Variable("CDM_SHARD_CACHE", 1024, 1, 1 << 20, "shards resident at once per worker"),

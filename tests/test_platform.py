@@ -292,17 +292,40 @@ def test_cost_limits_per_request_and_per_key(store_copy):
     try:
         user = principal(platform, "u", None)
         with pytest.raises(ValueError, match="exceeds this server's per-request limit 20"):
-            platform.generate(user, n=3, steps=7)
-        platform.generate(user, n=2, steps=10)  # 20
+            platform.generate(user, n=3, steps=7, top_k=1)
+        platform.generate(user, n=2, steps=10, top_k=1)  # 20 shard evaluations
         with pytest.raises(RateLimitError) as err:  # 20 + 20 > 30 within the minute
-            platform.generate(user, n=2, steps=10)
+            platform.generate(user, n=2, steps=10, top_k=1)
         assert 1 <= err.value.retry_after <= 60
-        platform.generate(user, n=1, steps=10)  # 30: still within
+        platform.generate(user, n=1, steps=10, top_k=1)  # 30: still within
         other = principal(platform, "o", None)  # spend is per key
-        platform.generate(other, n=2, steps=10)
+        platform.generate(other, n=2, steps=10, top_k=1)
         assert platform.db.inflight_since(10**9) == []  # refused requests hold nothing
     finally:
         platform.close()
+
+
+def test_cost_counts_the_shards_an_image_runs_on(store_copy):
+    """One unit buys one shard evaluation: dense routing ({"mass": 1}) over three
+    contributors costs three times top-1, a mass alone is charged as dense, and a
+    request that may run an image on more shards than the cap is refused."""
+    from service.generation import Limits
+
+    platform = Platform(store_copy.root, device="cpu", serve=False,
+                        limits=Limits(request_cost=10_000, key_cost_per_minute=10**9,
+                                      shards_per_image=2))
+    user = principal(platform, "u", None)
+    spent = lambda: platform.db._conn().execute(  # noqa: E731
+        "SELECT COALESCE(SUM(cost), 0) FROM spend").fetchone()[0]
+    platform.generate(user, n=2, steps=3, top_k=1)
+    assert spent() == 2 * 3 * 1
+    platform.generate(user, contributors=["a", "b"], n=2, steps=3, mass=1.0)
+    assert spent() == 6 + 2 * 3 * 2
+    with pytest.raises(ValueError, match="each image on 3 shards at a step; the limit is 2"):
+        platform.generate(user, n=1, steps=1, mass=1.0)  # all three: dense
+    platform.generate(user, n=1, steps=1, top_k=2)  # the default top_k 3 is cut to 2 here
+    assert spent() == 18 + 2
+    assert platform.db.inflight_since(10**9) == []
 
 
 def test_a_contributor_forgets_itself_and_its_keys_end_with_it(platform):
