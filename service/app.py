@@ -87,9 +87,13 @@ class CDMService:
             except asyncio.CancelledError:  # the client left: release what it registered
                 prepared.add_done_callback(release_when_prepared(self.platform))
                 raise
-            # the scheduler releases the job when it leaves (a cancelled future that
-            # never started included); a running one finishes on its snapshot
-            out = await asyncio.wrap_future(self.platform.submit(job))
+            # the scheduler releases the job when it leaves; a client that leaves has its
+            # job dropped before the next step, and the steps it did not take refunded
+            try:
+                out = await asyncio.wrap_future(self.platform.submit(job))
+            except asyncio.CancelledError:
+                self.platform.cancel(job)
+                raise
             return await run_in_threadpool(self.platform.finish_generation, job, out)
         except (CDMError, ValueError) as err:
             return self._error(ctx, err)

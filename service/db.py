@@ -165,17 +165,20 @@ class Database:
 
     # ---------------------------------------------------------------- ledger
     def record_request(self, user: str, params: dict, contributors: list[str],
-                       attribution: dict[str, list[float]]) -> str:
+                       attribution: dict[str, list[float]],
+                       db: sqlite3.Connection | None = None) -> str:
         """One row per generate request, and its per-contributor credit, in one
-        transaction. Returns the request id."""
+        transaction (or in `db`'s). Returns the request id."""
+        if db is None:
+            with self.transaction() as db:
+                return self.record_request(user, params, contributors, attribution, db)
         request_id = uuid.uuid4().hex
-        with self.transaction() as db:
-            db.execute("INSERT INTO requests VALUES (?, ?, ?, ?, ?, ?)",
-                       (request_id, user, time.time(), json.dumps(params),
-                        json.dumps(contributors), json.dumps(attribution)))
-            n = params["n"]
-            db.executemany("INSERT INTO credit VALUES (?, ?, ?, ?)",
-                           [(request_id, c, n, float(sum(attribution[c]))) for c in contributors])
+        db.execute("INSERT INTO requests VALUES (?, ?, ?, ?, ?, ?)",
+                   (request_id, user, time.time(), json.dumps(params),
+                    json.dumps(contributors), json.dumps(attribution)))
+        n = params["n"]
+        db.executemany("INSERT INTO credit VALUES (?, ?, ?, ?)",
+                       [(request_id, c, n, float(sum(attribution[c]))) for c in contributors])
         return request_id
 
     def get_request(self, request_id: str) -> sqlite3.Row | None:
@@ -352,9 +355,18 @@ class Database:
             db.execute("INSERT INTO inflight VALUES (?, ?, ?, ?)", (worker, seq, generation, now))
         return None
 
-    def release(self, worker: str, seq: int) -> None:
+    def refund(self, key_id: str, cost: int) -> None:
+        """Give back `cost` of `key_id`'s spend in the current minute (work a client
+        that left did not get)."""
         with self.transaction() as db:
-            db.execute("DELETE FROM inflight WHERE worker = ? AND seq = ?", (worker, seq))
+            db.execute("INSERT INTO spend VALUES (?, ?, ?)", (key_id, time.time(), -cost))
+
+    def release(self, worker: str, seq: int, db: sqlite3.Connection | None = None) -> None:
+        """Request `seq` of `worker` is no longer in flight."""
+        if db is None:
+            with self.transaction() as db:
+                return self.release(worker, seq, db)
+        db.execute("DELETE FROM inflight WHERE worker = ? AND seq = ?", (worker, seq))
 
     def inflight_since(self, generation: int, started_after: float = 0.0) -> list[dict]:
         """Requests of any worker admitted at store generation <= `generation` and

@@ -29,6 +29,7 @@ from shards.settings import SAMPLE_STEPS, VARIABLES, env_int
 from .auth import Principal
 from .db import Database
 from .errors import ForbiddenError, RateLimitError, UnavailableError
+from .ledger import Ledger
 from .metrics import ServiceMetrics
 
 
@@ -45,12 +46,13 @@ class Limits:
     batch_rows: int = VARIABLES["CDM_MAX_BATCH_ROWS"].default
     batch_requests: int = VARIABLES["CDM_MAX_BATCH"].default
     shards_per_image: int = VARIABLES["CDM_MAX_SHARDS_PER_IMAGE"].default
+    active_batches: int = VARIABLES["CDM_MAX_ACTIVE_BATCHES"].default
 
     @classmethod
     def from_env(cls) -> Limits:
         return cls(env_int("CDM_MAX_REQUEST_COST"), env_int("CDM_KEY_COST_PER_MINUTE"),
                    env_int("CDM_MAX_BATCH_ROWS"), env_int("CDM_MAX_BATCH"),
-                   env_int("CDM_MAX_SHARDS_PER_IMAGE"))
+                   env_int("CDM_MAX_SHARDS_PER_IMAGE"), env_int("CDM_MAX_ACTIVE_BATCHES"))
 
 
 def png_base64(image_hwc) -> str:
@@ -101,8 +103,15 @@ class GenerationJob:
     params: dict
     routing: Routing
     seq: int = 0
+    cost: int = 0  # shard evaluations charged
     seconds: float = 0.0
     started: float = dataclasses.field(default_factory=time.perf_counter)
+    cancelled: threading.Event = dataclasses.field(default_factory=threading.Event)
+
+    @property
+    def owner(self) -> str:
+        """Whose service the job counts as, for fair scheduling: its key."""
+        return self.principal.key_id or self.principal.user
 
 
 class Generation:
@@ -110,9 +119,9 @@ class Generation:
     id in the in-flight table)."""
 
     def __init__(self, store: ShardStore, db: Database, live: LiveSampler,
-                 metrics: ServiceMetrics, limits: Limits, worker: str):
+                 metrics: ServiceMetrics, limits: Limits, worker: str, ledger: Ledger):
         self.store, self.db, self.live, self.metrics = store, db, live, metrics
-        self.limits, self.worker = limits, worker
+        self.limits, self.worker, self.ledger = limits, worker, ledger
         self._seq = 0
         self._lock = threading.Lock()
 
@@ -148,15 +157,22 @@ class Generation:
                                  "shard evaluations per minute (CDM_KEY_COST_PER_MINUTE)", wait)
         try:
             sampler, live = self.live.sync()
-            return self._check(principal, contributors, n, steps, seed, mode, scheduler, route,
-                               sampler, live, seq, labels)
+            job = self._check(principal, contributors, n, steps, seed, mode, scheduler, route,
+                              sampler, live, seq, labels)
         except BaseException:
             self.release(seq)
             raise
+        job.cost = cost
+        return job
 
     def release(self, seq: int) -> None:
         """The request `seq` no longer holds its sampler snapshot (idempotent)."""
         self.db.release(self.worker, seq)
+
+    def release_later(self, job: GenerationJob) -> None:
+        """As `release`, committed with the ledger's next group (the scheduler's thread
+        must not wait for the disk)."""
+        self.ledger.release_later(self.worker, job.seq)
 
     def _shards_per_image(self, principal: Principal, contributors, route: Routing) -> int:
         """The most shards the request evaluates an image on at a step: what its cost
@@ -226,6 +242,13 @@ class Generation:
         p = job.params
         return job.sampler.batch(p["steps"], p["scheduler"], p["mode"], job.routing)
 
+    def refund(self, job: GenerationJob, steps_done: int) -> None:
+        """A job whose client left is charged only the steps it took."""
+        steps = job.params["steps"]
+        unused = job.cost * (steps - steps_done) // steps
+        if unused > 0:
+            self.db.refund(job.principal.key_id or job.principal.user, unused)
+
     def observe(self, job: GenerationJob, together: int) -> None:
         """A job finished in a batch of `together` requests."""
         job.seconds = time.perf_counter() - job.started
@@ -257,8 +280,8 @@ class Generation:
     def finish(self, job: GenerationJob, out: SampleOutput) -> dict:
         """Ledger row (durable before returning), metrics, and the response body."""
         attribution = {c: out.attribution_mean[:, i].tolist() for i, c in enumerate(out.contributor_ids)}
-        request_id = self.db.record_request(job.principal.user, job.params, out.contributor_ids,
-                                            attribution)
+        request_id = self.ledger.record(job.principal.user, job.params, out.contributor_ids,
+                                        attribution)
         self.metrics.record_generation(out.contributor_ids, attribution, job.seconds)
         return {
             "request_id": request_id,

@@ -33,6 +33,7 @@ from .credit import Credit
 from .forget import Forgetting
 from .generation import Generation, GenerationJob, Limits, LiveSampler
 from .jobs import Jobs
+from .ledger import Ledger
 from .metrics import ServiceMetrics
 from .paths import allowed_roots
 from .scheduler import StepScheduler
@@ -59,8 +60,9 @@ class Platform:
         self._wakes = {"purge": threading.Event(), "work": threading.Event()}
         self._closed = threading.Event()
         self.live = LiveSampler(self.store, device)
+        self.ledger = Ledger(self.db)
         self.generation = Generation(self.store, self.db, self.live, self.metrics, self.limits,
-                                     self.worker)
+                                     self.worker, self.ledger)
         self.forgetting = Forgetting(self.store, self.db, self.live, self.metrics, device,
                                      self._wakes["purge"], self._closed)
         self.jobs = Jobs(self.store, self.db, self.live if serve else None, self.forgetting,
@@ -76,10 +78,13 @@ class Platform:
                                            if self.live.sampler else {})
             g = self.generation
             self._scheduler = StepScheduler(g.open_batch, lambda job: job.request, g.batch_key,
+                                            owner=lambda job: job.owner,
+                                            cancelled=lambda job: job.cancelled.is_set(),
                                             max_rows=self.limits.batch_rows,
                                             max_jobs=self.limits.batch_requests,
-                                            on_done=g.observe,
-                                            on_leave=lambda job: g.release(job.seq))
+                                            max_batches=self.limits.active_batches,
+                                            on_done=g.observe, on_cancel=g.refund,
+                                            on_leave=g.release_later)
             for lane, wake in self._wakes.items():  # purges never wait for an add or valuation
                 runner = threading.Thread(target=self.jobs.loop, args=(lane,),
                                           name=f"cdm-jobs-{lane}", daemon=True)
@@ -97,6 +102,7 @@ class Platform:
             self._scheduler.close()
         for runner in self._runners:
             runner.join(timeout=10)
+        self.ledger.close()
         if self._heart is not None:
             self._heart.join(timeout=10)
             self.db.drop_workers([self.worker])  # its requests are released or never will be
@@ -145,6 +151,13 @@ class Platform:
     def release(self, seq: int) -> None:
         """The request `seq` no longer holds its sampler snapshot (idempotent)."""
         self.generation.release(seq)
+
+    def cancel(self, job: GenerationJob) -> None:
+        """The client of `job` left: the scheduler drops it before its next step and
+        refunds the steps it did not take."""
+        job.cancelled.set()
+        if self._scheduler is not None:
+            self._scheduler.wake()
 
     def finish_generation(self, job: GenerationJob, out) -> dict:
         """Ledger row (durable before returning), metrics, and the response body."""

@@ -97,6 +97,8 @@ VARIABLES = {v.name: v for v in (
              "the most shards a request may evaluate an image on at a step"),
     Variable("CDM_MAX_BATCH_ROWS", 64, 1, 1 << 20, "images sampled in one batch"),
     Variable("CDM_MAX_BATCH", 64, 1, 1 << 20, "requests sampled in one batch (1: no batching)"),
+    Variable("CDM_MAX_ACTIVE_BATCHES", 8, 1, 1 << 20,
+             "batches a worker samples at once; further requests wait for one to end"),
     Variable("CDM_SHARD_CACHE", 1024, 1, 1 << 20, "shards resident at once per worker"),
     Variable("CDM_AUTH_FAILURES_PER_MINUTE", 20, 1, 1 << 20,
              "failed key checks a client may make per minute and worker before 429"),

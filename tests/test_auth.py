@@ -68,3 +68,32 @@ def test_failed_checks_are_limited_per_key_id_not_per_address(db):
     with pytest.raises(RateLimitError):
         verify("Bearer other-junk", "10.0.0.2")
     assert verify(f"Bearer {good}", "10.0.0.2").user == "ann"
+
+
+def test_the_ledger_commits_many_requests_together_and_each_is_durable_on_return(db):
+    """Sixteen requests finishing at once: fewer commits than rows (group commit), and
+    each row readable from another connection as soon as its `record` returns."""
+    import threading
+
+    from service.ledger import Ledger
+
+    ledger = Ledger(db, window_s=0.05)
+    checked, errors = [], []
+
+    def finish(i):
+        try:
+            ledger.release_later("w", i)
+            request_id = ledger.record(f"u{i}", {"n": 1}, ["a"], {"a": [1.0]})
+            other = Database(db.path)  # another handle: sees only what is committed
+            checked.append(other.get_request(request_id) is not None)
+        except Exception as err:  # noqa: BLE001 - reported below
+            errors.append(err)
+
+    threads = [threading.Thread(target=finish, args=(i,)) for i in range(16)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    ledger.close()
+    assert not errors and checked == [True] * 16
+    assert ledger.rows == 32 and ledger.commits < 16, (ledger.commits, ledger.rows)

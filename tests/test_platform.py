@@ -448,3 +448,33 @@ def test_a_purge_does_not_wait_for_an_add_that_trains(store_copy, data_dir, monk
     finally:
         release.set()
         platform.close()
+
+
+def test_a_generation_whose_client_left_stops_and_is_refunded(store_copy):
+    """The client of a long request leaves: its job leaves the batch before the next
+    step, the key is charged only for the steps taken, and its request is released."""
+    import time
+
+    from service.generation import Limits
+    from service.scheduler import CancelledRequest
+
+    platform = Platform(store_copy.root, device="cpu",
+                        limits=Limits(request_cost=10**6, key_cost_per_minute=10**9))
+    try:
+        user = principal(platform, "u", None)
+        job = platform.prepare_generation(user, None, 2, 500, 0, "composed", "ddpm", top_k=1)
+        assert job.cost == 2 * 500
+        future = platform.submit(job)
+        while not platform._scheduler.load["batches"]:
+            time.sleep(0.01)
+        platform.cancel(job)
+        with pytest.raises(CancelledRequest):
+            future.result(timeout=60)
+        spent = platform.db._conn().execute("SELECT SUM(cost) FROM spend").fetchone()[0]
+        assert 0 <= spent < job.cost  # refunded: only the steps taken
+        deadline = time.monotonic() + 10
+        while platform.db.inflight_since(10**9) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert platform.db.inflight_since(10**9) == []
+    finally:
+        platform.close()

@@ -2,10 +2,12 @@
 requests overtake big ones step by step, and every request gets its own images."""
 
 import threading
+import time
 
+import pytest
 from conftest import assert_close
 
-from service.scheduler import StepScheduler
+from service.scheduler import CancelledRequest, StepScheduler
 from shards.routing import Routing
 from shards.sampler import SampleRequest
 
@@ -117,3 +119,87 @@ def test_a_left_clients_release_runs_off_the_event_loop():
 
     loop_thread = asyncio.run(main())
     assert len(threads) == 1 and threads[0][0] == 7 and threads[0][1] is not loop_thread
+
+
+class Owned(Job):
+    def __init__(self, request, steps, owner):
+        super().__init__(request, steps)
+        self.owner, self.cancelled = owner, threading.Event()
+
+
+def make_owned(sampler, **kw):
+    return StepScheduler(lambda job: sampler.batch(job.steps, routing=Routing()),
+                         lambda job: job.request, lambda job: job.steps,
+                         owner=lambda job: job.owner,
+                         cancelled=lambda job: job.cancelled.is_set(), **kw)
+
+
+def test_a_flood_from_one_key_gets_half_the_time_not_all_of_it(store_copy):
+    """Key A floods one-step requests while key B's big request runs: B's batch gets
+    about half the sampling time (fair queueing over keys). The scheduler of before,
+    which always advanced the batch with the least work left, moved B once every 2 s."""
+    sampler = store_copy.load_sampler("cpu")
+    scheduler = make_owned(sampler, gather_ms=0)
+    flood, stop = [], threading.Event()
+
+    def flooder():
+        while not stop.is_set():
+            if scheduler.load["queued"] < 4:
+                flood.append(scheduler.submit(Owned(SampleRequest(("a",), 1, 0), 1, "A")))
+            time.sleep(0.001)  # a busy loop here would take the GIL from the sampler
+
+    thread = threading.Thread(target=flooder)
+    try:
+        thread.start()
+        while len(flood) < 8:
+            time.sleep(0.01)
+        big = scheduler.submit(Owned(SampleRequest(None, 8, 0), 30, "B"))
+        assert len(big.result(timeout=300).images) == 8
+        stop.set()
+        thread.join()
+        received = scheduler.owners.received
+        share = received["B"] / (received["A"] + received["B"])
+        print(f"B's share of the sampling time: {share:.2f}")
+        assert share > 0.35, (share, received)  # B's 30 steps within about twice their time
+        assert sum(f.done() for f in flood) > 30  # and A was served all along
+    finally:
+        stop.set()
+        scheduler.close()
+
+
+def test_a_request_whose_client_left_is_dropped_and_its_steps_refunded(store_copy):
+    sampler = store_copy.load_sampler("cpu")
+    cancelled = []
+    scheduler = make_owned(sampler, on_cancel=lambda job, done: cancelled.append((job, done)))
+    try:
+        job = Owned(SampleRequest(None, 2, 0), 500, "A")
+        future = scheduler.submit(job)
+        while not scheduler.load["batches"]:
+            pass
+        job.cancelled.set()
+        scheduler.wake()
+        with pytest.raises(CancelledRequest):
+            future.result(timeout=60)
+        [(gone, done)] = cancelled
+        assert gone is job and 0 <= done < 500  # dropped mid-way, not run to its end
+        assert scheduler.load == {"queued": 0, "batches": 0, "work": 0}
+        other = scheduler.submit(Owned(SampleRequest(None, 1, 1), 3, "A"))  # still serving
+        assert len(other.result(timeout=60).images) == 1
+    finally:
+        scheduler.close()
+
+
+def test_active_batches_are_bounded(store_copy):
+    """Requests that fit no running batch wait while `max_batches` run."""
+    sampler = store_copy.load_sampler("cpu")
+    scheduler = make_owned(sampler, max_batches=2)
+    seen = []
+    try:
+        futures = [scheduler.submit(Owned(SampleRequest(None, 1, s), 10 + s, "A"))
+                   for s in range(4)]  # four step counts: four batch keys
+        while not all(f.done() for f in futures):
+            seen.append(scheduler.load["batches"])
+            time.sleep(0.005)
+        assert max(seen) <= 2 and all(len(f.result().images) == 1 for f in futures)
+    finally:
+        scheduler.close()
