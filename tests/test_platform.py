@@ -124,27 +124,38 @@ def test_forgotten_platform_generates_like_a_store_built_without(platform, datas
         fresh.close()
 
 
-def test_forget_during_inflight_generation(platform):
+def test_a_purge_waits_for_a_request_in_flight_that_uses_the_contributor(platform):
+    """A request that uses a and started before a's exclusion keeps a's shard until it
+    ends: the purge waits for it (the files stay while it runs), the request's images
+    use a, and the purge ends after it. Requests after the acknowledgement never use a."""
+    import time
+
     admin = principal(platform, "adm", None, "admin")
-    results, errors = [], []
-    started = threading.Event()
+    finished = {}
 
     def run():
-        started.set()
-        try:
-            results.append(platform.generate(admin, n=16, steps=40, seed=0))
-        except Exception as err:  # noqa: BLE001 - the assertion below reports it
-            errors.append(err)
+        finished["out"] = platform.generate(admin, contributors=["a", "b"], n=4, steps=300,
+                                            seed=0, mass=1.0)
+        finished["at"] = time.time()
 
     thread = threading.Thread(target=run)
     thread.start()
-    started.wait()
+    deadline = time.monotonic() + 60
+    while not platform._scheduler.load["batches"] and time.monotonic() < deadline:
+        time.sleep(0.01)  # in flight and sampling: admitted before the forget
     job = platform.forget(admin, "a")
     after = platform.generate(admin, n=2, steps=2, seed=1)
-    thread.join()
-    assert not errors and len(results[0]["images"]) == 16
     assert "a" not in after["contributors"]
-    assert wait_for_job(lambda: platform.job(admin, job["job_id"]))["status"] == "succeeded"
+    time.sleep(1.0)
+    assert thread.is_alive(), "the request ended too soon to show the wait"
+    assert (platform.store.root / "shards" / "a").exists()  # the purge waits for it
+    assert platform.job(admin, job["job_id"])["status"] == "running"
+    thread.join()
+    out = finished["out"]
+    assert out["contributors"] == ["a", "b"] and min(out["attribution"]["a"]) > 0
+    done = wait_for_job(lambda: platform.job(admin, job["job_id"]))
+    assert done["status"] == "succeeded" and done["finished_at"] >= finished["at"]
+    assert not (platform.store.root / "shards" / "a").exists()
 
 
 def test_generate_routing_options(platform):

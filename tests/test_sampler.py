@@ -3,6 +3,7 @@ import torch
 from conftest import assert_close
 
 from shards.errors import UnknownContributorError
+from shards.routing import Routing
 from shards.sampler import SCHEDULER_CLASSES
 
 
@@ -53,21 +54,41 @@ def test_single_contributor_equals_that_shard_alone(sampler, full_store, schedul
     assert torch.all(out.attribution_mean == 1)
 
 
-@pytest.mark.parametrize("store_name", ["full_store", "joint_store"])
-def test_restricted_weights_equal_renormalised_full_posterior(request, store_name):
-    """Masking to S equals renormalising the all-shard weights over S (eq. 1), for
-    either router."""
-    from shards.routing import posterior_weights
+class GaussianScores(torch.nn.Module):
+    """A router with known densities: shard i's noised data is N(mu_i, s^2 I), so its
+    scores are log p^i(x) up to a constant shared by all i."""
 
-    sampler = request.getfixturevalue(store_name).load_sampler("cpu")
-    x, t = torch.randn(6, 1, 8, 8), torch.full((6,), 400)
-    with torch.no_grad():
-        scores = sampler.router.log_ratios(x, t)
-    full = posterior_weights(scores, sampler.log_prior, torch.ones(3, dtype=torch.bool))
-    subset = torch.tensor([True, False, True])
-    restricted = posterior_weights(scores, sampler.log_prior, subset)
-    expected = full * subset / (full * subset).sum(1, keepdim=True)
-    assert_close(restricted, expected, atol=1e-6)
+    def __init__(self, ids, centres, s=4.0):
+        super().__init__()
+        self.contributor_ids, self.centres, self.s = list(ids), centres, s
+
+    def log_ratios(self, x_t, t, y=None):
+        d = ((x_t[:, None] - self.centres[None]) ** 2).flatten(2).sum(-1)  # (B, K)
+        return -d / (2 * self.s ** 2)
+
+
+@pytest.mark.parametrize("subset", [None, ("a", "c"), ("b",)])
+def test_the_samplers_weights_are_the_posterior_restricted_to_s(full_store, subset):
+    """The weights the sampler uses (the last step's attribution of a one-step sample,
+    at x_T) equal the closed form lambda_i p(x_T | i) / sum_{j in S} lambda_j p(x_T | j),
+    with p Gaussian (a router of known densities) and the priors the sampler is given."""
+    from shards.sampler import compose
+
+    ids = ["a", "b", "c"]
+    centres = torch.randn((3, 1, 8, 8), generator=torch.Generator().manual_seed(1))
+    priors = {"a": 1.0, "b": 2.0, "c": 5.0}
+    sampler = compose(full_store.load_bank(), dict(full_store.noise_schedule().config), (1, 8, 8),
+                      GaussianScores(ids, centres), priors)
+    out = sampler(subset, n=5, steps=1, seed=3, routing=Routing())
+    x_t = torch.randn((5, 1, 8, 8), generator=torch.Generator().manual_seed(3))  # x_T of seed 3
+    chosen = list(subset or ids)
+    d = ((x_t[:, None] - centres[None]) ** 2).flatten(2).sum(-1)
+    logits = torch.log(torch.tensor([priors[c] for c in ids])) - d / (2 * 4.0 ** 2)
+    keep = [ids.index(c) for c in chosen]
+    expected = torch.softmax(logits[:, keep], dim=1)
+    assert out.contributor_ids == chosen
+    assert_close(out.attribution_last, expected, atol=1e-5)
+    assert_close(out.attribution_mean, expected, atol=1e-5)  # one step: the same weights
 
 
 def test_bad_requests(sampler):

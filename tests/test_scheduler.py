@@ -67,23 +67,35 @@ def test_requests_join_a_running_batch_and_keep_their_images(store_copy):
 
 
 def test_a_bad_request_fails_alone_and_cancelled_ones_are_skipped(store_copy):
+    """A request naming an unknown contributor fails alone; a request cancelled before
+    it started (its future cancelled, or its client gone) is never sampled: it never
+    joins a batch, and it leaves the scheduler (its release runs)."""
     sampler = store_copy.load_sampler("cpu")
-    scheduler, _ = make(sampler)
+    joined, left = [], []
+    scheduler = StepScheduler(lambda job: sampler.batch(job.steps, routing=Routing()),
+                              lambda job: joined.append(job) or job.request,
+                              lambda job: job.steps, cancelled=lambda job: job.cancelled.is_set(),
+                              on_leave=left.append)
     try:
-        good = scheduler.submit(Job(SampleRequest(None, 1, 0), 5))
-        bad = scheduler.submit(Job(SampleRequest(("zed",), 1, 0), 5))
+        good = scheduler.submit(Owned(SampleRequest(None, 1, 0), 5, "A"))
+        bad = scheduler.submit(Owned(SampleRequest(("zed",), 1, 0), 5, "A"))
         assert len(good.result(timeout=60).images) == 1
-        try:
+        with pytest.raises(KeyError, match="zed"):
             bad.result(timeout=60)
-            raise AssertionError("an unknown contributor was sampled")
-        except KeyError as err:
-            assert "zed" in str(err)
-        gate = threading.Event()
-        blocker = scheduler.submit(Job(SampleRequest(None, 4, 0), 30))
-        cancelled = scheduler.submit(Job(SampleRequest(None, 1, 0), 30))
-        cancelled.cancel() and gate.set()
+        blocker_job = Owned(SampleRequest(None, 4, 0), 30, "A")
+        blocker = scheduler.submit(blocker_job)
+        while blocker_job not in joined:  # the blocker runs: the next ones queue behind it
+            time.sleep(0.01)
+        first, second = Owned(SampleRequest(None, 1, 1), 30, "A"), Owned(SampleRequest(None, 1, 2), 30, "A")
+        first.cancelled.set()  # its client left
+        cancelled_future = scheduler.submit(second)
+        assert cancelled_future.cancel()  # cancelled before it started
+        gone_future = scheduler.submit(first)
         blocker.result(timeout=120)
-        assert cancelled.cancelled() or cancelled.done()
+        with pytest.raises(CancelledRequest):
+            gone_future.result(timeout=60)
+        assert first not in joined and second not in joined  # never sampled
+        assert first in left and second in left  # and released
     finally:
         scheduler.close()
 
