@@ -53,9 +53,12 @@ def kill_tree(pid: int, sig_timeout: float = 20.0) -> None:
             pass
 
 
-def cli_key(root: Path, user: str, license: str = "all", admin: bool = False) -> str:
-    """A new API key for the store at `root`, made by `cdm keys create`."""
-    args = [CDM, "keys", "create", "--store", str(root), "--user", user, "--license", license]
+def cli_key(root: Path, user: str, license: str = "all", admin: bool = False,
+            contributor: str | None = None) -> str:
+    """A new API key for the store at `root`, made by `cdm keys create`: a user key
+    licensed for `license`, an admin key, or a key acting for `contributor`."""
+    args = [CDM, "keys", "create", "--store", str(root), "--user", user]
+    args += ["--contributor", contributor] if contributor else ["--license", license]
     out = subprocess.run(args + (["--admin"] if admin else []), capture_output=True, text=True,
                          check=True)
     return out.stdout.strip()
