@@ -221,7 +221,7 @@ class Generation:
         if route.top_k is not None and route.top_k > len(allowed):  # "at most k": all of S
             route = dataclasses.replace(route, top_k=len(allowed))
         route.check_subset(len(allowed))
-        request = SampleRequest(tuple(allowed), n, seed, labels)
+        request = SampleRequest(tuple(allowed), n, seed, labels, steps)
         sampler.check_labels(request)  # a label no contributor of S holds: 404 before sampling
         params = {"n": n, "steps": steps, "seed": seed, "mode": mode, "scheduler": scheduler,
                   **route.to_dict()}
@@ -232,9 +232,9 @@ class Generation:
     # ----------------------------------------------------- the step scheduler
     @staticmethod
     def batch_key(job: GenerationJob) -> tuple:
-        """Jobs with the same key may share a batch."""
+        """Jobs with the same key may share a batch (each with its own step count)."""
         p = job.params
-        return (id(job.sampler), p["steps"], p["scheduler"], p["mode"], job.routing)
+        return (id(job.sampler), p["scheduler"], p["mode"], job.routing)
 
     @staticmethod
     def open_batch(job: GenerationJob):

@@ -1,10 +1,11 @@
 """Step-level scheduling of generate requests: continuous batching, shared fairly.
 
 One sampling thread per worker owns the sampler. A request joins a running
-`shards.batch.Batch` that agrees on (sampler snapshot, steps, scheduler, mode,
-routing) and has room (`max_rows` images, `max_jobs` requests), between any two of
-its steps, or starts a new one while fewer than `max_batches` run (else it waits for
-one to finish); each request leaves its batch at its last step.
+`shards.batch.Batch` that agrees on (sampler snapshot, scheduler, mode, routing),
+whatever its number of steps, and has room (`max_rows` images, `max_jobs`
+requests), between any two of its steps, or starts a new one while fewer than
+`max_batches` run (else it waits for one to finish); each request leaves its batch
+at its last step.
 
 The thread advances one batch by one denoising step at a time, and chooses it by
 fair queueing over owners (API keys): each owner has received some service, the

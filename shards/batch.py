@@ -27,12 +27,14 @@ SCHEDULER_CLASSES = {"ddpm": DDPMScheduler, "ddim": DDIMScheduler}
 class SampleRequest:
     """One request of a batch: `contributors` None means every live contributor;
     `labels` (labelled stores) one for all n samples, one per sample (a shorter list
-    repeats to fill n), None to draw them from p_S(y)."""
+    repeats to fill n), None to draw them from p_S(y); `steps` its number of denoising
+    steps, None for its batch's."""
 
     contributors: tuple[str, ...] | None
     n: int
     seed: int
     labels: tuple[int, ...] | None = None
+    steps: int | None = None
 
 
 def label_seed(seed: int) -> int:
@@ -67,17 +69,21 @@ class _Member:
     handle: object
     mask: torch.Tensor  # (K,) over router outputs
     generator: torch.Generator
+    steps: int  # its own number of steps
+    sched: object  # the diffusers scheduler set to `steps`
     done: int = 0  # steps taken
 
 
 class Batch:
     """Requests sampled together, each at its own step (continuous batching).
 
-    Every request shares (steps, scheduler, mode, routing) but may join between any
-    two steps: one step evaluates the router and the routed shards on every row of
+    Every request shares (scheduler, mode, routing) but may join between any two
+    steps and have its own number of steps (`SampleRequest.steps`; `steps` is the
+    default): one step evaluates the router and the routed shards on every row of
     every request at once, each row at its own request's timestep, then each
-    request's scheduler step runs with its own noise generator. A request's images
-    do not depend on when it joined or with whom it ran, up to float rounding.
+    request's scheduler step runs with its own noise generator and schedule. A
+    request's images do not depend on when it joined or with whom it ran, up to float
+    rounding.
     """
 
     def __init__(self, sampler, steps: int, scheduler: str, mode: str, routing: Routing):
@@ -91,8 +97,7 @@ class Batch:
             raise ValueError(f"steps must be >= 1, got {steps}")
         self.sampler, self.steps, self.scheduler, self.mode, self.routing = (
             sampler, steps, scheduler, mode, routing)
-        self.sched = SCHEDULER_CLASSES[scheduler].from_config(sampler.schedule_config)
-        self.sched.set_timesteps(steps)
+        self._scheds: dict[int, object] = {}  # steps -> scheduler (DDPM, DDIM: stateless)
         device, k = sampler.device, len(sampler.classifier_ids)
         self.members: list[_Member] = []
         self.x = torch.zeros((0, *sampler.image_shape), device=device)
@@ -108,17 +113,28 @@ class Batch:
     @property
     def remaining(self) -> int:
         """Rows x steps still to run."""
-        return sum(m.request.n * (self.steps - m.done) for m in self.members)
+        return sum(m.request.n * (m.steps - m.done) for m in self.members)
+
+    def _sched(self, steps: int):
+        if steps not in self._scheds:
+            sched = SCHEDULER_CLASSES[self.scheduler].from_config(self.sampler.schedule_config)
+            sched.set_timesteps(steps)
+            self._scheds[steps] = sched
+        return self._scheds[steps]
 
     def add(self, request: SampleRequest, handle: object = None) -> None:
         """Join: x_T from the request's own seed (common random numbers, whatever S).
 
         Raises:
-            ValueError: n < 1, empty contributors, top_k above |S|.
+            ValueError: n < 1, steps < 1, empty contributors, top_k above |S|.
             UnknownContributorError: a contributor the sampler does not hold.
         """
         if request.n < 1:
             raise ValueError(f"n must be >= 1, got {request.n}")
+        steps = self.steps if request.steps is None else request.steps
+        if steps < 1:
+            raise ValueError(f"steps must be >= 1, got {steps}")
+        sched = self._sched(steps)
         s = self.sampler
         mask = s.mask(request.contributors)
         self.routing.check_subset(int(mask.sum()))
@@ -139,15 +155,14 @@ class Batch:
                  torch.cat([self.w_sum, torch.zeros(request.n, self.w_sum.shape[1], device=device)]))
         # all or nothing: a failure above changes none
         self.x, self.allowed, self.log_prior, self.labels, self.w_sum = grown
-        self.members.append(_Member(request, handle, mask, generator))
+        self.members.append(_Member(request, handle, mask, generator, steps, sched))
 
     @torch.no_grad()
     def step(self) -> list[tuple[object, SampleOutput]]:
         """One denoising step of every request; returns (handle, output) of those that
         took their last step (and leave the batch)."""
         s, x, device = self.sampler, self.x, self.x.device
-        timesteps = self.sched.timesteps
-        t_member = [timesteps[m.done] for m in self.members]
+        t_member = [m.sched.timesteps[m.done] for m in self.members]
         t_rows = torch.cat([t.reshape(1).expand(m.request.n)
                             for t, m in zip(t_member, self.members, strict=True)]).to(device)
         alone = bool((self.allowed.sum(1) == 1).all())  # |S| = 1 everywhere: w = 1, no router
@@ -171,20 +186,20 @@ class Batch:
         bounds = np.cumsum([0] + [m.request.n for m in self.members]).tolist()
         ddpm = self.scheduler == "ddpm"
         self.x = torch.cat([
-            self.sched.step(eps[a:b], t, x[a:b], generator=m.generator if ddpm else None).prev_sample
+            m.sched.step(eps[a:b], t, x[a:b], generator=m.generator if ddpm else None).prev_sample
             for a, b, t, m in zip(bounds[:-1], bounds[1:], t_member, self.members, strict=True)])
         finished, keep = [], torch.ones(self.rows, dtype=torch.bool)
         for a, b, m in zip(bounds[:-1], bounds[1:], self.members, strict=True):
             m.done += 1
-            if m.done == self.steps:
+            if m.done == m.steps:
                 images = ((self.x[a:b].clamp(-1, 1) + 1) / 2).cpu()
                 sub = [c for c, on in zip(s.classifier_ids, m.mask.tolist(), strict=True) if on]
-                w_mean = (self.w_sum[a:b] / self.steps).cpu()[:, m.mask]
+                w_mean = (self.w_sum[a:b] / m.steps).cpu()[:, m.mask]
                 finished.append((m.handle, SampleOutput(images, sub, w_mean, w[a:b].cpu()[:, m.mask],
                                                         None if y is None else y[a:b].cpu())))
                 keep[a:b] = False
         if finished:
-            self._keep(keep, [m for m in self.members if m.done < self.steps])
+            self._keep(keep, [m for m in self.members if m.done < m.steps])
         return finished
 
     def remove(self, handle: object) -> bool:

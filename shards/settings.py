@@ -95,7 +95,9 @@ VARIABLES = {v.name: v for v in (
              "shard evaluations one key may spend per minute, over all workers", none=True),
     Variable("CDM_MAX_SHARDS_PER_IMAGE", 16, 1, 1 << 20,
              "the most shards a request may evaluate an image on at a step"),
-    Variable("CDM_MAX_BATCH_ROWS", 64, 1, 1 << 20, "images sampled in one batch"),
+    # twice the largest request: small requests share the steps of a largest one (of any
+    # step count) instead of taking turns with it
+    Variable("CDM_MAX_BATCH_ROWS", 128, 1, 1 << 20, "images sampled in one batch"),
     Variable("CDM_MAX_BATCH", 64, 1, 1 << 20, "requests sampled in one batch (1: no batching)"),
     Variable("CDM_MAX_ACTIVE_BATCHES", 8, 1, 1 << 20,
              "batches a worker samples at once; further requests wait for one to end"),

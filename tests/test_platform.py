@@ -489,3 +489,35 @@ def test_a_generation_whose_client_left_stops_and_is_refunded(store_copy):
         assert platform.db.inflight_since(10**9) == []
     finally:
         platform.close()
+
+
+def test_a_short_request_shares_the_steps_of_a_long_one_from_another_key(store_copy):
+    """Requests of different step counts and keys share one batch: a 2-step request
+    sent while a 400-step one runs finishes long before it, in the same batch (no
+    second batch opened), with the images it gets alone."""
+    import time
+
+    from service.generation import Limits
+
+    platform = Platform(store_copy.root, device="cpu",
+                        limits=Limits(request_cost=10**6, key_cost_per_minute=10**9))
+    try:
+        big, small = principal(platform, "big", None), principal(platform, "small", None)
+        alone = platform.generate(small, None, n=1, steps=2, seed=5)
+        long_job = platform.prepare_generation(big, None, 4, 400, 0, "composed", "ddpm")
+        long_future = platform.submit(long_job)
+        while not platform._scheduler.load["batches"]:
+            time.sleep(0.01)
+        short_job = platform.prepare_generation(small, None, 1, 2, 5, "composed", "ddpm")
+        short = platform.submit(short_job).result(timeout=60)
+        assert not long_future.done()
+        together = platform.metrics.registry.get_sample_value("cdm_generate_batch_requests_sum")
+        assert together == 1 + 2  # `alone` ran by itself; the short one finished beside the long
+        from service.generation import to_uint8
+
+        mine = to_uint8(short.images * 2 - 1).astype(int)
+        ref = np.stack([np.asarray(Image.open(io.BytesIO(base64.b64decode(b)))) for b in alone["images"]])
+        assert np.abs(mine.reshape(ref.shape) - ref).max() <= 1  # the same up to float rounding
+        platform.cancel(long_job)
+    finally:
+        platform.close()

@@ -125,3 +125,32 @@ def test_a_request_joining_a_running_batch_gets_its_own_images(sampler):
         assert_close(out.images, ref.images)
         assert_close(out.attribution_mean, ref.attribution_mean)
         assert_close(out.attribution_last, ref.attribution_last)
+
+
+@pytest.mark.parametrize("scheduler", ["ddpm", "ddim"])
+def test_requests_of_different_step_counts_share_a_batch(sampler, scheduler):
+    """A 2-step request runs beside a 9-step one (the service batches them together):
+    each gets the images it gets alone, on its own schedule."""
+    from shards.sampler import SampleRequest
+
+    long, short = SampleRequest(None, 2, 3, steps=9), SampleRequest(("a", "c"), 1, 5, steps=2)
+    alone = [sampler.sample_batch([SampleRequest(r.contributors, r.n, r.seed)], steps=r.steps,
+                                  scheduler=scheduler)[0] for r in (long, short)]
+    batch = sampler.batch(steps=50, scheduler=scheduler)  # the default, used by neither
+    batch.add(long, handle="long")
+    done, finished_at = {}, {}
+    for step in range(20):
+        if step == 3:
+            batch.add(short, handle="short")
+            assert batch.remaining == 2 * 6 + 1 * 2
+        for handle, out in batch.step():
+            done[handle], finished_at[handle] = out, step
+        if not batch.rows:
+            break
+    assert finished_at == {"short": 4, "long": 8}
+    for out, ref in zip([done["long"], done["short"]], alone, strict=True):
+        assert out.contributor_ids == ref.contributor_ids
+        assert_close(out.images, ref.images)
+        assert_close(out.attribution_mean, ref.attribution_mean)
+    with pytest.raises(ValueError, match="steps must be >= 1"):
+        batch.add(SampleRequest(None, 1, 0, steps=0))
