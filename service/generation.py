@@ -91,6 +91,14 @@ class LiveSampler:
                 self._key = key
             return self.sampler, set(live)
 
+    def held(self) -> list[str]:
+        """Contributors whose weights this worker's sampler holds or may load (its
+        router's outputs and its shard cache's contributors)."""
+        sampler = self.sampler
+        if sampler is None:
+            return []
+        return sorted(set(sampler.classifier_ids) | set(sampler.bank.contributor_ids))
+
 
 @dataclasses.dataclass
 class GenerationJob:

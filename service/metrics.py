@@ -24,15 +24,21 @@ CACHE_STATS = {"capacity": "Shards the live sampler's cache can hold",
 
 
 class _CacheCollector(Collector):
-    def __init__(self, stats: Callable[[], dict]):
-        self.stats = stats
+    def __init__(self, stats: Callable[[], dict], held: Callable[[], list[str]]):
+        self.stats, self.held = stats, held
 
     def collect(self):
-        stats = self.stats()
+        stats, worker = self.stats(), str(os.getpid())
         for key, doc in CACHE_STATS.items():
             family = GaugeMetricFamily(f"cdm_shard_cache_{key}", doc, labels=["worker"])
-            family.add_metric([str(os.getpid())], float(stats.get(key) or 0))
+            family.add_metric([worker], float(stats.get(key) or 0))
             yield family
+        family = GaugeMetricFamily("cdm_worker_holds_contributor",
+                                   "1 for each contributor whose weights this worker's "
+                                   "sampler holds or may load", labels=["worker", "contributor"])
+        for cid in self.held():
+            family.add_metric([worker, cid], 1.0)
+        yield family
 
 
 class ServiceMetrics:
@@ -52,11 +58,11 @@ class ServiceMetrics:
         self.batch_size = Histogram("cdm_generate_batch_requests", "Generate requests sampled in one batch",
                                     buckets=(1, 2, 4, 8, 16), registry=self.registry)
 
-    def watch_shard_cache(self, stats: Callable[[], dict]) -> None:
-        """Expose `stats()` (this worker's `ShardBank.stats`) as gauges labelled with
-        the worker's pid. A collector, not `Gauge` objects: multiprocess mode would
+    def watch_shard_cache(self, stats: Callable[[], dict], held: Callable[[], list[str]]) -> None:
+        """Expose `stats()` (this worker's `ShardBank.stats`) and `held()` (the
+        contributors whose weights it holds) as gauges labelled with the worker's pid. A collector, not `Gauge` objects: multiprocess mode would
         write a Gauge to the shared files as 0 and print it beside the live value."""
-        self.registry.register(_CacheCollector(stats))
+        self.registry.register(_CacheCollector(stats, held))
 
     def record_generation(self, contributors: list[str], attribution: dict[str, list[float]],
                           seconds: float) -> None:

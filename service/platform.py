@@ -75,7 +75,7 @@ class Platform:
             self._heart.start()
             self.live.sync()
             self.metrics.watch_shard_cache(lambda: self.live.sampler.bank.stats()
-                                           if self.live.sampler else {})
+                                           if self.live.sampler else {}, self.live.held)
             g = self.generation
             self._scheduler = StepScheduler(g.open_batch, lambda job: job.request, g.batch_key,
                                             owner=lambda job: job.owner,

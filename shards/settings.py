@@ -118,6 +118,7 @@ DEFAULT_STORE = "var/store"
 DATA_ROOTS_ENV = "CDM_DATA_ROOTS"  # folders a request may name as data (service/paths.py)
 METRICS_PUBLIC_ENV = "CDM_METRICS_PUBLIC"  # 1: /metrics without a key
 CRASH_ENV = "CDM_CRASH_AT"  # fault injection for the crash tests (shards/faults.py)
+CRASH_ONCE_ENV = "CDM_CRASH_ONCE"  # ... and the file that makes it fire once
 OFFLINE_ENV = {"HF_HUB_OFFLINE": "1", "BENTOML_DO_NOT_TRACK": "true"}  # never download
 
 
