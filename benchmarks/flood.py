@@ -4,13 +4,15 @@ benchmarks/results/service/flood.json. It never passes or fails on time: the tar
 is printed as information; the exit status is 1 only when a request failed.
 
 On one real `cdm serve` (1 worker, the default limits: CDM_KEY_COST_PER_MINUTE
-300,000 shard evaluations, so a 1-step request of cost 3 may be sent 100,000 times a
-minute, more than any client here manages), after a warm-up, R rounds of:
+300,000 shard evaluations and CDM_KEY_REQUESTS_PER_MINUTE 600, so the flooding key
+may send 10 requests a second), after a warm-up, R rounds of:
 
 1. idle: one big request {"n": 64, "steps": 500} from key "big", alone;
 2. flood: C client threads of key "flood" send {"n": 1, "steps": 1} back to back;
    ~2 s later the same big request is sent from key "big"; the flood stops when it
-   has been answered.
+   has been answered. A refused client waits its Retry-After, so the key floods at
+   its limit; with --storm refused clients retry at once (each refusal still costs
+   the server an HTTP request and an auth check, no database transaction).
 
 Target (issue 20): the big request under the flood finishes within 2x its idle time.
 The clients run on the same machine as the server and take CPU from it, as a flood
@@ -42,9 +44,10 @@ TINY = {"n": 1, "steps": 1}
 
 
 def flood_round(url: str, big_key: str, flood_key: str, big: dict, clients: int,
-                lead_s: float, seed: int) -> tuple[Reply, list[Reply]]:
+                lead_s: float, seed: int, storm: bool = False) -> tuple[Reply, list[Reply]]:
     """The big request sent `lead_s` after `clients` flooding threads started; the
-    flood stops once the big one is answered."""
+    flood stops once the big one is answered. A client refused with 429 waits its
+    Retry-After (the key then floods at its limit), unless `storm`."""
     stop, replies = threading.Event(), []
 
     def client(i: int) -> None:
@@ -55,6 +58,8 @@ def flood_round(url: str, big_key: str, flood_key: str, big: dict, clients: int,
             j += 1
             if r.status == 0:
                 time.sleep(0.1)
+            elif r.status == 429 and not storm:
+                stop.wait(r.retry_after or 1.0)
 
     threads = [threading.Thread(target=client, args=(i,), daemon=True) for i in range(clients)]
     for t in threads:
@@ -83,6 +88,8 @@ def main() -> int:
     parser.add_argument("--nice", action="store_true",
                         help="run the clients at nice 19 (the server at 0), as clients on "
                              "another machine would take none of the server's CPU")
+    parser.add_argument("--storm", action="store_true",
+                        help="clients ignore Retry-After: refused requests come back at once")
     parser.add_argument("--env", action="append", default=[], metavar="NAME=VALUE",
                         help="a server setting (shards/settings.py), e.g. CDM_MAX_BATCH_ROWS=64")
     args = parser.parse_args()
@@ -101,7 +108,8 @@ def main() -> int:
             post(s.url, "generate", big_key, {"n": 4, "steps": 5, "seed": i})
         for r in range(rounds):
             alone = post(s.url, "generate", big_key, {**big, "seed": r})
-            reply, replies = flood_round(s.url, big_key, flood_key, big, args.clients, args.lead, r)
+            reply, replies = flood_round(s.url, big_key, flood_key, big, args.clients, args.lead, r,
+                                         args.storm)
             bad += [x for x in (alone, reply) if x.status != 200]
             idle.append(alone.seconds)
             flooded.append(reply.seconds)
@@ -113,7 +121,7 @@ def main() -> int:
     ratios = [f / i for f, i in zip(flooded, idle, strict=True)]
     report = {"command": " ".join(sys.argv), "cpus": os.cpu_count(), "big": big,
               "tiny_request": TINY, "server_env": env, "clients": args.clients,
-              "clients_nice": args.nice, "lead_s": args.lead, "rounds": rounds,
+              "clients_nice": args.nice, "storm": args.storm, "lead_s": args.lead, "rounds": rounds,
               "big_idle_s": summary(idle), "big_flooded_s": summary(flooded),
               "ratio": summary(ratios),
               "tiny": {"requests": len(tiny), "statuses": statuses(tiny),

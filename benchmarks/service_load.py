@@ -102,6 +102,7 @@ class Reply:
     sent: float
     done: float
     error: str | None = None
+    retry_after: float | None = None  # seconds, from a 429's Retry-After
 
     @property
     def seconds(self) -> float:
@@ -112,12 +113,13 @@ def post(url: str, endpoint: str, key: str, body: dict, timeout: float = 900.0) 
     req = urllib.request.Request(f"{url}/{endpoint}", data=json.dumps(body).encode(),
                                  headers={"Authorization": f"Bearer {key}",
                                           "Content-Type": "application/json"})
-    sent = time.monotonic()
+    sent, retry = time.monotonic(), None
     try:
         with urllib.request.urlopen(req, timeout=timeout) as r:
             status, payload, worker = r.status, r.read(), r.headers.get("x-cdm-worker")
     except urllib.error.HTTPError as err:
         status, payload, worker = err.code, err.read(), err.headers.get("x-cdm-worker")
+        retry = err.headers.get("Retry-After")
     except (OSError, http.client.HTTPException) as err:
         return Reply(0, {}, None, sent, time.monotonic(), f"{type(err).__name__}: {err}")
     done = time.monotonic()
@@ -132,7 +134,8 @@ def post(url: str, endpoint: str, key: str, body: dict, timeout: float = 900.0) 
         parsed.pop("attribution_last", None)
     else:
         parsed = {"value": parsed}
-    return Reply(status, parsed, worker, sent, done)
+    return Reply(status, parsed, worker, sent, done,
+                 retry_after=float(retry) if status == 429 and retry else None)
 
 
 @dataclass

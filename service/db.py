@@ -330,25 +330,32 @@ class Database:
 
     # ------------------------------------------------------- admission, spend
     def admit(self, key_id: str, cost: int, per_minute: int | None, worker: str, seq: int,
-              generation: int) -> float | None:
+              generation: int, requests_per_minute: int | None = None
+              ) -> tuple[float, str] | None:
         """Charge `cost` to `key_id` and register request `seq` of `worker` as in
-        flight at store `generation`, in one transaction. Returns None, or the seconds
-        to wait when the key's spend over the last minute plus `cost` would pass
-        `per_minute` (nothing is charged then)."""
+        flight at store `generation`, in one transaction. Returns None, or (seconds to
+        wait, "cost" or "requests") when the key's spend over the last minute plus
+        `cost` would pass `per_minute`, or its requests would pass
+        `requests_per_minute` (nothing is charged then)."""
         now = time.time()
         with self.transaction() as db:
-            if per_minute is not None:
+            if per_minute is not None or requests_per_minute is not None:
                 rows = db.execute("SELECT at, cost FROM spend WHERE key_id = ? AND at > ? "
                                   "ORDER BY at", (key_id, now - 60)).fetchall()
+                # refunds are rows of negative cost: they give back spend, not requests
+                sent = [r for r in rows if r["cost"] > 0]
+                if requests_per_minute is not None and len(sent) + 1 > requests_per_minute:
+                    oldest = sent[len(sent) - requests_per_minute]["at"]
+                    return max(1.0, oldest + 60 - now), "requests"
                 spent = sum(r["cost"] for r in rows)
-                if spent + cost > per_minute:
+                if per_minute is not None and spent + cost > per_minute:
                     # the earliest moment enough of the window's spend has expired
                     need, freed = spent + cost - per_minute, 0
                     for r in rows:
                         freed += r["cost"]
                         if freed >= need:
-                            return max(1.0, r["at"] + 60 - now)
-                    return 60.0
+                            return max(1.0, r["at"] + 60 - now), "cost"
+                    return 60.0, "cost"
                 db.execute("DELETE FROM spend WHERE at <= ?", (now - 60,))
                 db.execute("INSERT INTO spend VALUES (?, ?, ?)", (key_id, now, cost))
             self.heartbeat(worker, db)

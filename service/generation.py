@@ -38,7 +38,8 @@ class Limits:
     """Per-request and per-key budgets, in shard evaluations (images x steps x the
     most shards an image runs on), the bound on shards per image, and the batch
     bounds; from the environment by default (shards/settings.py: CDM_MAX_REQUEST_COST,
-    CDM_KEY_COST_PER_MINUTE, None for no limit, CDM_MAX_BATCH_ROWS, CDM_MAX_BATCH,
+    CDM_KEY_COST_PER_MINUTE and CDM_KEY_REQUESTS_PER_MINUTE, None for no limit,
+    CDM_MAX_BATCH_ROWS, CDM_MAX_BATCH,
     CDM_MAX_SHARDS_PER_IMAGE)."""
 
     request_cost: int = VARIABLES["CDM_MAX_REQUEST_COST"].default
@@ -47,12 +48,14 @@ class Limits:
     batch_requests: int = VARIABLES["CDM_MAX_BATCH"].default
     shards_per_image: int = VARIABLES["CDM_MAX_SHARDS_PER_IMAGE"].default
     active_batches: int = VARIABLES["CDM_MAX_ACTIVE_BATCHES"].default
+    key_requests_per_minute: int | None = VARIABLES["CDM_KEY_REQUESTS_PER_MINUTE"].default
 
     @classmethod
     def from_env(cls) -> Limits:
         return cls(env_int("CDM_MAX_REQUEST_COST"), env_int("CDM_KEY_COST_PER_MINUTE"),
                    env_int("CDM_MAX_BATCH_ROWS"), env_int("CDM_MAX_BATCH"),
-                   env_int("CDM_MAX_SHARDS_PER_IMAGE"), env_int("CDM_MAX_ACTIVE_BATCHES"))
+                   env_int("CDM_MAX_SHARDS_PER_IMAGE"), env_int("CDM_MAX_ACTIVE_BATCHES"),
+                   env_int("CDM_KEY_REQUESTS_PER_MINUTE"))
 
 
 def png_base64(image_hwc) -> str:
@@ -132,6 +135,11 @@ class Generation:
         self.limits, self.worker, self.ledger = limits, worker, ledger
         self._seq = 0
         self._lock = threading.Lock()
+        # key -> (time.time() until which it is refused, the limit's message): a client
+        # that ignores Retry-After is refused again from memory, not by a database
+        # transaction per request (a refusal by request count stands whatever the next
+        # request costs: only time frees the window)
+        self._refused: dict[str, tuple[float, str]] = {}
 
     def prepare(self, principal: Principal, contributors: list[str] | None = None, n: int = 4,
                 steps: int = SAMPLE_STEPS, seed: int = 0, mode: str = "composed",
@@ -155,14 +163,28 @@ class Generation:
             raise ValueError(f"n x steps x shards per image = {cost} exceeds this server's "
                              f"per-request limit {self.limits.request_cost} "
                              "(CDM_MAX_REQUEST_COST)")
+        key = principal.key_id or principal.user
+        now = time.time()
+        refused = self._refused.get(key)
+        if refused is not None and now < refused[0]:
+            raise RateLimitError(refused[1], refused[0] - now)
         with self._lock:
             self._seq += 1
             seq = self._seq
-        wait = self.db.admit(principal.key_id or principal.user, cost,
-                             self.limits.key_cost_per_minute, self.worker, seq, self.store.generation)
-        if wait is not None:
-            raise RateLimitError(f"key of {principal.user!r} spent its {self.limits.key_cost_per_minute} "
-                                 "shard evaluations per minute (CDM_KEY_COST_PER_MINUTE)", wait)
+        refusal = self.db.admit(key, cost, self.limits.key_cost_per_minute, self.worker, seq,
+                                self.store.generation, self.limits.key_requests_per_minute)
+        if refusal is not None:
+            wait, what = refusal
+            limit = (f"{self.limits.key_cost_per_minute} shard evaluations per minute "
+                     "(CDM_KEY_COST_PER_MINUTE)" if what == "cost" else
+                     f"{self.limits.key_requests_per_minute} requests per minute "
+                     "(CDM_KEY_REQUESTS_PER_MINUTE)")
+            message = f"key of {principal.user!r} spent its {limit}"
+            if what == "requests":
+                if len(self._refused) > 10_000:  # keys refused long ago
+                    self._refused = {k: v for k, v in self._refused.items() if v[0] > now}
+                self._refused[key] = (now + wait, message)
+            raise RateLimitError(message, wait)
         try:
             sampler, live = self.live.sync()
             job = self._check(principal, contributors, n, steps, seed, mode, scheduler, route,

@@ -93,6 +93,10 @@ VARIABLES = {v.name: v for v in (
              "shard evaluations of one request (n x steps x shards per image)"),
     Variable("CDM_KEY_COST_PER_MINUTE", 300_000, 1, 1 << 40,
              "shard evaluations one key may spend per minute, over all workers", none=True),
+    # a flood of tiny requests costs the server per request (auth, admission, ledger),
+    # not per shard evaluation: bound the count too
+    Variable("CDM_KEY_REQUESTS_PER_MINUTE", 600, 1, 1 << 40,
+             "generate requests one key may send per minute, over all workers", none=True),
     Variable("CDM_MAX_SHARDS_PER_IMAGE", 16, 1, 1 << 20,
              "the most shards a request may evaluate an image on at a step"),
     # twice the largest request: small requests share the steps of a largest one (of any

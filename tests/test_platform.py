@@ -316,6 +316,29 @@ def test_cost_limits_per_request_and_per_key(store_copy):
         platform.close()
 
 
+def test_requests_per_minute_per_key(store_copy):
+    """A flood of the cheapest requests is bounded by count, not only by cost: the
+    server's work per request (auth, admission, ledger) does not shrink with n x steps.
+    A refunded request (its client left) still counts as sent."""
+    from service.auth import RateLimitError
+    from service.generation import Limits
+
+    platform = Platform(store_copy.root, device="cpu",
+                        limits=Limits(request_cost=10**6, key_cost_per_minute=10**9,
+                                      key_requests_per_minute=3))
+    try:
+        user = principal(platform, "u", None)
+        for _ in range(3):
+            platform.generate(user, n=1, steps=1, top_k=1)
+        platform.db.refund(user.key_id, 1)
+        with pytest.raises(RateLimitError, match="3 requests per minute") as err:
+            platform.generate(user, n=1, steps=1, top_k=1)
+        assert 55 <= err.value.retry_after <= 60  # the oldest of the three expires first
+        platform.generate(principal(platform, "o", None), n=1, steps=1, top_k=1)  # per key
+    finally:
+        platform.close()
+
+
 def test_cost_counts_the_shards_an_image_runs_on(store_copy):
     """One unit buys one shard evaluation: dense routing ({"mass": 1}) over three
     contributors costs three times top-1, a mass alone is charged as dense, and a
