@@ -86,7 +86,7 @@ class Credit:
 
     def credit(self, principal: Principal) -> dict:
         """Per contributor: `usage` (samples generated with it allowed, attribution
-        mass, share of all mass), `payout_share` under the admin's payout policy (once
+        mass, share of all mass), `licence` (live contributors that stated one), `payout_share` under the admin's payout policy (once
         set and its valuation recorded), and the latest Shapley values per property.
 
         An admin sees every contributor, forgotten ones included (they were used
@@ -107,6 +107,10 @@ class Credit:
             payout = self.payout(live)
             for c, row in rows.items():
                 row["payout_share"] = payout["shares"].get(c) if payout["shares"] else None
+        for c, row in rows.items():  # what the contributor's licence requires of users
+            licence = self.store.contributor(c).get("licence") if c in live else None
+            if licence is not None:
+                row["licence"] = licence
         valuations = self.db.latest_valuations()
         for prop, val in valuations.items():
             for c, phi in val["values"].items():

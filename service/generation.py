@@ -77,6 +77,7 @@ class LiveSampler:
         self.generation: int | None = None  # of the manifest last synced with
         self._key: tuple | None = None
         self._lock = threading.RLock()
+        self.licences: dict[str, dict] = {}  # contributor -> {"licence", "attribution"}
 
     def sync(self) -> tuple[ComposedSampler | None, set[str]]:
         """Pick up other processes' changes to the store; returns the sampler and the
@@ -85,6 +86,7 @@ class LiveSampler:
             self.store.refresh()
             self.generation = self.store.generation
             live = dict(self.store.manifest["contributors"])
+            self.licences = {c: e["licence"] for c, e in live.items() if "licence" in e}
             router = self.store.router_fingerprint(live)["hashes"] if live else None
             key = (tuple((c, e["weights_hash"]) for c, e in sorted(live.items())),
                    json.dumps(router, sort_keys=True))
@@ -114,6 +116,7 @@ class GenerationJob:
     params: dict
     routing: Routing
     seq: int = 0
+    licences: dict = dataclasses.field(default_factory=dict)  # of the contributors in S
     cost: int = 0  # shard evaluations charged
     seconds: float = 0.0
     started: float = dataclasses.field(default_factory=time.perf_counter)
@@ -257,7 +260,8 @@ class Generation:
                   **route.to_dict()}
         if labels is not None:
             params["label"] = list(labels)
-        return GenerationJob(principal, sampler, request, params, route, seq)
+        licences = {c: self.live.licences[c] for c in allowed if c in self.live.licences}
+        return GenerationJob(principal, sampler, request, params, route, seq, licences)
 
     # ----------------------------------------------------- the step scheduler
     @staticmethod
@@ -321,4 +325,20 @@ class Generation:
             "attribution_last": {c: out.attribution_last[:, i].tolist()
                                  for i, c in enumerate(out.contributor_ids)},
             "labels": None if out.labels is None else out.labels.tolist(),
+            "notices": notices(attribution, job.licences),
         }
+
+
+def notices(attribution: dict[str, list[float]], licences: dict[str, dict]) -> list[list[dict]]:
+    """Per image, the licence notices of the contributors it drew from (attribution
+    above 0: their shard was evaluated for it), largest share first:
+    {"contributor", "licence", "attribution", "share"}. Contributors without a stated
+    licence are listed with licence None."""
+    n = len(next(iter(attribution.values()), []))
+    out = []
+    for i in range(n):
+        drew = sorted(((w[i], c) for c, w in attribution.items() if w[i] > 0), reverse=True)
+        out.append([{"contributor": c, "licence": licences.get(c, {}).get("licence"),
+                     "attribution": licences.get(c, {}).get("attribution"),
+                     "share": round(share, 4)} for share, c in drew])
+    return out

@@ -11,6 +11,11 @@ must label every image: a file missing from labels.csv, a row naming no image, o
 label that is not such an integer is a DataError naming the file. A store is labelled
 (its shards class-conditional) when its contributors' data is.
 
+A contributor may state its licence in `licence.json` beside its images:
+{"licence": "CC-BY-4.0", "attribution": "Twemoji by Twitter, CC-BY 4.0"} (an SPDX-like
+name of at most 64 characters and the line its licence requires, at most 300); the
+store records it, and every image drawn from the contributor carries that line.
+
 All images of a data set share one size and channel count (1 = grayscale, 3 = RGB).
 Files: `.png`, `.jpg`/`.jpeg` or `.npy` (one image each; `decode.py`).
 
@@ -28,6 +33,7 @@ from __future__ import annotations
 import csv
 import hashlib
 import io
+import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,6 +47,7 @@ from .settings import CONTRIBUTOR_ID as CONTRIBUTOR_ID_PATTERN
 from .settings import MAX_LABEL
 
 LABELS_CSV = "labels.csv"
+LICENCE_JSON = "licence.json"
 LABEL = re.compile(r"^[0-9]{1,3}$")
 CONTRIBUTOR_ID = re.compile(CONTRIBUTOR_ID_PATTERN)
 
@@ -68,6 +75,7 @@ class ContributorData:
     images: torch.Tensor
     data_hash: str
     labels: torch.Tensor | None = None
+    licence: dict | None = None  # {"licence", "attribution"} from licence.json
 
     def label_counts(self) -> dict[int, int]:
         """{label: images}, sorted by label; empty for unlabelled data."""
@@ -220,9 +228,34 @@ def load_contributor(folder: str | Path, contributor_id: str | None = None,
         raise DataError(
             f"{who}: no images ({', '.join(IMAGE_SUFFIXES)}) in {folder}"
         )
+    licence = read_licence(folder, who, limits.max_bytes)
     images, data_hash = read_images(files, who, limits, labels, shape)
     return ContributorData(contributor_id, images, data_hash,
-                           None if labels is None else torch.tensor(labels, dtype=torch.long))
+                           None if labels is None else torch.tensor(labels, dtype=torch.long),
+                           licence)
+
+
+def read_licence(folder: Path, who: str, max_bytes: int) -> dict | None:
+    """The contributor's `licence.json` (module docstring), or None without one.
+
+    Raises:
+        DataError: naming the file, for anything but an object with a string
+            "licence" (1-64 characters) and "attribution" (1-300), and no other key.
+    """
+    path = folder / LICENCE_JSON
+    if not path.exists() and not path.is_symlink():
+        return None
+    try:
+        value = json.loads(read_file(path, who, max_bytes).decode("utf-8"))
+    except (UnicodeDecodeError, ValueError):
+        value = None
+    ok = (isinstance(value, dict) and set(value) == {"licence", "attribution"}
+          and all(isinstance(value[k], str) and value[k].strip() for k in value)
+          and len(value["licence"]) <= 64 and len(value["attribution"]) <= 300)
+    if not ok:
+        raise DataError(f"{who}: {LICENCE_JSON} must be a JSON object "
+                        '{"licence": "<at most 64 characters>", "attribution": "<at most 300>"}')
+    return {"licence": value["licence"].strip(), "attribution": value["attribution"].strip()}
 
 
 def load_contributors(data_dir: str | Path,

@@ -69,6 +69,8 @@ def train_shard(data: ContributorData, kind: str, config: StoreConfig, scheduler
             "final_loss": loss}
     if data.labels is not None:
         meta["labels"] = {str(k): v for k, v in data.label_counts().items()}
+    if data.licence is not None:
+        meta["licence"] = dict(data.licence)
     return model.cpu(), meta
 
 

@@ -103,3 +103,18 @@ def test_demo_data_layout_and_ownership(tmp_path):
     assert sum(table["heldout_images"].values()) > 300
     with pytest.raises(DataError, match="not empty"):
         write_demo_data(tmp_path / "demo")
+
+
+def test_licence_json_is_read_and_checked(tmp_path):
+    folder = tmp_path / "zoe"
+    write_pngs(folder, gray(3))
+    assert load_contributor(folder).licence is None
+    (folder / "licence.json").write_text('{"licence": "CC-BY-4.0", "attribution": " Art by Zoe, CC-BY 4.0 "}')
+    assert load_contributor(folder).licence == {"licence": "CC-BY-4.0",
+                                                "attribution": "Art by Zoe, CC-BY 4.0"}
+    for bad in ('{"licence": "MIT"}', '["MIT"]', "not json", '{"licence": "", "attribution": "x"}',
+                '{"licence": "MIT", "attribution": "x", "extra": 1}',
+                '{"licence": "' + "x" * 65 + '", "attribution": "x"}'):
+        (folder / "licence.json").write_text(bad)
+        with pytest.raises(DataError, match="contributor 'zoe': licence.json must be a JSON object"):
+            load_contributor(folder)

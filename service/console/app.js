@@ -509,6 +509,15 @@ async function viewGenerate() {
   return el("div", {}, form, out);
 }
 
+// the attribution lines the licences of the contributors an image drew from require
+function notices(list) {
+  const lines = list.filter((n) => n.attribution);
+  if (!lines.length) return el("span");
+  return el("ul", { class: "notices small muted" }, lines.map((n) =>
+    el("li", { title: `${n.contributor}: ${n.licence}, share ${pct(n.share)}` },
+      `${n.attribution} (${pct(n.share)})`)));
+}
+
 function gallery(res, seconds) {
   const ids = res.contributors;
   const figures = res.images.map((b64, i) => {
@@ -519,7 +528,8 @@ function gallery(res, seconds) {
       el("figcaption", {}, el("div", { class: "muted" }, `#${i + 1}` +
         (res.labels ? ` · label ${res.labels[i]}` : "") + " · attribution"),
         barsChart(items, { max: 1, width: 150, labelWidth: 34, row: 15,
-          title: `attribution of image ${i + 1}` })));
+          title: `attribution of image ${i + 1}` }),
+        notices((res.notices || [])[i] || [])));
   });
   return el("section", { class: "card", id: "gallery" },
     el("h2", {}, `${res.images.length} image(s)`),
@@ -575,7 +585,8 @@ async function viewContributor() {
     [["samples generated with you", num(row.usage.samples, 0)],
      ["attribution mass", num(row.usage.mass, 3)],
      ["share of all mass", pct(row.usage.share)],
-     ["payout share", row.payout_share === null || row.payout_share === undefined ? "—" : pct(row.payout_share)]]
+     ["payout share", row.payout_share === null || row.payout_share === undefined ? "—" : pct(row.payout_share)],
+     ...(row.licence ? [[row.licence.licence, row.licence.attribution]] : [])]
       .map(([k, v]) => el("div", { class: "stat" }, el("b", {}, v), el("span", {}, k))));
   // cumulative usage over time, oldest first
   let samples = 0, mass = 0;
@@ -731,14 +742,16 @@ async function contributorsTable(jobs, refreshLater) {
     });
     actions.append(forget);
     return el("tr", { dataset: { contributor: c.contributor_id } }, td(c.contributor_id),
-      numTd(c.images, 0), td(labels || "—", "small"), td(c.kind), numTd(r.usage.samples, 0),
+      numTd(c.images, 0), td(labels || "—", "small"),
+      r.licence ? el("td", { title: r.licence.attribution }, `${c.kind} · ${r.licence.licence}`) : td(c.kind),
+      numTd(r.usage.samples, 0),
       numTd(r.usage.mass, 3), td(pct(r.payout_share), "num"),
       props.map((p) => numTd((credit.valuations[p].values || {})[c.contributor_id], 4)), actions);
   });
   const gone = Object.entries(credit.contributors).filter(([c]) => !live.has(c));
   const policy = credit.payout_policy;
   return [el("h2", {}, `Live contributors (${contributors.length})`),
-    table(["id", ["images", "num"], "labels", "kind", ["samples", "num"], ["mass", "num"],
+    table(["id", ["images", "num"], "labels", "kind · licence", ["samples", "num"], ["mass", "num"],
       ["payout share", "num"], props.map((p) => [`φ ${p}`, "num"]), ""], rows, { id: "contributors-table" }),
     policy ? el("p", { class: "small muted" },
       `Payout policy: ${policy.policy.property} by ${policyMethod(policy.policy)}` +
