@@ -7,10 +7,21 @@ export TOKENIZERS_PARALLELISM := false
 PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
+# DATASET=digits (the embedded default, 8x8 grayscale) or studios (five emoji studios'
+# colour artwork from pinned npm packages; see docs/studios.md)
+DATASET ?= digits
+SIZE   ?= 16
+ifeq ($(DATASET),studios)
+DATA   ?= var/studios-data
+STORE  ?= var/studios-store
+DATA_FLAGS := --dataset studios --size $(SIZE)
+else
 DATA   ?= var/demo-data
 STORE  ?= var/store
+DATA_FLAGS :=
+endif
 
-.PHONY: install chromium data store serve test test-fast lint bench scale service-bench value console-shots detect msr valuation-cost clean
+.PHONY: install chromium node npm-packages data store serve test test-fast lint bench scale service-bench value console-shots detect msr valuation-cost clean
 
 # torch 2.13.0 first: it is a local CPU wheel; letting a dependency resolve torch
 # would pull several GB of CUDA packages.
@@ -31,8 +42,20 @@ chromium:
 		{ $(SUDO) apt-get update -qq && \
 		  DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq chromium >/dev/null; }
 
+# Node.js/npm from Debian's packages when missing: the studios data set is built from
+# pinned npm packages, fetched once into ~/.cache/cdm-serve/npm and checked against
+# their pinned integrity (shards/npm.py); tests and `make serve DATASET=studios` read
+# them from there, never from the network.
+node:
+	@command -v npm >/dev/null || { $(SUDO) apt-get update -qq && \
+		DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq nodejs npm >/dev/null; }
+
+npm-packages: install node
+	$(BIN)/python -c "from shards import npm; [print(npm.tarball(n)) for n in npm.PINNED]"
+
 $(DATA)/owners.json: | $(VENV)/.installed
-	$(BIN)/cdm demo-data $(DATA)
+	$(if $(DATA_FLAGS),$(MAKE) npm-packages)
+	$(BIN)/cdm demo-data $(DATA) $(DATA_FLAGS)
 
 # Router `heads` (the default) needs the public split as its reference; the demo store
 # keeps the contributors' images (--keep-data) because `make value`'s baselines
@@ -49,11 +72,11 @@ serve: store
 	$(BIN)/cdm serve --store $(STORE) --port 3000
 
 # every test: unit and integration (servers, Chromium, schemathesis, crash injection)
-test: install chromium
+test: install chromium npm-packages
 	$(BIN)/pytest -q
 
 # the inner loop: unit tests only (library calls in this process), about 2 minutes
-test-fast: install
+test-fast: install npm-packages
 	$(BIN)/pytest -q -m unit
 
 lint: install

@@ -45,12 +45,22 @@ def build_parser() -> argparse.ArgumentParser:
                                      "one shard per contributor, composed at sampling time.")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("demo-data", help="write the embedded default data (sklearn digits)")
+    p = sub.add_parser("demo-data", help="write a demo data set: sklearn's digits (embedded) "
+                       "or the emoji studios (pinned npm packages)")
     p.add_argument("dir")
+    p.add_argument("--dataset", choices=["digits", "studios"], default="digits")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--contributors", type=int, default=None, metavar="N",
-                   help="split the digits among N contributors (one to three digits each, "
-                        "one planted low-quality); default: the 7 of the default store")
+                   help="digits: split the digits among N contributors (one to three digits "
+                        "each, one planted low-quality); default: the 7 of the default store")
+    p.add_argument("--size", type=int, default=32, help="studios: 16 or 32 pixels a side")
+    p.add_argument("--studios", default=None, help="studios: comma-separated subset")
+    p.add_argument("--labels", default=None, help="studios: comma-separated category labels")
+    p.add_argument("--per-label", type=int, default=None,
+                   help="studios: at most this many images of a label per studio and split")
+    p.add_argument("--packages", default=None,
+                   help="studios: folder of the npm tarballs (default $CDM_NPM_DIR or "
+                        "~/.cache/cdm-serve/npm)")
     p.set_defaults(func=commands.cmd_demo_data)
 
     p = sub.add_parser("train", help="train a new store: one shard per DATA_DIR/<id>/")

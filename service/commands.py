@@ -17,6 +17,11 @@ def cmd_demo_data(args) -> None:
     from shards.demo import write_demo_data
 
     out = Path(args.dir)
+    if args.dataset == "studios":
+        return _studios_data(args, out)
+    if any(v is not None for v in (args.studios, args.labels, args.per_label, args.packages)):
+        raise ValueError("--studios, --labels, --per-label and --packages are for "
+                         "--dataset studios")
     table = write_demo_data(out, seed=args.seed, contributors=args.contributors)
     for cid, entry in table["contributors"].items():
         note = "  (corrupted: planted low quality)" if entry["corrupted"] else ""
@@ -26,13 +31,43 @@ def cmd_demo_data(args) -> None:
     print(f"wrote {out}/contributors/<id>/*.png, {out}/public, {out}/heldout, {out}/owners.json")
 
 
-def _store_config(args):
+def _studios_data(args, out: Path) -> None:
+    from shards.studios import write_studios
+
+    if args.contributors is not None:
+        raise ValueError("--contributors is for --dataset digits")
+    def split(text):
+        return None if text is None else [x.strip() for x in text.split(",")]
+
+    labels = split(args.labels)
+    if labels is not None:
+        try:
+            labels = [int(x) for x in labels]
+        except ValueError:
+            raise ValueError(f"--labels {args.labels!r}: comma-separated integers") from None
+    table = write_studios(out, seed=args.seed, size=args.size, studios=split(args.studios),
+                          labels=labels, per_label=args.per_label, packages=args.packages)
+    for cid, entry in table["contributors"].items():
+        note = f"  (planted: degraded copies of {entry['copies']})" if entry["planted"] else ""
+        print(f"{cid:14s} {entry['images']:5d} images  {entry['licence']:13s}{note}")
+    print(f"public: {table['public_images']} images; held out: {table['heldout_images']} "
+          f"images (owned by nobody); {args.size}x{args.size} RGB, labels = categories")
+    print(f"wrote {out}/contributors/<studio>/<label>/*.png (+ captions.csv, licence.json), "
+          f"{out}/public, {out}/heldout, {out}/concepts.csv, {out}/owners.json")
+
+
+def _store_config(args, image_shape: tuple[int, int, int] | None = None):
+    """The store's settings: those chosen for images of `image_shape`
+    (shards/config.py `defaults_for`), then the options given."""
     from shards import StoreConfig
+    from shards.config import defaults_for
 
     if args.equal_steps and args.steps_per_images is not None:
         raise ValueError("--equal-steps and --steps-per-images exclude each other")
     config = StoreConfig(seed=args.seed, kind=args.kind, router=args.router,
                          keep_data=True if args.keep_data else None)
+    if image_shape is not None:
+        config = config.replace(**defaults_for(image_shape))
     changes = {}
     if args.shard_steps is not None:
         n = args.shard_steps
@@ -58,8 +93,9 @@ def cmd_train(args) -> None:
     from shards import ShardStore, load_contributors
     from shards.data import load_labelled_folder
 
-    config = _store_config(args)  # options first: their errors come before any data is read
+    _store_config(args)  # options first: their errors come before any data is read
     datasets = load_contributors(args.data_dir)
+    config = _store_config(args, datasets[0].image_shape)
     public, public_labels = load_labelled_folder(args.public) if args.public else (None, None)
     if args.no_labels:  # the unconditional store of earlier versions, from labelled data
         datasets = [drop(d, labels=None) for d in datasets]

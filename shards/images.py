@@ -10,9 +10,12 @@ import torch
 from PIL import Image
 
 
-def make_grid(images: torch.Tensor, ncol: int | None = None, scale: int = 8, pad: int = 1) -> Image.Image:
-    """(N, C, H, W) in [0, 1] -> one PIL image, upscaled `scale`x (nearest) for viewing."""
+def make_grid(images: torch.Tensor, ncol: int | None = None, scale: int | None = None,
+              pad: int = 1) -> Image.Image:
+    """(N, C, H, W) in [0, 1] -> one PIL image, upscaled `scale`x (nearest) for viewing;
+    by default to about 64 pixels a cell (8x for 8x8 digits, 2x for 32x32)."""
     n, c, h, w = images.shape
+    scale = scale or max(1, 64 // max(h, w))
     ncol = ncol or math.ceil(math.sqrt(n))
     nrow = math.ceil(n / ncol)
     grid = np.ones((nrow * (h + pad) + pad, ncol * (w + pad) + pad, c), dtype=np.float32)

@@ -48,6 +48,19 @@ def test_rgb_store_via_cli(tmp_path, capsys):
     assert list(npz["contributor_ids"]) == ["blue", "green", "red"]
 
 
+def test_an_rgb_contributor_added_to_a_grayscale_store_is_refused(store_copy, tmp_path, capsys):
+    """One line naming the contributor, its shape and the store's; nothing written."""
+    before = sorted(p.relative_to(store_copy.root) for p in store_copy.root.rglob("*")
+                    if "valuation" not in p.parts and p.suffix != ".sqlite")
+    write_pngs(tmp_path / "zoe", np.zeros((4, 8, 8, 3), dtype=np.uint8), mode="RGB")
+    assert main(["add", str(tmp_path / "zoe"), "--store", str(store_copy.root)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "zoe" in err and "(3, 8, 8)" in err and "(1, 8, 8)" in err and len(err.splitlines()) == 1
+    after = sorted(p.relative_to(store_copy.root) for p in store_copy.root.rglob("*")
+                   if "valuation" not in p.parts and p.suffix != ".sqlite")
+    assert not [p for p in after if "zoe" in str(p)] and set(before) <= set(after)
+
+
 @pytest.mark.parametrize("argv, message", [
     (["sample", "--store", "{tmp}/missing", "--out", "{tmp}/x.png"], "no shard store"),
     (["train", "{tmp}/nodata", "--store", "{tmp}/s"], "does not exist"),
