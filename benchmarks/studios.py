@@ -3,9 +3,10 @@ planted copycat): style fidelity, forgetting, exact Shapley and payout, and the 
 of composition at this model size. Prints tables, writes
 benchmarks/results/studios/studios.json and grids; never passes or fails on numbers.
 
-A style judge of our own (which studio drew this image: a CNN trained on the held-out
-concepts' drawings, owned by nobody; accuracy on the public split's drawings, also
-concept-disjoint) judges samples.
+A style judge of our own (which studio drew this image: a CNN trained on the honest
+studios' contributed drawings, what their shards learnt from; its accuracy and
+false-positive rates are measured on the held-out and public drawings, concepts it
+never saw) judges samples.
 
 Parts (--parts, comma-separated):
   judge      the judge's accuracy and per-studio false-positive rate on real images
@@ -52,10 +53,12 @@ RESULTS = REPO / "benchmarks" / "results" / "studios"
 PARTS = ("judge", "fidelity", "forget", "value", "cost", "monolith")
 
 
-def studio_images(data: Path, split: str, studios: list[str]) -> tuple[np.ndarray, np.ndarray]:
-    """Images in [0, 1] of `split` (heldout or public) and the index of their studio."""
+def studio_images(data: Path, splits: tuple[str, ...], studios: list[str]
+                  ) -> tuple[np.ndarray, np.ndarray]:
+    """Images in [0, 1] of `splits` (contributors, heldout, public) and the index of
+    their studio."""
     with open(data / "concepts.csv") as f:
-        rows = [r for r in csv.DictReader(f) if r["split"] == split and r["studio"] in studios]
+        rows = [r for r in csv.DictReader(f) if r["split"] in splits and r["studio"] in studios]
     x = torch.cat([(load_image_folder_file(data / r["file"]) + 1) / 2 for r in rows])
     return x.numpy(), np.asarray([studios.index(r["studio"]) for r in rows])
 
@@ -68,13 +71,14 @@ def load_image_folder_file(path: Path) -> torch.Tensor:
 
 
 class StyleJudge:
-    """Which studio drew an image: trained on held-out drawings, scored on public ones."""
+    """Which studio drew an image: trained on the studios' contributed drawings, scored
+    on the held-out and public ones (other concepts)."""
 
-    def __init__(self, data: Path, studios: list[str], seed: int = 0):
+    def __init__(self, data: Path, studios: list[str], seed: int = 0, epochs: int = 240):
         self.studios = studios
-        x, y = studio_images(data, "heldout", studios)
-        self.net = train_feature_net(x, y, seed=seed, epochs=800, classes=len(studios))
-        px, py = studio_images(data, "public", studios)
+        x, y = studio_images(data, ("contributors",), studios)
+        self.net = train_feature_net(x, y, seed=seed, epochs=epochs, classes=len(studios))
+        px, py = studio_images(data, ("heldout", "public"), studios)
         pred = self.predict(torch.as_tensor(px))
         self.accuracy = float((pred == py).mean())
         self.per_studio = {s: float((pred[py == i] == i).mean()) for i, s in enumerate(studios)}
@@ -268,13 +272,14 @@ def main() -> int:
     result["machine"] = "2-core CPU, no GPU"
     t0 = time.perf_counter()
     judge = StyleJudge(data, honest)
-    print(f"[judge] accuracy on the public split's real drawings {judge.accuracy:.1%}; per "
+    print(f"[judge] accuracy on held-out and public real drawings {judge.accuracy:.1%}; per "
           "studio " + ", ".join(f"{s} {a:.0%}" for s, a in judge.per_studio.items()) +
           "; false positives " + ", ".join(f"{s} {a:.1%}" for s, a in judge.false_positive.items()),
           flush=True)
     result["judge"] = {"accuracy": judge.accuracy, "per_studio": judge.per_studio,
                        "false_positive": judge.false_positive,
-                       "trained_on": "heldout drawings", "scored_on": "public drawings"}
+                       "trained_on": "contributed drawings of the honest studios",
+                       "scored_on": "held-out and public drawings (other concepts)"}
     sampler = store.load_sampler("cpu")
     runs = {"fidelity": lambda: part_fidelity(sampler, judge, honest, sizes, args),
             "forget": lambda: part_forget(store, judge, honest, args),
