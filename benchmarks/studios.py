@@ -56,14 +56,16 @@ PARTS = ("judge", "fidelity", "forget", "value", "cost", "monolith")
 def studio_images(data: Path, splits: tuple[str, ...], studios: list[str]
                   ) -> tuple[np.ndarray, np.ndarray]:
     """Images in [0, 1] of `splits` (contributors, heldout, public) and the index of
-    their studio."""
+    their studio. Decoded here as 8-bit / 127.5 - 1, then back to [0, 1] (the recorded
+    results were made so; the judge is sensitive to the last bits of its inputs, see
+    docs/studios.md)."""
     with open(data / "concepts.csv") as f:
         rows = [r for r in csv.DictReader(f) if r["split"] in splits and r["studio"] in studios]
-    x = torch.cat([(load_image_folder_file(data / r["file"]) + 1) / 2 for r in rows])
+    x = torch.cat([(_image(data / r["file"]) + 1) / 2 for r in rows])
     return x.numpy(), np.asarray([studios.index(r["studio"]) for r in rows])
 
 
-def load_image_folder_file(path: Path) -> torch.Tensor:
+def _image(path: Path) -> torch.Tensor:
     from PIL import Image
 
     arr = np.asarray(Image.open(path).convert("RGB"), dtype=np.float32) / 127.5 - 1.0
@@ -87,6 +89,7 @@ class StyleJudge:
 
     def predict(self, images: torch.Tensor) -> np.ndarray:
         with torch.no_grad():
+            # the net has at least ten outputs (train_feature_net); the studios' come first
             return self.net(images.float())[:, :len(self.studios)].argmax(1).numpy()
 
     def shares(self, images: torch.Tensor) -> dict[str, float]:
@@ -94,9 +97,8 @@ class StyleJudge:
         return {s: float((pred == i).mean()) for i, s in enumerate(self.studios)}
 
 
-def sample(store_or_sampler, contributors, n: int, seed: int, steps: int,
+def sample(sampler, contributors, n: int, seed: int, steps: int,
            routing: Routing | None = None) -> torch.Tensor:
-    sampler = store_or_sampler
     req = SampleRequest(None if contributors is None else tuple(contributors), n, seed)
     out = sampler.sample_batch([req], steps=steps,
                                routing=routing or Routing.parse(None, None, None, "composed"))[0]

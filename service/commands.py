@@ -36,17 +36,15 @@ def _studios_data(args, out: Path) -> None:
 
     if args.contributors is not None:
         raise ValueError("--contributors is for --dataset digits")
-    def split(text):
-        return None if text is None else [x.strip() for x in text.split(",")]
-
-    labels = split(args.labels)
+    labels = None if args.labels is None else _csv(args.labels)
     if labels is not None:
         try:
             labels = [int(x) for x in labels]
         except ValueError:
             raise ValueError(f"--labels {args.labels!r}: comma-separated integers") from None
-    table = write_studios(out, seed=args.seed, size=args.size, studios=split(args.studios),
-                          labels=labels, per_label=args.per_label, packages=args.packages)
+    studios = None if args.studios is None else _csv(args.studios)
+    table = write_studios(out, seed=args.seed, size=args.size, studios=studios, labels=labels,
+                          per_label=args.per_label, packages=args.packages)
     for cid, entry in table["contributors"].items():
         note = f"  (planted: degraded copies of {entry['copies']})" if entry["planted"] else ""
         print(f"{cid:14s} {entry['images']:5d} images  {entry['licence']:13s}{note}")

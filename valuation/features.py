@@ -79,6 +79,7 @@ def train_feature_net(images: np.ndarray, labels: np.ndarray, seed: int = 0, epo
     generator = torch.Generator().manual_seed(seed)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
+        # at least ten outputs, as the digits evaluator always had (unused ones never win)
         net = make_feature_net(tuple(x.shape[1:]), max(classes, 10))
     opt = torch.optim.Adam(net.parameters(), lr=3e-3, weight_decay=1e-4)
     conv = isinstance(net, ConvFeatureNet)
@@ -104,7 +105,8 @@ def load_feature_net(path: Path) -> FeatureNet:
         net = ConvFeatureNet(channels=w.shape[1], classes=state["head.weight"].shape[0],
                              width=w.shape[0], features=state["head.weight"].shape[1])
     else:
-        net = DigitsFeatureNet(in_features=state["body.1.weight"].shape[1])
+        net = DigitsFeatureNet(in_features=state["body.1.weight"].shape[1],
+                               classes=state["head.weight"].shape[0])
     net.load_state_dict(state)
     return net.eval()
 
