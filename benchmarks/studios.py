@@ -18,6 +18,10 @@ Parts (--parts, comma-separated):
   value      exact Shapley over all contributors (the default payout property,
              precision, and quality), payout shares, the copycat's rank
   cost       seconds per image: one shard, routed (the default) and dense over all
+  mixture    where the composition loses quality: FD of the shards' own mixture (each
+             shard alone, its share of the samples its share of the images: what a
+             perfect router would give), of routed (the default) and of dense
+             composition over all, over --seeds sampling seeds
   monolith   one UNet of the same architecture trained on every contributor's images
              for the shards' total steps (kept in --work, reused), against the
              composition over all: FD to the held-out drawings in a category
@@ -50,7 +54,7 @@ from valuation.features import train_feature_net
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "benchmarks" / "results" / "studios"
-PARTS = ("judge", "fidelity", "forget", "value", "cost", "monolith")
+PARTS = ("judge", "fidelity", "forget", "value", "cost", "mixture", "monolith")
 
 
 def studio_images(data: Path, splits: tuple[str, ...], studios: list[str]
@@ -191,6 +195,38 @@ def part_cost(sampler, honest: list[str], args) -> dict:
     return out
 
 
+def part_mixture(store: ShardStore, data: Path, sampler, args) -> dict:
+    from evaluator import DigitsEvaluator
+
+    ids = store.contributor_ids
+    sizes = {c: store.contributor(c)["images"] for c in ids}
+    total = sum(sizes.values())
+    # largest remainders, so the counts add up to --fd-n
+    raw = {c: args.fd_n * sizes[c] / total for c in ids}
+    counts = {c: int(v) for c, v in raw.items()}
+    for c in sorted(ids, key=lambda c: counts[c] - raw[c])[:args.fd_n - sum(counts.values())]:
+        counts[c] += 1
+    judge = DigitsEvaluator(data / "heldout")
+    dense = Routing.parse("dense", None, None, "composed")
+    fds = {"mixture": [], "routed": [], "dense": []}
+    for seed in range(args.seeds):
+        mix = torch.cat([sample(sampler, [c], counts[c], 1000 + seed, args.steps)
+                         for c in ids if counts[c]])
+        fds["mixture"].append(judge.fd(mix))
+        fds["routed"].append(judge.fd(sample(sampler, None, args.fd_n, 1000 + seed, args.steps)))
+        fds["dense"].append(judge.fd(sample(sampler, None, args.fd_n, 1000 + seed, args.steps,
+                                            dense)))
+        print(f"[mixture] seed {seed}: FD " + ", ".join(f"{k} {v[-1]:.3f}" for k, v in fds.items()),
+              flush=True)
+    out = {"counts": counts, "n": args.fd_n, "fd": fds, "evaluator_accuracy": judge.accuracy}
+    for k, v in fds.items():
+        out[k] = {"mean": float(np.mean(v)),
+                  "se": float(np.std(v, ddof=1) / np.sqrt(len(v))) if len(v) > 1 else 0.0}
+    print(f"[mixture] {args.seeds} seeds: " + ", ".join(
+        f"{k} {out[k]['mean']:.3f} +- {out[k]['se']:.3f}" for k in fds), flush=True)
+    return out
+
+
 def part_monolith(store: ShardStore, data: Path, sampler, args) -> dict:
     from evaluator import DigitsEvaluator
     from safetensors.torch import load_file, save_file
@@ -287,10 +323,12 @@ def main() -> int:
             "forget": lambda: part_forget(store, judge, honest, args),
             "value": lambda: part_value(store, data, args),
             "cost": lambda: part_cost(sampler, honest, args),
+            "mixture": lambda: part_mixture(store, data, sampler, args),
             "monolith": lambda: part_monolith(store, data, sampler, args)}
     for part in parts:
         if part in runs:
             result[part] = runs[part]()
+            result[part]["settings"] = result["settings"]  # each part keeps what it ran with
             out_path.write_text(json.dumps(result, indent=2) + "\n")  # kept if a later part fails
     result["seconds"] = time.perf_counter() - t0
     out_path.write_text(json.dumps(result, indent=2) + "\n")
