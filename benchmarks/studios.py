@@ -23,7 +23,8 @@ Parts (--parts, comma-separated):
              perfect router would give), of routed (the default) and of dense
              composition over all, over --seeds sampling seeds
   monolith   one UNet of the same architecture trained on every contributor's images
-             for the shards' total steps (kept in --work, reused), against the
+             for the shards' total steps, from the store's public base when its shards
+             start from it (kept in --work, reused), against the
              composition over all: FD to the held-out drawings in a category
              classifier's features (benchmarks/evaluator.py), mean and standard error
              over --seeds sampling seeds
@@ -77,13 +78,15 @@ def _image(path: Path) -> torch.Tensor:
 
 
 class StyleJudge:
-    """Which studio drew an image: trained on the studios' contributed drawings, scored
-    on the held-out and public ones (other concepts)."""
+    """Which studio drew an image: an ensemble of CNNs (one per seed, their softmax
+    averaged) trained on the studios' contributed drawings, scored on the held-out and
+    public ones (other concepts)."""
 
-    def __init__(self, data: Path, studios: list[str], seed: int = 0, epochs: int = 240):
+    def __init__(self, data: Path, studios: list[str], seeds: int = 3, epochs: int = 240):
         self.studios = studios
         x, y = studio_images(data, ("contributors",), studios)
-        self.net = train_feature_net(x, y, seed=seed, epochs=epochs, classes=len(studios))
+        self.nets = [train_feature_net(x, y, seed=seed, epochs=epochs, classes=len(studios))
+                     for seed in range(seeds)]
         px, py = studio_images(data, ("heldout", "public"), studios)
         pred = self.predict(torch.as_tensor(px))
         self.accuracy = float((pred == py).mean())
@@ -93,8 +96,9 @@ class StyleJudge:
 
     def predict(self, images: torch.Tensor) -> np.ndarray:
         with torch.no_grad():
-            # the net has at least ten outputs (train_feature_net); the studios' come first
-            return self.net(images.float())[:, :len(self.studios)].argmax(1).numpy()
+            # a net has at least ten outputs (train_feature_net); the studios' come first
+            probs = [net(images.float())[:, :len(self.studios)].softmax(1) for net in self.nets]
+            return torch.stack(probs).mean(0).argmax(1).numpy()
 
     def shares(self, images: torch.Tensor) -> dict[str, float]:
         pred = self.predict(images)
@@ -184,14 +188,16 @@ def part_cost(sampler, honest: list[str], args) -> dict:
              "dense, all": (None, Routing.parse("dense", None, None, "composed"))}
     sample(sampler, None, 4, 0, 2)  # warm-up
     for name, (contributors, routing) in cases.items():
-        times = []
+        times, rows = [], sampler.shard_rows
         for seed in range(3):
             t0 = time.perf_counter()
             sample(sampler, contributors, args.n, seed, args.steps, routing)
             times.append((time.perf_counter() - t0) / args.n)
-        out[name] = {"seconds_per_image": float(np.mean(times)), "sd": float(np.std(times, ddof=1))}
-        print(f"[cost] {name:22s} {np.mean(times) * 1000:.1f} ms an image "
-              f"({args.steps} steps, batch {args.n})", flush=True)
+        per_step = (sampler.shard_rows - rows) / (3 * args.n * args.steps)
+        out[name] = {"seconds_per_image": float(np.mean(times)), "sd": float(np.std(times, ddof=1)),
+                     "shards_per_sample_step": per_step}
+        print(f"[cost] {name:22s} {np.mean(times) * 1000:.1f} ms an image, {per_step:.2f} "
+              f"shards a sample and step ({args.steps} steps, batch {args.n})", flush=True)
     return out
 
 
@@ -243,9 +249,14 @@ def part_monolith(store: ShardStore, data: Path, sampler, args) -> dict:
     steps = sum(store.contributor(c)["steps"] for c in store.contributor_ids)
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
-    path = work / f"monolith-{steps}.safetensors"
-    model = make_unet(datasets[0].image_shape, config.unet, seed=config.seed,
-                      num_labels=store.num_labels)
+    from_base = config.needs_base("full")  # the same start as the shards: the public base
+    path = work / f"monolith-{'base-' if from_base else ''}{steps}.safetensors"
+    if from_base:
+        from diffusers import UNet2DModel
+        model = UNet2DModel.from_pretrained(store.root / store.manifest["base"]["path"])
+    else:
+        model = make_unet(datasets[0].image_shape, config.unet, seed=config.seed,
+                          num_labels=store.num_labels)
     if path.exists():
         model.load_state_dict(load_file(str(path)))
         seconds = json.loads(path.with_suffix(".json").read_text())["seconds"]
@@ -272,7 +283,7 @@ def part_monolith(store: ShardStore, data: Path, sampler, args) -> dict:
         print(f"[monolith] seed {seed}: FD composed {fds['composed'][-1]:.3f}, monolith "
               f"{fds['monolith'][-1]:.3f}", flush=True)
     gaps = [c / m - 1 for c, m in zip(fds["composed"], fds["monolith"], strict=True)]
-    out = {"steps": steps, "train_seconds": seconds, "evaluator_accuracy": judge.accuracy,
+    out = {"steps": steps, "from_base": from_base, "train_seconds": seconds, "evaluator_accuracy": judge.accuracy,
            "n": args.fd_n, "fd": fds, "gap_mean": float(np.mean(gaps)),
            "gap_se": float(np.std(gaps, ddof=1) / np.sqrt(len(gaps))) if len(gaps) > 1 else 0.0}
     print(f"[monolith] {args.seeds} seeds: composed FD {np.mean(fds['composed']):.3f}, monolith "
@@ -293,6 +304,7 @@ def main() -> int:
     parser.add_argument("--value-n", type=int, default=64, help="samples per coalition")
     parser.add_argument("--fd-n", type=int, default=500, help="samples per seed for FD")
     parser.add_argument("--work", default="var/studios-work", help="the monolith's weights")
+    parser.add_argument("--judges", type=int, default=3, help="CNNs the style judge averages")
     parser.add_argument("--out", default=str(RESULTS / "studios.json"))
     args = parser.parse_args()
     parts = args.parts.split(",")
@@ -309,15 +321,17 @@ def main() -> int:
     result["settings"] = {k: v for k, v in vars(args).items() if k != "out"}
     result["machine"] = "2-core CPU, no GPU"
     t0 = time.perf_counter()
-    judge = StyleJudge(data, honest)
-    print(f"[judge] accuracy on held-out and public real drawings {judge.accuracy:.1%}; per "
-          "studio " + ", ".join(f"{s} {a:.0%}" for s, a in judge.per_studio.items()) +
-          "; false positives " + ", ".join(f"{s} {a:.1%}" for s, a in judge.false_positive.items()),
-          flush=True)
-    result["judge"] = {"accuracy": judge.accuracy, "per_studio": judge.per_studio,
-                       "false_positive": judge.false_positive,
-                       "trained_on": "contributed drawings of the honest studios",
-                       "scored_on": "held-out and public drawings (other concepts)"}
+    judge = None
+    if {"judge", "fidelity", "forget"} & set(parts):
+        judge = StyleJudge(data, honest, seeds=args.judges)
+        print(f"[judge] accuracy on held-out and public real drawings {judge.accuracy:.1%}; per "
+              "studio " + ", ".join(f"{s} {a:.0%}" for s, a in judge.per_studio.items()) +
+              "; false positives " + ", ".join(f"{s} {a:.1%}" for s, a in
+                                               judge.false_positive.items()), flush=True)
+        result["judge"] = {"accuracy": judge.accuracy, "per_studio": judge.per_studio,
+                           "false_positive": judge.false_positive, "nets": args.judges,
+                           "trained_on": "contributed drawings of the honest studios",
+                           "scored_on": "held-out and public drawings (other concepts)"}
     sampler = store.load_sampler("cpu")
     runs = {"fidelity": lambda: part_fidelity(sampler, judge, honest, sizes, args),
             "forget": lambda: part_forget(store, judge, honest, args),

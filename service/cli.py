@@ -28,6 +28,7 @@ from shards.settings import (  # noqa: E402
     ROUTINGS,
     SAMPLE_STEPS,
     SCHEDULERS,
+    SHARD_INITS,
     SHARD_KINDS,
     VALUATION,
     VARIABLES,
@@ -72,6 +73,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--router", choices=ROUTERS, default=STORE.router,
                    help="heads: one density-ratio head per contributor (forget and add touch "
                         "no one else); joint: one classifier on everyone's data")
+    p.add_argument("--shard-init", choices=SHARD_INITS, default=None,
+                   help="full shards start from random weights (scratch) or from a base "
+                        "trained on --public data (base); default: scratch for small images, "
+                        "base for 16 px and more when --public is given")
     p.add_argument("--keep-data", action="store_true",
                    help="keep a copy of each contributor's images in the store (always with "
                         "--router joint; needed by the pruned/retrain valuation methods)")

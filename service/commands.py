@@ -54,7 +54,8 @@ def _studios_data(args, out: Path) -> None:
           f"{out}/public, {out}/heldout, {out}/concepts.csv, {out}/owners.json")
 
 
-def _store_config(args, image_shape: tuple[int, int, int] | None = None):
+def _store_config(args, image_shape: tuple[int, int, int] | None = None,
+                  public: bool = False):
     """The store's settings: those chosen for images of `image_shape`
     (shards/config.py `defaults_for`), then the options given."""
     from shards import StoreConfig
@@ -65,7 +66,7 @@ def _store_config(args, image_shape: tuple[int, int, int] | None = None):
     config = StoreConfig(seed=args.seed, kind=args.kind, router=args.router,
                          keep_data=True if args.keep_data else None)
     if image_shape is not None:
-        config = config.replace(**defaults_for(image_shape))
+        config = config.replace(**defaults_for(image_shape, public))
     changes = {}
     if args.shard_steps is not None:
         n = args.shard_steps
@@ -80,6 +81,8 @@ def _store_config(args, image_shape: tuple[int, int, int] | None = None):
         n = args.classifier_steps
         changes.update(classifier_train=config.classifier_train.with_steps(n).to_dict(),
                        classifier_update_steps=max(1, n // 3))
+    if args.shard_init is not None:
+        changes["shard_init"] = args.shard_init
     if args.head_steps is not None:
         changes["head_train"] = config.head_train.with_steps(args.head_steps).to_dict()
     return config.replace(**changes)
@@ -93,7 +96,7 @@ def cmd_train(args) -> None:
 
     _store_config(args)  # options first: their errors come before any data is read
     datasets = load_contributors(args.data_dir)
-    config = _store_config(args, datasets[0].image_shape)
+    config = _store_config(args, datasets[0].image_shape, public=bool(args.public))
     public, public_labels = load_labelled_folder(args.public) if args.public else (None, None)
     if args.no_labels:  # the unconditional store of earlier versions, from labelled data
         datasets = [drop(d, labels=None) for d in datasets]

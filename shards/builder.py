@@ -62,7 +62,9 @@ def build_store(root: str | Path, datasets: list[ContributorData], config: Store
         if public_labels is not None and len(public_labels):
             num_labels = max(num_labels, 1 + int(public_labels.max()))
     router = router_for(config.router)
-    needs = [use for use in ("kind 'lora' (its base model)" if config.kind == "lora" else None,
+    base_use = ("kind 'lora' (its base model)" if config.kind == "lora" else
+                "shard_init 'base' (its base model)" if config.needs_base() else None)
+    needs = [use for use in (base_use,
                              router.public_use) if use]
     if needs:
         _check_public(datasets, public, public_labels, image_shape, labelled, needs)
@@ -99,7 +101,7 @@ def _build(root: Path, datasets, config: StoreConfig, public, public_labels, ima
                 "classifier": None, "reference": None, "num_labels": num_labels,
                 "excluded": {}, "generation": 0}
     base = None
-    if config.kind == "lora":
+    if config.needs_base():
         base, loss = train_base(public, image_shape, config, scheduler, device, progress,
                                 public_labels, num_labels)
         base.save_pretrained(root / "base")
@@ -164,7 +166,7 @@ def add_contributor(store: ShardRegistry, data: ContributorData, kind: str | Non
         dev = pick_device(device)
         scheduler = store.noise_schedule()
         base = None
-        if kind == "lora":
+        if store.config.needs_base(kind):
             base = UNet2DModel.from_pretrained(store.root / store.manifest["base"]["path"])
         cleanup_orphans(store)
         entry = write_contributor(store, data, kind, scheduler, base, dev, progress)
@@ -185,7 +187,7 @@ def _check_addable(store: ShardRegistry, data: ContributorData, kind: str) -> No
     if cid in store.manifest["excluded"]:
         raise DataError(f"contributor {cid!r} is being forgotten; add it after the purge")
     store.router.check_state(store)
-    if kind == "lora" and store.manifest["base"] is None:
+    if store.config.needs_base(kind) and store.manifest["base"] is None:
         raise DataError("this store has no public base model; add with --kind full")
 
 

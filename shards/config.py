@@ -12,7 +12,7 @@ from __future__ import annotations
 from diffusers.configuration_utils import ConfigMixin
 
 from .models import DEFAULT_SCHEDULE, DEFAULT_UNET
-from .settings import PRIORS, ROUTERS, SHARD_KINDS
+from .settings import PRIORS, ROUTERS, SHARD_INITS, SHARD_KINDS
 from .training import TrainConfig
 
 TRAINING = {  # the default optimisation of each trained part
@@ -26,7 +26,9 @@ TRAINING = {  # the default optimisation of each trained part
 # 16x16 or 32x32 RGB emoji): a wider three-level UNet (1.06M parameters; the digits'
 # [16, 32] has 164k), 1,200 steps for a shard of 1,500 images (a studio) and any other
 # in proportion. Measured on 2 CPU cores, batch 64: 0.19 s a training step at 16x16,
-# 0.78 s at 32x32 (docs/studios.md).
+# 0.78 s at 32x32 (docs/studios.md). With public data, full shards start from the
+# public base (1,200 steps on it): a studio's shard then reaches FD 2.91 +- 0.30
+# instead of 5.13 +- 0.46 from scratch at the same steps (docs/studios.md).
 LARGE_IMAGE_SIDE = 16
 LARGE_IMAGES = {
     "unet": {"block_out_channels": [32, 64, 64], "layers_per_block": 1, "norm_num_groups": 8},
@@ -35,16 +37,20 @@ LARGE_IMAGES = {
 }
 
 
-def defaults_for(image_shape: tuple[int, int, int]) -> dict:
+def defaults_for(image_shape: tuple[int, int, int], public: bool = False) -> dict:
     """StoreConfig settings chosen from the images' (C, H, W): {} for small images
-    (the digits' defaults), `LARGE_IMAGES` from LARGE_IMAGE_SIDE pixels a side."""
-    return dict(LARGE_IMAGES) if min(image_shape[1:]) >= LARGE_IMAGE_SIDE else {}
+    (the digits' defaults), `LARGE_IMAGES` from LARGE_IMAGE_SIDE pixels a side, and
+    with `public` data there, shards that start from the public base."""
+    if min(image_shape[1:]) < LARGE_IMAGE_SIDE:
+        return {}
+    return {**LARGE_IMAGES, "shard_init": "base"} if public else dict(LARGE_IMAGES)
 
 
 # keys absent from configs of stores written before they existed, with those stores'
 # behaviour: a joint classifier with every contributor's data kept, and the same steps
 # for every shard
-LEGACY = {"router": "joint", "keep_data": True, "steps_reference_images": None}
+LEGACY = {"router": "joint", "keep_data": True, "steps_reference_images": None,
+          "shard_init": "scratch"}
 
 
 class StoreConfig(ConfigMixin):
@@ -72,6 +78,10 @@ class StoreConfig(ConfigMixin):
             contributor, so the default store trains 7 x 800 shard steps in all.
             None: every shard the configured steps.
         min_shard_steps: the floor of proportional lengths.
+        shard_init: where a full shard's training starts: "scratch" (random weights)
+            or "base" (a copy of the public base, trained on public data only, as LoRA
+            shards' base is: what every shard learns from the shared data it need not
+            learn alone; forgetting a contributor still deletes all it left).
 
     Raises:
         ValueError: a name not allowed, router "joint" without kept data, a
@@ -89,12 +99,14 @@ class StoreConfig(ConfigMixin):
                  classifier_channels: tuple[int, ...] = (32, 64), priors: str = "size",
                  router: str = "heads", head_train: TrainConfig | dict | None = None,
                  head_hidden: int = 128, keep_data: bool | None = None,
-                 steps_reference_images: int | None = 154, min_shard_steps: int = 200):
+                 steps_reference_images: int | None = 154, min_shard_steps: int = 200,
+                 shard_init: str = "scratch"):
         given = {"shard_train": shard_train, "base_train": base_train, "lora_train": lora_train,
                  "classifier_train": classifier_train, "head_train": head_train}
         trains = {name: _train(value, TRAINING[name]) for name, value in given.items()}
         for name, value, allowed in (("kind", kind, SHARD_KINDS), ("router", router, ROUTERS),
-                                     ("priors", priors, PRIORS)):
+                                     ("priors", priors, PRIORS),
+                                     ("shard_init", shard_init, SHARD_INITS)):
             if value not in allowed:
                 raise ValueError(f"{name}={value!r}; allowed: {list(allowed)}")
         if router == "joint" and keep_data is False:
@@ -112,7 +124,8 @@ class StoreConfig(ConfigMixin):
             lora_rank=lora_rank, classifier_update_steps=classifier_update_steps,
             classifier_channels=list(classifier_channels), priors=priors, router=router,
             head_hidden=head_hidden, keep_data=keep_data,
-            steps_reference_images=steps_reference_images, min_shard_steps=min_shard_steps)
+            steps_reference_images=steps_reference_images, min_shard_steps=min_shard_steps,
+            shard_init=shard_init)
         self.seed, self.kind, self.router, self.priors = seed, kind, router, priors
         self.unet, self.schedule = dict(self.config.unet), dict(self.config.schedule)
         self.shard_train, self.base_train = trains["shard_train"], trains["base_train"]
@@ -123,6 +136,11 @@ class StoreConfig(ConfigMixin):
         self.classifier_channels = tuple(classifier_channels)
         self.keep_data = keep_data
         self.steps_reference_images, self.min_shard_steps = steps_reference_images, min_shard_steps
+        self.shard_init = shard_init
+
+    def needs_base(self, kind: str | None = None) -> bool:
+        """Whether shards of `kind` (default: the store's) start from the public base."""
+        return (kind or self.kind) == "lora" or self.shard_init == "base"
 
     def shard_train_for(self, kind: str, images: int) -> TrainConfig:
         """The training settings of a `kind` shard of `images` images."""

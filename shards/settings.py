@@ -16,6 +16,7 @@ from dataclasses import dataclass
 SHARD_KINDS = ("full", "lora")  # a UNet per contributor, or a LoRA adapter on a public base
 ROUTERS = ("heads", "joint")  # one density-ratio head per contributor, or one classifier
 PRIORS = ("size", "uniform")  # lambda_i proportional to |D_i|, or equal
+SHARD_INITS = ("scratch", "base")  # a full shard starts from random weights, or the public base
 SCHEDULERS = ("ddpm", "ddim")  # the first is the default
 MODES = ("composed", "naive")  # naive: w_i = 1/|S|, the baseline
 ROUTINGS = ("dense", "topk")

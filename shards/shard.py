@@ -36,8 +36,9 @@ def derived_seed(seed: int, *names: str) -> int:
 def train_base(images: torch.Tensor, image_shape, config: StoreConfig, scheduler: DDPMScheduler,
                device="cpu", progress=True, labels: torch.Tensor | None = None,
                num_labels: int = 0) -> tuple[UNet2DModel, float]:
-    """The public base UNet of LoRA shards, trained on public data only (with its
-    labels in a labelled store)."""
+    """The public base UNet (of LoRA shards, and where full shards start with
+    shard_init 'base'), trained on public data only (with its labels in a labelled
+    store)."""
     seed = derived_seed(config.seed, "base")
     model = make_unet(image_shape, config.unet, seed=seed, num_labels=num_labels)
     loss = train_denoiser(model, images, scheduler, config.base_train, seed, labels=labels,
@@ -54,8 +55,12 @@ def train_shard(data: ContributorData, kind: str, config: StoreConfig, scheduler
     if kind not in SHARD_KINDS:
         raise ValueError(f"kind={kind!r}; allowed: {list(SHARD_KINDS)}")
     seed = derived_seed(config.seed, "shard", data.contributor_id)
-    if kind == "full":
+    if kind == "full" and not config.needs_base(kind):
         model = make_unet(data.image_shape, config.unet, seed=seed, num_labels=num_labels)
+    elif kind == "full":
+        if base is None:
+            raise ValueError("shard_init 'base' needs the store's public base model")
+        model = copy.deepcopy(base)
     else:
         if base is None:
             raise ValueError("a LoRA shard needs the store's public base model")
@@ -67,6 +72,8 @@ def train_shard(data: ContributorData, kind: str, config: StoreConfig, scheduler
     meta = {"contributor_id": data.contributor_id, "kind": kind, "data_hash": data.data_hash,
             "images": len(data), "seed": seed, "steps": train.steps, "ema": train.ema,
             "final_loss": loss}
+    if kind == "full" and config.needs_base(kind):
+        meta["init"] = "base"
     if data.labels is not None:
         meta["labels"] = {str(k): v for k, v in data.label_counts().items()}
     if data.licence is not None:

@@ -48,6 +48,23 @@ def test_rgb_store_via_cli(tmp_path, capsys):
     assert list(npz["contributor_ids"]) == ["blue", "green", "red"]
 
 
+def test_shard_init_base_from_the_cli(tmp_path, data_dir, capsys):
+    """--shard-init base trains the public base first and starts every shard from it;
+    without public data it is refused in one line, nothing written."""
+    args = ["train", str(data_dir / "contributors"), "--store", str(tmp_path / "x"),
+            "--router", "joint", "--shard-init", "base", "--shard-steps", "3",
+            "--classifier-steps", "3", "--device", "cpu"]
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip()
+    assert "shard_init 'base'" in err and "--public" in err and len(err.splitlines()) == 1
+    assert not (tmp_path / "x").exists()
+    store = tmp_path / "s"
+    assert main(args[:3] + [str(store), "--public", str(data_dir / "public")] + args[4:]) == 0
+    built = ShardStore.open(store)
+    assert built.manifest["base"] is not None and built.config.shard_init == "base"
+    assert {built.contributor(c)["init"] for c in built.contributor_ids} == {"base"}
+
+
 def test_an_rgb_contributor_added_to_a_grayscale_store_is_refused(store_copy, tmp_path, capsys):
     """One line naming the contributor, its shape and the store's; nothing written."""
     before = sorted(p.relative_to(store_copy.root) for p in store_copy.root.rglob("*")

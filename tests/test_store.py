@@ -222,3 +222,35 @@ def test_a_lazy_load_checks_the_weights_against_the_registry(store_copy):
     with pytest.raises(StoreError, match="'c' was purged or replaced"):
         sampler(["c"], n=1, steps=1)
     assert len(sampler(["a"], n=1, steps=1).images) == 1
+
+
+def test_full_shards_can_start_from_the_public_base(tmp_path, datasets, tiny_config, public):
+    """shard_init 'base': every full shard (built or added) starts from the base trained
+    on public data only, and forgetting one leaves the base as it was."""
+    from shards.training import TrainConfig
+
+    # one step at a tiny learning rate: a shard stays next to where it started
+    nudge = TrainConfig(steps=1, batch_size=8, warmup_steps=0, lr=1e-6, ema=False)
+    config = tiny_config.replace(shard_init="base", shard_train=nudge.to_dict(),
+                                 steps_reference_images=None)
+    with pytest.raises(DataError, match="shard_init 'base'.*public data"):
+        ShardStore.create(tmp_path / "x", datasets, config.replace(router="joint"), progress=False)
+    store = ShardStore.create(tmp_path / "s", datasets[:2], config, public=public,
+                              device="cpu", progress=False)
+    store.add(datasets[2], progress=False)
+    base = UNet2DModel.from_pretrained(store.root / "base").state_dict()
+    base_hash = store.manifest["base"]["weights_hash"]
+    scratch = ShardStore.create(tmp_path / "scratch", datasets[:1], tiny_config.replace(
+        shard_train=nudge.to_dict(), steps_reference_images=None), public=public,
+        device="cpu", progress=False)
+    far = (scratch.load_shard(datasets[0].contributor_id).state_dict()["conv_in.weight"]
+           - base["conv_in.weight"]).abs().max()
+    assert far > 1e-2  # a scratch shard is elsewhere
+    for cid in store.contributor_ids:
+        assert store.contributor(cid)["init"] == "base"
+        shard = store.load_shard(cid).state_dict()
+        assert (shard["conv_in.weight"] - base["conv_in.weight"]).abs().max() < 1e-4
+    store.forget(datasets[0].contributor_id, device="cpu")
+    reopened = ShardStore.open(store.root)
+    assert reopened.manifest["base"]["weights_hash"] == base_hash
+    assert not (store.root / "shards" / datasets[0].contributor_id).exists()

@@ -162,8 +162,9 @@ def test_end_to_end_on_the_subset(studios_dir, tmp_path):
     assert all(d.licence["licence"] == owners[d.contributor_id]["licence"] for d in datasets)
     shape = datasets[0].image_shape
     assert shape == (3, 32, 32) and defaults_for(shape)["unet"]["block_out_channels"] == [32, 64, 64]
-    config = StoreConfig(**defaults_for(shape)).replace(
-        shard_train=TINY.to_dict(), head_train=TINY.to_dict())
+    config = StoreConfig(**defaults_for(shape, public=True)).replace(
+        shard_train=TINY.to_dict(), base_train=TINY.to_dict(), head_train=TINY.to_dict())
+    assert config.shard_init == "base"
     public, public_labels = load_labelled_folder(studios_dir / "public")
     store = ShardStore.create(tmp_path / "store", datasets, config, public=public,
                               public_labels=public_labels, device="cpu", progress=False)
