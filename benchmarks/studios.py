@@ -233,7 +233,7 @@ def part_mixture(store: ShardStore, data: Path, sampler, args) -> dict:
     return out
 
 
-def part_monolith(store: ShardStore, data: Path, sampler, args) -> dict:
+def part_monolith(store: ShardStore, data: Path, sampler, args, earlier: dict | None = None) -> dict:
     from evaluator import DigitsEvaluator
     from safetensors.torch import load_file, save_file
 
@@ -277,8 +277,14 @@ def part_monolith(store: ShardStore, data: Path, sampler, args) -> dict:
                    num_labels=store.num_labels)
     judge = DigitsEvaluator(data / "heldout")
     fds = {"composed": [], "monolith": []}
+    # the mixture part's routed FDs are the same samples (seeds 1000 + i, --fd-n, the
+    # same store and evaluator): reused when that part ran with these settings
+    known = []
+    if earlier and all(earlier["settings"][k] == getattr(args, k) for k in ("store", "fd_n", "steps")):
+        known = earlier["fd"]["routed"]
     for seed in range(args.seeds):
-        fds["composed"].append(judge.fd(sample(sampler, None, args.fd_n, 1000 + seed, args.steps)))
+        fds["composed"].append(known[seed] if seed < len(known) else
+                               judge.fd(sample(sampler, None, args.fd_n, 1000 + seed, args.steps)))
         fds["monolith"].append(judge.fd(sample(mono, None, args.fd_n, 1000 + seed, args.steps)))
         print(f"[monolith] seed {seed}: FD composed {fds['composed'][-1]:.3f}, monolith "
               f"{fds['monolith'][-1]:.3f}", flush=True)
@@ -338,7 +344,7 @@ def main() -> int:
             "value": lambda: part_value(store, data, args),
             "cost": lambda: part_cost(sampler, honest, args),
             "mixture": lambda: part_mixture(store, data, sampler, args),
-            "monolith": lambda: part_monolith(store, data, sampler, args)}
+            "monolith": lambda: part_monolith(store, data, sampler, args, result.get("mixture"))}
     for part in parts:
         if part in runs:
             result[part] = runs[part]()
