@@ -27,8 +27,9 @@ TRAINING = {  # the default optimisation of each trained part
 # [16, 32] has 164k), 1,200 steps for a shard of 1,500 images (a studio) and any other
 # in proportion. Measured on 2 CPU cores, batch 64: 0.19 s a training step at 16x16,
 # 0.78 s at 32x32 (docs/studios.md). With public data, full shards start from the
-# public base (1,200 steps on it): a studio's shard then reaches FD 2.91 +- 0.30
-# instead of 5.13 +- 0.46 from scratch at the same steps (docs/studios.md).
+# public base (1,200 steps on it): the studios' shards then reach FD 2.58 on average
+# to their own held-out drawings instead of 5.77 from scratch at the same steps, every
+# studio better (benchmarks/shard_init.py, docs/studios.md).
 LARGE_IMAGE_SIDE = 16
 LARGE_IMAGES = {
     "unet": {"block_out_channels": [32, 64, 64], "layers_per_block": 1, "norm_num_groups": 8},
