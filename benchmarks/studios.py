@@ -17,6 +17,9 @@ Parts (--parts, comma-separated):
              against the judge's false-positive rate for it
   value      exact Shapley over all contributors (the default payout property,
              precision, and quality), payout shares, the copycat's rank
+  attribution  composed over all (the fidelity part's seeds and samples), the
+             router's own attribution of the samples to each contributor (the
+             trajectory mean of w and the last step's), beside their share of the images
   cost       seconds per image: one shard, routed (the default) and dense over all
   mixture    where the composition loses quality: FD of the shards' own mixture (each
              shard alone, its share of the samples its share of the images: what a
@@ -55,7 +58,7 @@ from valuation.features import train_feature_net
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "benchmarks" / "results" / "studios"
-PARTS = ("judge", "fidelity", "forget", "value", "cost", "mixture", "monolith")
+PARTS = ("judge", "fidelity", "attribution", "forget", "value", "cost", "mixture", "monolith")
 
 
 def studio_images(data: Path, splits: tuple[str, ...], studios: list[str]
@@ -132,6 +135,23 @@ def part_fidelity(sampler, judge: StyleJudge, honest: list[str], sizes: dict[str
         print(f"[fidelity] composed over all: {s:14s} judged {shares[s]:.1%}, share of the "
               f"images {prior:.1%}" + (" (with the copycat's)" if s == "twitter" else ""))
     save_grid(images[:64], RESULTS / "composed-all.png")
+    return out
+
+
+def part_attribution(sampler, sizes: dict[str, int], args) -> dict:
+    total = sum(sizes.values())
+    outs = [sampler.sample_batch([SampleRequest(None, args.n, seed)], steps=args.steps,
+                                 routing=Routing.parse(None, None, None, "composed"))[0]
+            for seed in range(args.seeds)]
+    ids = outs[0].contributor_ids
+    mean = torch.cat([o.attribution_mean for o in outs]).mean(0)
+    last = torch.cat([o.attribution_last for o in outs]).mean(0)
+    out = {c: {"attribution_mean": float(mean[i]), "attribution_last": float(last[i]),
+               "share_of_images": sizes[c] / total} for i, c in enumerate(ids)}
+    for c, v in out.items():
+        print(f"[attribution] {c:14s} trajectory mean {v['attribution_mean']:.1%}, last step "
+              f"{v['attribution_last']:.1%}, share of the images {v['share_of_images']:.1%}",
+              flush=True)
     return out
 
 
@@ -340,6 +360,7 @@ def main() -> int:
                            "scored_on": "held-out and public drawings (other concepts)"}
     sampler = store.load_sampler("cpu")
     runs = {"fidelity": lambda: part_fidelity(sampler, judge, honest, sizes, args),
+            "attribution": lambda: part_attribution(sampler, sizes, args),
             "forget": lambda: part_forget(store, judge, honest, args),
             "value": lambda: part_value(store, data, args),
             "cost": lambda: part_cost(sampler, honest, args),
