@@ -26,18 +26,22 @@ class DigitsEvaluator:
         with torch.no_grad():
             pred = probe(torch.as_tensor(x_held[perm[cut:]])).argmax(1).numpy()
             self.accuracy = float((pred == y_held[perm[cut:]]).mean())
-            self.reference = gaussian_stats(self.net.features(torch.as_tensor(x_held)).numpy())
+        self.reference = self.stats(torch.as_tensor(x_held))
 
     def classify(self, images: torch.Tensor) -> np.ndarray:
         """Predicted digit of each image in [0, 1]."""
         with torch.no_grad():
             return self.net(images).argmax(1).numpy()
 
-    def fd(self, images: torch.Tensor) -> float:
-        """Frechet distance of images in [0, 1] to the held-out digits."""
+    def stats(self, images: torch.Tensor) -> tuple:
+        """Gaussian statistics of images in [0, 1] in the evaluator's features."""
         with torch.no_grad():
-            return frechet_distance(*gaussian_stats(self.net.features(images).numpy()),
-                                    *self.reference)
+            return gaussian_stats(self.net.features(images).numpy())
+
+    def fd(self, images: torch.Tensor, reference: tuple | None = None) -> float:
+        """Frechet distance of images in [0, 1] to the held-out digits (or to the
+        `stats` of other images)."""
+        return frechet_distance(*self.stats(images), *(reference or self.reference))
 
 
 class LabelJudge:

@@ -25,7 +25,6 @@ from evaluator import DigitsEvaluator
 from studios import RESULTS, _image, sample
 
 from shards import ShardStore
-from valuation.features import frechet_distance, gaussian_stats
 
 
 def main() -> int:
@@ -39,8 +38,8 @@ def main() -> int:
     args = parser.parse_args()
     data = Path(args.data)
     stores = {"scratch": ShardStore.open(args.scratch), "base": ShardStore.open(args.base)}
-    for name, want in (("scratch", "scratch"), ("base", "base")):
-        if stores[name].config.shard_init != want:
+    for name in stores:
+        if stores[name].config.shard_init != name:
             parser.error(f"--{name} is a store of shard_init {stores[name].config.shard_init!r}")
     samplers = {k: s.load_sampler("cpu") for k, s in stores.items()}
     judge = DigitsEvaluator(data / "heldout")
@@ -51,17 +50,10 @@ def main() -> int:
     out = {"n": args.n, "seeds": args.seeds, "machine": "2-core CPU, no GPU", "studios": {}}
     print(f"{'studio':14s} {'steps':>5s}  {'scratch FD':>14s}  {'base FD':>14s}")
     for s in honest:
-        ref = torch.cat([(_image(data / r["file"]) + 1) / 2 for r in rows if r["studio"] == s])
-        with torch.no_grad():
-            stats = gaussian_stats(judge.net.features(ref).numpy())
-        fds = {}
-        for name, sampler in samplers.items():
-            fds[name] = []
-            for seed in range(args.seeds):
-                x = sample(sampler, [s], args.n, 1000 + seed, args.steps)
-                with torch.no_grad():
-                    fds[name].append(frechet_distance(
-                        *gaussian_stats(judge.net.features(x).numpy()), *stats))
+        own = judge.stats(torch.cat([(_image(data / r["file"]) + 1) / 2
+                                     for r in rows if r["studio"] == s]))
+        fds = {name: [judge.fd(sample(sampler, [s], args.n, 1000 + seed, args.steps), own)
+                      for seed in range(args.seeds)] for name, sampler in samplers.items()}
         steps = stores["base"].contributor(s)["steps"]
         out["studios"][s] = {"steps": steps, "fd": fds}
         print(f"{s:14s} {steps:5d}  " + "  ".join(

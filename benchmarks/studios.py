@@ -52,7 +52,7 @@ import torch
 from shards import ShardStore
 from shards.images import save_grid
 from shards.routing import Routing
-from shards.sampler import SampleRequest
+from shards.sampler import SampleOutput, SampleRequest
 from shards.studios import COPYCAT
 from valuation.features import train_feature_net
 
@@ -108,12 +108,24 @@ class StyleJudge:
         return {s: float((pred == i).mean()) for i, s in enumerate(self.studios)}
 
 
+def run(sampler, contributors, n: int, seed: int, steps: int,
+        routing: Routing | None = None) -> SampleOutput:
+    """One request of `n` samples over `contributors` (None: all), the default routing
+    unless `routing` is given."""
+    req = SampleRequest(None if contributors is None else tuple(contributors), n, seed)
+    return sampler.sample_batch([req], steps=steps,
+                                routing=routing or Routing.parse(None, None, None, "composed"))[0]
+
+
 def sample(sampler, contributors, n: int, seed: int, steps: int,
            routing: Routing | None = None) -> torch.Tensor:
-    req = SampleRequest(None if contributors is None else tuple(contributors), n, seed)
-    out = sampler.sample_batch([req], steps=steps,
-                               routing=routing or Routing.parse(None, None, None, "composed"))[0]
-    return out.images
+    return run(sampler, contributors, n, seed, steps, routing).images
+
+
+def image_shares(store: ShardStore) -> dict[str, float]:
+    """Each live contributor's share of the images."""
+    sizes = {c: store.contributor(c)["images"] for c in store.contributor_ids}
+    return {c: k / sum(sizes.values()) for c, k in sizes.items()}
 
 
 def part_fidelity(sampler, judge: StyleJudge, honest: list[str], sizes: dict[str, int],
@@ -138,16 +150,14 @@ def part_fidelity(sampler, judge: StyleJudge, honest: list[str], sizes: dict[str
     return out
 
 
-def part_attribution(sampler, sizes: dict[str, int], args) -> dict:
-    total = sum(sizes.values())
-    outs = [sampler.sample_batch([SampleRequest(None, args.n, seed)], steps=args.steps,
-                                 routing=Routing.parse(None, None, None, "composed"))[0]
-            for seed in range(args.seeds)]
+def part_attribution(store: ShardStore, sampler, args) -> dict:
+    shares = image_shares(store)
+    outs = [run(sampler, None, args.n, seed, args.steps) for seed in range(args.seeds)]
     ids = outs[0].contributor_ids
     mean = torch.cat([o.attribution_mean for o in outs]).mean(0)
     last = torch.cat([o.attribution_last for o in outs]).mean(0)
     out = {c: {"attribution_mean": float(mean[i]), "attribution_last": float(last[i]),
-               "share_of_images": sizes[c] / total} for i, c in enumerate(ids)}
+               "share_of_images": shares[c]} for i, c in enumerate(ids)}
     for c, v in out.items():
         print(f"[attribution] {c:14s} trajectory mean {v['attribution_mean']:.1%}, last step "
               f"{v['attribution_last']:.1%}, share of the images {v['share_of_images']:.1%}",
@@ -225,10 +235,8 @@ def part_mixture(store: ShardStore, data: Path, sampler, args) -> dict:
     from evaluator import DigitsEvaluator
 
     ids = store.contributor_ids
-    sizes = {c: store.contributor(c)["images"] for c in ids}
-    total = sum(sizes.values())
     # largest remainders, so the counts add up to --fd-n
-    raw = {c: args.fd_n * sizes[c] / total for c in ids}
+    raw = {c: args.fd_n * share for c, share in image_shares(store).items()}
     counts = {c: int(v) for c, v in raw.items()}
     for c in sorted(ids, key=lambda c: counts[c] - raw[c])[:args.fd_n - sum(counts.values())]:
         counts[c] += 1
@@ -360,7 +368,7 @@ def main() -> int:
                            "scored_on": "held-out and public drawings (other concepts)"}
     sampler = store.load_sampler("cpu")
     runs = {"fidelity": lambda: part_fidelity(sampler, judge, honest, sizes, args),
-            "attribution": lambda: part_attribution(sampler, sizes, args),
+            "attribution": lambda: part_attribution(store, sampler, args),
             "forget": lambda: part_forget(store, judge, honest, args),
             "value": lambda: part_value(store, data, args),
             "cost": lambda: part_cost(sampler, honest, args),

@@ -64,8 +64,7 @@ def build_store(root: str | Path, datasets: list[ContributorData], config: Store
     router = router_for(config.router)
     base_use = ("kind 'lora' (its base model)" if config.kind == "lora" else
                 "shard_init 'base' (its base model)" if config.needs_base() else None)
-    needs = [use for use in (base_use,
-                             router.public_use) if use]
+    needs = [use for use in (base_use, router.public_use) if use]
     if needs:
         _check_public(datasets, public, public_labels, image_shape, labelled, needs)
     with building(root) as tmp:

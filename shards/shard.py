@@ -55,15 +55,15 @@ def train_shard(data: ContributorData, kind: str, config: StoreConfig, scheduler
     if kind not in SHARD_KINDS:
         raise ValueError(f"kind={kind!r}; allowed: {list(SHARD_KINDS)}")
     seed = derived_seed(config.seed, "shard", data.contributor_id)
-    if kind == "full" and not config.needs_base(kind):
+    from_base = config.needs_base(kind)
+    if not from_base:
         model = make_unet(data.image_shape, config.unet, seed=seed, num_labels=num_labels)
+    elif base is None:
+        raise ValueError(f"a {kind!r} shard of this store starts from the public base model; "
+                         "none was given")
     elif kind == "full":
-        if base is None:
-            raise ValueError("shard_init 'base' needs the store's public base model")
         model = copy.deepcopy(base)
     else:
-        if base is None:
-            raise ValueError("a LoRA shard needs the store's public base model")
         with seeded(seed):
             model = get_peft_model(copy.deepcopy(base), make_lora_config(config.lora_rank))
     train = config.shard_train_for(kind, len(data))
@@ -72,7 +72,7 @@ def train_shard(data: ContributorData, kind: str, config: StoreConfig, scheduler
     meta = {"contributor_id": data.contributor_id, "kind": kind, "data_hash": data.data_hash,
             "images": len(data), "seed": seed, "steps": train.steps, "ema": train.ema,
             "final_loss": loss}
-    if kind == "full" and config.needs_base(kind):
+    if kind == "full" and from_base:
         meta["init"] = "base"
     if data.labels is not None:
         meta["labels"] = {str(k): v for k, v in data.label_counts().items()}
