@@ -11,6 +11,9 @@ BIN    := $(VENV)/bin
 # colour artwork from pinned npm packages; see docs/studios.md)
 DATASET ?= digits
 SIZE   ?= 16
+# processes that train the shards at once, each with its share of the threads
+# (cdm train --workers; docs/performance.md)
+TRAIN_WORKERS ?= 2
 ifeq ($(DATASET),studios)
 DATA   ?= var/studios-data
 STORE  ?= var/studios-store
@@ -61,7 +64,8 @@ $(DATA)/owners.json: | $(VENV)/.installed
 # keeps the contributors' images (--keep-data) because `make value`'s baselines
 # (pruned fine-tune, retrain) train on them. New stores keep no data by default.
 $(STORE)/manifest.json: | $(DATA)/owners.json
-	$(BIN)/cdm train $(DATA)/contributors --store $(STORE) --public $(DATA)/public --keep-data
+	$(BIN)/cdm train $(DATA)/contributors --store $(STORE) --public $(DATA)/public --keep-data \
+		--workers $(TRAIN_WORKERS)
 
 data: $(DATA)/owners.json
 store: $(STORE)/manifest.json

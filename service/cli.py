@@ -23,6 +23,7 @@ from shards.settings import (  # noqa: E402
     DEFAULT_TOP_K,
     METHODS,
     MODES,
+    PRECISIONS,
     PROPERTIES,
     ROUTERS,
     ROUTINGS,
@@ -93,6 +94,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--classifier-steps", type=int, default=None,
                    help="training steps of the joint classifier; default "
                         f"{STORE.classifier_train.steps}")
+    p.add_argument("--precision", choices=PRECISIONS, default=None,
+                   help="bf16: train the shards and the base under bfloat16 autocast (faster "
+                        "on CPUs with native bfloat16; weights stay float32); default fp32")
+    p.add_argument("--workers", type=int, default=1,
+                   help="processes that train the contributors' shards and heads at once "
+                        "(CPU), each with an equal share of the threads; default 1")
     p.add_argument("--head-steps", type=int, default=None,
                    help="training steps of each density-ratio head; default "
                         f"{STORE.head_train.steps}")
@@ -129,6 +136,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "--mass sets just those)")
     p.add_argument("--mass", type=float, default=None,
                    help="topk: the fewest shards holding this much weight, in (0, 1]")
+    p.add_argument("--draw-above", type=int, default=None,
+                   help="topk: at steps whose timestep exceeds this, each sample runs on one "
+                        "shard drawn by its weight (an unbiased estimate of the mixture)")
     p.add_argument("--cache-shards", type=int, default=None,
                    help="shards resident at once (default: $CDM_SHARD_CACHE, else "
                         f"{VARIABLES['CDM_SHARD_CACHE'].default})")

@@ -4,6 +4,7 @@ library or the service's logic, print. Heavy imports happen inside each command,
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import sys
 from pathlib import Path
@@ -85,7 +86,12 @@ def _store_config(args, image_shape: tuple[int, int, int] | None = None,
         changes["shard_init"] = args.shard_init
     if args.head_steps is not None:
         changes["head_train"] = config.head_train.with_steps(args.head_steps).to_dict()
-    return config.replace(**changes)
+    config = config.replace(**changes)
+    if args.precision is not None:  # the denoisers' training (shards, base, LoRA)
+        config = config.replace(**{part: dataclasses.replace(
+            getattr(config, part), precision=args.precision).to_dict()
+            for part in ("shard_train", "base_train", "lora_train")})
+    return config
 
 
 def cmd_train(args) -> None:
@@ -102,7 +108,8 @@ def cmd_train(args) -> None:
         datasets = [drop(d, labels=None) for d in datasets]
         public_labels = None
     store = ShardStore.create(args.store, datasets, config, public=public,
-                              device=args.device, public_labels=public_labels)
+                              device=args.device, public_labels=public_labels,
+                              workers=args.workers)
     _print_store(store)
 
 
@@ -146,7 +153,7 @@ def cmd_sample(args) -> None:
         raise ValueError(f"--out must end in .png or .npz, got {path.name!r}")
     from shards.routing import Routing
 
-    routing = Routing.parse(args.routing, args.top_k, args.mass, args.mode)
+    routing = Routing.parse(args.routing, args.top_k, args.mass, args.mode, args.draw_above)
     store = ShardStore.open(args.store)
     sampler = store.load_sampler(args.device, cache_shards=args.cache_shards, router=args.router)
     contributors = _csv(args.contributors) if args.contributors else None

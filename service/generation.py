@@ -147,7 +147,8 @@ class Generation:
     def prepare(self, principal: Principal, contributors: list[str] | None = None, n: int = 4,
                 steps: int = SAMPLE_STEPS, seed: int = 0, mode: str = "composed",
                 scheduler: str = "ddpm", routing: str | None = None, top_k: int | None = None,
-                mass: float | None = None, label: int | list[int] | None = None) -> GenerationJob:
+                mass: float | None = None, label: int | list[int] | None = None,
+                draw_above: int | None = None) -> GenerationJob:
         """Check the request, charge the key, register the request as in flight, then
         snapshot the registry (after registering: a purge that did not see this request
         in flight ran after the snapshot, whose live set already excludes the forgotten).
@@ -159,7 +160,7 @@ class Generation:
             RateLimitError: the key's spend over the last minute (429).
             and the errors of `_check`.
         """
-        route = Routing.parse(routing, top_k, mass, mode)
+        route = Routing.parse(routing, top_k, mass, mode, draw_above)
         labels = None if label is None else tuple([label] if isinstance(label, int) else label)
         cost = n * steps * self._shards_per_image(principal, contributors, route)
         if cost > self.limits.request_cost:

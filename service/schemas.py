@@ -57,6 +57,11 @@ class GenerateInput(Strict):
                                            "weight; 1: every shard with weight (dense). "
                                            f"Neither given: top_k {DEFAULT_TOP_K} with mass "
                                            f"{DEFAULT_MASS}")
+    draw_above: int | None = Field(None, ge=0, le=100_000,
+                                   description="at steps whose timestep exceeds it, each image "
+                                               "runs on one shard drawn by its weight (an "
+                                               "unbiased estimate of the mixture); default: "
+                                               "the default routing's")
     label: Label | Annotated[list[Label], Field(min_length=1, max_length=MAX_N)] | None = Field(
         None, description="labelled stores: the label of every image, or a list of one per "
                           "image (repeated to fill n); default: drawn from the contributors' "

@@ -15,12 +15,47 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from diffusers import DDIMScheduler, DDPMScheduler
+from diffusers import (
+    DDIMScheduler,
+    DDPMScheduler,
+    DPMSolverMultistepScheduler,
+    UniPCMultistepScheduler,
+)
 
 from .routing import Routing, posterior_weights, route
 from .settings import MODES
 
-SCHEDULER_CLASSES = {"ddpm": DDPMScheduler, "ddim": DDIMScheduler}
+
+@dataclass(frozen=True)
+class SolverSpec:
+    """A sampling scheduler: its diffusers class and settings over the store's noise
+    schedule; `stochastic` steps draw noise from the request's generator; `multistep`
+    ones keep a history of past eps, so every request needs an instance of its own."""
+
+    cls: type
+    options: tuple = ()
+    stochastic: bool = False
+    multistep: bool = False
+
+    def make(self, schedule_config: dict, steps: int):
+        sched = self.cls.from_config(schedule_config, **dict(self.options))
+        sched.set_timesteps(steps)
+        return sched
+
+
+# The names of shards.settings.SCHEDULERS. DDPM (ancestral) is the default; the
+# multistep solvers (DPM-Solver++ 2M, Lu et al. 2022; its SDE variant; UniPC, Zhao et
+# al. 2023) reach 50-step DDPM's quality in fewer steps (docs/performance.md).
+SCHEDULER_SPECS = {
+    "ddpm": SolverSpec(DDPMScheduler, stochastic=True),
+    "ddim": SolverSpec(DDIMScheduler),
+    "dpmpp-2m": SolverSpec(DPMSolverMultistepScheduler, (("algorithm_type", "dpmsolver++"),),
+                           multistep=True),
+    "dpmpp-2m-sde": SolverSpec(DPMSolverMultistepScheduler,
+                               (("algorithm_type", "sde-dpmsolver++"),), stochastic=True,
+                               multistep=True),
+    "unipc": SolverSpec(UniPCMultistepScheduler, multistep=True),
+}
 
 
 @dataclass(frozen=True)
@@ -40,6 +75,11 @@ class SampleRequest:
 def label_seed(seed: int) -> int:
     """The seed of the generator that draws a request's labels when it names none."""
     return (seed * 0x9E3779B1 + 0x7F4A7C15) % (1 << 63)
+
+
+def route_seed(seed: int) -> int:
+    """The seed of the generator that draws a request's shards (routing draw_above)."""
+    return (seed * 0x85EBCA6B + 0x27D4EB2F) % (1 << 63)
 
 
 @dataclass
@@ -70,7 +110,8 @@ class _Member:
     mask: torch.Tensor  # (K,) over router outputs
     generator: torch.Generator
     steps: int  # its own number of steps
-    sched: object  # the diffusers scheduler set to `steps`
+    sched: object  # the diffusers scheduler set to `steps` (its own if multistep)
+    router_generator: torch.Generator  # draws its shards (routing draw_above)
     done: int = 0  # steps taken
 
 
@@ -88,8 +129,8 @@ class Batch:
 
     def __init__(self, sampler, steps: int, scheduler: str, mode: str, routing: Routing):
         """`sampler`: the ComposedSampler (sampler.py) whose shards and router it uses."""
-        if scheduler not in SCHEDULER_CLASSES:
-            raise ValueError(f"scheduler={scheduler!r}; allowed: {sorted(SCHEDULER_CLASSES)}")
+        if scheduler not in SCHEDULER_SPECS:
+            raise ValueError(f"scheduler={scheduler!r}; allowed: {list(SCHEDULER_SPECS)}")
         if mode not in MODES:
             raise ValueError(f"mode={mode!r}; allowed: {list(MODES)}")
         routing.check_mode(mode)
@@ -97,7 +138,8 @@ class Batch:
             raise ValueError(f"steps must be >= 1, got {steps}")
         self.sampler, self.steps, self.scheduler, self.mode, self.routing = (
             sampler, steps, scheduler, mode, routing)
-        self._scheds: dict[int, object] = {}  # steps -> scheduler (DDPM, DDIM: stateless)
+        self.spec = SCHEDULER_SPECS[scheduler]
+        self._scheds: dict[int, object] = {}  # steps -> scheduler, when stateless (DDPM, DDIM)
         device, k = sampler.device, len(sampler.classifier_ids)
         self.members: list[_Member] = []
         self.x = torch.zeros((0, *sampler.image_shape), device=device)
@@ -116,10 +158,10 @@ class Batch:
         return sum(m.request.n * (m.steps - m.done) for m in self.members)
 
     def _sched(self, steps: int):
+        if self.spec.multistep:  # a history of its own request's eps
+            return self.spec.make(self.sampler.schedule_config, steps)
         if steps not in self._scheds:
-            sched = SCHEDULER_CLASSES[self.scheduler].from_config(self.sampler.schedule_config)
-            sched.set_timesteps(steps)
-            self._scheds[steps] = sched
+            self._scheds[steps] = self.spec.make(self.sampler.schedule_config, steps)
         return self._scheds[steps]
 
     def add(self, request: SampleRequest, handle: object = None) -> None:
@@ -155,7 +197,8 @@ class Batch:
                  torch.cat([self.w_sum, torch.zeros(request.n, self.w_sum.shape[1], device=device)]))
         # all or nothing: a failure above changes none
         self.x, self.allowed, self.log_prior, self.labels, self.w_sum = grown
-        self.members.append(_Member(request, handle, mask, generator, steps, sched))
+        self.members.append(_Member(request, handle, mask, generator, steps, sched,
+                                    torch.Generator().manual_seed(route_seed(request.seed))))
 
     @torch.no_grad()
     def step(self) -> list[tuple[object, SampleOutput]]:
@@ -175,7 +218,11 @@ class Batch:
             w = self.allowed.float() / self.allowed.sum(1, keepdim=True)
         self.w_sum += w
         # 3. route: each sample keeps its shards R_b, weights renormalised (eq. 4)
-        routed = route(w, self.routing)
+        u = None
+        if self.routing.draw_above is not None:  # n uniforms a request and step, always
+            u = torch.cat([torch.rand(m.request.n, generator=m.router_generator)
+                           for m in self.members]).to(device)
+        routed = route(w, self.routing, t_rows, u)
         rows, cols = routed.nonzero(as_tuple=True)
         # 4. eps_i(x_t, t) for every routed (sample, shard) pair, in one bank pass
         eps_pairs = s.bank.evaluate(x[rows], t_rows[rows], [s.classifier_ids[k] for k in cols.tolist()],
@@ -184,9 +231,9 @@ class Batch:
         # 5. eps_S = sum_{i in R_b} w~_i eps_i (eq. 3), then x_{t-1} with each request's noise
         eps = torch.zeros_like(x).index_add_(0, rows, eps_pairs * routed[rows, cols][:, None, None, None])
         bounds = np.cumsum([0] + [m.request.n for m in self.members]).tolist()
-        ddpm = self.scheduler == "ddpm"
+        noisy = self.spec.stochastic
         self.x = torch.cat([
-            m.sched.step(eps[a:b], t, x[a:b], generator=m.generator if ddpm else None).prev_sample
+            m.sched.step(eps[a:b], t, x[a:b], **({"generator": m.generator} if noisy else {})).prev_sample
             for a, b, t, m in zip(bounds[:-1], bounds[1:], t_member, self.members, strict=True)])
         finished, keep = [], torch.ones(self.rows, dtype=torch.bool)
         for a, b, m in zip(bounds[:-1], bounds[1:], self.members, strict=True):

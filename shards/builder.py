@@ -13,6 +13,8 @@ from __future__ import annotations
 import copy
 import os
 import shutil
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from multiprocessing import get_context
 from pathlib import Path
 
 import torch
@@ -33,10 +35,12 @@ from .shard import save_shard, train_base, train_shard
 
 def build_store(root: str | Path, datasets: list[ContributorData], config: StoreConfig,
                 public: torch.Tensor | None, public_labels: torch.Tensor | None,
-                device: str | None, progress: bool) -> Path:
+                device: str | None, progress: bool, workers: int = 1) -> Path:
     """Train one shard (and its router part) per contributor and the router's shared
     part; write the store at `root`. Labelled data makes a labelled store
-    (class-conditional shards and router). Returns `root`.
+    (class-conditional shards and router). `workers` > 1 trains the contributors in
+    that many spawned processes on the CPU, each with its share of this process's
+    threads. Returns `root`.
 
     Raises:
         StoreError: `root` exists and is not empty.
@@ -49,6 +53,8 @@ def build_store(root: str | Path, datasets: list[ContributorData], config: Store
         raise StoreError(f"{root} already exists and is not empty; choose a new store path")
     if not datasets:
         raise DataError("no contributors to train")
+    if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
+        raise ValueError(f"workers={workers!r}; allowed: an integer >= 1")
     ids = [d.contributor_id for d in datasets]
     if len(set(ids)) != len(ids):
         raise DataError(f"duplicate contributor ids: {sorted({i for i in ids if ids.count(i) > 1})}")
@@ -70,7 +76,7 @@ def build_store(root: str | Path, datasets: list[ContributorData], config: Store
     with building(root) as tmp:
         _build(tmp, sorted(datasets, key=lambda d: d.contributor_id), config, public,
                public_labels if labelled else None, image_shape, num_labels,
-               pick_device(device), progress)
+               pick_device(device), progress, workers)
     return root
 
 
@@ -92,7 +98,7 @@ def _check_public(datasets, public, public_labels, image_shape, labelled, needs)
 
 
 def _build(root: Path, datasets, config: StoreConfig, public, public_labels, image_shape,
-           num_labels: int, device, progress: bool) -> None:
+           num_labels: int, device, progress: bool, workers: int) -> None:
     scheduler = make_noise_schedule(config.schedule)
     scheduler.save_pretrained(root / "schedule")
     manifest = {"format": FORMAT, "created_at": now(), "image_shape": list(image_shape),
@@ -108,10 +114,43 @@ def _build(root: Path, datasets, config: StoreConfig, public, public_labels, ima
                             "data_hash": tensor_hash(public), "weights_hash": files_hash(root / "base")}
     store = ShardRegistry(root, manifest)
     store.router.setup(root, manifest, public, public_labels)
-    for data in tqdm(datasets, desc="shards", disable=not progress):
-        manifest["contributors"][data.contributor_id] = write_contributor(
-            store, data, config.kind, scheduler, base, device, progress)
+    entries = _write_all(store, datasets, config.kind, scheduler, base, device, progress, workers)
+    manifest["contributors"].update((d.contributor_id, entries[d.contributor_id]) for d in datasets)
     store.commit(manifest, store.router.train(store, device, progress))
+
+
+def _write_all(store: ShardRegistry, datasets, kind: str, scheduler, base, device,
+               progress: bool, workers: int) -> dict[str, dict]:
+    """`write_contributor` for every contributor: here, or in `workers` spawned
+    processes (CPU only). Each shard and head is seeded from its contributor's id, so
+    the order and the process they train in change nothing but float rounding of
+    the thread count."""
+    if workers == 1 or len(datasets) < 2 or device.type != "cpu":
+        return {d.contributor_id: write_contributor(store, d, kind, scheduler, base, device, progress)
+                for d in tqdm(datasets, desc="shards", disable=not progress)}
+    threads = max(1, torch.get_num_threads() // workers)
+    entries = {}
+    # the largest first, so that the workers finish together
+    order = sorted(datasets, key=lambda d: len(d.images), reverse=True)
+    with ProcessPoolExecutor(workers, mp_context=get_context("spawn"),
+                             initializer=torch.set_num_threads, initargs=(threads,)) as pool:
+        futures = {pool.submit(_write_in_worker, str(store.root), store.manifest, d, kind):
+                   d.contributor_id for d in order}
+        bar = tqdm(as_completed(futures), total=len(futures), disable=not progress,
+                   desc=f"shards ({workers} processes x {threads} thread(s))")
+        for future in bar:
+            entries[futures[future]] = future.result()
+    return entries
+
+
+def _write_in_worker(root: str, manifest: dict, data: ContributorData, kind: str) -> dict:
+    """In a worker process: the store being built, its schedule and base from disk."""
+    store = ShardRegistry(root, manifest)
+    base = None
+    if manifest["base"] is not None:
+        base = UNet2DModel.from_pretrained(store.root / manifest["base"]["path"])
+    return write_contributor(store, data, kind, store.noise_schedule(), base,
+                             torch.device("cpu"), progress=False)
 
 
 def write_contributor(store: ShardRegistry, data: ContributorData, kind: str,

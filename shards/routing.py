@@ -14,7 +14,11 @@ a routing picks for every sample b a set R_b within S and renormalises over it:
 
     dense   R_b = S                                                  (the reference)
     topk    R_b = the top_k shards by w_b, or the smallest set (in decreasing weight)
-            holding at least `mass` of it, or, with both, that set cut to top_k
+            holding at least `mass` of it, or, with both, that set cut to top_k;
+            with `draw_above`, at the steps whose timestep t exceeds it, R_b = {I_b}
+            instead: one shard drawn with P(I_b = i) = w_{b,i} and weight 1, so
+            E[eps_{I_b}] = sum_i w_{b,i} eps_i (an unbiased estimate of eq. 3 at one
+            shard's cost; at high noise the shards' predictions nearly agree)
 
     (4) w~_{b,i} = w_{b,i} / sum_{j in R_b} w_{b,j}   for i in R_b, else 0
 
@@ -25,7 +29,7 @@ the full w^S (what a sample is attributed to), never the truncated w~.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -64,13 +68,18 @@ class Routing:
     top_k: int | None = None
     mass: float | None = None
     default_k: bool = False  # top_k is the default's: cut to |S|, not an error
+    draw_above: int | None = None  # timesteps above it: one shard drawn from w_b
 
     def __post_init__(self):
         if self.kind not in KINDS:
             raise ValueError(f"routing={self.kind!r}; allowed: {list(KINDS)}")
+        if self.draw_above is not None and (isinstance(self.draw_above, bool) or not isinstance(
+                self.draw_above, int) or self.draw_above < 0):
+            raise ValueError(f"draw_above={self.draw_above!r}; allowed: a timestep >= 0")
         if self.kind == "dense":
-            if self.top_k is not None or self.mass is not None:
-                raise ValueError("routing 'dense' takes no top_k or mass; use routing 'topk'")
+            if self.top_k is not None or self.mass is not None or self.draw_above is not None:
+                raise ValueError("routing 'dense' takes no top_k, mass or draw_above; "
+                                 "use routing 'topk'")
             return
         if self.top_k is None and self.mass is None:
             raise ValueError("routing 'topk' needs top_k (an integer >= 1) and/or mass in (0, 1]")
@@ -82,23 +91,27 @@ class Routing:
 
     @classmethod
     def parse(cls, kind: str | None = None, top_k: int | None = None,
-              mass: float | None = None, mode: str = "composed") -> Routing:
-        """From user input (CLI, API). No kind: `topk` if top_k or mass is given, else
-        the default routing (dense for mode `naive`, whose weights are uniform).
-        `topk` with neither top_k nor mass is the default routing; giving one of them
-        sets exactly what is given (the other is then unset, not defaulted).
+              mass: float | None = None, mode: str = "composed",
+              draw_above: int | None = None) -> Routing:
+        """From user input (CLI, API). No kind: `topk` if top_k, mass or draw_above is
+        given, else the default routing (dense for mode `naive`, whose weights are
+        uniform). `topk` with neither top_k nor mass is the default's top_k and mass
+        (with `draw_above` if given, else the default's); giving top_k or mass sets
+        exactly what is given (the others are then unset, not defaulted).
 
         Raises:
             ValueError: bad values, or sparse routing with mode `naive`.
         """
         if kind is None:
-            kind = "topk" if (top_k is not None or mass is not None) else (
+            kind = "topk" if (top_k is not None or mass is not None or draw_above is not None) else (
                 "dense" if mode == "naive" else DEFAULT_ROUTING.kind)
         if kind == "topk" and top_k is None and mass is None:
-            return DEFAULT_ROUTING.check_mode(mode)
+            if draw_above is None:
+                return DEFAULT_ROUTING.check_mode(mode)
+            return replace(DEFAULT_ROUTING, draw_above=draw_above).check_mode(mode)
         if isinstance(mass, int) and not isinstance(mass, bool):
             mass = float(mass)
-        return cls(kind, top_k, mass).check_mode(mode)
+        return cls(kind, top_k, mass, draw_above=draw_above).check_mode(mode)
 
     def check_mode(self, mode: str) -> Routing:
         """Return self; raise ValueError if this sparse routing meets mode `naive`."""
@@ -119,11 +132,12 @@ class Routing:
         return size if self.top_k is None else min(self.top_k, size)
 
     def to_dict(self) -> dict:
-        return {"routing": self.kind, "top_k": self.top_k, "mass": self.mass}
+        return {"routing": self.kind, "top_k": self.top_k, "mass": self.mass,
+                "draw_above": self.draw_above}
 
     def __str__(self) -> str:
-        parts = [f"top_k={self.top_k}"] * (self.top_k is not None) + [f"mass={self.mass}"] * (
-            self.mass is not None)
+        parts = [f"{k}={v}" for k, v in (("top_k", self.top_k), ("mass", self.mass),
+                                         ("draw_above", self.draw_above)) if v is not None]
         return self.kind + (f" ({', '.join(parts)})" if parts else "")
 
 
@@ -131,14 +145,39 @@ class Routing:
 DEFAULT_ROUTING = Routing("topk", top_k=DEFAULT_TOP_K, mass=DEFAULT_MASS, default_k=True)
 
 
-def route(w: torch.Tensor, routing: Routing) -> torch.Tensor:
+def route(w: torch.Tensor, routing: Routing, t: torch.Tensor | None = None,
+          u: torch.Tensor | None = None) -> torch.Tensor:
     """Equation (4): the renormalised weights w~ (B, K), zero outside each R_b.
 
     Args:
         w: (B, K) weights, zero outside S, rows summing to 1.
+        t: (B,) each row's timestep, and u: (B,) uniforms in [0, 1) (from each
+            request's own generator), both needed when `routing.draw_above` is set.
     """
     if routing.kind == "dense":
         return w
+    routed = _top(w, routing)
+    if routing.draw_above is None:
+        return routed
+    if t is None or u is None:
+        raise ValueError("routing with draw_above needs each row's timestep and a uniform")
+    drawn = draw(w, u)
+    early = (t > routing.draw_above)[:, None]
+    return torch.where(early, drawn, routed)
+
+
+def draw(w: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """One-hot (B, K): shard i of row b with probability w_{b,i}, by inverse CDF at u_b.
+    The first i whose cumulative weight exceeds u_b times the row's total, so a shard
+    of weight 0 is never drawn."""
+    cum = torch.cumsum(w, dim=1)
+    target = (u.to(w.dtype) * cum[:, -1])[:, None]
+    index = (cum <= target).sum(1).clamp(max=w.shape[1] - 1)
+    return torch.zeros_like(w).scatter(1, index[:, None], 1.0)
+
+
+def _top(w: torch.Tensor, routing: Routing) -> torch.Tensor:
+    """Top-k and/or mass routing of eq. (4)."""
     order = torch.argsort(w, dim=1, descending=True)
     sorted_w = torch.gather(w, 1, order)
     rank = torch.arange(w.shape[1], device=w.device).expand_as(w)

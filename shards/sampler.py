@@ -4,14 +4,18 @@ For a subset S of contributors, at every step (docs/maths.md; routing.py eq. 2):
 
     (3) eps_S(x_t, t) = sum_{i in S} w_i^S(x_t, t) eps_i(x_t, t)
 
-and a diffusers scheduler (DDPM ancestral, Ho et al. 2020 Algorithm 2, the default;
-or DDIM, Song et al. 2021 eq. 12 with eta = 0) turns eps_S into x_{t-1}. `naive` mode
-uses w_i = 1/|S|, the baseline that mixes vector fields into blends of distributions.
+and a diffusers scheduler turns eps_S into x_{t-1}: DDPM ancestral (Ho et al. 2020
+Algorithm 2, the default), DDIM (Song et al. 2021 eq. 12, eta = 0), or a multistep
+solver (DPM-Solver++ 2M and its SDE variant, UniPC; batch.py SCHEDULER_SPECS) whose
+history of eps_S is kept per request. `naive` mode uses w_i = 1/|S|, the baseline that
+mixes vector fields into blends of distributions.
 
-DDPM is the default because its fresh noise at every step corrects errors in the
-estimated weights; the deterministic DDIM ODE accumulates them. On the default store
-DDIM drifts mass toward the broad (corrupted) shard: 26% of final-step attribution
-against a 7.4% prior, where DDPM gives 9% (docs/evidence.md).
+The stochastic samplers are the ones to use: DDPM's fresh noise at every step corrects
+errors in the estimated weights and in the shards' own predictions, where the
+deterministic ODE solvers (DDIM, DPM-Solver++ 2M, UniPC) accumulate them. On the
+default store DDIM drifts mass toward the broad (corrupted) shard: 26% of final-step
+attribution against a 7.4% prior, where DDPM gives 9% (docs/evidence.md); on the
+studios store every ODE solver more than doubles the FD (docs/performance.md).
 
 Sparse routing (routing.py eq. 4): the router's weights are computed first (cheap);
 each sample is then evaluated only on its routed shards, all (sample, shard) pairs of
@@ -51,7 +55,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .bank import ShardBank
-from .batch import SCHEDULER_CLASSES, Batch, SampleOutput, SampleRequest, label_seed
+from .batch import SCHEDULER_SPECS, Batch, SampleOutput, SampleRequest, label_seed
 from .errors import LabelUnavailableError, UnknownContributorError
 from .router import EqualScores, RouterModel
 from .routing import Routing
@@ -233,5 +237,5 @@ class ComposedSampler:
         return Batch(self, steps, scheduler, mode, routing or Routing())
 
 
-__all__ = ["SCHEDULER_CLASSES", "Batch", "ComposedSampler", "SampleOutput", "SampleRequest",
+__all__ = ["SCHEDULER_SPECS", "Batch", "ComposedSampler", "SampleOutput", "SampleRequest",
            "compose", "label_seed"]

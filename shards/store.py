@@ -53,11 +53,11 @@ class ShardStore(ShardRegistry):
     def create(cls, root: str | Path, datasets: list[ContributorData],
                config: StoreConfig | None = None, public: torch.Tensor | None = None,
                device: str | None = None, progress: bool = True,
-               public_labels: torch.Tensor | None = None) -> ShardStore:
+               public_labels: torch.Tensor | None = None, workers: int = 1) -> ShardStore:
         """Train one shard per contributor and the router; write a new store at `root`
-        (`builder.build_store`: its errors)."""
+        (`builder.build_store`: its errors; `workers` processes train the shards)."""
         builder.build_store(root, datasets, config or StoreConfig(), public, public_labels,
-                            device, progress)
+                            device, progress, workers)
         return cls.open(root)
 
     def add(self, data: ContributorData, kind: str | None = None, public: torch.Tensor | None = None,

@@ -23,6 +23,8 @@ from diffusers.optimization import get_cosine_schedule_with_warmup
 from diffusers.training_utils import EMAModel
 from tqdm.auto import tqdm
 
+from .settings import PRECISIONS
+
 
 @dataclass(frozen=True)
 class TrainConfig:
@@ -33,8 +35,13 @@ class TrainConfig:
     lr: float = 2e-3
     warmup_steps: int = 50
     ema: bool = False  # end with the EMA of the weights (denoisers; see module docstring)
+    # "bf16": the denoiser's forward pass under bfloat16 autocast (weights, optimiser
+    # and loss stay float32); pays off on CPUs with native bfloat16 (docs/performance.md)
+    precision: str = "fp32"
 
     def __post_init__(self):
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"precision={self.precision!r}; allowed: {list(PRECISIONS)}")
         if self.steps < 1 or self.batch_size < 1 or self.lr <= 0:
             raise ValueError(f"steps, batch_size and lr must be positive: {self}")
         if not 0 <= self.warmup_steps <= self.steps:
@@ -120,12 +127,14 @@ def train_denoiser(
     if images.ndim != 4 or images.shape[0] == 0:
         raise ValueError(f"images must be a non-empty (N, C, H, W) tensor, got {tuple(images.shape)}")
     generator = torch.Generator().manual_seed(seed)
+    bf16 = config.precision == "bf16"
 
     def batch_loss() -> torch.Tensor:
         idx = torch.randint(0, images.shape[0], (config.batch_size,), generator=generator)
         x_t, t, eps = forward_noise(scheduler, images[idx], generator)
         y = None if labels is None else labels[idx].to(device)
-        out = model(x_t.to(device), t.to(device), class_labels=y).sample
-        return torch.nn.functional.mse_loss(out, eps.to(device))
+        with torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=bf16):
+            out = model(x_t.to(device), t.to(device), class_labels=y).sample
+        return torch.nn.functional.mse_loss(out.float(), eps.to(device))
 
     return optimize(model, batch_loss, config, device=device, desc=desc, progress=progress)

@@ -106,6 +106,8 @@ def test_credit_and_contributors_payload(client):
     ({"scheduler": "euler"}, "ddpm"),
     ({"contributors": ["a"], "n": 1, "steps": 1, "mass": 0}, "greater than 0"),
     ({"steps": 0}, "greater than or equal to 1"),
+    ({"draw_above": -1}, "greater than or equal to 0"),
+    ({"draw_above": 1.5}, "valid integer"),
 ])
 def test_bad_generate_inputs_are_400_with_a_message(client, body, fragment):
     r = call(client, "generate", "admin", body)

@@ -59,10 +59,12 @@ def test_shard_init_base_from_the_cli(tmp_path, data_dir, capsys):
     assert "shard_init 'base'" in err and "--public" in err and len(err.splitlines()) == 1
     assert not (tmp_path / "x").exists()
     store = tmp_path / "s"
-    assert main(args[:3] + [str(store), "--public", str(data_dir / "public")] + args[4:]) == 0
+    assert main(args[:3] + [str(store), "--public", str(data_dir / "public")] + args[4:]
+                + ["--precision", "bf16", "--workers", "2"]) == 0
     built = ShardStore.open(store)
     assert built.manifest["base"] is not None and built.config.shard_init == "base"
     assert {built.contributor(c)["init"] for c in built.contributor_ids} == {"base"}
+    assert built.config.shard_train.precision == built.config.base_train.precision == "bf16"
 
 
 def test_an_rgb_contributor_added_to_a_grayscale_store_is_refused(store_copy, tmp_path, capsys):

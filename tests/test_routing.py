@@ -6,7 +6,7 @@ import torch
 from conftest import assert_close
 
 from shards.models import make_unet
-from shards.routing import DEFAULT_ROUTING, Routing, route
+from shards.routing import DEFAULT_ROUTING, Routing, draw, route
 
 
 def test_route_keeps_top_k_or_the_mass_and_renormalises():
@@ -23,6 +23,48 @@ def test_route_keeps_top_k_or_the_mass_and_renormalises():
     assert (route(w, Routing("topk", top_k=1)) > 0).sum(1).tolist() == [1, 1]
 
 
+def test_draw_picks_each_shard_with_its_weight_and_never_a_zero_one():
+    """The inverse CDF at u: shard i with probability w_i (so E[eps_I] = sum w_i eps_i);
+    u = 0 and u just below 1 stay on shards of positive weight."""
+    w = torch.tensor([[0.0, 0.5, 0.0, 0.3, 0.2, 0.0]]).expand(200_000, -1)
+    u = torch.rand(200_000, generator=torch.Generator().manual_seed(0))
+    picked = draw(w, u)
+    assert torch.equal(picked.sum(1), torch.ones(200_000))
+    freq = picked.mean(0)
+    assert_close(freq, w[0], atol=0.005)
+    edge = draw(w[:2], torch.tensor([0.0, 1 - 1e-7]))
+    assert edge.argmax(1).tolist() == [1, 4]
+
+
+def test_draw_above_draws_one_shard_at_high_noise_only():
+    w = torch.tensor([[0.5, 0.3, 0.2], [0.5, 0.3, 0.2]])
+    routing = Routing("topk", top_k=2, draw_above=600)
+    r = route(w, routing, t=torch.tensor([900, 100]), u=torch.tensor([0.9, 0.9]))
+    assert_close(r[0], torch.tensor([0.0, 0.0, 1.0]))  # drawn: 0.9 falls in the third
+    assert_close(r[1], torch.tensor([0.5, 0.3, 0.0]) / 0.8)  # top 2, renormalised
+    with pytest.raises(ValueError, match="needs each row's timestep"):
+        route(w, routing)
+
+
+def test_drawn_routing_is_reproducible_and_batched_requests_keep_their_images(full_store):
+    """The draws come from each request's own generator: the same request gives the
+    same images alone and beside another, and about one shard a sample at early steps."""
+    from shards.sampler import SampleRequest
+
+    sampler = full_store.load_sampler("cpu")
+    routing = Routing("topk", top_k=2, draw_above=0)  # every step but t = 0 draws
+    first, second = SampleRequest(None, 3, 1), SampleRequest(("a", "b"), 2, 7)
+    alone = sampler.sample_batch([first], steps=6, routing=routing)[0]
+    rows = sampler.shard_rows
+    together = sampler.sample_batch([second, first], steps=6, routing=routing)[1]
+    assert sampler.shard_rows - rows <= 5 * 6 + 5  # one shard a sample but at t = 0 (top 2)
+    assert_close(together.images, alone.images, atol=1e-5)
+    again = sampler.sample_batch([first], steps=6, routing=routing)[0]
+    assert torch.equal(again.images, alone.images)
+    other = sampler.sample_batch([SampleRequest(None, 3, 2)], steps=6, routing=routing)[0]
+    assert not torch.equal(other.images, alone.images)
+
+
 @pytest.mark.parametrize("kwargs, message", [
     ({"kind": "sparse"}, "routing='sparse'; allowed"),
     ({"kind": "topk"}, "needs top_k"),
@@ -31,6 +73,9 @@ def test_route_keeps_top_k_or_the_mass_and_renormalises():
     ({"kind": "topk", "mass": 0.0}, r"mass=0.0; allowed: a number in \(0, 1\]"),
     ({"kind": "topk", "mass": 1.2}, "mass=1.2"),
     ({"kind": "dense", "top_k": 2}, "takes no top_k"),
+    ({"kind": "dense", "draw_above": 500}, "takes no top_k, mass or draw_above"),
+    ({"kind": "topk", "top_k": 2, "draw_above": -1}, "draw_above=-1; allowed: a timestep >= 0"),
+    ({"kind": "topk", "top_k": 2, "draw_above": 0.5}, "draw_above=0.5"),
 ])
 def test_bad_routing_is_a_clear_error(kwargs, message):
     with pytest.raises(ValueError, match=message):
@@ -136,6 +181,10 @@ def test_a_failed_load_leaves_its_slot_free_not_shared():
 
 def test_parse_from_user_input():
     assert Routing.parse(top_k=2) == Routing("topk", top_k=2)
+    drawn = Routing.parse(draw_above=700)
+    assert (drawn.top_k, drawn.mass, drawn.draw_above) == (
+        DEFAULT_ROUTING.top_k, DEFAULT_ROUTING.mass, 700)
+    assert Routing.parse("topk", top_k=2, draw_above=5) == Routing("topk", top_k=2, draw_above=5)
     assert Routing.parse(mode="naive") == Routing()
     with pytest.raises(ValueError, match="routing='topk' needs mode 'composed'"):
         Routing.parse(top_k=2, mode="naive")

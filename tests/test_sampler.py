@@ -4,7 +4,8 @@ from conftest import assert_close
 
 from shards.errors import UnknownContributorError
 from shards.routing import Routing
-from shards.sampler import SCHEDULER_CLASSES
+from shards.sampler import SCHEDULER_SPECS
+from shards.settings import SCHEDULERS
 
 
 @pytest.fixture(scope="module")
@@ -12,7 +13,7 @@ def sampler(full_store):
     return full_store.load_sampler("cpu")
 
 
-@pytest.mark.parametrize("scheduler", ["ddim", "ddpm"])
+@pytest.mark.parametrize("scheduler", SCHEDULERS)
 def test_same_seed_same_images(sampler, scheduler):
     o1 = sampler(None, n=4, steps=5, seed=3, scheduler=scheduler)
     o2 = sampler(None, n=4, steps=5, seed=3, scheduler=scheduler)
@@ -37,19 +38,24 @@ def test_naive_mode_is_uniform(sampler):
     assert_close(out.attribution_mean, torch.full((3, 3), 1 / 3))
 
 
-@pytest.mark.parametrize("scheduler", ["ddim", "ddpm"])
+def test_every_scheduler_is_named_in_settings():
+    assert tuple(SCHEDULER_SPECS) == SCHEDULERS
+
+
+@pytest.mark.parametrize("scheduler", SCHEDULERS)
 def test_single_contributor_equals_that_shard_alone(sampler, full_store, scheduler):
-    """Restricted to {b}, w_b = 1: the composition is shard b's own sampling chain."""
+    """Restricted to {b}, w_b = 1: the composition is shard b's own sampling chain,
+    with diffusers' own scheduler (multistep solvers included)."""
     out = sampler(["b"], n=3, steps=6, seed=2, scheduler=scheduler)
     unet = full_store.load_shard("b")
-    sched = SCHEDULER_CLASSES[scheduler].from_config(sampler.schedule_config)
-    sched.set_timesteps(6)
+    spec = SCHEDULER_SPECS[scheduler]
+    sched = spec.make(sampler.schedule_config, 6)
     generator = torch.Generator().manual_seed(2)
     x = torch.randn((3, 1, 8, 8), generator=generator)
-    step_gen = generator if scheduler == "ddpm" else None
+    step_kw = {"generator": generator} if spec.stochastic else {}
     with torch.no_grad():
         for t in sched.timesteps:
-            x = sched.step(unet(x, t).sample, t, x, generator=step_gen).prev_sample
+            x = sched.step(unet(x, t).sample, t, x, **step_kw).prev_sample
     assert_close(out.images, (x.clamp(-1, 1) + 1) / 2, atol=1e-5)
     assert torch.all(out.attribution_mean == 1)
 
@@ -104,13 +110,15 @@ def test_bad_requests(sampler):
         sampler(None, n=0, steps=1)
 
 
-def test_a_request_joining_a_running_batch_gets_its_own_images(sampler):
-    """Continuous batching: requests join between steps, each row at its own timestep."""
+@pytest.mark.parametrize("scheduler", ["ddpm", "dpmpp-2m", "unipc"])
+def test_a_request_joining_a_running_batch_gets_its_own_images(sampler, scheduler):
+    """Continuous batching: requests join between steps, each row at its own timestep
+    (a multistep solver keeps each request's own history of eps)."""
     from shards.sampler import SampleRequest
 
     first, second = SampleRequest(None, 3, 1), SampleRequest(("a", "b"), 2, 7)
-    alone = [sampler.sample_batch([r], steps=6)[0] for r in (first, second)]
-    batch = sampler.batch(steps=6)
+    alone = [sampler.sample_batch([r], steps=6, scheduler=scheduler)[0] for r in (first, second)]
+    batch = sampler.batch(steps=6, scheduler=scheduler)
     batch.add(first, handle="first")
     done = {}
     for step in range(12):
@@ -127,7 +135,7 @@ def test_a_request_joining_a_running_batch_gets_its_own_images(sampler):
         assert_close(out.attribution_last, ref.attribution_last)
 
 
-@pytest.mark.parametrize("scheduler", ["ddpm", "ddim"])
+@pytest.mark.parametrize("scheduler", ["ddpm", "ddim", "dpmpp-2m-sde"])
 def test_requests_of_different_step_counts_share_a_batch(sampler, scheduler):
     """A 2-step request runs beside a 9-step one (the service batches them together):
     each gets the images it gets alone, on its own schedule."""

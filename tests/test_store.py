@@ -254,3 +254,46 @@ def test_full_shards_can_start_from_the_public_base(tmp_path, datasets, tiny_con
     reopened = ShardStore.open(store.root)
     assert reopened.manifest["base"]["weights_hash"] == base_hash
     assert not (store.root / "shards" / datasets[0].contributor_id).exists()
+
+
+def test_workers_train_the_same_shards_in_parallel_processes(tmp_path, datasets, public, lora_store):
+    """`workers=2`: the contributors train in two spawned processes (LoRA shards: the
+    base travels through the store being built); the same entries, and weights equal to
+    a one-process build up to the float rounding of another thread count."""
+    config = lora_store.config
+    parallel = ShardStore.create(tmp_path / "parallel", datasets, config, public=public,
+                                 device="cpu", progress=False, workers=2)
+    assert parallel.contributor_ids == lora_store.contributor_ids
+    assert parallel.manifest["base"]["weights_hash"] == lora_store.manifest["base"]["weights_hash"]
+    for cid in parallel.contributor_ids:
+        mine, ref = parallel.contributor(cid), lora_store.contributor(cid)
+        assert {k: v for k, v in mine.items() if k not in ("weights_hash", "head", "added_at", "final_loss")} == \
+            {k: v for k, v in ref.items() if k not in ("weights_hash", "head", "added_at", "final_loss")}
+        assert mine["final_loss"] == pytest.approx(ref["final_loss"], rel=1e-3)
+    a = parallel.load_sampler("cpu")(None, n=4, steps=5, seed=0)
+    b = lora_store.load_sampler("cpu")(None, n=4, steps=5, seed=0)
+    assert_close(a.images, b.images, atol=1e-3)
+    with pytest.raises(ValueError, match="workers=0"):
+        ShardStore.create(tmp_path / "bad", datasets, config, public=public, workers=0)
+
+
+def test_bf16_training_is_recorded_and_close_to_fp32(tmp_path, datasets, public, full_store):
+    """`precision: bf16` trains the shards under bfloat16 autocast: recorded in the
+    manifest, float32 weights saved, and a loss near the float32 store's."""
+    from dataclasses import replace
+
+    from shards.training import TrainConfig
+
+    config = full_store.config
+    bf16 = config.replace(shard_train=replace(config.shard_train, precision="bf16").to_dict())
+    store = ShardStore.create(tmp_path / "bf16", datasets[:2], bf16, public=public,
+                              device="cpu", progress=False)
+    assert store.config.shard_train.precision == "bf16"
+    assert ShardStore.open(tmp_path / "bf16").manifest["config"]["shard_train"]["precision"] == "bf16"
+    for cid in store.contributor_ids:
+        assert store.load_shard(cid).dtype == torch.float32
+        assert store.contributor(cid)["weights_hash"] != full_store.contributor(cid)["weights_hash"]
+        assert store.contributor(cid)["final_loss"] == pytest.approx(
+            full_store.contributor(cid)["final_loss"], rel=0.2)
+    with pytest.raises(ValueError, match="precision='fp16'; allowed"):
+        TrainConfig(precision="fp16")
