@@ -24,12 +24,14 @@ from routing_quality import RESULTS, joint_copy  # noqa: E402
 from shards import Routing, ShardStore  # noqa: E402
 
 
-def parse(spec: str) -> Routing:
-    """'dense', or 'K:MASS' with either part empty (e.g. '1:', ':0.9')."""
+def parse(spec: str, sep: str = ":") -> Routing:
+    """'dense', or 'K:MASS[:DRAW]' (top_k, mass, draw_above) with any part empty (e.g.
+    '1:', ':0.9'); `sep` separates the parts."""
     if spec == "dense":
         return Routing()
-    k, _, mass = spec.partition(":")
-    return Routing("topk", int(k) if k else None, float(mass) if mass else None)
+    k, mass, draw = (spec.split(sep) + ["", ""])[:3]
+    return Routing("topk", int(k) if k else None, float(mass) if mass else None,
+                   draw_above=int(draw) if draw else None)
 
 
 def main() -> None:

@@ -38,6 +38,7 @@ from shards.sampler import SampleRequest  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).parent))
 from evaluator import DigitsEvaluator  # noqa: E402
+from routing_sweep import parse  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results"
 CASES = "ddpm:50,ddpm:30,ddpm:20,ddim:20,dpmpp-2m:20,unipc:20,dpmpp-2m-sde:15,dpmpp-2m-sde:20," \
@@ -45,13 +46,8 @@ CASES = "ddpm:50,ddpm:30,ddpm:20,ddim:20,dpmpp-2m:20,unipc:20,dpmpp-2m-sde:15,dp
 
 
 def parse_routing(spec: str) -> Routing:
-    if spec == "default":
-        return DEFAULT_ROUTING
-    if spec == "dense":
-        return Routing()
-    k, mass, draw = (spec.split("/") + ["", ""])[:3]
-    return Routing("topk", int(k) if k else None, float(mass) if mass else None,
-                   draw_above=int(draw) if draw else None)
+    """'default', or routing_sweep.py's spec with '/' between the parts."""
+    return DEFAULT_ROUTING if spec == "default" else parse(spec, sep="/")
 
 
 def main() -> int:

@@ -146,10 +146,7 @@ def _write_all(store: ShardRegistry, datasets, kind: str, scheduler, base, devic
 def _write_in_worker(root: str, manifest: dict, data: ContributorData, kind: str) -> dict:
     """In a worker process: the store being built, its schedule and base from disk."""
     store = ShardRegistry(root, manifest)
-    base = None
-    if manifest["base"] is not None:
-        base = UNet2DModel.from_pretrained(store.root / manifest["base"]["path"])
-    return write_contributor(store, data, kind, store.noise_schedule(), base,
+    return write_contributor(store, data, kind, store.noise_schedule(), store.load_base(),
                              torch.device("cpu"), progress=False)
 
 
@@ -203,9 +200,7 @@ def add_contributor(store: ShardRegistry, data: ContributorData, kind: str | Non
         _check_labels(store, data)
         dev = pick_device(device)
         scheduler = store.noise_schedule()
-        base = None
-        if store.config.needs_base(kind):
-            base = UNet2DModel.from_pretrained(store.root / store.manifest["base"]["path"])
+        base = store.load_base() if store.config.needs_base(kind) else None
         cleanup_orphans(store)
         entry = write_contributor(store, data, kind, scheduler, base, dev, progress)
         crashpoint("add:shard-written")

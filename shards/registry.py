@@ -25,7 +25,7 @@ import time
 from pathlib import Path
 
 import torch
-from diffusers import DDPMScheduler
+from diffusers import DDPMScheduler, UNet2DModel
 from filelock import FileLock
 from safetensors.torch import load_file
 
@@ -223,6 +223,11 @@ class ShardRegistry:
     def noise_schedule(self) -> DDPMScheduler:
         """The forward process every model of the store shares."""
         return DDPMScheduler.from_pretrained(self.root / "schedule")
+
+    def load_base(self) -> UNet2DModel | None:
+        """The public base model (trained on public data only), None in a store without one."""
+        base = self.manifest["base"]
+        return None if base is None else UNet2DModel.from_pretrained(self.root / base["path"])
 
     def contributor_data(self, contributor_id: str) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The kept copy of a live contributor's images and labels (None: unlabelled).

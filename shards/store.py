@@ -111,8 +111,7 @@ class ShardStore(ShardRegistry):
             raise StoreError(f"shard {contributor_id!r} was purged; it can no longer be loaded")
         if entry["kind"] == "full":
             return UNet2DModel.from_pretrained(folder).eval()
-        base = UNet2DModel.from_pretrained(self.root / self.manifest["base"]["path"])
-        return PeftModel.from_pretrained(base, folder).merge_and_unload().eval()
+        return PeftModel.from_pretrained(self.load_base(), folder).merge_and_unload().eval()
 
     def load_bank(self, capacity: int | None = None) -> ShardBank:
         """A lazy, bounded cache over the live shards: `capacity` shards (default: the
