@@ -12,8 +12,12 @@ targets are printed as information; the exit status is 1 only when a part crashe
    CDM_KEY_COST_PER_MINUTE=none) with K client threads sending generate requests
    {"n": n, "steps": steps, "seed": i} back to back, K = 1, 4, 8: images/s, p50/p95
    latency, mean requests per batch; once with batching (the default) and once with
-   CDM_MAX_BATCH=1, on a separate server. Targets: HTTP batched at K=8 / library one
-   batch >= 0.7; unbatched at K=4 and K=8 not slower than at K=1.
+   CDM_MAX_BATCH=1, on a separate server. Just before each batched row the library
+   does the same work (3 rounds of one batch of K requests) in this process while
+   the server idles, and the row's ratio is to that: paired, because this machine's
+   speed drifts by up to 2x over minutes, which unpaired ratios mistake for server
+   overhead. Targets: HTTP batched at K=8 / library one batch >= 0.7, and / the
+   paired library >= 0.9; unbatched at K=4 and K=8 not slower than at K=1.
 2. hol (head-of-line blocking), on a fresh 1-worker server: latency of a small request
    {"n": 1, "steps": 10} sent 20 times in a row on the idle server; then one
    maximum-cost request {"n": 64, "steps": 500} in a thread and, ~3 s later, the small
@@ -225,9 +229,7 @@ def errors_seen(replies: list[Reply], limit: int = 5) -> list[str]:
 
 
 # --------------------------------------------------------------- throughput
-def library_rates(root: Path, n: int, steps: int) -> dict:
-    store = ShardStore.open(root)
-    sampler = store.load_sampler("cpu")
+def library_rates(sampler, n: int, steps: int) -> dict:
     reqs = [SampleRequest(None, n, seed) for seed in range(LIBRARY_REQUESTS)]
     rows = {}
     for label, routing in [("dense", None), ("http_default", Routing.parse(None, None, None))]:
@@ -246,7 +248,7 @@ def library_rates(root: Path, n: int, steps: int) -> dict:
                        "one_batch_images_per_s": images / batch_s, "one_batch_s": batch_s,
                        "one_at_a_time_images_per_s": images / one_s, "one_at_a_time_s": one_s}
     print(f"\nlibrary: {LIBRARY_REQUESTS} requests x {n} images, {steps} steps, "
-          f"{len(store.contributor_ids)} shards")
+          f"{len(sampler.classifier_ids)} shards")
     print(f"  {'routing':14s} {'one batch img/s':>16s} {'one at a time img/s':>20s}")
     for label, row in rows.items():
         print(f"  {label:14s} {row['one_batch_images_per_s']:16.2f} "
@@ -254,8 +256,27 @@ def library_rates(root: Path, n: int, steps: int) -> dict:
     return rows
 
 
+def paired_library(sampler, n: int, steps: int):
+    """The ideal server's rate for a row of K clients, measured now: `per_client`
+    rounds of one library batch of K requests (the HTTP default routing), img/s. Run
+    just before each HTTP row, so that the ratio does not depend on how fast this
+    machine happens to be at the time (it drifts by up to 2x over minutes here)."""
+    routing = Routing.parse(None, None, None)
+
+    def rate(k: int, rounds: int) -> float:
+        t0 = time.perf_counter()
+        for r in range(rounds):
+            sampler.sample_batch([SampleRequest(None, n, 1000 * r + i) for i in range(k)], steps,
+                                 routing=routing)
+        return rounds * k * n / (time.perf_counter() - t0)
+
+    return rate
+
+
 def http_rates(server: Server, name: str, n: int, steps: int, per_client: int,
-               warmup: int) -> dict:
+               warmup: int, library=None) -> dict:
+    """HTTP rows at each concurrency K; with `library` (`paired_library`), the
+    library's rate for the same work measured just before each row, and the ratio."""
     key = server.keys["user"]
 
     def one(seed: int) -> Reply:
@@ -267,6 +288,7 @@ def http_rates(server: Server, name: str, n: int, steps: int, per_client: int,
     rows: dict[str, dict] = {"warmup_statuses": statuses(warm)}
     for k in CONCURRENCY:
         total = k * per_client
+        lib = library(k, per_client) if library else None
         before = batch_metric(server)
         t0 = time.monotonic()
         with ThreadPoolExecutor(k) as pool:
@@ -282,25 +304,32 @@ def http_rates(server: Server, name: str, n: int, steps: int, per_client: int,
             "images_per_s": len(ok) * n / wall, "latency_p50_s": pct(lat, 50),
             "latency_p95_s": pct(lat, 95),
             "mean_requests_per_batch": (after[0] - before[0]) / batches if batches else None,
-            "workers": sorted({r.worker for r in replies if r.worker})}
-    print(f"\nHTTP {name}: n={n}, steps={steps}, {per_client} requests per client")
+            "workers": sorted({r.worker for r in replies if r.worker}),
+            "library_same_work_images_per_s": lib,
+            "over_library_same_work": len(ok) * n / wall / lib if lib else None}
+    print(f"\nHTTP {name}: n={n}, steps={steps}, {per_client} requests per client"
+          + ("; lib: the library's batches of K requests just before the row" if library else ""))
     print(f"  {'K':>3s} {'img/s':>8s} {'p50 s':>8s} {'p95 s':>8s} {'req/batch':>10s} "
-          f"{'ok':>5s}  statuses")
+          f"{'ok':>5s} {'lib img/s':>10s} {'/lib':>6s}  statuses")
     for k in CONCURRENCY:
         r = rows[str(k)]
         print(f"  {k:3d} {r['images_per_s']:8.2f} {fmt(r['latency_p50_s']):>8s} "
               f"{fmt(r['latency_p95_s']):>8s} {fmt(r['mean_requests_per_batch']):>10s} "
-              f"{r['ok']:5d}  {r['statuses']}")
+              f"{r['ok']:5d} {fmt(r['library_same_work_images_per_s']):>10s} "
+              f"{fmt(r['over_library_same_work'], '.3f'):>6s}  {r['statuses']}")
     return rows
 
 
 def part_throughput(args: argparse.Namespace, source: Path, work: Path, logs: Path) -> dict:
     lib_root = work / "library"
     shutil.copytree(source, lib_root, ignore=shutil.ignore_patterns("service.db*"))
-    report: dict = {"library": library_rates(lib_root, args.n, args.steps)}
+    sampler = ShardStore.open(lib_root).load_sampler("cpu")
+    report: dict = {"library": library_rates(sampler, args.n, args.steps)}
     for name, env in [("batched", {}), ("unbatched", {"CDM_MAX_BATCH": "1"})]:
         with serving(source, work, logs, f"throughput-{name}", env={**NO_RATE_LIMIT, **env}) as s:
-            rows = http_rates(s, name, args.n, args.steps, args.requests_per_client, args.warmup)
+            rows = http_rates(s, name, args.n, args.steps, args.requests_per_client, args.warmup,
+                              paired_library(sampler, args.n, args.steps)
+                              if name == "batched" else None)
         report[f"http_{name}"] = {"env": s.env, "startup_s": s.startup_s, "rows": rows,
                                   "log": log_summary(s.log)}
     batched8 = report["http_batched"]["rows"]["8"]["images_per_s"]
@@ -310,6 +339,10 @@ def part_throughput(args: argparse.Namespace, source: Path, work: Path, logs: Pa
         ratio = batched8 / lib["one_batch_images_per_s"]
         targets[f"http_batched_k8_over_library_one_batch_{label}"] = {
             "ratio": ratio, "target": ">= 0.7", "met": ratio >= 0.7}
+    for k in CONCURRENCY:
+        ratio = report["http_batched"]["rows"][str(k)]["over_library_same_work"]
+        targets[f"http_batched_k{k}_over_library_same_work_paired"] = {
+            "ratio": ratio, "target": ">= 0.9", "met": ratio is not None and ratio >= 0.9}
     for k in (4, 8):
         ratio = unb[str(k)]["images_per_s"] / unb["1"]["images_per_s"] \
             if unb["1"]["images_per_s"] else None
