@@ -103,6 +103,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--head-steps", type=int, default=None,
                    help="training steps of each density-ratio head; default "
                         f"{STORE.head_train.steps}")
+    p.add_argument("--no-text", action="store_true",
+                   help="ignore the data's captions: a store conditioned on labels (or "
+                        "nothing), where captioned contributors otherwise make a "
+                        "text-conditional one")
     p.add_argument("--no-labels", action="store_true",
                    help="ignore the data's labels: an unconditional store (labelled data "
                         "otherwise makes class-conditional shards and router)")
@@ -119,6 +123,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("sample", help="sample from the composition of some contributors")
     p.add_argument("--store", required=True)
     p.add_argument("--contributors", default=None, help="comma-separated ids (default: all)")
+    p.add_argument("--prompt", default=None,
+                   help="text stores: the prompt of every sample (at most 16 tokens); "
+                        "default: none (the null text)")
+    p.add_argument("--guidance", type=float, default=1.0,
+                   help="text stores: classifier-free guidance per shard (1: none; 3-5 "
+                        "follow the prompt more closely)")
     p.add_argument("--label", default=None,
                    help="labelled stores: the label of every sample, or one per sample "
                         "(comma-separated); default: drawn from the composition's labels")

@@ -98,18 +98,25 @@ def cmd_train(args) -> None:
     from dataclasses import replace as drop
 
     from shards import ShardStore, load_contributors
-    from shards.data import load_labelled_folder
+    from shards.data import load_contributor
 
     _store_config(args)  # options first: their errors come before any data is read
     datasets = load_contributors(args.data_dir)
     config = _store_config(args, datasets[0].image_shape, public=bool(args.public))
-    public, public_labels = load_labelled_folder(args.public) if args.public else (None, None)
+    pub = load_contributor(args.public, "public") if args.public else None
+    public, public_labels = (pub.images, pub.labels) if pub else (None, None)
+    # every contributor captioned: a text-conditional store, unless --no-text
+    text = not args.no_text and all(d.captions is not None for d in datasets)
+    if text:
+        print(f"text-conditional store: every contributor has captions (--no-text for "
+              f"{'labels' if datasets[0].labels is not None else 'none'})")
     if args.no_labels:  # the unconditional store of earlier versions, from labelled data
         datasets = [drop(d, labels=None) for d in datasets]
         public_labels = None
     store = ShardStore.create(args.store, datasets, config, public=public,
                               device=args.device, public_labels=public_labels,
-                              workers=args.workers)
+                              workers=args.workers, text=text,
+                              public_captions=list(pub.captions) if pub and pub.captions else None)
     _print_store(store)
 
 
@@ -141,6 +148,9 @@ def _print_store(store) -> None:
         labels = ",".join(sorted(e.get("labels", {}), key=int))
         print(f"  {cid:10s} {e['kind']:4s} {e['images']:5d} images  loss {e['final_loss']:.4f}  "
               f"data {e['data_hash'][:12]}" + (f"  labels {labels}" if labels else ""))
+    if store.text:
+        print(f"  text-conditional: prompts through {store.text['name']} "
+              f"(at most {store.text['max_tokens']} tokens)")
     print(f"  {store.router.describe(store)}")
 
 
@@ -162,7 +172,7 @@ def cmd_sample(args) -> None:
 
     labels = tuple(parse_label(y, "--label") for y in _csv(args.label)) if args.label else None
     request = SampleRequest(None if contributors is None else tuple(contributors), args.n,
-                            args.seed, labels)
+                            args.seed, labels, prompt=args.prompt, guidance=args.guidance)
     out = sampler.sample_batch([request], steps=args.steps, scheduler=args.scheduler,
                                mode=args.mode, progress=True, routing=routing)[0]
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -73,7 +73,8 @@ class Credit:
         entries = dict(self.store.manifest["contributors"])  # one snapshot: no 404 mid-list
         return [{"contributor_id": c, "images": e["images"], "kind": e["kind"],
                  "added_at": e["added_at"],
-                 "labels": dict(sorted(e.get("labels", {}).items(), key=lambda kv: int(kv[0])))}
+                 "labels": dict(sorted(e.get("labels", {}).items(), key=lambda kv: int(kv[0]))),
+                 "captions": e.get("captions")}  # text stores: distinct captions it holds
                 for c, e in sorted(entries.items())]
 
     def attribution(self, principal: Principal, request_id: str) -> dict:

@@ -12,6 +12,7 @@ from shards.errors import (
     DataError,
     LabelUnavailableError,
     StoreError,
+    TextUnavailableError,
     UnknownContributorError,
 )
 
@@ -47,7 +48,7 @@ class Postponed(Exception):
 # the first match wins: subclasses before their bases
 STATUS: list[tuple[type[Exception], int]] = [
     (AuthError, 401), (ForbiddenError, 403), (UnknownContributorError, 404),
-    (LabelUnavailableError, 404), (NotFoundError, 404), (RateLimitError, 429),
+    (LabelUnavailableError, 404), (TextUnavailableError, 404), (NotFoundError, 404), (RateLimitError, 429),
     (UnavailableError, 503), (DataError, 400), (StoreError, 409), (ValueError, 400),
 ]
 REASONS = {400: "Bad input", 401: "Missing, invalid, revoked or expired key",

@@ -148,7 +148,8 @@ class Generation:
                 steps: int = SAMPLE_STEPS, seed: int = 0, mode: str = "composed",
                 scheduler: str = "ddpm", routing: str | None = None, top_k: int | None = None,
                 mass: float | None = None, label: int | list[int] | None = None,
-                draw_above: int | None = None) -> GenerationJob:
+                draw_above: int | None = None, prompt: str | None = None,
+                guidance: float = 1.0) -> GenerationJob:
         """Check the request, charge the key, register the request as in flight, then
         snapshot the registry (after registering: a purge that did not see this request
         in flight ran after the snapshot, whose live set already excludes the forgotten).
@@ -162,7 +163,9 @@ class Generation:
         """
         route = Routing.parse(routing, top_k, mass, mode, draw_above)
         labels = None if label is None else tuple([label] if isinstance(label, int) else label)
-        cost = n * steps * self._shards_per_image(principal, contributors, route)
+        # guidance evaluates every routed shard twice: with the prompt and without
+        twice = 2 if prompt is not None and guidance != 1 else 1
+        cost = n * steps * self._shards_per_image(principal, contributors, route) * twice
         if cost > self.limits.request_cost:
             raise ValueError(f"n x steps x shards per image = {cost} exceeds this server's "
                              f"per-request limit {self.limits.request_cost} "
@@ -192,7 +195,7 @@ class Generation:
         try:
             sampler, live = self.live.sync()
             job = self._check(principal, contributors, n, steps, seed, mode, scheduler, route,
-                              sampler, live, seq, labels)
+                              sampler, live, seq, labels, prompt, guidance)
         except BaseException:
             self.release(seq)
             raise
@@ -231,10 +234,13 @@ class Generation:
         return shards
 
     def _check(self, principal, contributors, n, steps, seed, mode, scheduler, route, sampler,
-               live, seq, labels=None) -> GenerationJob:
+               live, seq, labels=None, prompt=None, guidance=1.0) -> GenerationJob:
         """Raises:
             UnknownContributorError: a named contributor is not live (404).
             LabelUnavailableError: no contributor of S holds a requested label (404).
+            TextUnavailableError: a prompt to a store without text conditioning, or a
+                label to a text store (404).
+            ValueError: a prompt longer than the text encoder takes, or blank (400).
             ForbiddenError: a named contributor is not licensed (403), or none is.
             UnavailableError: no live contributor at all (503).
         """
@@ -255,12 +261,14 @@ class Generation:
         if route.top_k is not None and route.top_k > len(allowed):  # "at most k": all of S
             route = dataclasses.replace(route, top_k=len(allowed))
         route.check_subset(len(allowed))
-        request = SampleRequest(tuple(allowed), n, seed, labels, steps)
+        request = SampleRequest(tuple(allowed), n, seed, labels, steps, prompt, guidance)
         sampler.check_labels(request)  # a label no contributor of S holds: 404 before sampling
         params = {"n": n, "steps": steps, "seed": seed, "mode": mode, "scheduler": scheduler,
                   **route.to_dict()}
         if labels is not None:
             params["label"] = list(labels)
+        if prompt is not None:
+            params["prompt"], params["guidance"] = prompt, guidance
         licences = {c: self.live.licences[c] for c in allowed if c in self.live.licences}
         return GenerationJob(principal, sampler, request, params, route, seq, licences)
 
@@ -326,6 +334,7 @@ class Generation:
             "attribution_last": {c: out.attribution_last[:, i].tolist()
                                  for i, c in enumerate(out.contributor_ids)},
             "labels": None if out.labels is None else out.labels.tolist(),
+            "prompt": job.params.get("prompt"),
             "notices": notices(attribution, job.licences),
         }
 

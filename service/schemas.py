@@ -66,6 +66,15 @@ class GenerateInput(Strict):
         None, description="labelled stores: the label of every image, or a list of one per "
                           "image (repeated to fill n); default: drawn from the contributors' "
                           "labels. A label no licensed, live contributor holds is a 404")
+    prompt: str | None = Field(
+        None, min_length=1, max_length=300,
+        description="text stores: what every image shows, e.g. \"red apple\" (at most 16 "
+                    "tokens of the text encoder; a longer prompt is a 400 naming the limit); "
+                    "default: none. A store without text conditioning answers 404")
+    guidance: float = Field(1.0, ge=0, le=20,
+                            description="text stores: classifier-free guidance, applied per "
+                                        "shard; 1: none; above 1 each image costs twice the "
+                                        "shard evaluations")
 
 
 class ForgetInput(Strict):

@@ -7,7 +7,7 @@ convolution, linear layer and group norm holds the weights of up to `capacity`
 shards stacked along a leading slot axis. Row b of the batch uses slot s_b:
 
     conv:  y_b = W[s_b] * x_b + c[s_b]     (one grouped convolution, groups = rows)
-    norm:  y_b = gamma[s_b] GN(x_b) + beta[s_b]
+    norm:  y_b = gamma[s_b] GN(x_b) + beta[s_b]       (group and layer norms)
     linear y_b = W[s_b] x_b + c[s_b]       (a batched matmul)
     class  y_b = E[s_b][label_b]           (class-conditional shards: a gather)
 
@@ -122,6 +122,24 @@ class StackedGroupNorm(_Stacked):
         return y * weight.reshape(*weight.shape, *extra) + bias.reshape(*bias.shape, *extra)
 
 
+class StackedLayerNorm(_Stacked):
+    def __init__(self, norm: torch.nn.LayerNorm, capacity: int, route: _Route):
+        super().__init__()
+        if not norm.elementwise_affine:
+            raise ValueError("StackedLayerNorm needs an affine LayerNorm")
+        self.shape, self.eps = norm.normalized_shape, norm.eps
+        self._stack(norm, capacity, route)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        weight, bias = self._param("weight"), self._param("bias")
+        if self.route.single is not None:
+            return F.layer_norm(x, self.shape, weight, bias, self.eps)
+        y = F.layer_norm(x, self.shape, None, None, self.eps)
+        extra = (1,) * (x.ndim - 2)  # (rows, ..., features)
+        y = y * weight.reshape(weight.shape[0], *extra, -1)
+        return y if bias is None else y + bias.reshape(bias.shape[0], *extra, -1)
+
+
 class StackedEmbedding(_Stacked):
     def __init__(self, embedding: torch.nn.Embedding, capacity: int, route: _Route):
         super().__init__()
@@ -134,7 +152,8 @@ class StackedEmbedding(_Stacked):
 
 
 _STACKED = {torch.nn.Conv2d: StackedConv2d, torch.nn.Linear: StackedLinear,
-            torch.nn.GroupNorm: StackedGroupNorm, torch.nn.Embedding: StackedEmbedding}
+            torch.nn.GroupNorm: StackedGroupNorm, torch.nn.Embedding: StackedEmbedding,
+            torch.nn.LayerNorm: StackedLayerNorm}
 
 
 def _stack_modules(net: torch.nn.Module, capacity: int, route: _Route) -> dict[str, _Stacked]:
@@ -222,9 +241,10 @@ class ShardBank(torch.nn.Module):
 
     @torch.no_grad()
     def evaluate(self, x_t: torch.Tensor, t: torch.Tensor, shard_ids: list[str],
-                 labels: torch.Tensor | None = None) -> torch.Tensor:
-        """eps_{shard_ids[r]}(x_t[r], t[r] (, labels[r])) for every row r, as
-        (rows, C, H, W); `labels` for class-conditional shards.
+                 labels: torch.Tensor | None = None, text=None) -> torch.Tensor:
+        """eps_{shard_ids[r]}(x_t[r], t[r] (, labels[r] or text[r])) for every row r, as
+        (rows, C, H, W); `labels` for class-conditional shards, `text` (a
+        text.TextBatch) for text-conditional ones.
 
         Raises:
             KeyError: a shard id this bank does not hold.
@@ -233,9 +253,9 @@ class ShardBank(torch.nn.Module):
         if unknown:
             raise KeyError(f"shards not in this bank: {unknown}")
         with self._lock:
-            return self._evaluate(x_t, t, shard_ids, labels)
+            return self._evaluate(x_t, t, shard_ids, labels, text)
 
-    def _evaluate(self, x_t, t, shard_ids, labels=None) -> torch.Tensor:
+    def _evaluate(self, x_t, t, shard_ids, labels=None, text=None) -> torch.Tensor:
         out = torch.empty_like(x_t)
         groups: dict[str, list[int]] = {}
         for r, cid in enumerate(shard_ids):
@@ -245,13 +265,14 @@ class ShardBank(torch.nn.Module):
         for cid in solo:
             rows = torch.tensor(groups[cid], device=x_t.device)
             slot = self._ensure([cid])[cid]
-            out[rows] = self._forward(x_t[rows], t[rows], _at(labels, rows), single=slot)
+            out[rows] = self._forward(x_t[rows], t[rows], _at(labels, rows), _at(text, rows),
+                                      single=slot)
         for chunk in self._passes(rest, groups):
             slots = self._ensure(chunk)
             rows = [r for c in chunk for r in groups[c]]
             row_slots = [slots[c] for c in chunk for _ in groups[c]]
             idx = torch.tensor(rows, device=x_t.device)
-            out[idx] = self._forward(x_t[idx], t[idx], _at(labels, idx),
+            out[idx] = self._forward(x_t[idx], t[idx], _at(labels, idx), _at(text, idx),
                                      slots=torch.tensor(row_slots, device=x_t.device))
         return out
 
@@ -267,13 +288,16 @@ class ShardBank(torch.nn.Module):
             rows += n
         return passes + ([current] if current else [])
 
-    def _forward(self, x, t, labels=None, slots=None, single=None) -> torch.Tensor:
+    def _forward(self, x, t, labels=None, text=None, slots=None, single=None) -> torch.Tensor:
         self.route.slots, self.route.single = slots, single
         try:
+            if text is not None:
+                return self.net(x, t, **text.unet_kwargs()).sample
             return self.net(x, t, class_labels=labels).sample
         finally:
             self.route.slots = self.route.single = None
 
 
-def _at(labels: torch.Tensor | None, rows: torch.Tensor) -> torch.Tensor | None:
+def _at(labels, rows: torch.Tensor):
+    """Rows of per-row conditions (labels, or a text.TextBatch), None passed through."""
     return None if labels is None else labels[rows]

@@ -24,6 +24,7 @@ from diffusers import (
 
 from .routing import Routing, posterior_weights, route
 from .settings import MODES
+from .text import TextBatch
 
 
 @dataclass(frozen=True)
@@ -63,13 +64,16 @@ class SampleRequest:
     """One request of a batch: `contributors` None means every live contributor;
     `labels` (labelled stores) one for all n samples, one per sample (a shorter list
     repeats to fill n), None to draw them from p_S(y); `steps` its number of denoising
-    steps, None for its batch's."""
+    steps, None for its batch's; `prompt` and `guidance` (text stores) its text and
+    classifier-free guidance."""
 
     contributors: tuple[str, ...] | None
     n: int
     seed: int
     labels: tuple[int, ...] | None = None
     steps: int | None = None
+    prompt: str | None = None  # text stores: None samples without a prompt (null text)
+    guidance: float = 1.0  # text stores: classifier-free guidance per shard (1: none)
 
 
 def label_seed(seed: int) -> int:
@@ -146,6 +150,10 @@ class Batch:
         self.allowed = torch.zeros((0, k), dtype=torch.bool, device=device)
         self.log_prior = torch.zeros((0, k), device=device)  # log lambda_i (of y_b) per row
         self.labels = torch.zeros(0, dtype=torch.long, device=device) if sampler.num_labels else None
+        self.text = self.guidance = None  # text stores: each row's TextBatch and guidance
+        if sampler.text_encoder is not None:
+            self.text = sampler.text_encoder.null(1)[:0].to(device)
+            self.guidance = torch.zeros(0, device=device)
         self.w_sum = torch.zeros((0, k), device=device)
 
     @property
@@ -180,6 +188,7 @@ class Batch:
         s = self.sampler
         mask = s.mask(request.contributors)
         self.routing.check_subset(int(mask.sum()))
+        text = s.request_text(request)
         labels = s.request_labels(request, mask)
         generator = torch.Generator().manual_seed(request.seed)
         x = torch.randn((request.n, *s.image_shape), generator=generator)
@@ -195,8 +204,13 @@ class Batch:
                  torch.cat([self.log_prior, log_prior.to(device)]),
                  None if labels is None else torch.cat([self.labels, labels.to(device)]),
                  torch.cat([self.w_sum, torch.zeros(request.n, self.w_sum.shape[1], device=device)]))
+        if text is not None:
+            grown += (TextBatch.cat([self.text, text[0].to(device)]),
+                      torch.cat([self.guidance, text[1].to(device)]))
         # all or nothing: a failure above changes none
-        self.x, self.allowed, self.log_prior, self.labels, self.w_sum = grown
+        self.x, self.allowed, self.log_prior, self.labels, self.w_sum = grown[:5]
+        if text is not None:
+            self.text, self.guidance = grown[5:]
         self.members.append(_Member(request, handle, mask, generator, steps, sched,
                                     torch.Generator().manual_seed(route_seed(request.seed))))
 
@@ -210,7 +224,7 @@ class Batch:
                             for t, m in zip(t_member, self.members, strict=True)]).to(device)
         alone = bool((self.allowed.sum(1) == 1).all())  # |S| = 1 everywhere: w = 1, no router
         # 2. w^S(x_t, t): masked, prior-corrected posterior (eq. 2) or uniform over S
-        y = self.labels
+        y = self.labels if self.text is None else self.text.pooled
         if self.mode == "composed" and not alone:
             scores = s.router.log_ratios(x, t_rows) if y is None else s.router.log_ratios(x, t_rows, y)
             w = posterior_weights(scores, self.log_prior, self.allowed)
@@ -225,8 +239,11 @@ class Batch:
         routed = route(w, self.routing, t_rows, u)
         rows, cols = routed.nonzero(as_tuple=True)
         # 4. eps_i(x_t, t) for every routed (sample, shard) pair, in one bank pass
-        eps_pairs = s.bank.evaluate(x[rows], t_rows[rows], [s.classifier_ids[k] for k in cols.tolist()],
-                                    None if y is None else y[rows])
+        ids = [s.classifier_ids[k] for k in cols.tolist()]
+        if self.text is None:
+            eps_pairs = s.bank.evaluate(x[rows], t_rows[rows], ids, None if y is None else y[rows])
+        else:
+            eps_pairs = self._guided(x, t_rows, rows, cols, ids)
         s.shard_rows += len(rows)
         # 5. eps_S = sum_{i in R_b} w~_i eps_i (eq. 3), then x_{t-1} with each request's noise
         eps = torch.zeros_like(x).index_add_(0, rows, eps_pairs * routed[rows, cols][:, None, None, None])
@@ -236,6 +253,7 @@ class Batch:
             m.sched.step(eps[a:b], t, x[a:b], **({"generator": m.generator} if noisy else {})).prev_sample
             for a, b, t, m in zip(bounds[:-1], bounds[1:], t_member, self.members, strict=True)])
         finished, keep = [], torch.ones(self.rows, dtype=torch.bool)
+        y = self.labels
         for a, b, m in zip(bounds[:-1], bounds[1:], self.members, strict=True):
             m.done += 1
             if m.done == m.steps:
@@ -248,6 +266,25 @@ class Batch:
         if finished:
             self._keep(keep, [m for m in self.members if m.done < m.steps])
         return finished
+
+    def _guided(self, x, t_rows, rows, cols, ids) -> torch.Tensor:
+        """eps of every routed (sample, shard) pair given its sample's text, guided
+        (eq. 3''): pairs of rows with guidance g != 1 are evaluated on the null text
+        too, in the same bank pass."""
+        s, g = self.sampler, self.guidance[rows]
+        guided = torch.nonzero(g != 1).flatten()
+        text = self.text[rows]
+        if len(guided) == 0:
+            return s.bank.evaluate(x[rows], t_rows[rows], ids, text=text)
+        s.shard_rows += len(guided)  # the unconditional evaluations
+        null = s.text_encoder.null(len(guided)).to(x.device)
+        both = torch.cat([rows, rows[guided]])
+        eps = s.bank.evaluate(x[both], t_rows[both], ids + [ids[i] for i in guided.tolist()],
+                              text=TextBatch.cat([text, null]))
+        cond, uncond = eps[:len(rows)], eps[len(rows):]
+        g_pairs = g[guided][:, None, None, None]
+        cond[guided] = uncond + g_pairs * (cond[guided] - uncond)
+        return cond
 
     def remove(self, handle: object) -> bool:
         """Drop the request of `handle` between two steps (its client left); the
@@ -272,3 +309,5 @@ class Batch:
         self.log_prior = self.log_prior[keep_dev]
         if self.labels is not None:
             self.labels = self.labels[keep_dev]
+        if self.text is not None:
+            self.text, self.guidance = self.text[keep_dev], self.guidance[keep_dev]

@@ -11,6 +11,8 @@ add runs at a time (the work lock, across processes); purges run beside it.
 from __future__ import annotations
 
 import copy
+import dataclasses
+import json
 import os
 import shutil
 from concurrent.futures import ProcessPoolExecutor, as_completed
@@ -31,14 +33,17 @@ from .forgetting import cleanup_orphans
 from .models import make_noise_schedule, pick_device
 from .registry import FORMAT, ShardRegistry, now, router_for
 from .shard import save_shard, train_base, train_shard
+from .text import encoder_info
 
 
 def build_store(root: str | Path, datasets: list[ContributorData], config: StoreConfig,
                 public: torch.Tensor | None, public_labels: torch.Tensor | None,
-                device: str | None, progress: bool, workers: int = 1) -> Path:
+                device: str | None, progress: bool, workers: int = 1,
+                public_captions: list[str] | None = None, text: bool = False) -> Path:
     """Train one shard (and its router part) per contributor and the router's shared
     part; write the store at `root`. Labelled data makes a labelled store
-    (class-conditional shards and router). `workers` > 1 trains the contributors in
+    (class-conditional shards and router); `text` a text-conditional one, on every
+    contributor's captions (its labels, if any, are not used). `workers` > 1 trains the contributors in
     that many spawned processes on the CPU, each with its share of this process's
     threads. Returns `root`.
 
@@ -46,7 +51,8 @@ def build_store(root: str | Path, datasets: list[ContributorData], config: Store
         StoreError: `root` exists and is not empty.
         DataError: no data, duplicate ids, mismatched shapes, labelled and unlabelled
             contributors mixed, no public data where LoRA shards or the router need it
-            (labelled too, in a labelled store).
+            (labelled too, in a labelled store; captioned, in a text store), a
+            contributor without captions or the joint router in a text store.
     """
     root = Path(root)
     if root.exists() and (not root.is_dir() or any(root.iterdir())):
@@ -59,6 +65,9 @@ def build_store(root: str | Path, datasets: list[ContributorData], config: Store
     if len(set(ids)) != len(ids):
         raise DataError(f"duplicate contributor ids: {sorted({i for i in ids if ids.count(i) > 1})}")
     check_same_shape(datasets)
+    if text:
+        datasets = _text_datasets(datasets, config, public, public_captions)
+        public_labels = None
     check_same_labelling(datasets)
     image_shape = datasets[0].image_shape
     labelled = datasets[0].labels is not None
@@ -76,8 +85,24 @@ def build_store(root: str | Path, datasets: list[ContributorData], config: Store
     with building(root) as tmp:
         _build(tmp, sorted(datasets, key=lambda d: d.contributor_id), config, public,
                public_labels if labelled else None, image_shape, num_labels,
-               pick_device(device), progress, workers)
+               pick_device(device), progress, workers, public_captions if text else None)
     return root
+
+
+def _text_datasets(datasets, config: StoreConfig, public, public_captions) -> list:
+    """A text store's data: every contributor captioned, labels dropped."""
+    if config.router != "heads":
+        raise DataError(f"router {config.router!r} does not take text conditioning; a "
+                        "text-conditional store uses router 'heads' (or train with --no-text)")
+    for d in datasets:
+        if d.captions is None:
+            raise DataError(f"contributor {d.contributor_id!r} has no captions (captions.csv "
+                            "or a .txt per image), where a text-conditional store needs them "
+                            "(or train with --no-text)")
+    if public is not None and public_captions is None:
+        raise DataError("the public data has no captions (captions.csv or a .txt per "
+                        "image); a text-conditional store needs them (or --no-text)")
+    return [dataclasses.replace(d, labels=None) for d in datasets]
 
 
 def _check_public(datasets, public, public_labels, image_shape, labelled, needs) -> None:
@@ -98,22 +123,25 @@ def _check_public(datasets, public, public_labels, image_shape, labelled, needs)
 
 
 def _build(root: Path, datasets, config: StoreConfig, public, public_labels, image_shape,
-           num_labels: int, device, progress: bool, workers: int) -> None:
+           num_labels: int, device, progress: bool, workers: int,
+           public_captions: list[str] | None) -> None:
     scheduler = make_noise_schedule(config.schedule)
     scheduler.save_pretrained(root / "schedule")
     manifest = {"format": FORMAT, "created_at": now(), "image_shape": list(image_shape),
                 "config": config.to_dict(), "base": None, "contributors": {},
                 "classifier": None, "reference": None, "num_labels": num_labels,
                 "excluded": {}, "generation": 0}
+    if public_captions is not None:
+        manifest["text"] = dict(encoder_info())
     base = None
     if config.needs_base():
         base, loss = train_base(public, image_shape, config, scheduler, device, progress,
-                                public_labels, num_labels)
+                                public_labels, num_labels, public_captions)
         base.save_pretrained(root / "base")
         manifest["base"] = {"path": "base", "images": len(public), "final_loss": loss,
                             "data_hash": tensor_hash(public), "weights_hash": files_hash(root / "base")}
     store = ShardRegistry(root, manifest)
-    store.router.setup(root, manifest, public, public_labels)
+    store.router.setup(root, manifest, public, public_labels, public_captions)
     entries = _write_all(store, datasets, config.kind, scheduler, base, device, progress, workers)
     manifest["contributors"].update((d.contributor_id, entries[d.contributor_id]) for d in datasets)
     store.commit(manifest, store.router.train(store, device, progress))
@@ -157,8 +185,10 @@ def write_contributor(store: ShardRegistry, data: ContributorData, kind: str,
     configured; each folder is staged and renamed. Returns the manifest entry, which
     the caller switches in: until the manifest names <id>, these folders are orphans."""
     cid = data.contributor_id
+    if store.text:  # conditioned on captions: labels, if any, are not used
+        data = dataclasses.replace(data, labels=None)
     model, meta = train_shard(data, kind, store.config, scheduler, base, device, progress,
-                              store.num_labels)
+                              store.num_labels, text=store.text is not None)
     staging = store.root / "shards" / f".{cid}.partial"
     weights_hash = save_shard(model, meta, staging)
     entry = {**meta, "path": f"shards/{cid}", "data_path": None,
@@ -173,8 +203,10 @@ def write_contributor(store: ShardRegistry, data: ContributorData, kind: str,
         kept = {"images": data.images.contiguous()}
         if data.labels is not None:
             kept["labels"] = data.labels.contiguous()
-        save_file(kept, str(data_staging / "images.safetensors"),
-                  metadata={"data_hash": data.data_hash})
+        meta_kept = {"data_hash": data.data_hash}
+        if store.text:
+            meta_kept["captions"] = json.dumps(list(data.captions))
+        save_file(kept, str(data_staging / "images.safetensors"), metadata=meta_kept)
         os.replace(data_staging, data_dir)
         entry["data_path"] = f"data/{cid}"
     os.replace(staging, shard_dir)
@@ -226,7 +258,12 @@ def _check_addable(store: ShardRegistry, data: ContributorData, kind: str) -> No
 
 def _check_labels(store: ShardRegistry, data: ContributorData) -> None:
     """A labelled store takes labelled data with labels it knows (and that the router
-    can take); an unlabelled one takes unlabelled data."""
+    can take); an unlabelled one takes unlabelled data; a text store captioned data."""
+    if store.text:
+        if data.captions is None:
+            raise DataError(f"contributor {data.contributor_id!r} has no captions (captions.csv "
+                            "or a .txt per image); this store is text-conditional")
+        return
     check_same_labelling([data], labelled=store.num_labels > 0)
     if store.num_labels:
         unknown = sorted(y for y in data.label_counts() if y >= store.num_labels)

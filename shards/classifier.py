@@ -263,7 +263,7 @@ class JointRouter:
     public_use = None
     retrains = "classifier"
 
-    def setup(self, root, manifest, public, public_labels) -> None:
+    def setup(self, root, manifest, public, public_labels, public_captions=None) -> None:
         pass
 
     def check_state(self, store) -> None:

@@ -11,6 +11,9 @@ must label every image: a file missing from labels.csv, a row naming no image, o
 label that is not such an integer is a DataError naming the file. A store is labelled
 (its shards class-conditional) when its contributors' data is.
 
+Any folder may carry captions (`captions.csv` or a `<image>.txt` per image; text.py):
+a store whose contributors are all captioned is text-conditional unless told not to.
+
 A contributor may state its licence in `licence.json` beside its images:
 {"licence": "CC-BY-4.0", "attribution": "Twemoji by Twitter, CC-BY 4.0"} (an SPDX-like
 name of at most 64 characters and the line its licence requires, at most 300); the
@@ -19,8 +22,8 @@ store records it, and every image drawn from the contributor carries that line.
 All images of a data set share one size and channel count (1 = grayscale, 3 = RGB).
 Files: `.png`, `.jpg`/`.jpeg` or `.npy` (one image each; `decode.py`).
 
-The data hash (sha256 over sorted file names and bytes) identifies exactly which
-bytes a shard was trained on; it is what the audit log of a forget names. Each file is
+The data hash (sha256 over sorted file names and bytes, and the captions where there
+are) identifies exactly which bytes a shard was trained on; it is what the audit log of a forget names. Each file is
 read once, and the bytes hashed are the bytes decoded.
 
 Folders may come from an untrusted upload: files are read and decoded within the
@@ -45,6 +48,7 @@ from .decode import IMAGE_SUFFIXES, ImageLimits, read_file, read_images
 from .errors import DataError, short
 from .settings import CONTRIBUTOR_ID as CONTRIBUTOR_ID_PATTERN
 from .settings import MAX_LABEL
+from .text import read_captions
 
 LABELS_CSV = "labels.csv"
 LICENCE_JSON = "licence.json"
@@ -76,6 +80,7 @@ class ContributorData:
     data_hash: str
     labels: torch.Tensor | None = None
     licence: dict | None = None  # {"licence", "attribution"} from licence.json
+    captions: tuple[str, ...] | None = None  # one per image (text.py), or None
 
     def label_counts(self) -> dict[int, int]:
         """{label: images}, sorted by label; empty for unlabelled data."""
@@ -214,7 +219,7 @@ def load_contributor(folder: str | Path, contributor_id: str | None = None,
     Raises:
         DataError: bad id, missing or empty folder, too many image files, a file too
             large or of too many pixels, unreadable file, mixed shapes, a missing or
-            bad label.
+            bad label or caption.
         ValueError: a bad CDM_MAX_IMAGE* variable, when `limits` is not given.
     """
     folder = Path(folder)
@@ -229,10 +234,13 @@ def load_contributor(folder: str | Path, contributor_id: str | None = None,
             f"{who}: no images ({', '.join(IMAGE_SUFFIXES)}) in {folder}"
         )
     licence = read_licence(folder, who, limits.max_bytes)
+    captions = read_captions(folder, files, who, limits.max_bytes)
     images, data_hash = read_images(files, who, limits, labels, shape)
+    if captions is not None:  # the captions are data the shard learns from too
+        data_hash = hashlib.sha256("\0".join([data_hash, *captions]).encode()).hexdigest()
     return ContributorData(contributor_id, images, data_hash,
                            None if labels is None else torch.tensor(labels, dtype=torch.long),
-                           licence)
+                           licence, None if captions is None else tuple(captions))
 
 
 def read_licence(folder: Path, who: str, max_bytes: int) -> dict | None:

@@ -48,6 +48,16 @@ class LabelUnavailableError(CDMError, LookupError):
         return self.args[0]
 
 
+class TextUnavailableError(CDMError, LookupError):
+    """A prompt sent to a store without text conditioning, or a label to a text store."""
+
+    def __init__(self, what: str, supports: str):
+        super().__init__(f"{what}; it supports {supports}")
+
+    def __str__(self) -> str:
+        return self.args[0]
+
+
 def short(value: object, limit: int = 80) -> str:
     """`value` as text, cut to `limit` characters: ids from a request are echoed in
     errors, and an error must not be as large as the input that caused it."""

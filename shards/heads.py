@@ -26,10 +26,21 @@ images of label y is the posterior over the shards of S that hold y (the referen
 density of label y cancels). A head only ever sees labels its contributor holds; the
 sampler gives every other contributor weight 0 for that label.
 
+Text-conditional stores condition every head on the caption's pooled embedding c
+(text.py), trained jointly: noised pairs (x_0, c) of D_i against noised pairs of the
+reference with their own captions, so the optimum is
+
+    (5'') r_i(x_t, t, c) = log p_t^i(x_t, c) / p_t^ref(x_t, c)
+
+and softmax_{i in S}( r_i + log lambda_i ) = lambda_i p_t^i(x_t, c) / sum_j lambda_j
+p_t^j(x_t, c) = p(i | x_t, c), the posterior of the composition given the prompt, with
+the global priors: how likely i is to hold prompts like c is part of the ratio
+(docs/maths.md eq. 5'').
+
 A head is a small time-conditioned MLP on the image (average-pooled to at most
 16 x 16 pixels): h1 = silu(W1 x + T1 e(t) + L1[y] + b1), h2 = silu(W2 h1 + T2 e(t) +
 L2[y] + b2), r = w3 . h2 + b3, with e(t) a fixed sinusoidal embedding and L1, L2
-label embeddings (labelled stores only). `StackedHeads` stacks the
+label embeddings (labelled stores only; P1 c and P2 c in their place in text stores). `StackedHeads` stacks the
 live heads' weights and evaluates all of them in three batched matmuls.
 
 `HeadsRouter` is this router as the store builds, adds and forgets it (router.py):
@@ -39,6 +50,7 @@ labelled store), STORE/router/<id>/ contributor <id>'s head.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 
@@ -48,6 +60,7 @@ from diffusers import DDPMScheduler
 from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.models.embeddings import Timesteps
 from diffusers.models.modeling_utils import ModelMixin
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from .errors import DataError
@@ -55,6 +68,7 @@ from .files import files_hash, sweep, tensor_hash
 from .models import seeded
 from .router import RouterUpdate
 from .shard import derived_seed
+from .text import Captions, TextEncoder
 from .training import TrainConfig, forward_noise, optimize
 
 MAX_SIDE = 16
@@ -78,8 +92,10 @@ class DensityRatioHead(ModelMixin, ConfigMixin):
 
     @register_to_config
     def __init__(self, contributor_id: str = "a", in_features: int = 64, hidden: int = 64,
-                 time_dim: int = 32, num_labels: int = 0):
+                 time_dim: int = 32, num_labels: int = 0, text_dim: int = 0):
         super().__init__()
+        self.text1 = torch.nn.Linear(text_dim, hidden, bias=False) if text_dim else None
+        self.text2 = torch.nn.Linear(text_dim, hidden, bias=False) if text_dim else None
         self.label1 = torch.nn.Embedding(num_labels, hidden) if num_labels else None
         self.label2 = torch.nn.Embedding(num_labels, hidden) if num_labels else None
         self.time_proj = Timesteps(time_dim, flip_sin_to_cos=True, downscale_freq_shift=0)
@@ -90,15 +106,20 @@ class DensityRatioHead(ModelMixin, ConfigMixin):
         self.out = torch.nn.Linear(hidden, 1)
 
     def forward(self, x_t: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
-        """(B,) log-ratio estimates (given labels `y` (B,) in a labelled store)."""
+        """(B,) log-ratio estimates (given labels `y` (B,) in a labelled store, the
+        prompts' pooled embeddings `y` (B, D) in a text store)."""
         e = self.time_proj(torch.as_tensor(t).expand(x_t.shape[0])).to(x_t.dtype)
         h = self.lin1(_features(x_t)) + self.time1(e)
         if self.label1 is not None:
             h = h + self.label1(_labels(y, x_t))
+        if self.text1 is not None:
+            h = h + self.text1(_text(y, x_t))
         h = F.silu(h)
         h = self.lin2(h) + self.time2(e)
         if self.label2 is not None:
             h = h + self.label2(_labels(y, x_t))
+        if self.text2 is not None:
+            h = h + self.text2(_text(y, x_t))
         return self.out(F.silu(h)).squeeze(-1)
 
 
@@ -106,6 +127,12 @@ def _labels(y: torch.Tensor | None, x_t: torch.Tensor) -> torch.Tensor:
     if y is None:
         raise ValueError("this router is class-conditional: pass the labels y")
     return torch.as_tensor(y, device=x_t.device).expand(x_t.shape[0])
+
+
+def _text(c: torch.Tensor | None, x_t: torch.Tensor) -> torch.Tensor:
+    if c is None or not torch.is_floating_point(c):
+        raise ValueError("this router is text-conditional: pass the prompts' pooled embeddings")
+    return c.to(x_t.dtype).expand(x_t.shape[0], -1)
 
 
 class StackedHeads(torch.nn.Module):
@@ -124,6 +151,11 @@ class StackedHeads(torch.nn.Module):
             raise ValueError("heads of one router must all be labelled or all unlabelled")
         if self.labelled:
             names += ["label1.weight", "label2.weight"]
+        self.text = heads[0].text1 is not None
+        if any((h.text1 is not None) != self.text for h in heads):
+            raise ValueError("heads of one router must all be text-conditional or none")
+        if self.text:
+            names += ["text1.weight", "text2.weight"]
         states = [h.state_dict() for h in heads]
         for name in names:
             self.register_buffer(name.replace(".", "_"), torch.stack([s[name] for s in states]))
@@ -136,11 +168,15 @@ class StackedHeads(torch.nn.Module):
         h = h + torch.einsum("be,khe->kbh", e, self.time1_weight)
         if self.labelled:
             h = h + self.label1_weight[:, _labels(y, x_t)]
+        if self.text:
+            h = h + torch.einsum("bc,khc->kbh", _text(y, x_t), self.text1_weight)
         h = F.silu(h)
         h2 = torch.bmm(h, self.lin2_weight.transpose(1, 2)) + self.lin2_bias[:, None]
         h2 = h2 + torch.einsum("be,khe->kbh", e, self.time2_weight)
         if self.labelled:
             h2 = h2 + self.label2_weight[:, _labels(y, x_t)]
+        if self.text:
+            h2 = h2 + torch.einsum("bc,khc->kbh", _text(y, x_t), self.text2_weight)
         h2 = F.silu(h2)
         r = torch.bmm(h2, self.out_weight.transpose(1, 2)).squeeze(-1) + self.out_bias
         return r.transpose(0, 1)  # (B, K)
@@ -152,11 +188,14 @@ class StackedHeads(torch.nn.Module):
 def train_head(head: DensityRatioHead, images: torch.Tensor, reference: torch.Tensor,
                scheduler: DDPMScheduler, config: TrainConfig, seed: int, *,
                labels: torch.Tensor | None = None, reference_labels: torch.Tensor | None = None,
+               captions=None, reference_captions=None,
                device: torch.device | str = "cpu", progress: bool = True) -> float:
     """Logistic regression of noised `images` (1) against noised `reference` (0), in
     balanced batches of `config.batch_size` each (eq. 5); with `labels`, each own
-    image is paired with a reference image of the same label (eq. 5'). Returns the
-    mean loss over the last 10% of steps.
+    image is paired with a reference image of the same label (eq. 5'); with
+    `captions` (text.Captions of the images and of the reference), every image is
+    seen with its caption's pooled embedding (eq. 5''). Returns the mean loss over
+    the last 10% of steps.
 
     Raises:
         ValueError: shapes differ; labels on one side only; a label of `images` that
@@ -167,6 +206,8 @@ def train_head(head: DensityRatioHead, images: torch.Tensor, reference: torch.Te
                          f"{tuple(reference.shape[1:])} differ in shape")
     if (labels is None) != (reference_labels is None) or (labels is None) != (head.label1 is None):
         raise ValueError("a labelled head needs labels for its images and its reference")
+    if (captions is None) != (reference_captions is None) or (captions is None) != (head.text1 is None):
+        raise ValueError("a text head needs captions for its images and its reference")
     generator = torch.Generator().manual_seed(seed)
     b = config.batch_size
     target = torch.cat([torch.ones(b), torch.zeros(b)]).to(device)
@@ -180,7 +221,10 @@ def train_head(head: DensityRatioHead, images: torch.Tensor, reference: torch.Te
 
     def batch_loss() -> torch.Tensor:
         idx = torch.randint(0, len(images), (b,), generator=generator)
-        if labels is None:
+        if captions is not None:
+            ref_idx = torch.randint(0, len(reference), (b,), generator=generator)
+            y = torch.cat([captions.pooled(idx), reference_captions.pooled(ref_idx)]).to(device)
+        elif labels is None:
             ref_idx, y = torch.randint(0, len(reference), (b,), generator=generator), None
         else:
             y = labels[idx]
@@ -201,12 +245,13 @@ class HeadsRouter:
     public_use = "router 'heads' (its reference)"
     retrains = "nothing"
 
-    def setup(self, root, manifest, public, public_labels) -> None:
+    def setup(self, root, manifest, public, public_labels, public_captions=None) -> None:
         (root / "reference").mkdir()
         kept = {"images": public.contiguous()}
         if public_labels is not None:
             kept["labels"] = public_labels.contiguous()
-        save_file(kept, str(root / "reference" / "images.safetensors"))
+        extra = {} if public_captions is None else {"captions": json.dumps(list(public_captions))}
+        save_file(kept, str(root / "reference" / "images.safetensors"), metadata=extra or None)
         manifest["reference"] = {"path": "reference", "images": len(public),
                                  "data_hash": tensor_hash(public)}
 
@@ -215,6 +260,14 @@ class HeadsRouter:
         """The public reference: images and labels (None: unlabelled)."""
         kept = load_file(store.root / store.manifest["reference"]["path"] / "images.safetensors")
         return kept["images"], kept.get("labels")
+
+    @staticmethod
+    def reference_captions(store) -> list[str] | None:
+        """The public reference's captions (a text store), else None."""
+        path = store.root / store.manifest["reference"]["path"] / "images.safetensors"
+        with safe_open(str(path), "pt") as f:
+            captions = (f.metadata() or {}).get("captions")
+        return None if captions is None else json.loads(captions)
 
     def check_state(self, store) -> None:
         pass
@@ -233,11 +286,18 @@ class HeadsRouter:
         seed = derived_seed(config.seed, "head", cid)
         with seeded(seed):
             head = DensityRatioHead(contributor_id=cid, in_features=feature_dim(store.image_shape),
-                                    hidden=config.head_hidden, num_labels=store.num_labels)
+                                    hidden=config.head_hidden, num_labels=store.num_labels,
+                                    text_dim=store.text_dim)
         reference, reference_labels = self.reference(store)
+        captions = reference_captions = None
+        if store.text:
+            encoder = TextEncoder.shared()
+            captions = Captions(data.captions, encoder, dropout=0.0)
+            reference_captions = Captions(self.reference_captions(store), encoder, dropout=0.0)
         loss = train_head(head, data.images, reference, scheduler, config.head_train, seed,
-                          labels=data.labels, reference_labels=reference_labels,
-                          device=device, progress=progress)
+                          labels=None if store.text else data.labels,
+                          reference_labels=reference_labels, captions=captions,
+                          reference_captions=reference_captions, device=device, progress=progress)
         staging, final = store.root / "router" / f".{cid}.partial", store.root / "router" / cid
         head.cpu().save_pretrained(staging)
         shutil.rmtree(final, ignore_errors=True)

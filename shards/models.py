@@ -10,7 +10,7 @@ from __future__ import annotations
 from contextlib import contextmanager
 
 import torch
-from diffusers import DDPMScheduler, UNet2DModel
+from diffusers import DDPMScheduler, UNet2DConditionModel, UNet2DModel
 from peft import LoraConfig
 
 from .errors import DataError
@@ -23,6 +23,8 @@ DEFAULT_SCHEDULE = {
     "prediction_type": "epsilon",
 }
 LORA_TARGETS = ["conv_in", "conv1", "conv2", "conv_shortcut", "time_emb_proj", "conv_out"]
+# text-conditional shards also adapt their attention (the cross-attention reads the text)
+ATTENTION_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
 
 
 @contextmanager
@@ -35,10 +37,13 @@ def seeded(seed: int):
 
 
 def make_unet(image_shape: tuple[int, int, int], unet: dict | None = None, seed: int = 0,
-              num_labels: int = 0) -> UNet2DModel:
+              num_labels: int = 0, text_dim: int = 0) -> UNet2DModel | UNet2DConditionModel:
     """A small `UNet2DModel` for images of shape (C, H, W), initialised from `seed`;
     class-conditional (diffusers' class embedding, added to the time embedding) with
-    `num_labels` > 0, so eps_theta(x_t, t, y).
+    `num_labels` > 0, so eps_theta(x_t, t, y). With `text_dim` > 0 a
+    `UNet2DConditionModel` of the same widths, eps_theta(x_t, t, c): cross-attention to
+    the text's tokens at the lowest resolution and in the middle block, and a
+    projection of its pooled embedding added to the time embedding (text.py).
 
     Raises:
         DataError: if H or W is not divisible by the UNet's total downsampling.
@@ -52,6 +57,8 @@ def make_unet(image_shape: tuple[int, int, int], unet: dict | None = None, seed:
             f"image size {height}x{width} is not divisible by {factor}, the UNet's "
             f"downsampling for block_out_channels={cfg['block_out_channels']}"
         )
+    if text_dim:
+        return _text_unet(image_shape, cfg, seed, text_dim)
     with seeded(seed):
         return UNet2DModel(
             sample_size=(height, width) if height != width else height,
@@ -66,9 +73,32 @@ def make_unet(image_shape: tuple[int, int, int], unet: dict | None = None, seed:
         )
 
 
-def make_lora_config(rank: int = 8) -> LoraConfig:
-    """LoRA on every convolution and time projection of the shard UNet."""
-    return LoraConfig(r=rank, lora_alpha=rank, target_modules=LORA_TARGETS, lora_dropout=0.0)
+def _text_unet(image_shape, cfg: dict, seed: int, text_dim: int) -> UNet2DConditionModel:
+    channels, height, width = image_shape
+    levels = len(cfg["block_out_channels"])
+    with seeded(seed):
+        return UNet2DConditionModel(
+            sample_size=(height, width) if height != width else height,
+            in_channels=channels,
+            out_channels=channels,
+            block_out_channels=tuple(cfg["block_out_channels"]),
+            layers_per_block=cfg["layers_per_block"],
+            norm_num_groups=cfg["norm_num_groups"],
+            down_block_types=("DownBlock2D",) * (levels - 1) + ("CrossAttnDownBlock2D",),
+            up_block_types=("CrossAttnUpBlock2D",) + ("UpBlock2D",) * (levels - 1),
+            mid_block_type="UNetMidBlock2DCrossAttn",
+            cross_attention_dim=text_dim,
+            attention_head_dim=4,  # diffusers' name for the number of heads
+            class_embed_type="projection",
+            projection_class_embeddings_input_dim=text_dim,
+        )
+
+
+def make_lora_config(rank: int = 8, attention: bool = False) -> LoraConfig:
+    """LoRA on every convolution and time projection of the shard UNet (and on the
+    attention projections with `attention`, for text-conditional shards)."""
+    targets = LORA_TARGETS + (ATTENTION_TARGETS if attention else [])
+    return LoraConfig(r=rank, lora_alpha=rank, target_modules=targets, lora_dropout=0.0)
 
 
 def make_noise_schedule(schedule: dict | None = None) -> DDPMScheduler:

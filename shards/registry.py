@@ -25,7 +25,7 @@ import time
 from pathlib import Path
 
 import torch
-from diffusers import DDPMScheduler, UNet2DModel
+from diffusers import DDPMScheduler, UNet2DConditionModel, UNet2DModel
 from filelock import FileLock
 from safetensors.torch import load_file
 
@@ -194,6 +194,20 @@ class ShardRegistry:
         return int(self.manifest.get("num_labels", 0))
 
     @property
+    def text(self) -> dict | None:
+        """The text encoder a text-conditional store's models read (text.py
+        `encoder_info`), None in a store without text conditioning."""
+        return self.manifest.get("text")
+
+    @property
+    def text_dim(self) -> int:
+        return int(self.text["dim"]) if self.text else 0
+
+    def unet_class(self) -> type:
+        """The diffusers class of the store's UNets."""
+        return UNet2DConditionModel if self.text else UNet2DModel
+
+    @property
     def pending_purges(self) -> list[str]:
         """Contributors excluded whose purge has not finished."""
         return sorted(self.manifest["excluded"])
@@ -227,7 +241,7 @@ class ShardRegistry:
     def load_base(self) -> UNet2DModel | None:
         """The public base model (trained on public data only), None in a store without one."""
         base = self.manifest["base"]
-        return None if base is None else UNet2DModel.from_pretrained(self.root / base["path"])
+        return None if base is None else self.unet_class().from_pretrained(self.root / base["path"])
 
     def contributor_data(self, contributor_id: str) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The kept copy of a live contributor's images and labels (None: unlabelled).

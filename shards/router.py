@@ -59,8 +59,9 @@ class Router(Protocol):
     retrains: str
 
     def setup(self, root, manifest: dict, public: torch.Tensor | None,
-              public_labels: torch.Tensor | None) -> None:
-        """At store creation, before any contributor: write what the router keeps."""
+              public_labels: torch.Tensor | None, public_captions: list[str] | None = None) -> None:
+        """At store creation, before any contributor: write what the router keeps
+        (the public data's captions too, in a text store)."""
 
     def check_state(self, store) -> None:
         """Raise StoreError if the store cannot take an add now (checked before the

@@ -34,6 +34,17 @@ p_S(y) proportional to sum_{i in S} lambda_i(y) (from a generator of its own, so
 the same as without labels); since p_S(x) = sum_y p_S(y) p_S(x | y), that is the
 unconditional composition exactly.
 
+Text-conditional stores (text.py): every sample carries a prompt c (the null text ""
+when the request has none), the shards are eps_i(x_t, t, c) and the heads give
+p(i | x_t, c) with the global priors (heads.py eq. 5''). With guidance g (classifier-free
+guidance, per shard; docs/maths.md eq. 3''):
+
+    (3'') eps_S^g(x_t, t, c) = sum_{i in R_b} w~_i(x_t, t, c) [ eps_i(x_t, t, null)
+                                   + g (eps_i(x_t, t, c) - eps_i(x_t, t, null)) ]
+
+g = 1 is the composition of the conditionals exactly; g > 1 evaluates each routed
+(sample, shard) pair twice, in the same bank pass.
+
 Per-sample attribution is the trajectory average of the full w^S (not the routed w~)
 over the sampling steps and the last step's w^S; each row sums to 1 over S.
 
@@ -56,21 +67,25 @@ from tqdm.auto import tqdm
 
 from .bank import ShardBank
 from .batch import SCHEDULER_SPECS, Batch, SampleOutput, SampleRequest, label_seed
-from .errors import LabelUnavailableError, UnknownContributorError
+from .errors import LabelUnavailableError, TextUnavailableError, UnknownContributorError
 from .router import EqualScores, RouterModel
 from .routing import Routing
+from .text import TextBatch
+
+MAX_GUIDANCE = 20.0
 
 
 def compose(shards: ShardBank | Mapping[str, torch.nn.Module], schedule_config: dict,
             image_shape: tuple[int, int, int], router: RouterModel | None = None,
             priors: dict[str, float] | None = None,
             label_counts: dict[str, dict[int, int]] | None = None,
-            num_labels: int = 0) -> ComposedSampler:
+            num_labels: int = 0, text_encoder=None) -> ComposedSampler:
     """The one way a composed sampler is assembled: from a store's lazy `ShardBank`,
     or from models in memory ({id: UNet}, all of one architecture: a monolith alone,
     a benchmark's shards). Without a `router` every shard scores alike
     (`EqualScores`): with one model that is plain sampling with it, weight 1.
-    `priors` default to equal."""
+    `priors` default to equal; `text_encoder` (text.TextEncoder) for text-conditional
+    shards."""
     if not isinstance(shards, ShardBank):
         states = {cid: model.eval().state_dict() for cid, model in shards.items()}
         template = next(iter(shards.values()))
@@ -79,7 +94,7 @@ def compose(shards: ShardBank | Mapping[str, torch.nn.Module], schedule_config: 
         router = EqualScores(shards.contributor_ids)
     priors = priors or {c: 1.0 for c in shards.contributor_ids}
     return ComposedSampler(shards, router, schedule_config, priors, image_shape, label_counts,
-                           num_labels)
+                           num_labels, text_encoder)
 
 
 class ComposedSampler:
@@ -95,8 +110,10 @@ class ComposedSampler:
 
     def __init__(self, bank: ShardBank, router, schedule_config: dict,
                  priors: dict[str, float], image_shape: tuple[int, int, int],
-                 label_counts: dict[str, dict[int, int]] | None = None, num_labels: int = 0):
+                 label_counts: dict[str, dict[int, int]] | None = None, num_labels: int = 0,
+                 text_encoder=None):
         self.bank = bank
+        self.text_encoder = text_encoder
         self.router = router
         self.image_shape = tuple(image_shape)
         self.schedule_config = dict(schedule_config)
@@ -150,10 +167,47 @@ class ComposedSampler:
                 for k, c in enumerate(self.classifier_ids) if mask[k]}
 
     def check_labels(self, request: SampleRequest) -> None:
-        """Raise what `Batch.add` would for the request's labels (below), before any
-        sampling."""
+        """Raise what `Batch.add` would for the request's labels and prompt (below),
+        before any sampling."""
+        self.request_text(request)
         if request.labels is not None:
             self.request_labels(request, self.mask(request.contributors))
+
+    def request_text(self, request: SampleRequest) -> tuple[TextBatch, torch.Tensor] | None:
+        """(n rows of the request's prompt, or of the null text without one; (n,)
+        guidance) in a text store, None in another.
+
+        Raises:
+            TextUnavailableError: a prompt in a store without text conditioning, or
+                labels in a text store.
+            ValueError: a bad prompt (text.TextEncoder.check_prompt) or guidance.
+        """
+        if self.text_encoder is None:
+            if request.prompt is not None:
+                raise TextUnavailableError("this store has no text conditioning, so it takes "
+                                           "no prompt", self.supports())
+            return None
+        if request.labels is not None:
+            raise TextUnavailableError("this store is text-conditional, so it takes no "
+                                       "label", self.supports())
+        g = request.guidance
+        if isinstance(g, bool) or not isinstance(g, (int, float)) or not 0 <= g <= MAX_GUIDANCE:
+            raise ValueError(f"guidance={g!r}; allowed: a number from 0 to {MAX_GUIDANCE} "
+                             "(1: no guidance)")
+        if request.prompt is None:
+            text = self.text_encoder.null(request.n)
+        else:
+            text = self.text_encoder.encode([self.text_encoder.check_prompt(request.prompt)])
+            text = text.repeat(request.n)
+        return text, torch.full((request.n,), float(g))
+
+    def supports(self) -> str:
+        """What a request may condition on here, for error messages."""
+        if self.text_encoder is not None:
+            return "prompts (text conditioning)"
+        if self.label_prior is not None:
+            return f"labels 0..{self.num_labels - 1}"
+        return "neither labels nor prompts (it is unconditional)"
 
     def request_labels(self, request: SampleRequest, mask: torch.Tensor) -> torch.Tensor | None:
         """(n,) labels of a request's samples: given, or drawn from p_S(y).
@@ -184,7 +238,8 @@ class ComposedSampler:
 
     def __call__(self, contributors: list[str] | None = None, n: int = 16, steps: int = 50,
                  seed: int = 0, scheduler: str = "ddpm", mode: str = "composed",
-                 progress: bool = False, routing: Routing | None = None) -> SampleOutput:
+                 progress: bool = False, routing: Routing | None = None,
+                 prompt: str | None = None, guidance: float = 1.0) -> SampleOutput:
         """Draw `n` samples restricted to `contributors` (None = all live ones).
 
         The initial noise x_T and DDPM's per-step noise come from a CPU generator
@@ -197,7 +252,8 @@ class ComposedSampler:
             ValueError: bad n, steps, scheduler, mode or routing; empty contributors.
             UnknownContributorError: a contributor this sampler does not hold.
         """
-        request = SampleRequest(None if contributors is None else tuple(contributors), n, seed)
+        request = SampleRequest(None if contributors is None else tuple(contributors), n, seed,
+                                prompt=prompt, guidance=guidance)
         return self.sample_batch([request], steps, scheduler, mode, progress, routing)[0]
 
     def sample_batch(self, requests: list[SampleRequest], steps: int = 50, scheduler: str = "ddpm",

@@ -23,6 +23,7 @@ from .data import ContributorData
 from .files import files_hash
 from .models import make_lora_config, make_unet, seeded
 from .settings import SHARD_KINDS
+from .text import ENCODER, Captions, TextEncoder
 from .training import train_denoiser
 
 
@@ -35,29 +36,34 @@ def derived_seed(seed: int, *names: str) -> int:
 
 def train_base(images: torch.Tensor, image_shape, config: StoreConfig, scheduler: DDPMScheduler,
                device="cpu", progress=True, labels: torch.Tensor | None = None,
-               num_labels: int = 0) -> tuple[UNet2DModel, float]:
+               num_labels: int = 0, captions: list[str] | None = None) -> tuple[UNet2DModel, float]:
     """The public base UNet (of LoRA shards, and where full shards start with
     shard_init 'base'), trained on public data only (with its labels in a labelled
-    store)."""
+    store, its captions in a text-conditional one)."""
     seed = derived_seed(config.seed, "base")
-    model = make_unet(image_shape, config.unet, seed=seed, num_labels=num_labels)
+    text = None if captions is None else Captions(captions, TextEncoder.shared())
+    model = make_unet(image_shape, config.unet, seed=seed, num_labels=num_labels,
+                      text_dim=ENCODER["dim"] if text is not None else 0)
     loss = train_denoiser(model, images, scheduler, config.base_train, seed, labels=labels,
-                          device=device, desc="base (public)", progress=progress)
+                          text=text, device=device, desc="base (public)", progress=progress)
     return model.cpu(), loss
 
 
 def train_shard(data: ContributorData, kind: str, config: StoreConfig, scheduler: DDPMScheduler,
                 base: UNet2DModel | None = None, device="cpu", progress=True,
-                num_labels: int = 0) -> tuple[torch.nn.Module, dict]:
+                num_labels: int = 0, text: bool = False) -> tuple[torch.nn.Module, dict]:
     """Train one shard on `data` alone, class-conditional on `num_labels` labels when
-    the data is labelled (a LoRA shard inherits its base's class embedding). Returns
-    (model, metadata)."""
+    the data is labelled (a LoRA shard inherits its base's class embedding), on its
+    captions with `text`. Returns (model, metadata)."""
+    if text and data.captions is None:
+        raise ValueError(f"contributor {data.contributor_id!r} has no captions")
     if kind not in SHARD_KINDS:
         raise ValueError(f"kind={kind!r}; allowed: {list(SHARD_KINDS)}")
     seed = derived_seed(config.seed, "shard", data.contributor_id)
     from_base = config.needs_base(kind)
     if not from_base:
-        model = make_unet(data.image_shape, config.unet, seed=seed, num_labels=num_labels)
+        model = make_unet(data.image_shape, config.unet, seed=seed, num_labels=num_labels,
+                          text_dim=ENCODER["dim"] if text else 0)
     elif base is None:
         raise ValueError(f"a {kind!r} shard of this store starts from the public base model; "
                          "none was given")
@@ -65,16 +71,20 @@ def train_shard(data: ContributorData, kind: str, config: StoreConfig, scheduler
         model = copy.deepcopy(base)
     else:
         with seeded(seed):
-            model = get_peft_model(copy.deepcopy(base), make_lora_config(config.lora_rank))
+            model = get_peft_model(copy.deepcopy(base), make_lora_config(config.lora_rank, text))
     train = config.shard_train_for(kind, len(data))
-    loss = train_denoiser(model, data.images, scheduler, train, seed, labels=data.labels,
+    captions = Captions(data.captions, TextEncoder.shared()) if text else None
+    loss = train_denoiser(model, data.images, scheduler, train, seed,
+                          labels=None if text else data.labels, text=captions,
                           device=device, desc=f"shard {data.contributor_id}", progress=progress)
     meta = {"contributor_id": data.contributor_id, "kind": kind, "data_hash": data.data_hash,
             "images": len(data), "seed": seed, "steps": train.steps, "ema": train.ema,
             "final_loss": loss}
     if kind == "full" and from_base:
         meta["init"] = "base"
-    if data.labels is not None:
+    if text:
+        meta["captions"] = len(set(data.captions))
+    elif data.labels is not None:
         meta["labels"] = {str(k): v for k, v in data.label_counts().items()}
     if data.licence is not None:
         meta["licence"] = dict(data.licence)

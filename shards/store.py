@@ -42,6 +42,7 @@ from .registry import ShardRegistry
 from .router import RouterModel
 from .sampler import ComposedSampler, compose
 from .settings import env_int
+from .text import TextEncoder, encoder_info
 
 
 class ShardStore(ShardRegistry):
@@ -53,11 +54,13 @@ class ShardStore(ShardRegistry):
     def create(cls, root: str | Path, datasets: list[ContributorData],
                config: StoreConfig | None = None, public: torch.Tensor | None = None,
                device: str | None = None, progress: bool = True,
-               public_labels: torch.Tensor | None = None, workers: int = 1) -> ShardStore:
+               public_labels: torch.Tensor | None = None, workers: int = 1,
+               public_captions: list[str] | None = None, text: bool = False) -> ShardStore:
         """Train one shard per contributor and the router; write a new store at `root`
-        (`builder.build_store`: its errors; `workers` processes train the shards)."""
+        (`builder.build_store`: its errors; `workers` processes train the shards;
+        `text`: a text-conditional store on the contributors' captions)."""
         builder.build_store(root, datasets, config or StoreConfig(), public, public_labels,
-                            device, progress, workers)
+                            device, progress, workers, public_captions, text)
         return cls.open(root)
 
     def add(self, data: ContributorData, kind: str | None = None, public: torch.Tensor | None = None,
@@ -110,7 +113,7 @@ class ShardStore(ShardRegistry):
         if not folder.is_dir():
             raise StoreError(f"shard {contributor_id!r} was purged; it can no longer be loaded")
         if entry["kind"] == "full":
-            return UNet2DModel.from_pretrained(folder).eval()
+            return self.unet_class().from_pretrained(folder).eval()
         return PeftModel.from_pretrained(self.load_base(), folder).merge_and_unload().eval()
 
     def load_bank(self, capacity: int | None = None) -> ShardBank:
@@ -136,7 +139,8 @@ class ShardStore(ShardRegistry):
                 return safetensors_load(files["diffusion_pytorch_model.safetensors"])
             return self.load_shard(cid, entry).state_dict()  # an adapter merged into the base
 
-        template = make_unet(self.image_shape, self.config.unet, num_labels=self.num_labels)
+        template = make_unet(self.image_shape, self.config.unet, num_labels=self.num_labels,
+                             text_dim=self.text_dim)
         return ShardBank(template, load_state, list(entries), capacity)
 
     def load_sampler(self, device: str | None = None, cache_shards: int | None = None,
@@ -153,6 +157,23 @@ class ShardStore(ShardRegistry):
         if not self.contributor_ids:
             raise StoreError(f"store {self.root} has no contributors")
         counts = {c: self.label_counts(c) for c in self.contributor_ids} if self.num_labels else None
+        encoder = self.text_encoder()
         return compose(self.load_bank(cache_shards), dict(self.noise_schedule().config),
                        self.image_shape, self.load_router(), self.priors(), counts,
-                       self.num_labels).to(pick_device(device))
+                       self.num_labels, encoder).to(pick_device(device))
+
+    def text_encoder(self) -> TextEncoder | None:
+        """The frozen text encoder of a text-conditional store (None otherwise).
+
+        Raises:
+            StoreError: the installed encoder's weights are not the ones the store's
+                models were trained with.
+        """
+        if not self.text:
+            return None
+        installed = encoder_info()
+        if installed["weights_hash"] != self.text["weights_hash"]:
+            raise StoreError(f"the installed text encoder ({installed['package']}) has other "
+                             "weights than the one this store was trained with "
+                             f"(sha256 {self.text['weights_hash'][:12]}...); install that version")
+        return TextEncoder.shared()

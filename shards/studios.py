@@ -26,7 +26,8 @@ Split by concept (seeded), so held-out concepts are drawn by no shard:
   public/<label>/      PUBLIC_FRACTION of the concepts, every studio: the platform's
                        licensed split (each licence allows it), owned by no contributor;
                        the LoRA shards' base and the router's reference
-  contributors/<studio>/<label>/   the rest, with captions.csv (file, caption)
+  contributors/<studio>/<label>/   the rest
+Each of those folders has a captions.csv (file relative to the folder, caption).
 """
 
 from __future__ import annotations
@@ -319,13 +320,17 @@ def _save(out: Path, folder: Path, name: str, image: Image.Image, owner: str, c:
 
 
 def _write_captions(out: Path, rows: list[list[str]]) -> None:
-    """captions.csv (file relative to the contributor's folder, caption) per contributor."""
-    per: dict[str, list[tuple[str, str]]] = {}
+    """captions.csv (file relative to its folder, caption) in each contributor's
+    folder, public/ and heldout/."""
+    per: dict[Path, list[tuple[str, str]]] = {}
     for file, owner, _, _, _, caption, part in rows:
         if part == "contributors":
-            per.setdefault(owner, []).append((file.split("/", 2)[2], caption))
-    for owner, entries in per.items():
-        with open(out / "contributors" / owner / "captions.csv", "w", newline="") as f:
+            folder, rel = Path("contributors") / owner, file.split("/", 2)[2]
+        else:
+            folder, rel = Path(part), file.split("/", 1)[1]
+        per.setdefault(folder, []).append((rel, caption))
+    for folder, entries in per.items():
+        with open(out / folder / "captions.csv", "w", newline="") as f:
             csv.writer(f).writerows([("file", "caption"), *entries])
 
 

@@ -4,7 +4,10 @@ minibatch sampler. Every loop is a pure function of its data and seed.
 Denoising loss (DDPM, Ho et al. 2020, eq. 14):
     L = E_{x_0 ~ D, t ~ U{0..T-1}, eps ~ N(0, I)} || eps - eps_theta(x_t, t) ||^2,
     x_t = sqrt(abar_t) x_0 + sqrt(1 - abar_t) eps,
-and for labelled data eps_theta(x_t, t, y) with (x_0, y) drawn together.
+and for labelled data eps_theta(x_t, t, y) with (x_0, y) drawn together; for captioned
+data eps_theta(x_t, t, c) with (x_0, c) drawn together and c replaced by the null
+text with probability `text.CAPTION_DROPOUT` (so the model also learns eps_theta(x_t,
+t, null), classifier-free guidance's unconditional branch).
 
 Denoisers keep an exponential moving average of their weights (diffusers' `EMAModel`,
 with its warm-up: decay_k = min(0.9999, 1 - (1 + k)^(-2/3)) at step k, about 0.988
@@ -110,12 +113,14 @@ def train_denoiser(
     seed: int,
     *,
     labels: torch.Tensor | None = None,
+    text=None,
     device: torch.device | str = "cpu",
     desc: str = "train",
     progress: bool = True,
 ) -> float:
     """Fit `model` (in place) to predict the noise added to `images` (given their
-    `labels`, for a class-conditional model).
+    `labels`, for a class-conditional model; their captions `text`, a
+    `text.Captions`, for a text-conditional one).
 
     Only parameters with `requires_grad` are optimised (so a peft model trains its
     LoRA weights only). Batches, timesteps and noise come from a CPU generator seeded
@@ -132,9 +137,12 @@ def train_denoiser(
     def batch_loss() -> torch.Tensor:
         idx = torch.randint(0, images.shape[0], (config.batch_size,), generator=generator)
         x_t, t, eps = forward_noise(scheduler, images[idx], generator)
-        y = None if labels is None else labels[idx].to(device)
+        if text is not None:
+            cond = text.draw(idx, generator).to(device).unet_kwargs()
+        else:
+            cond = {"class_labels": None if labels is None else labels[idx].to(device)}
         with torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=bf16):
-            out = model(x_t.to(device), t.to(device), class_labels=y).sample
+            out = model(x_t.to(device), t.to(device), **cond).sample
         return torch.nn.functional.mse_loss(out.float(), eps.to(device))
 
     return optimize(model, batch_loss, config, device=device, desc=desc, progress=progress)

@@ -456,6 +456,12 @@ async function viewGenerate() {
     el("option", { value: "" }, "any"),
     [...labels.keys()].sort((a, b) => Number(a) - Number(b)).map((l) =>
       el("option", { value: l }, `${l} (${labels.get(l)} images)`))) : null;
+  // a text-conditional store: its contributors hold captions, and generate takes a prompt
+  const textStore = contributors.some((c) => c.captions);
+  const prompt = textStore ? el("input", { id: "prompt", type: "text", maxlength: 300,
+    placeholder: "e.g. red apple (empty: no prompt)" }) : null;
+  const guidance = textStore ? el("input", { id: "guidance", type: "number", min: 0, max: 20,
+    step: 0.5, value: 1 }) : null;
   const n = el("input", { id: "n", type: "number", min: 1, value: 4 });
   const seed = el("input", { id: "seed", type: "number", min: 0, value: 0 });
   const steps = el("input", { id: "steps", type: "number", min: 1, value: 50 });
@@ -475,6 +481,8 @@ async function viewGenerate() {
       el("div", { class: "checks" }, checks.length ? checks : el("span", { class: "muted" }, "no live contributor"))),
     el("div", { class: "form" },
       labelSelect ? el("label", {}, "label", labelSelect) : null,
+      prompt ? el("label", { class: "wide" }, "prompt", prompt) : null,
+      guidance ? el("label", {}, "guidance", guidance) : null,
       el("label", {}, "n", n), el("label", {}, "seed", seed), el("label", {}, "steps", steps),
       el("label", {}, "routing", routing), topkLabel, button),
     progress);
@@ -486,6 +494,10 @@ async function viewGenerate() {
     };
     if (!body.contributors.length) delete body.contributors;  // all licensed
     if (labelSelect && labelSelect.value !== "") body.label = Number(labelSelect.value);
+    if (prompt && prompt.value.trim()) {
+      body.prompt = prompt.value.trim();
+      body.guidance = Number(guidance.value);
+    }
     if (routing.value === "dense") body.mass = 1;
     if (routing.value === "topk") body.top_k = Number(topk.value);
     const t0 = performance.now();
@@ -526,7 +538,8 @@ function gallery(res, seconds) {
     return el("figure", { class: "sample", dataset: { index: i } },
       el("img", { src: "data:image/png;base64," + b64, alt: `image ${i + 1}` }),
       el("figcaption", {}, el("div", { class: "muted" }, `#${i + 1}` +
-        (res.labels ? ` · label ${res.labels[i]}` : "") + " · attribution"),
+        (res.labels ? ` · label ${res.labels[i]}` : "") +
+        (res.prompt ? ` · “${res.prompt}”` : "") + " · attribution"),
         barsChart(items, { max: 1, width: 150, labelWidth: 34, row: 15,
           title: `attribution of image ${i + 1}` }),
         notices((res.notices || [])[i] || [])));
