@@ -19,7 +19,8 @@ DATA   ?= var/studios-data
 STORE  ?= var/studios-store
 DATA_FLAGS := --dataset studios --size $(SIZE)
 # bfloat16 autocast: 1.5x a training step on this CPU (AVX-512 bf16), the same shard
-# quality (docs/performance.md)
+# quality (docs/performance.md). The studios are captioned, so the store is
+# text-conditional; add --no-text for the label-conditional one (docs/studios.md)
 TRAIN_FLAGS ?= --precision bf16
 else
 DATA   ?= var/demo-data

@@ -49,6 +49,8 @@ from studios import StyleJudge, _image  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "benchmarks" / "results" / "prompts"
+SHOWCASE = ["red apple", "grinning face", "red heart", "flag: Japan", "dog face", "rocket",
+            "an animal or a plant", "food or a drink"]  # rows of showcase.png, guidance 3
 CATEGORY_PROMPTS = ["a smiling or sad face", "a person or a body part", "an animal or a plant",
                     "food or a drink", "a vehicle, a building or a place",
                     "a sport, a game or a celebration", "an everyday object or a tool",
@@ -93,10 +95,20 @@ def prompt_sets(rows: list[dict], categories: list[str], per_category: int, seed
     return sets
 
 
-def sample(sampler, prompt, n, seed, steps, guidance, contributors=None, label=None):
-    req = SampleRequest(contributors, n, seed, None if label is None else (label,),
-                        prompt=prompt, guidance=guidance)
-    return sampler.sample_batch([req], steps, routing=Routing.parse(None, None, None))[0].images
+def sample_many(sampler, requests: list[SampleRequest], steps: int, chunk: int = 256
+                ) -> list[torch.Tensor]:
+    """Each request's images, sampled in batches of about `chunk` rows (a request's
+    images do not depend on its batch)."""
+    out, group, rows = [], [], 0
+    for req in [*requests, None]:
+        if req is None or (group and rows + req.n > chunk):
+            out += [o.images for o in sampler.sample_batch(
+                group, steps, routing=Routing.parse(None, None, None))]
+            group, rows = [], 0
+        if req is not None:
+            group.append(req)
+            rows += req.n
+    return out
 
 
 def main() -> int:
@@ -104,9 +116,9 @@ def main() -> int:
     parser.add_argument("--data", default="var/studios-data")
     parser.add_argument("--store", default="var/studios-text-store")
     parser.add_argument("--label-store", default=None, help="a label store of the same data")
-    parser.add_argument("--per-category", type=int, default=6, help="prompts per category and set")
+    parser.add_argument("--per-category", type=int, default=5, help="prompts per category and set")
     parser.add_argument("--per-prompt", type=int, default=8, help="samples per prompt")
-    parser.add_argument("--category-n", type=int, default=48, help="samples per category prompt")
+    parser.add_argument("--category-n", type=int, default=40, help="samples per category prompt")
     parser.add_argument("--guidance", default="1,3")
     parser.add_argument("--steps", type=int, default=50)
     parser.add_argument("--judges", type=int, default=3)
@@ -129,7 +141,11 @@ def main() -> int:
     result = {"machine": "2-core CPU, no GPU", "settings": vars(args), "categories": categories,
               "category_judge_accuracy": judge.accuracy, "style_judge_accuracy": style.accuracy}
     # chance: unprompted samples' categories
-    free = torch.cat([sample(sampler, None, 100, s, args.steps, 1.0) for s in range(2)])
+    free = torch.cat(sample_many(sampler, [SampleRequest(None, 100, s) for s in range(2)],
+                                 args.steps))
+    shows = sample_many(sampler, [SampleRequest(None, 8, 0, prompt=p, guidance=3.0)
+                                  for p in SHOWCASE], args.steps)
+    save_grid(torch.cat(shows), RESULTS / "showcase.png", ncol=8)
     free_share = np.bincount(judge.predict(free), minlength=len(categories)) / len(free)
     result["unprompted_category_shares"] = dict(zip(categories, free_share.tolist(), strict=True))
     sets = prompt_sets(rows, categories, args.per_category, seed=0)
@@ -141,8 +157,9 @@ def main() -> int:
             hits = np.zeros(len(categories))
             totals = np.zeros(len(categories))
             grid = []
-            for i, (prompt, k) in enumerate(prompts):
-                imgs = sample(sampler, prompt, n, 1000 + i, args.steps, g)
+            outs = sample_many(sampler, [SampleRequest(None, n, 1000 + i, prompt=p, guidance=g)
+                                         for i, (p, _) in enumerate(prompts)], args.steps)
+            for (_, k), imgs in zip(prompts, outs, strict=True):
                 hits[k] += float((judge.predict(imgs) == k).sum())
                 totals[k] += n
                 grid.append(imgs[:8])
@@ -157,17 +174,18 @@ def main() -> int:
                   flush=True)
         shares = {}
         for s in honest:
-            imgs = torch.cat([sample(sampler, p, 4, 2000 + i, args.steps, g, (s,))
-                              for i, (p, _) in enumerate(sets["seen"][::3])])
+            imgs = torch.cat(sample_many(sampler, [
+                SampleRequest((s,), 4, 2000 + i, prompt=p, guidance=g)
+                for i, (p, _) in enumerate(sets["seen"][::2])], args.steps))
             shares[s] = style.shares(imgs)[s]
         res["style_with_prompts"] = shares
         print(f"[g={g:g}] style with prompts: " + ", ".join(f"{s} {v:.0%}" for s, v in shares.items()),
               flush=True)
     if args.label_store:
         lab = ShardStore.open(args.label_store).load_sampler("cpu")
-        hits = [float((judge.predict(sample(lab, None, args.category_n, 3000 + k, args.steps, 1.0,
-                                            label=k)) == k).mean())
-                for k in range(len(categories))]
+        outs = sample_many(lab, [SampleRequest(None, args.category_n, 3000 + k, (k,))
+                                 for k in range(len(categories))], args.steps)
+        hits = [float((judge.predict(imgs) == k).mean()) for k, imgs in enumerate(outs)]
         result["label_store_adherence"] = {"adherence": float(np.mean(hits)),
                                            "per_category": dict(zip(categories, hits, strict=True))}
         print(f"[label store] category as label: adherence {np.mean(hits):.1%}", flush=True)

@@ -175,7 +175,7 @@ class ComposedSampler:
 
     def request_text(self, request: SampleRequest) -> tuple[TextBatch, torch.Tensor] | None:
         """(n rows of the request's prompt, or of the null text without one; (n,)
-        guidance) in a text store, None in another.
+        guidance, 1 without a prompt) in a text store, None in another.
 
         Raises:
             TextUnavailableError: a prompt in a store without text conditioning, or
@@ -194,12 +194,10 @@ class ComposedSampler:
         if isinstance(g, bool) or not isinstance(g, (int, float)) or not 0 <= g <= MAX_GUIDANCE:
             raise ValueError(f"guidance={g!r}; allowed: a number from 0 to {MAX_GUIDANCE} "
                              "(1: no guidance)")
-        if request.prompt is None:
-            text = self.text_encoder.null(request.n)
-        else:
-            text = self.text_encoder.encode([self.text_encoder.check_prompt(request.prompt)])
-            text = text.repeat(request.n)
-        return text, torch.full((request.n,), float(g))
+        if request.prompt is None:  # the unconditional composition: nothing to guide
+            return self.text_encoder.null(request.n), torch.ones(request.n)
+        text = self.text_encoder.encode([self.text_encoder.check_prompt(request.prompt)])
+        return text.repeat(request.n), torch.full((request.n,), float(g))
 
     def supports(self) -> str:
         """What a request may condition on here, for error messages."""

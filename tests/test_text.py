@@ -190,7 +190,13 @@ def test_guidance_one_is_the_conditional_and_above_it_evaluates_twice(text_store
     guided = s(n=2, steps=3, seed=0, prompt="the digit two", guidance=4.0)
     assert s.shard_rows == 2 * once
     assert (plain.images - guided.images).abs().max() > 1e-4
-    assert (plain.images - s(n=2, steps=3, seed=0).images).abs().max() > 1e-4  # the prompt matters
+    s.shard_rows = 0
+    free = s(n=2, steps=3, seed=0)
+    assert (plain.images - free.images).abs().max() > 1e-4  # the prompt matters
+    unguided_rows = s.shard_rows
+    s.shard_rows = 0
+    assert_close(s(n=2, steps=3, seed=0, guidance=4.0).images, free.images)  # nothing to guide
+    assert s.shard_rows == unguided_rows
 
 
 def test_prompts_and_labels_go_only_where_the_store_takes_them(text_store, full_store):
