@@ -75,7 +75,9 @@ class CategoryJudge:
         self.nets = [train_feature_net(x, y, seed=s, epochs=240, classes=len(categories))
                      for s in range(seeds)]
         px, py = load(("heldout", "public"))
-        self.accuracy = float((self.predict(torch.as_tensor(px)) == py).mean())
+        pred = self.predict(torch.as_tensor(px))
+        self.accuracy = float((pred == py).mean())
+        self.per_category = {c: float((pred[py == k] == k).mean()) for k, c in enumerate(categories)}
 
     def predict(self, images: torch.Tensor) -> np.ndarray:
         with torch.no_grad():
@@ -139,7 +141,9 @@ def main() -> int:
     print(f"[judges] category {judge.accuracy:.1%} on held-out and public drawings (chance "
           f"{1 / len(categories):.1%}); style {style.accuracy:.1%}", flush=True)
     result = {"machine": "2-core CPU, no GPU", "settings": vars(args), "categories": categories,
-              "category_judge_accuracy": judge.accuracy, "style_judge_accuracy": style.accuracy}
+              "category_judge_accuracy": judge.accuracy,
+              "category_judge_per_category": judge.per_category,
+              "style_judge_accuracy": style.accuracy}
     # chance: unprompted samples' categories
     free = torch.cat(sample_many(sampler, [SampleRequest(None, 100, s) for s in range(2)],
                                  args.steps))
