@@ -346,6 +346,9 @@ def main() -> int:
     if unknown:
         parser.error(f"unknown part {unknown[0]!r}; parts: {list(PARTS)}")
     data, store = Path(args.data), ShardStore.open(args.store)
+    if store.text and {"monolith", "mixture"} & set(parts):
+        parser.error("the mixture and monolith parts train and sample label-conditional "
+                     "models: give them a store built with --no-text (prompts: prompts.py)")
     RESULTS.mkdir(parents=True, exist_ok=True)
     owners = json.loads((data / "owners.json").read_text())
     honest = [c for c, e in owners["contributors"].items() if not e["planted"]]

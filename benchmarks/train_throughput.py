@@ -72,6 +72,9 @@ def main() -> None:
     parser.add_argument("--head-steps", type=int, default=1000)
     args = parser.parse_args()
     manifest = json.loads((Path(args.store) / "manifest.json").read_text())
+    if manifest.get("text"):
+        parser.error(f"{args.store} is text-conditional; this benchmark times label-conditional "
+                     "and unconditional models only (a store built with --no-text)")
     cores = os.cpu_count() or 1
     print(f"{args.store}: images {manifest['image_shape']}, {cores} cores")
     cases = [(1, cores, "fp32"), (1, 1, "fp32"), (cores, 1, "fp32"),

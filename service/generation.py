@@ -164,7 +164,7 @@ class Generation:
         route = Routing.parse(routing, top_k, mass, mode, draw_above)
         labels = None if label is None else tuple([label] if isinstance(label, int) else label)
         # guidance evaluates every routed shard twice: with the prompt and without
-        twice = 2 if prompt is not None and guidance != 1 else 1
+        twice = 2 if prompt is not None and float(guidance) != 1.0 else 1
         cost = n * steps * self._shards_per_image(principal, contributors, route) * twice
         if cost > self.limits.request_cost:
             raise ValueError(f"n x steps x shards per image = {cost} exceeds this server's "

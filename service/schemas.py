@@ -73,8 +73,8 @@ class GenerateInput(Strict):
                     "default: none. A store without text conditioning answers 404")
     guidance: float = Field(1.0, ge=0, le=20,
                             description="text stores: classifier-free guidance, applied per "
-                                        "shard; 1: none; above 1 each image costs twice the "
-                                        "shard evaluations")
+                                        "shard; 1: none; any other value costs twice the "
+                                        "shard evaluations (ignored without a prompt)")
 
 
 class ForgetInput(Strict):

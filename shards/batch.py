@@ -153,7 +153,7 @@ class Batch:
         self.text = self.guidance = None  # text stores: each row's TextBatch and guidance
         if sampler.text_encoder is not None:
             self.text = sampler.text_encoder.null(1)[:0].to(device)
-            self.guidance = torch.zeros(0, device=device)
+            self.guidance = torch.zeros(0, dtype=torch.float64, device=device)
         self.w_sum = torch.zeros((0, k), device=device)
 
     @property
@@ -282,7 +282,7 @@ class Batch:
         eps = s.bank.evaluate(x[both], t_rows[both], ids + [ids[i] for i in guided.tolist()],
                               text=TextBatch.cat([text, null]))
         cond, uncond = eps[:len(rows)], eps[len(rows):]
-        g_pairs = g[guided][:, None, None, None]
+        g_pairs = g[guided].to(cond.dtype)[:, None, None, None]
         cond[guided] = uncond + g_pairs * (cond[guided] - uncond)
         return cond
 

@@ -33,7 +33,7 @@ from .forgetting import cleanup_orphans
 from .models import make_noise_schedule, pick_device
 from .registry import FORMAT, ShardRegistry, now, router_for
 from .shard import save_shard, train_base, train_shard
-from .text import encoder_info
+from .text import check_encoder, encoder_info
 
 
 def build_store(root: str | Path, datasets: list[ContributorData], config: StoreConfig,
@@ -263,6 +263,7 @@ def _check_labels(store: ShardRegistry, data: ContributorData) -> None:
         if data.captions is None:
             raise DataError(f"contributor {data.contributor_id!r} has no captions (captions.csv "
                             "or a .txt per image); this store is text-conditional")
+        check_encoder(store.text)  # trained with the store's encoder, or not at all
         return
     check_same_labelling([data], labelled=store.num_labels > 0)
     if store.num_labels:

@@ -35,7 +35,9 @@ reference with their own captions, so the optimum is
 and softmax_{i in S}( r_i + log lambda_i ) = lambda_i p_t^i(x_t, c) / sum_j lambda_j
 p_t^j(x_t, c) = p(i | x_t, c), the posterior of the composition given the prompt, with
 the global priors: how likely i is to hold prompts like c is part of the ratio
-(docs/maths.md eq. 5'').
+(docs/maths.md eq. 5''). Captions are replaced by the null text on both sides with
+the shards' dropout rate, so r_i(x_t, t, null) learns the image-only ratio (5): a
+request without a prompt is routed as the unconditional composition.
 
 A head is a small time-conditioned MLP on the image (average-pooled to at most
 16 x 16 pixels): h1 = silu(W1 x + T1 e(t) + L1[y] + b1), h2 = silu(W2 h1 + T2 e(t) +
@@ -223,7 +225,8 @@ def train_head(head: DensityRatioHead, images: torch.Tensor, reference: torch.Te
         idx = torch.randint(0, len(images), (b,), generator=generator)
         if captions is not None:
             ref_idx = torch.randint(0, len(reference), (b,), generator=generator)
-            y = torch.cat([captions.pooled(idx), reference_captions.pooled(ref_idx)]).to(device)
+            y = torch.cat([captions.pooled(idx, generator),
+                           reference_captions.pooled(ref_idx, generator)]).to(device)
         elif labels is None:
             ref_idx, y = torch.randint(0, len(reference), (b,), generator=generator), None
         else:
@@ -292,8 +295,8 @@ class HeadsRouter:
         captions = reference_captions = None
         if store.text:
             encoder = TextEncoder.shared()
-            captions = Captions(data.captions, encoder, dropout=0.0)
-            reference_captions = Captions(self.reference_captions(store), encoder, dropout=0.0)
+            captions = Captions(data.captions, encoder)  # the null text too, as the shards
+            reference_captions = Captions(self.reference_captions(store), encoder)
         loss = train_head(head, data.images, reference, scheduler, config.head_train, seed,
                           labels=None if store.text else data.labels,
                           reference_labels=reference_labels, captions=captions,

@@ -195,9 +195,9 @@ class ComposedSampler:
             raise ValueError(f"guidance={g!r}; allowed: a number from 0 to {MAX_GUIDANCE} "
                              "(1: no guidance)")
         if request.prompt is None:  # the unconditional composition: nothing to guide
-            return self.text_encoder.null(request.n), torch.ones(request.n)
+            return self.text_encoder.null(request.n), torch.ones(request.n, dtype=torch.float64)
         text = self.text_encoder.encode([self.text_encoder.check_prompt(request.prompt)])
-        return text.repeat(request.n), torch.full((request.n,), float(g))
+        return text.repeat(request.n), torch.full((request.n,), float(g), dtype=torch.float64)
 
     def supports(self) -> str:
         """What a request may condition on here, for error messages."""

@@ -42,7 +42,7 @@ from .registry import ShardRegistry
 from .router import RouterModel
 from .sampler import ComposedSampler, compose
 from .settings import env_int
-from .text import TextEncoder, encoder_info
+from .text import TextEncoder, check_encoder
 
 
 class ShardStore(ShardRegistry):
@@ -171,9 +171,5 @@ class ShardStore(ShardRegistry):
         """
         if not self.text:
             return None
-        installed = encoder_info()
-        if installed["weights_hash"] != self.text["weights_hash"]:
-            raise StoreError(f"the installed text encoder ({installed['package']}) has other "
-                             "weights than the one this store was trained with "
-                             f"(sha256 {self.text['weights_hash'][:12]}...); install that version")
+        check_encoder(self.text)
         return TextEncoder.shared()

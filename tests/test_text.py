@@ -294,3 +294,18 @@ def test_service_generates_from_a_prompt(text_store, full_store, tmp_path):
             platform.generate(admin, n=1, steps=2, prompt="zero")
     finally:
         platform.close()
+
+
+def test_training_captions_are_not_cached_and_prompts_are_bounded(monkeypatch):
+    """A serving process keeps no contributor's captions after training, and a stream of
+    distinct prompts does not grow its memory without bound."""
+    from shards import text
+    from shards.text import Captions
+
+    enc = TextEncoder.shared()
+    Captions(["a caption of someone's own", "another one"], enc)
+    assert "a caption of someone's own" not in enc._cache
+    monkeypatch.setattr(text, "CACHE_TEXTS", 3)
+    out = enc.encode([f"prompt {i}" for i in range(5)])
+    assert len(enc._cache) == 3 and "prompt 4" in enc._cache and "prompt 0" not in enc._cache
+    assert_close(out[:1].tokens, enc.encode(["prompt 0"]).tokens)  # recomputed, the same

@@ -496,7 +496,7 @@ async function viewGenerate() {
     if (labelSelect && labelSelect.value !== "") body.label = Number(labelSelect.value);
     if (prompt && prompt.value.trim()) {
       body.prompt = prompt.value.trim();
-      body.guidance = Number(guidance.value);
+      body.guidance = guidance.value === "" ? 1 : Number(guidance.value);
     }
     if (routing.value === "dense") body.mass = 1;
     if (routing.value === "topk") body.top_k = Number(topk.value);
