@@ -33,9 +33,7 @@ one file of a folder, never its listing.
 
 from __future__ import annotations
 
-import csv
 import hashlib
-import io
 import json
 import re
 from dataclasses import dataclass
@@ -44,7 +42,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .decode import IMAGE_SUFFIXES, ImageLimits, read_file, read_images
+from .decode import IMAGE_SUFFIXES, ImageLimits, read_file, read_images, read_table
 from .errors import DataError, short
 from .settings import CONTRIBUTOR_ID as CONTRIBUTOR_ID_PATTERN
 from .settings import MAX_LABEL
@@ -148,17 +146,8 @@ def parse_label(text: object, what: str) -> int:
 
 def _labels_csv(path: Path, who: str, max_bytes: int) -> dict[str, int]:
     """file name -> label from a labels.csv (rows `file,label`, an optional header)."""
-    text = read_file(path, who, max_bytes).decode("utf-8", errors="replace")
-    mapping: dict[str, int] = {}
-    for number, row in enumerate(csv.reader(io.StringIO(text)), start=1):
-        if not row or (number == 1 and [c.strip().lower() for c in row] == ["file", "label"]):
-            continue
-        if len(row) != 2:
-            raise DataError(f"{who}: {LABELS_CSV} row {number} has {len(row)} fields; "
-                            "expected file,label")
-        name, label = row[0].strip(), row[1].strip()
-        mapping[name] = parse_label(label, f"{who}: {LABELS_CSV} row {number} ({short(name, 64)})")
-    return mapping
+    return {name: parse_label(label.strip(), f"{who}: {LABELS_CSV} row {number} ({short(name, 64)})")
+            for number, name, label in read_table(path, who, max_bytes, "label")}
 
 
 def scan_folder(folder: Path, who: str, limits: ImageLimits) -> tuple[list[Path], list[int] | None]:

@@ -17,6 +17,7 @@ floats in [0, 1].
 
 from __future__ import annotations
 
+import csv
 import errno
 import hashlib
 import io
@@ -269,3 +270,25 @@ def read_images(files: list[Path], who: str, limits: ImageLimits,
         digest.update(data)
         arrays.append(arr)
     return torch.from_numpy(np.stack(arrays)) * 2.0 - 1.0, digest.hexdigest()
+
+
+def read_table(path: Path, who: str, max_bytes: int, column: str,
+               hint: str = "") -> list[tuple[int, str, str]]:
+    """The rows `file,<column>` of a folder's CSV (labels.csv, captions.csv) as
+    (row number, file stripped, value as written); an optional header and empty rows
+    are skipped.
+
+    Raises:
+        DataError: naming the file and row, for a row of other than two fields; and as
+            `read_file`.
+    """
+    text = read_file(path, who, max_bytes).decode("utf-8", errors="replace")
+    rows = []
+    for number, row in enumerate(csv.reader(io.StringIO(text)), start=1):
+        if not row or (number == 1 and [c.strip().lower() for c in row] == ["file", column]):
+            continue
+        if len(row) != 2:
+            raise DataError(f"{who}: {path.name} row {number} has {len(row)} fields; "
+                            f"expected file,{column}{hint}")
+        rows.append((number, row[0].strip(), row[1]))
+    return rows

@@ -57,40 +57,28 @@ def make_unet(image_shape: tuple[int, int, int], unet: dict | None = None, seed:
             f"image size {height}x{width} is not divisible by {factor}, the UNet's "
             f"downsampling for block_out_channels={cfg['block_out_channels']}"
         )
-    if text_dim:
-        return _text_unet(image_shape, cfg, seed, text_dim)
+    common = {"sample_size": (height, width) if height != width else height,
+              "in_channels": channels, "out_channels": channels,
+              "block_out_channels": tuple(cfg["block_out_channels"]),
+              "layers_per_block": cfg["layers_per_block"],
+              "norm_num_groups": cfg["norm_num_groups"]}
     with seeded(seed):
+        if text_dim:
+            return UNet2DConditionModel(
+                **common,
+                down_block_types=("DownBlock2D",) * (levels - 1) + ("CrossAttnDownBlock2D",),
+                up_block_types=("CrossAttnUpBlock2D",) + ("UpBlock2D",) * (levels - 1),
+                mid_block_type="UNetMidBlock2DCrossAttn",
+                cross_attention_dim=text_dim,
+                attention_head_dim=4,  # diffusers' name for the number of heads
+                class_embed_type="projection",
+                projection_class_embeddings_input_dim=text_dim,
+            )
         return UNet2DModel(
-            sample_size=(height, width) if height != width else height,
-            in_channels=channels,
-            out_channels=channels,
-            block_out_channels=tuple(cfg["block_out_channels"]),
-            layers_per_block=cfg["layers_per_block"],
-            norm_num_groups=cfg["norm_num_groups"],
+            **common,
             down_block_types=("DownBlock2D",) * levels,
             up_block_types=("UpBlock2D",) * levels,
             num_class_embeds=num_labels or None,
-        )
-
-
-def _text_unet(image_shape, cfg: dict, seed: int, text_dim: int) -> UNet2DConditionModel:
-    channels, height, width = image_shape
-    levels = len(cfg["block_out_channels"])
-    with seeded(seed):
-        return UNet2DConditionModel(
-            sample_size=(height, width) if height != width else height,
-            in_channels=channels,
-            out_channels=channels,
-            block_out_channels=tuple(cfg["block_out_channels"]),
-            layers_per_block=cfg["layers_per_block"],
-            norm_num_groups=cfg["norm_num_groups"],
-            down_block_types=("DownBlock2D",) * (levels - 1) + ("CrossAttnDownBlock2D",),
-            up_block_types=("CrossAttnUpBlock2D",) + ("UpBlock2D",) * (levels - 1),
-            mid_block_type="UNetMidBlock2DCrossAttn",
-            cross_attention_dim=text_dim,
-            attention_head_dim=4,  # diffusers' name for the number of heads
-            class_embed_type="projection",
-            projection_class_embeddings_input_dim=text_dim,
         )
 
 

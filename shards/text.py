@@ -22,10 +22,8 @@ as common LoRA trainers read them. A folder is captioned when every image has on
 
 from __future__ import annotations
 
-import csv
 import functools
 import hashlib
-import io
 import threading
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -34,6 +32,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from .decode import read_file, read_table
 from .errors import DataError, short
 
 CAPTIONS_CSV = "captions.csv"
@@ -246,8 +245,6 @@ def read_captions(folder: Path, files: list[Path], who: str, max_bytes: int) -> 
             naming no image of the folder, a row that is not file,caption, an empty or
             over-long caption, both a captions.csv and .txt files.
     """
-    from .decode import read_file
-
     table = folder / CAPTIONS_CSV
     sidecars = {f: f.with_suffix(".txt") for f in files}
     has_txt = [f for f, t in sidecars.items() if t.is_file()]
@@ -257,15 +254,9 @@ def read_captions(folder: Path, files: list[Path], who: str, max_bytes: int) -> 
         raise DataError(f"{who}: both {CAPTIONS_CSV} and {has_txt[0].with_suffix('.txt').name} "
                         "give captions; keep one of the two")
     if table.is_file():
-        text = read_file(table, who, max_bytes).decode("utf-8", errors="replace")
-        mapping: dict[str, str] = {}
-        for number, row in enumerate(csv.reader(io.StringIO(text)), start=1):
-            if not row or (number == 1 and [c.strip().lower() for c in row] == ["file", "caption"]):
-                continue
-            if len(row) != 2:
-                raise DataError(f"{who}: {CAPTIONS_CSV} row {number} has {len(row)} fields; "
-                                "expected file,caption (quote a caption that has a comma)")
-            mapping[row[0].strip()] = _caption(row[1], f"{who}: {CAPTIONS_CSV} row {number}")
+        mapping = {name: _caption(caption, f"{who}: {CAPTIONS_CSV} row {number}")
+                   for number, name, caption in read_table(
+                       table, who, max_bytes, "caption", " (quote a caption that has a comma)")}
         names = {f.relative_to(folder).as_posix(): f for f in files}
         extra = sorted(set(mapping) - set(names))
         if extra:
