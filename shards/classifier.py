@@ -36,7 +36,7 @@ from diffusers.models.resnet import ResnetBlock2D
 from .errors import StoreError
 from .faults import crashpoint
 from .files import files_hash
-from .models import seeded
+from .models import LOAD, seeded
 from .router import RouterUpdate
 from .routing import posterior_weights
 from .shard import derived_seed
@@ -366,4 +366,4 @@ class JointRouter:
     def load(self, store) -> ShardClassifier:
         if store.manifest.get("classifier") is None:
             raise StoreError(f"store {store.root} has no joint classifier (no live contributor)")
-        return ShardClassifier.from_pretrained(store.root / store.manifest["classifier"]["path"]).eval()
+        return ShardClassifier.from_pretrained(store.root / store.manifest["classifier"]["path"], **LOAD).eval()

@@ -67,7 +67,7 @@ from safetensors.torch import load_file, save_file
 
 from .errors import DataError
 from .files import files_hash, sweep, tensor_hash
-from .models import seeded
+from .models import LOAD, seeded
 from .router import RouterUpdate
 from .shard import derived_seed
 from .text import Captions, TextEncoder
@@ -340,5 +340,5 @@ class HeadsRouter:
                 "depends_on": sorted(coalition)}
 
     def load(self, store) -> StackedHeads:
-        return StackedHeads([DensityRatioHead.from_pretrained(store.root / store.contributor(c)["head"]["path"]).eval()
+        return StackedHeads([DensityRatioHead.from_pretrained(store.root / store.contributor(c)["head"]["path"], **LOAD).eval()
                              for c in store.contributor_ids])

@@ -82,6 +82,15 @@ def make_unet(image_shape: tuple[int, int, int], unet: dict | None = None, seed:
         )
 
 
+# How every saved diffusers model of a store is loaded. diffusers' default with accelerate
+# installed (peft requires it) builds the model under accelerate's init_empty_weights,
+# which patches torch.nn.Module.register_parameter for the whole process while it
+# loads: a model built meanwhile in another thread (an add job training beside a
+# sampler reloading its heads) gets parameters on the meta device and fails. Built
+# normally, then filled: a few milliseconds more for these small models.
+LOAD = {"low_cpu_mem_usage": False}
+
+
 def make_lora_config(rank: int = 8, attention: bool = False) -> LoraConfig:
     """LoRA on every convolution and time projection of the shard UNet (and on the
     attention projections with `attention`, for text-conditional shards)."""

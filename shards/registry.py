@@ -35,6 +35,7 @@ from .config import StoreConfig
 from .errors import StoreError, UnknownContributorError
 from .files import write_json_atomic
 from .heads import HeadsRouter
+from .models import LOAD
 from .router import Router, RouterUpdate
 
 FORMAT = 1
@@ -241,7 +242,7 @@ class ShardRegistry:
     def load_base(self) -> UNet2DModel | None:
         """The public base model (trained on public data only), None in a store without one."""
         base = self.manifest["base"]
-        return None if base is None else self.unet_class().from_pretrained(self.root / base["path"])
+        return None if base is None else self.unet_class().from_pretrained(self.root / base["path"], **LOAD)
 
     def contributor_data(self, contributor_id: str) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The kept copy of a live contributor's images and labels (None: unlabelled).

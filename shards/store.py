@@ -37,7 +37,7 @@ from .config import StoreConfig
 from .data import ContributorData
 from .errors import StoreError
 from .files import read_weights, weights_hash
-from .models import make_unet, pick_device
+from .models import LOAD, make_unet, pick_device
 from .registry import ShardRegistry
 from .router import RouterModel
 from .sampler import ComposedSampler, compose
@@ -113,7 +113,7 @@ class ShardStore(ShardRegistry):
         if not folder.is_dir():
             raise StoreError(f"shard {contributor_id!r} was purged; it can no longer be loaded")
         if entry["kind"] == "full":
-            return self.unet_class().from_pretrained(folder).eval()
+            return self.unet_class().from_pretrained(folder, **LOAD).eval()
         return PeftModel.from_pretrained(self.load_base(), folder).merge_and_unload().eval()
 
     def load_bank(self, capacity: int | None = None) -> ShardBank:

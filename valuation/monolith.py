@@ -43,7 +43,7 @@ from safetensors.torch import load_file, save_file
 from shards import ShardStore
 from shards.files import fsync_dir, write_json_atomic
 from shards.forgetting import Cleaner, register_cleaner
-from shards.models import make_unet
+from shards.models import LOAD, make_unet
 from shards.sampler import ComposedSampler, compose
 from shards.shard import derived_seed
 from shards.training import TrainConfig, train_denoiser
@@ -279,7 +279,7 @@ class PrunedFinetuneUtility(_MonolithUtility):
     def base(self) -> UNet2DModel:
         if self._base is None:
             self.prepare()
-            model = UNet2DModel.from_pretrained(self.folder / "monolith")
+            model = UNet2DModel.from_pretrained(self.folder / "monolith", **LOAD)
             prune_unet(model, self.ratio)
             model.load_state_dict(load_file(str(self.folder / "pruned.safetensors")))
             self._base = model.eval()
