@@ -103,6 +103,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--head-steps", type=int, default=None,
                    help="training steps of each density-ratio head; default "
                         f"{STORE.head_train.steps}")
+    p.add_argument("--base", default=None, metavar="DIR",
+                   help="a local diffusers Stable Diffusion folder (unet, vae, text_encoder, "
+                        "tokenizer, scheduler): LoRA shards on its UNet in its VAE's latent "
+                        "space, prompts through its text encoder (docs/usage.md)")
     p.add_argument("--no-text", action="store_true",
                    help="ignore the data's captions: a store conditioned on labels (or "
                         "nothing), where captioned contributors otherwise make a "

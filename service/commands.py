@@ -101,8 +101,14 @@ def cmd_train(args) -> None:
     from shards.data import load_contributor
 
     _store_config(args)  # options first: their errors come before any data is read
+    if args.base:
+        from shards.pipeline import check_pipeline
+
+        check_pipeline(args.base)
     datasets = load_contributors(args.data_dir)
     config = _store_config(args, datasets[0].image_shape, public=bool(args.public))
+    if args.base:  # LoRA adapters on the pipeline's UNet: nothing of the pixel defaults
+        config = _store_config(args).replace(kind="lora")
     pub = load_contributor(args.public, "public") if args.public else None
     public, public_labels = (pub.images, pub.labels) if pub else (None, None)
     # every contributor captioned: a text-conditional store, unless --no-text
@@ -116,7 +122,8 @@ def cmd_train(args) -> None:
     store = ShardStore.create(args.store, datasets, config, public=public,
                               device=args.device, public_labels=public_labels,
                               workers=args.workers, text=text,
-                              public_captions=list(pub.captions) if pub and pub.captions else None)
+                              public_captions=list(pub.captions) if pub and pub.captions else None,
+                              pipeline=args.base)
     _print_store(store)
 
 
@@ -151,6 +158,11 @@ def _print_store(store) -> None:
     if store.text:
         print(f"  text-conditional: prompts through {store.text['name']} "
               f"(at most {store.text['max_tokens']} tokens)")
+    if store.pipeline:
+        p = store.pipeline
+        print(f"  pretrained latent base {p['source']}: {'x'.join(map(str, store.pixel_shape))} "
+              f"images as {'x'.join(map(str, store.image_shape))} latents (copied to "
+              f"{store.root / p['path']})")
     print(f"  {store.router.describe(store)}")
 
 

@@ -70,7 +70,7 @@ class Jobs:
         unless `anywhere` (the shell's `cdm add`, which reads as its user)."""
         principal.require_admin()
         path = Path(folder).resolve() if anywhere else self.data_folder(folder)
-        data = load_contributor(path, shape=self.store.image_shape)
+        data = load_contributor(path, shape=self.store.pixel_shape)
         self.check_new_id(data.contributor_id)
         job_id = self.db.create_job("add", principal.user,
                                     {"folder": str(path), "contributor_id": data.contributor_id,
@@ -212,7 +212,7 @@ class Jobs:
     # ------------------------------------------------------------ add, value
     def _add(self, job: dict) -> dict:
         params = job["params"]
-        data = load_contributor(params["folder"], shape=self.store.image_shape)
+        data = load_contributor(params["folder"], shape=self.store.pixel_shape)
         if data.data_hash != params["data_hash"]:
             raise StoreError("the folder changed since the request was accepted; send it again")
         entry = self.store.add(data, kind=params.get("kind"), device=self.device,

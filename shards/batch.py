@@ -257,7 +257,8 @@ class Batch:
         for a, b, m in zip(bounds[:-1], bounds[1:], self.members, strict=True):
             m.done += 1
             if m.done == m.steps:
-                images = ((self.x[a:b].clamp(-1, 1) + 1) / 2).cpu()
+                x0 = self.x[a:b] if s.decoder is None else s.decoder(self.x[a:b])
+                images = ((x0.clamp(-1, 1) + 1) / 2).cpu()
                 sub = [c for c, on in zip(s.classifier_ids, m.mask.tolist(), strict=True) if on]
                 w_mean = (self.w_sum[a:b] / m.steps).cpu()[:, m.mask]
                 finished.append((m.handle, SampleOutput(images, sub, w_mean, w[a:b].cpu()[:, m.mask],

@@ -20,7 +20,7 @@ from multiprocessing import get_context
 from pathlib import Path
 
 import torch
-from diffusers import DDPMScheduler, UNet2DModel
+from diffusers import DDPMScheduler, UNet2DConditionModel, UNet2DModel
 from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
@@ -30,29 +30,33 @@ from .errors import DataError, StoreError
 from .faults import crashpoint
 from .files import building, files_hash, tensor_hash
 from .forgetting import cleanup_orphans
-from .models import make_noise_schedule, pick_device
+from .models import LOAD, make_noise_schedule, pick_device
+from .pipeline import LatentCodec, check_pipeline, import_pipeline, latent_shape, text_info
 from .registry import FORMAT, ShardRegistry, now, router_for
 from .shard import save_shard, train_base, train_shard
-from .text import check_encoder, encoder_info
+from .text import encoder_info
 
 
 def build_store(root: str | Path, datasets: list[ContributorData], config: StoreConfig,
                 public: torch.Tensor | None, public_labels: torch.Tensor | None,
                 device: str | None, progress: bool, workers: int = 1,
-                public_captions: list[str] | None = None, text: bool = False) -> Path:
+                public_captions: list[str] | None = None, text: bool = False,
+                pipeline: str | Path | None = None) -> Path:
     """Train one shard (and its router part) per contributor and the router's shared
     part; write the store at `root`. Labelled data makes a labelled store
     (class-conditional shards and router); `text` a text-conditional one, on every
     contributor's captions (its labels, if any, are not used). `workers` > 1 trains the contributors in
     that many spawned processes on the CPU, each with its share of this process's
-    threads. Returns `root`.
+    threads. `pipeline`: a local Stable Diffusion folder (pipeline.py), whose UNet the
+    shards adapt (kind 'lora') on the VAE's latents of the images. Returns `root`.
 
     Raises:
         StoreError: `root` exists and is not empty.
         DataError: no data, duplicate ids, mismatched shapes, labelled and unlabelled
             contributors mixed, no public data where LoRA shards or the router need it
             (labelled too, in a labelled store; captioned, in a text store), a
-            contributor without captions or the joint router in a text store.
+            contributor without captions or the joint router in a text store; a
+            `pipeline` folder that is not one, or without captions or kind 'lora'.
     """
     root = Path(root)
     if root.exists() and (not root.is_dir() or any(root.iterdir())):
@@ -68,6 +72,11 @@ def build_store(root: str | Path, datasets: list[ContributorData], config: Store
     if text:
         datasets = _text_datasets(datasets, config, public, public_captions)
         public_labels = None
+    latent = None
+    if pipeline is not None:
+        latent, datasets, public = _latent_inputs(pipeline, datasets, config, public, text,
+                                                  progress)
+        config = config.replace(schedule=latent["schedule"])
     check_same_labelling(datasets)
     image_shape = datasets[0].image_shape
     labelled = datasets[0].labels is not None
@@ -85,8 +94,32 @@ def build_store(root: str | Path, datasets: list[ContributorData], config: Store
     with building(root) as tmp:
         _build(tmp, sorted(datasets, key=lambda d: d.contributor_id), config, public,
                public_labels if labelled else None, image_shape, num_labels,
-               pick_device(device), progress, workers, public_captions if text else None)
+               pick_device(device), progress, workers, public_captions if text else None,
+               latent)
     return root
+
+
+def _latent_inputs(folder, datasets, config: StoreConfig, public, text: bool, progress: bool):
+    """(what the store records of the pipeline, the contributors' and the public
+    images as the VAE's latents)."""
+    info = check_pipeline(folder)
+    if not text:
+        raise DataError("--base: a Stable Diffusion pipeline is text-conditional; every "
+                        "contributor and the public data need captions (captions.csv or a "
+                        ".txt per image)")
+    if config.kind != "lora":
+        raise DataError(f"--base: shards are LoRA adapters on the pipeline's UNet (kind "
+                        f"'lora'), not {config.kind!r}")
+    pixel_shape = datasets[0].image_shape
+    latent_shape(info, pixel_shape)
+    if public is not None and tuple(public.shape[1:]) != pixel_shape:
+        raise DataError(f"public images have shape {tuple(public.shape[1:])}, contributors "
+                        f"{pixel_shape}")
+    codec = LatentCodec(Path(folder))
+    datasets = [dataclasses.replace(d, images=codec.encode(d.images, progress, d.contributor_id))
+                for d in datasets]
+    public = None if public is None else codec.encode(public, progress, "public")
+    return {**info, "pixel_shape": list(pixel_shape)}, datasets, public
 
 
 def _text_datasets(datasets, config: StoreConfig, public, public_captions) -> list:
@@ -124,17 +157,24 @@ def _check_public(datasets, public, public_labels, image_shape, labelled, needs)
 
 def _build(root: Path, datasets, config: StoreConfig, public, public_labels, image_shape,
            num_labels: int, device, progress: bool, workers: int,
-           public_captions: list[str] | None) -> None:
+           public_captions: list[str] | None, latent: dict | None = None) -> None:
     scheduler = make_noise_schedule(config.schedule)
     scheduler.save_pretrained(root / "schedule")
     manifest = {"format": FORMAT, "created_at": now(), "image_shape": list(image_shape),
                 "config": config.to_dict(), "base": None, "contributors": {},
                 "classifier": None, "reference": None, "num_labels": num_labels,
                 "excluded": {}, "generation": 0}
-    if public_captions is not None:
-        manifest["text"] = dict(encoder_info())
     base = None
-    if config.needs_base():
+    if latent is not None:  # the pretrained pipeline: its UNet is the base, its CLIP the encoder
+        import_pipeline(latent["source"], root / "pipeline")
+        manifest["pipeline"] = {**latent, "path": "pipeline"}
+        manifest["text"] = text_info(root / "pipeline", "pipeline")
+        base = UNet2DConditionModel.from_pretrained(root / "pipeline" / "unet", **LOAD)
+        manifest["base"] = {"path": "pipeline/unet", "pretrained": True,
+                            "weights_hash": files_hash(root / "pipeline" / "unet")}
+    elif public_captions is not None:
+        manifest["text"] = dict(encoder_info())
+    if config.needs_base() and base is None:
         base, loss = train_base(public, image_shape, config, scheduler, device, progress,
                                 public_labels, num_labels, public_captions)
         base.save_pretrained(root / "base")
@@ -188,9 +228,10 @@ def write_contributor(store: ShardRegistry, data: ContributorData, kind: str,
     if store.text:  # conditioned on captions: labels, if any, are not used
         data = dataclasses.replace(data, labels=None)
     model, meta = train_shard(data, kind, store.config, scheduler, base, device, progress,
-                              store.num_labels, text=store.text is not None)
+                              store.num_labels, text=store.text is not None,
+                              encoder=store.text_encoder())
     staging = store.root / "shards" / f".{cid}.partial"
-    weights_hash = save_shard(model, meta, staging)
+    weights_hash = save_shard(model, meta, staging, diffusers_lora=bool(store.pipeline) and kind == "lora")
     entry = {**meta, "path": f"shards/{cid}", "data_path": None,
              "weights_hash": weights_hash, "added_at": now()}
     entry.update(store.router.contributor_part(store, data, scheduler, device, progress))
@@ -228,8 +269,9 @@ def add_contributor(store: ShardRegistry, data: ContributorData, kind: str | Non
     cid = validate_contributor_id(data.contributor_id)
     with store.work_lock():  # one add at a time; a purge of someone else goes on
         _check_addable(store, data, kind)
-        check_same_shape([data], store.image_shape)
+        check_same_shape([data], store.pixel_shape)
         _check_labels(store, data)
+        data = store.model_space(data, progress)  # latents in a store on a pipeline
         dev = pick_device(device)
         scheduler = store.noise_schedule()
         base = store.load_base() if store.config.needs_base(kind) else None
@@ -263,7 +305,7 @@ def _check_labels(store: ShardRegistry, data: ContributorData) -> None:
         if data.captions is None:
             raise DataError(f"contributor {data.contributor_id!r} has no captions (captions.csv "
                             "or a .txt per image); this store is text-conditional")
-        check_encoder(store.text)  # trained with the store's encoder, or not at all
+        store.text_encoder()  # trained with the store's encoder, or not at all
         return
     check_same_labelling([data], labelled=store.num_labels > 0)
     if store.num_labels:

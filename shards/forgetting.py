@@ -32,9 +32,11 @@ from .models import pick_device
 from .registry import ShardRegistry, now
 
 CLEANERS_GROUP = "cdm_serve.cleaners"
-# top-level names of a store that the store itself manages (dot-files: locks, temps)
+# top-level names of a store that the store itself manages (dot-files: locks, temps);
+# `pipeline` (a pretrained latent base, pipeline.py) is copied in, trained on no
+# contributor's data
 STORE_OWNS = ("manifest.json", "schedule", "shards", "router", "reference", "data",
-              "classifier", "base")
+              "classifier", "base", "pipeline")
 
 
 @dataclass(frozen=True)

@@ -70,7 +70,7 @@ from .files import files_hash, sweep, tensor_hash
 from .models import LOAD, seeded
 from .router import RouterUpdate
 from .shard import derived_seed
-from .text import Captions, TextEncoder
+from .text import Captions
 from .training import TrainConfig, forward_noise, optimize
 
 MAX_SIDE = 16
@@ -294,7 +294,7 @@ class HeadsRouter:
         reference, reference_labels = self.reference(store)
         captions = reference_captions = None
         if store.text:
-            encoder = TextEncoder.shared()
+            encoder = store.text_encoder()
             captions = Captions(data.captions, encoder)  # the null text too, as the shards
             reference_captions = Captions(self.reference_captions(store), encoder)
         loss = train_head(head, data.images, reference, scheduler, config.head_train, seed,

@@ -18,6 +18,7 @@ versions, the orphan sweep) happens under the write lock.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import os
 import threading
@@ -35,8 +36,10 @@ from .config import StoreConfig
 from .errors import StoreError, UnknownContributorError
 from .files import write_json_atomic
 from .heads import HeadsRouter
-from .models import LOAD
+from .models import LOAD, make_unet
+from .pipeline import LatentCodec, PipelineTextEncoder
 from .router import Router, RouterUpdate
+from .text import TextEncoder, check_encoder
 
 FORMAT = 1
 MANIFEST = "manifest.json"
@@ -203,6 +206,55 @@ class ShardRegistry:
     @property
     def text_dim(self) -> int:
         return int(self.text["dim"]) if self.text else 0
+
+    @property
+    def pipeline(self) -> dict | None:
+        """A pretrained latent base (pipeline.py `check_pipeline` and its path), None in
+        a store that works on pixels."""
+        return self.manifest.get("pipeline")
+
+    @property
+    def pixel_shape(self) -> tuple[int, int, int]:
+        """(C, H, W) of the images contributors bring and requests get: `image_shape`
+        (what the models see) but in a latent store, where that is the latents'."""
+        pipe = self.pipeline
+        return tuple(pipe["pixel_shape"]) if pipe else self.image_shape
+
+    def text_encoder(self) -> TextEncoder | None:
+        """The frozen text encoder of a text-conditional store (None otherwise): the
+        pipeline's in a latent store, else all-MiniLM-L6-v2 (text.py).
+
+        Raises:
+            StoreError: the installed MiniLM's weights are not the ones the store's
+                models were trained with.
+        """
+        if not self.text:
+            return None
+        if self.text.get("kind") == "pipeline":
+            return PipelineTextEncoder.for_store(self.root / self.text["path"], self.text)
+        check_encoder(self.text)
+        return TextEncoder.shared()
+
+    def latent_codec(self) -> LatentCodec | None:
+        """The VAE of a latent store, None in a pixel store."""
+        return LatentCodec.for_store(self.root / self.pipeline["path"]) if self.pipeline else None
+
+    def model_space(self, data, progress: bool = False):
+        """`data` (ContributorData of `pixel_shape` images) as the models see it: its
+        images encoded to latents in a latent store, unchanged otherwise."""
+        codec = self.latent_codec()
+        if codec is None:
+            return data
+        return dataclasses.replace(data, images=codec.encode(data.images, progress,
+                                                             data.contributor_id))
+
+    def unet_template(self):
+        """A UNet of the store's shard architecture (its weights are not used)."""
+        if self.pipeline:
+            cls = UNet2DConditionModel
+            return cls.from_config(cls.load_config(self.root / self.manifest["base"]["path"]))
+        return make_unet(self.image_shape, self.config.unet, num_labels=self.num_labels,
+                         text_dim=self.text_dim)
 
     def unet_class(self) -> type:
         """The diffusers class of the store's UNets."""

@@ -79,13 +79,14 @@ def compose(shards: ShardBank | Mapping[str, torch.nn.Module], schedule_config: 
             image_shape: tuple[int, int, int], router: RouterModel | None = None,
             priors: dict[str, float] | None = None,
             label_counts: dict[str, dict[int, int]] | None = None,
-            num_labels: int = 0, text_encoder=None) -> ComposedSampler:
+            num_labels: int = 0, text_encoder=None, decoder=None) -> ComposedSampler:
     """The one way a composed sampler is assembled: from a store's lazy `ShardBank`,
     or from models in memory ({id: UNet}, all of one architecture: a monolith alone,
     a benchmark's shards). Without a `router` every shard scores alike
     (`EqualScores`): with one model that is plain sampling with it, weight 1.
     `priors` default to equal; `text_encoder` (text.TextEncoder) for text-conditional
-    shards."""
+    shards; `decoder` (latents -> images in [-1, 1]) for shards of a latent space
+    (pipeline.py)."""
     if not isinstance(shards, ShardBank):
         states = {cid: model.eval().state_dict() for cid, model in shards.items()}
         template = next(iter(shards.values()))
@@ -94,7 +95,7 @@ def compose(shards: ShardBank | Mapping[str, torch.nn.Module], schedule_config: 
         router = EqualScores(shards.contributor_ids)
     priors = priors or {c: 1.0 for c in shards.contributor_ids}
     return ComposedSampler(shards, router, schedule_config, priors, image_shape, label_counts,
-                           num_labels, text_encoder)
+                           num_labels, text_encoder, decoder)
 
 
 class ComposedSampler:
@@ -111,9 +112,9 @@ class ComposedSampler:
     def __init__(self, bank: ShardBank, router, schedule_config: dict,
                  priors: dict[str, float], image_shape: tuple[int, int, int],
                  label_counts: dict[str, dict[int, int]] | None = None, num_labels: int = 0,
-                 text_encoder=None):
+                 text_encoder=None, decoder=None):
         self.bank = bank
-        self.text_encoder = text_encoder
+        self.text_encoder, self.decoder = text_encoder, decoder
         self.router = router
         self.image_shape = tuple(image_shape)
         self.schedule_config = dict(schedule_config)

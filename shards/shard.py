@@ -22,6 +22,7 @@ from .config import StoreConfig
 from .data import ContributorData
 from .files import files_hash
 from .models import make_lora_config, make_unet, seeded
+from .pipeline import export_lora
 from .settings import SHARD_KINDS
 from .text import ENCODER, Captions, TextEncoder
 from .training import train_denoiser
@@ -51,19 +52,22 @@ def train_base(images: torch.Tensor, image_shape, config: StoreConfig, scheduler
 
 def train_shard(data: ContributorData, kind: str, config: StoreConfig, scheduler: DDPMScheduler,
                 base: UNet2DModel | None = None, device="cpu", progress=True,
-                num_labels: int = 0, text: bool = False) -> tuple[torch.nn.Module, dict]:
+                num_labels: int = 0, text: bool = False,
+                encoder: TextEncoder | None = None) -> tuple[torch.nn.Module, dict]:
     """Train one shard on `data` alone, class-conditional on `num_labels` labels when
     the data is labelled (a LoRA shard inherits its base's class embedding), on its
-    captions with `text`. Returns (model, metadata)."""
+    captions with `text` (encoded by `encoder`, default all-MiniLM-L6-v2). Returns
+    (model, metadata)."""
     if text and data.captions is None:
         raise ValueError(f"contributor {data.contributor_id!r} has no captions")
     if kind not in SHARD_KINDS:
         raise ValueError(f"kind={kind!r}; allowed: {list(SHARD_KINDS)}")
     seed = derived_seed(config.seed, "shard", data.contributor_id)
     from_base = config.needs_base(kind)
+    encoder = (encoder or TextEncoder.shared()) if text else None
     if not from_base:
         model = make_unet(data.image_shape, config.unet, seed=seed, num_labels=num_labels,
-                          text_dim=ENCODER["dim"] if text else 0)
+                          text_dim=encoder.dim if text else 0)
     elif base is None:
         raise ValueError(f"a {kind!r} shard of this store starts from the public base model; "
                          "none was given")
@@ -73,7 +77,7 @@ def train_shard(data: ContributorData, kind: str, config: StoreConfig, scheduler
         with seeded(seed):
             model = get_peft_model(copy.deepcopy(base), make_lora_config(config.lora_rank, text))
     train = config.shard_train_for(kind, len(data))
-    captions = Captions(data.captions, TextEncoder.shared()) if text else None
+    captions = Captions(data.captions, encoder) if text else None
     loss = train_denoiser(model, data.images, scheduler, train, seed,
                           labels=None if text else data.labels, text=captions,
                           device=device, desc=f"shard {data.contributor_id}", progress=progress)
@@ -91,9 +95,13 @@ def train_shard(data: ContributorData, kind: str, config: StoreConfig, scheduler
     return model.cpu(), meta
 
 
-def save_shard(model: torch.nn.Module, meta: dict, folder: Path) -> str:
-    """Save in diffusers/peft layout plus shard.json; returns the weights' hash."""
+def save_shard(model: torch.nn.Module, meta: dict, folder: Path, diffusers_lora: bool = False) -> str:
+    """Save in diffusers/peft layout plus shard.json (with `diffusers_lora`, a LoRA
+    shard also as diffusers' `load_lora_weights` reads it: pipeline.py); returns the
+    weights' hash."""
     folder.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(folder)
+    if diffusers_lora:
+        export_lora(model, folder)
     (folder / "shard.json").write_text(json.dumps(meta, indent=2) + "\n")
     return files_hash(folder)

@@ -37,12 +37,11 @@ from .config import StoreConfig
 from .data import ContributorData
 from .errors import StoreError
 from .files import read_weights, weights_hash
-from .models import LOAD, make_unet, pick_device
+from .models import LOAD, pick_device
 from .registry import ShardRegistry
 from .router import RouterModel
 from .sampler import ComposedSampler, compose
 from .settings import env_int
-from .text import TextEncoder, check_encoder
 
 
 class ShardStore(ShardRegistry):
@@ -55,12 +54,14 @@ class ShardStore(ShardRegistry):
                config: StoreConfig | None = None, public: torch.Tensor | None = None,
                device: str | None = None, progress: bool = True,
                public_labels: torch.Tensor | None = None, workers: int = 1,
-               public_captions: list[str] | None = None, text: bool = False) -> ShardStore:
+               public_captions: list[str] | None = None, text: bool = False,
+               pipeline: str | Path | None = None) -> ShardStore:
         """Train one shard per contributor and the router; write a new store at `root`
         (`builder.build_store`: its errors; `workers` processes train the shards;
-        `text`: a text-conditional store on the contributors' captions)."""
+        `text`: a text-conditional store on the contributors' captions; `pipeline`: a
+        local Stable Diffusion folder whose UNet the shards adapt, in its latent space)."""
         builder.build_store(root, datasets, config or StoreConfig(), public, public_labels,
-                            device, progress, workers, public_captions, text)
+                            device, progress, workers, public_captions, text, pipeline)
         return cls.open(root)
 
     def add(self, data: ContributorData, kind: str | None = None, public: torch.Tensor | None = None,
@@ -139,9 +140,7 @@ class ShardStore(ShardRegistry):
                 return safetensors_load(files["diffusion_pytorch_model.safetensors"])
             return self.load_shard(cid, entry).state_dict()  # an adapter merged into the base
 
-        template = make_unet(self.image_shape, self.config.unet, num_labels=self.num_labels,
-                             text_dim=self.text_dim)
-        return ShardBank(template, load_state, list(entries), capacity)
+        return ShardBank(self.unet_template(), load_state, list(entries), capacity)
 
     def load_sampler(self, device: str | None = None, cache_shards: int | None = None,
                      router: str | None = None) -> ComposedSampler:
@@ -157,19 +156,8 @@ class ShardStore(ShardRegistry):
         if not self.contributor_ids:
             raise StoreError(f"store {self.root} has no contributors")
         counts = {c: self.label_counts(c) for c in self.contributor_ids} if self.num_labels else None
-        encoder = self.text_encoder()
+        codec = self.latent_codec()
         return compose(self.load_bank(cache_shards), dict(self.noise_schedule().config),
                        self.image_shape, self.load_router(), self.priors(), counts,
-                       self.num_labels, encoder).to(pick_device(device))
-
-    def text_encoder(self) -> TextEncoder | None:
-        """The frozen text encoder of a text-conditional store (None otherwise).
-
-        Raises:
-            StoreError: the installed encoder's weights are not the ones the store's
-                models were trained with.
-        """
-        if not self.text:
-            return None
-        check_encoder(self.text)
-        return TextEncoder.shared()
+                       self.num_labels, self.text_encoder(),
+                       None if codec is None else codec.decode).to(pick_device(device))

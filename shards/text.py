@@ -151,19 +151,25 @@ def check_encoder(recorded: dict) -> None:
 
 
 class TextEncoder:
-    """The frozen encoder: texts -> TextBatch (cached per text). Thread-safe."""
+    """A frozen encoder: texts -> TextBatch (cached per text). Thread-safe. This class
+    is all-MiniLM-L6-v2 (module docstring); a pretrained pipeline's CLIP text encoder
+    is a subclass (pipeline.py) that overrides `_embed`."""
 
     _shared: TextEncoder | None = None
     _shared_lock = threading.Lock()
+    name, dim, max_tokens = ENCODER["name"], ENCODER["dim"], MAX_TOKENS
 
-    def __init__(self):
-        from transformers import AutoModel, AutoTokenizer
+    def __init__(self, tokenizer=None, model=None):
         from transformers.utils import logging as hf_logging
 
         hf_logging.disable_progress_bar()
-        folder = model_dir()
-        self.tokenizer = AutoTokenizer.from_pretrained(folder)
-        self.model = AutoModel.from_pretrained(folder).eval().requires_grad_(False)
+        if model is None:
+            from transformers import AutoModel, AutoTokenizer
+
+            folder = model_dir()
+            tokenizer = AutoTokenizer.from_pretrained(folder)
+            model = AutoModel.from_pretrained(folder)
+        self.tokenizer, self.model = tokenizer, model.eval().requires_grad_(False)
         self._cache: OrderedDict[str, TextBatch] = OrderedDict()  # least recently used first
         self._lock = threading.Lock()  # the cache
         self._model_lock = threading.Lock()  # the tokenizer and the model
@@ -195,9 +201,9 @@ class TextEncoder:
             raise ValueError(f"prompt has {len(prompt)} characters; at most "
                              f"{MAX_CAPTION_CHARS}")
         n = self.token_count(prompt)
-        if n > MAX_TOKENS:
+        if n > self.max_tokens:
             raise ValueError(f"prompt is {n} tokens long; the text encoder "
-                             f"({ENCODER['name']}) takes at most {MAX_TOKENS}")
+                             f"({self.name}) takes at most {self.max_tokens}")
         return prompt
 
     @torch.no_grad()
@@ -215,11 +221,7 @@ class TextEncoder:
         for start in range(0, len(todo), 64):
             chunk = todo[start:start + 64]
             with self._model_lock:
-                batch = self.tokenizer(chunk, padding="max_length", truncation=True,
-                                       max_length=MAX_TOKENS, return_tensors="pt")
-                hidden = self.model(**batch).last_hidden_state.float()
-            mask = batch["attention_mask"].bool()
-            pooled = F.normalize((hidden * mask[..., None]).sum(1) / mask.sum(1, keepdim=True), dim=-1)
+                hidden, mask, pooled = self._embed(chunk)
             for i, text in enumerate(chunk):
                 found[text] = TextBatch(hidden[i:i + 1].clone(), mask[i:i + 1].clone(),
                                         pooled[i:i + 1].clone())
@@ -230,6 +232,15 @@ class TextEncoder:
                 while len(self._cache) > CACHE_TEXTS:
                     self._cache.popitem(last=False)
         return TextBatch.cat([found[t] for t in texts])
+
+    def _embed(self, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(tokens, mask, pooled) of `texts`, padded or truncated to `max_tokens`."""
+        batch = self.tokenizer(texts, padding="max_length", truncation=True,
+                               max_length=self.max_tokens, return_tensors="pt")
+        hidden = self.model(**batch).last_hidden_state.float()
+        mask = batch["attention_mask"].bool()
+        pooled = F.normalize((hidden * mask[..., None]).sum(1) / mask.sum(1, keepdim=True), dim=-1)
+        return hidden, mask, pooled
 
     def null(self, n: int = 1) -> TextBatch:
         """The empty text, for `n` rows."""

@@ -41,6 +41,7 @@ from diffusers.models.upsampling import Upsample2D
 from safetensors.torch import load_file, save_file
 
 from shards import ShardStore
+from shards.errors import DataError
 from shards.files import fsync_dir, write_json_atomic
 from shards.forgetting import Cleaner, register_cleaner
 from shards.models import LOAD, make_unet
@@ -99,6 +100,10 @@ class _MonolithUtility:
     def __init__(self, store_root, property: str, n: int = 256, steps: int = 25, seed: int = 0,
                  scheduler: str = "ddpm", device: str | None = "cpu", aesthetic: dict | None = None):
         self.store = ShardStore.open(store_root)
+        if self.store.pipeline:
+            raise DataError(f"store {store_root} composes LoRA shards of a pretrained "
+                            f"pipeline; the {self.method} baseline trains a pixel-space UNet "
+                            "from scratch, so value it by composition (--methods exact)")
         self.players = tuple(self.store.contributor_ids)
         self.property = property
         self.measure = load_property(self.store.root, property, aesthetic)

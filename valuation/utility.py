@@ -206,7 +206,7 @@ class CompositionUtility:
         when another property already needed them."""
         s = self.settings
         if not coalition:
-            return prior_images(s["n"], self.store.image_shape, s["seed"])
+            return prior_images(s["n"], self.store.pixel_shape, s["seed"])
         key = digest({"samples": self.settings, **self._model(coalition)})
         images = self.cache.get_images(key)
         if images is None:
