@@ -18,8 +18,10 @@ UNet pass over the routed rows whatever the number of distinct shards, where cal
 each shard separately would cost one call's fixed overhead per shard (measured: a
 UNet call on 2 CPU cores costs about 6.5 ms at batch 1 and 29 ms at batch 64).
 
-LoRA shards are loaded with their adapter merged into the base weights
-(W + scale * B A): they then evaluate like full shards, at the base's cost per row.
+LoRA shards are loaded either with their adapter merged into the base weights
+(W + scale * B A), then evaluated like full shards, or unmerged (`adapters`): one
+shared base and only the adapters stacked (adapters.py), which a store picks when
+every live shard is an adapter on its base.
 
 The cache is an LRU over slots; `hits`, `misses` and `evictions` count shard
 look-ups (one per distinct shard per pass). A step that needs more distinct shards
@@ -36,6 +38,8 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 from diffusers import UNet2DModel
+
+from .adapters import adapt_modules
 
 DEFAULT_CAPACITY = 1024
 SOLO_ROWS = 32
@@ -175,15 +179,19 @@ class ShardBank(torch.nn.Module):
     """Loaded shards in `capacity` slots, evaluated by (sample, shard) pairs.
 
     Args:
-        template: a UNet of the store's architecture (its weights are not used).
-        loader: contributor id -> that shard's UNet state dict (full weights).
+        template: a UNet of the store's architecture (its weights are not used), or with
+            `adapters`, the base every adapter adapts (its weights are used).
+        loader: contributor id -> that shard's UNet state dict (full weights), or with
+            `adapters`, its adapter (adapters.py `read_adapter`).
         contributor_ids: the shards this bank may load (the live ones).
         capacity: how many shards stay resident (at least 1).
+        adapters: {"targets": adapted layer names, "rank": r}: LoRA shards unmerged.
     """
 
     def __init__(self, template: UNet2DModel, loader: Callable[[str], dict[str, torch.Tensor]],
                  contributor_ids: list[str], capacity: int = DEFAULT_CAPACITY,
-                 solo_rows: int = SOLO_ROWS, max_rows: int = MAX_ROWS):
+                 solo_rows: int = SOLO_ROWS, max_rows: int = MAX_ROWS,
+                 adapters: dict | None = None):
         super().__init__()
         if not isinstance(capacity, int) or capacity < 1:
             raise ValueError(f"shard cache capacity={capacity!r}; it must hold at least 1 shard")
@@ -193,8 +201,13 @@ class ShardBank(torch.nn.Module):
         self.loader = loader
         self.solo_rows, self.max_rows = solo_rows, max_rows
         self.route = _Route()
-        self.net = copy.deepcopy(template).eval()
-        self.layers = _stack_modules(self.net, self.capacity, self.route)
+        self.net = copy.deepcopy(template).eval().requires_grad_(False)
+        self.adapters = adapters
+        if adapters is None:
+            self.layers = _stack_modules(self.net, self.capacity, self.route)
+        else:
+            self.layers = adapt_modules(self.net, set(adapters["targets"]), adapters["rank"],
+                                        self.capacity, self.route)
         self.slots: OrderedDict[str, int] = OrderedDict()  # contributor -> slot, LRU first
         self.hits = self.misses = self.evictions = 0
         # one pass at a time: the route and the slots are shared by every thread
@@ -202,7 +215,7 @@ class ShardBank(torch.nn.Module):
 
     @property
     def device(self) -> torch.device:
-        return next(iter(self.layers.values())).weight_stack.device
+        return next(self.net.buffers()).device
 
     def stats(self) -> dict:
         looks = self.hits + self.misses
@@ -233,6 +246,12 @@ class ShardBank(torch.nn.Module):
 
     @torch.no_grad()
     def _write(self, slot: int, state: dict[str, torch.Tensor]) -> None:
+        if self.adapters is not None:
+            if state["rank"] != self.adapters["rank"] or set(state["layers"]) != set(self.layers):
+                raise ValueError("an adapter of another rank or other layers than the bank's")
+            for name, layer in self.layers.items():
+                layer.write(slot, *state["layers"][name], state["scale"])
+            return
         for name, layer in self.layers.items():
             for part in ("weight", "bias"):
                 stack = getattr(layer, f"{part}_stack")

@@ -119,6 +119,8 @@ VARIABLES = {v.name: v for v in (
     Variable("CDM_MAX_DECODED_BYTES", 2 << 30, 1, 1 << 40,
              "bytes the decoded images of one folder may take (float32)"),
 )}
+# how a store of LoRA shards evaluates them (CDM_LORA_BANK; shards/store.py load_bank)
+LORA_BANKS = ("adapters", "merged")
 STORE_ENV = "CDM_STORE"  # the store `cdm serve` serves (default var/store)
 DEFAULT_STORE = "var/store"
 DATA_ROOTS_ENV = "CDM_DATA_ROOTS"  # folders a request may name as data (service/paths.py)

@@ -41,7 +41,8 @@ from .models import LOAD, pick_device
 from .registry import ShardRegistry
 from .router import RouterModel
 from .sampler import ComposedSampler, compose
-from .settings import env_int
+from .adapters import read_adapter
+from .settings import LORA_BANKS, env_int, env_str
 
 
 class ShardStore(ShardRegistry):
@@ -117,9 +118,12 @@ class ShardStore(ShardRegistry):
             return self.unet_class().from_pretrained(folder, **LOAD).eval()
         return PeftModel.from_pretrained(self.load_base(), folder).merge_and_unload().eval()
 
-    def load_bank(self, capacity: int | None = None) -> ShardBank:
+    def load_bank(self, capacity: int | None = None, lora: str | None = None) -> ShardBank:
         """A lazy, bounded cache over the live shards: `capacity` shards (default: the
-        environment variable CDM_SHARD_CACHE, else 1024) are resident at once.
+        environment variable CDM_SHARD_CACHE, else 1024) are resident at once. When
+        every live shard is a LoRA adapter, `lora` (default: CDM_LORA_BANK, else
+        "adapters") picks how they are evaluated: "adapters" unmerged on one shared
+        base (adapters.py), "merged" each merged into a copy of the base.
 
         The bank keeps the registry entries of the moment it was made: a request that
         started before an exclusion can still load the excluded shard until the purge
@@ -128,19 +132,31 @@ class ShardStore(ShardRegistry):
         replaced by other weights, since the bank was made fails with StoreError rather
         than serve anything else."""
         capacity = env_int("CDM_SHARD_CACHE") if capacity is None else capacity
+        lora = lora or env_str("CDM_LORA_BANK", "adapters")
+        if lora not in LORA_BANKS:
+            raise ValueError(f"CDM_LORA_BANK={lora!r}; allowed: {list(LORA_BANKS)}")
         entries = {c: dict(self.contributor(c)) for c in self.contributor_ids}
+        unmerged = lora == "adapters" and bool(entries) and all(
+            e["kind"] == "lora" for e in entries.values())
 
-        def load_state(cid: str) -> dict[str, torch.Tensor]:
+        def load_state(cid: str) -> dict:
             entry = entries[cid]
-            files = read_weights(self.root / entry["path"])
+            folder = self.root / entry["path"]
+            files = read_weights(folder)
             if not files or weights_hash(files) != entry["weights_hash"]:
                 raise StoreError(f"shard {cid!r} was purged or replaced since this sampler "
                                  "was loaded; it is not used (send the request again)")
+            if unmerged:
+                return read_adapter(folder, files)
             if entry["kind"] == "full":
                 return safetensors_load(files["diffusion_pytorch_model.safetensors"])
             return self.load_shard(cid, entry).state_dict()  # an adapter merged into the base
 
-        return ShardBank(self.unet_template(), load_state, list(entries), capacity)
+        if not unmerged:
+            return ShardBank(self.unet_template(), load_state, list(entries), capacity)
+        first = read_adapter(self.root / next(iter(entries.values()))["path"])
+        return ShardBank(self.load_base(), load_state, list(entries), capacity,
+                         adapters={"targets": sorted(first["layers"]), "rank": first["rank"]})
 
     def load_sampler(self, device: str | None = None, cache_shards: int | None = None,
                      router: str | None = None) -> ComposedSampler:

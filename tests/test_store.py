@@ -154,18 +154,22 @@ def test_lora_store_trains_saves_loads_samples(lora_store):
     assert_close(out.attribution_mean.sum(1), torch.ones(3))
 
 
-def test_lora_bank_rows_equal_peft_one_adapter_at_a_time(lora_store):
-    """The bank merges each adapter into the base (W + scale B A); every row must equal
-    peft's unmerged adapter on the plain base."""
+@pytest.mark.parametrize("lora", ["adapters", "merged"])
+def test_lora_bank_rows_equal_peft_one_adapter_at_a_time(lora_store, lora):
+    """The bank evaluates adapters unmerged on one shared base (W x + scale B A x), or
+    merged into copies of the base (W + scale B A); either way every row, in the
+    stacked pass and in a shard's own call (34 rows), equals peft's adapter."""
     root = lora_store.root
     peft = PeftModel.from_pretrained(UNet2DModel.from_pretrained(root / "base"),
                                      root / "shards" / "a", adapter_name="a")
     for cid in ("b", "c"):
         peft.load_adapter(root / "shards" / cid, adapter_name=cid)
     peft.eval()
-    bank = lora_store.load_bank()
-    x, t = torch.randn(6, 1, 8, 8, generator=torch.Generator().manual_seed(0)), torch.full((6,), 300)
-    ids = ["a", "b", "c", "c", "a", "b"]
+    bank = lora_store.load_bank(lora=lora)
+    assert (bank.adapters is not None) == (lora == "adapters")
+    ids = ["a"] * 34 + ["b", "c", "c", "a", "b"]
+    x = torch.randn(len(ids), 1, 8, 8, generator=torch.Generator().manual_seed(0))
+    t = torch.arange(len(ids)) * 20
     mixed = bank.evaluate(x, t, ids)
     for cid in ("a", "b", "c"):
         peft.set_adapter(cid)
@@ -173,6 +177,23 @@ def test_lora_bank_rows_equal_peft_one_adapter_at_a_time(lora_store):
             single = peft(x, t).sample
         rows = [r for r, c in enumerate(ids) if c == cid]
         assert_close(mixed[rows], single[rows], atol=1e-5)
+    if lora == "adapters":  # a resident shard is its adapter, not a copy of the base
+        per_slot = sum(layer.a_stack[0].numel() + layer.b_stack[0].numel()
+                       for layer in bank.layers.values())
+        assert per_slot < 0.5 * sum(p.numel() for p in lora_store.load_base().parameters())
+
+
+def test_a_store_with_a_full_shard_among_adapters_merges_them(lora_store, tmp_path, data_dir):
+    import shutil
+
+
+    shutil.copytree(lora_store.root, tmp_path / "s")
+    store = ShardStore.open(tmp_path / "s")
+    store.add(load_contributor(data_dir / "contributors" / "a", "d"), kind="full",
+              device="cpu", progress=False)
+    assert store.load_bank().adapters is None
+    with pytest.raises(ValueError, match="CDM_LORA_BANK='fast'"):
+        store.load_bank(lora="fast")
 
 
 def test_steps_in_proportion_to_images_depend_on_own_data_only(datasets, tiny_config):
