@@ -32,6 +32,7 @@ from peft import PeftModel
 from safetensors.torch import load as safetensors_load
 
 from . import builder, forgetting
+from .adapters import read_adapter
 from .bank import ShardBank
 from .config import StoreConfig
 from .data import ContributorData
@@ -41,7 +42,6 @@ from .models import LOAD, pick_device
 from .registry import ShardRegistry
 from .router import RouterModel
 from .sampler import ComposedSampler, compose
-from .adapters import read_adapter
 from .settings import LORA_BANKS, env_int, env_str
 
 
@@ -71,6 +71,10 @@ class ShardStore(ShardRegistry):
         retrained except a joint classifier (`builder.add_contributor`: its errors).
         Returns the new manifest entry."""
         return builder.add_contributor(self, data, kind, device, progress)
+
+    def check_add(self, data: ContributorData, kind: str | None = None) -> None:
+        """Raise what `add` would refuse `data` for, without training anything."""
+        builder.check_add(self, data, kind)
 
     def exclude(self, contributor_id: str, requested_by: dict | None = None) -> dict:
         """Stage 1 of forgetting (`forgetting.exclude`). Returns the entry."""
