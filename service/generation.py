@@ -196,7 +196,10 @@ class Generation:
             sampler, live = self.live.sync()
             job = self._check(principal, contributors, n, steps, seed, mode, scheduler, route,
                               sampler, live, seq, labels, prompt, guidance)
-        except BaseException:
+        except BaseException:  # refused before any sampling: not billed (it still counts
+            if self.limits.key_cost_per_minute is not None or \
+                    self.limits.key_requests_per_minute is not None:  # as a request)
+                self.db.refund(key, cost)
             self.release(seq)
             raise
         job.cost = cost

@@ -72,6 +72,7 @@ class Jobs:
         path = Path(folder).resolve() if anywhere else self.data_folder(folder)
         data = load_contributor(path, shape=self.store.pixel_shape)
         self.check_new_id(data.contributor_id)
+        self.store.check_add(data, kind)  # captions, labels, kind: refused now, not in the job
         job_id = self.db.create_job("add", principal.user,
                                     {"folder": str(path), "contributor_id": data.contributor_id,
                                      "data_hash": data.data_hash, "kind": kind})

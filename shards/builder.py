@@ -179,7 +179,8 @@ def _build(root: Path, datasets, config: StoreConfig, public, public_labels, ima
                                 public_labels, num_labels, public_captions)
         base.save_pretrained(root / "base")
         manifest["base"] = {"path": "base", "images": len(public), "final_loss": loss,
-                            "data_hash": tensor_hash(public), "weights_hash": files_hash(root / "base")}
+                            "data_hash": tensor_hash(public, public_labels, public_captions),
+                            "weights_hash": files_hash(root / "base")}
     store = ShardRegistry(root, manifest)
     store.router.setup(root, manifest, public, public_labels, public_captions)
     entries = _write_all(store, datasets, config.kind, scheduler, base, device, progress, workers)
@@ -268,9 +269,7 @@ def add_contributor(store: ShardRegistry, data: ContributorData, kind: str | Non
     kind = kind or store.config.kind
     cid = validate_contributor_id(data.contributor_id)
     with store.work_lock():  # one add at a time; a purge of someone else goes on
-        _check_addable(store, data, kind)
-        check_same_shape([data], store.pixel_shape)
-        _check_labels(store, data)
+        check_add(store, data, kind)
         data = store.model_space(data, progress)  # latents in a store on a pipeline
         dev = pick_device(device)
         scheduler = store.noise_schedule()
@@ -285,6 +284,15 @@ def add_contributor(store: ShardRegistry, data: ContributorData, kind: str | Non
             manifest["contributors"][cid] = entry
             store.commit(manifest, update)
         return entry
+
+
+def check_add(store: ShardRegistry, data: ContributorData, kind: str | None = None) -> None:
+    """Everything `add_contributor` checks before it trains (its DataError and
+    StoreError), for callers that admit an add now and train it later."""
+    kind = kind or store.config.kind
+    _check_addable(store, data, kind)
+    check_same_shape([data], store.pixel_shape)
+    _check_labels(store, data)
 
 
 def _check_addable(store: ShardRegistry, data: ContributorData, kind: str) -> None:

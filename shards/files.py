@@ -56,9 +56,18 @@ def files_hash(folder: Path) -> str:
     return weights_hash(read_weights(folder))
 
 
-def tensor_hash(tensor: torch.Tensor) -> str:
-    """sha256 over a tensor's bytes (the public data's hash in the manifest)."""
-    return hashlib.sha256(tensor.contiguous().numpy().tobytes()).hexdigest()
+def tensor_hash(tensor: torch.Tensor, labels: torch.Tensor | None = None,
+                captions: list[str] | None = None) -> str:
+    """sha256 over a tensor's bytes (the public data's hash in the manifest), and over
+    its labels and captions where a model trained on them too."""
+    digest = hashlib.sha256(tensor.contiguous().numpy().tobytes())
+    if labels is None and captions is None:
+        return digest.hexdigest()
+    if labels is not None:
+        digest.update(b"labels:" + labels.contiguous().numpy().tobytes())
+    if captions is not None:
+        digest.update(b"captions:" + json.dumps(list(captions)).encode())
+    return digest.hexdigest()
 
 
 def sweep(root: Path, folder: str, known: set[str]) -> list[str]:

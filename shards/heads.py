@@ -256,7 +256,7 @@ class HeadsRouter:
         extra = {} if public_captions is None else {"captions": json.dumps(list(public_captions))}
         save_file(kept, str(root / "reference" / "images.safetensors"), metadata=extra or None)
         manifest["reference"] = {"path": "reference", "images": len(public),
-                                 "data_hash": tensor_hash(public)}
+                                 "data_hash": tensor_hash(public, public_labels, public_captions)}
 
     @staticmethod
     def reference(store) -> tuple[torch.Tensor, torch.Tensor | None]:

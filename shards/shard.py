@@ -88,6 +88,8 @@ def train_shard(data: ContributorData, kind: str, config: StoreConfig, scheduler
         meta["init"] = "base"
     if text:
         meta["captions"] = len(set(data.captions))
+        if captions.truncated:  # read up to the encoder's limit (text.Captions)
+            meta["captions_truncated"] = captions.truncated
     elif data.labels is not None:
         meta["labels"] = {str(k): v for k, v in data.label_counts().items()}
     if data.licence is not None:

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import logging
 import threading
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -35,6 +36,7 @@ import torch.nn.functional as F
 from .decode import read_file, read_table
 from .errors import DataError, short
 
+log = logging.getLogger("cdm")
 CAPTIONS_CSV = "captions.csv"
 MAX_TOKENS = 16  # the studios' longest caption is 13 tokens
 MAX_CAPTION_CHARS = 300
@@ -94,6 +96,12 @@ class Captions:
                  dropout: float = CAPTION_DROPOUT):
         unique = sorted(set(captions))
         where = {c: i for i, c in enumerate(unique)}
+        long = [c for c in unique if encoder.token_count(c) > encoder.max_tokens]
+        self.truncated = len(long)  # captions the encoder reads only the start of
+        if long:
+            log.warning("%d caption(s) longer than the text encoder's %d tokens are "
+                        "truncated to them at training, e.g. %r", len(long),
+                        encoder.max_tokens, short(long[0], 80))
         self.table = encoder.encode(unique, cache=False)
         self.index = torch.tensor([where[c] for c in captions])
         self.null, self.dropout = encoder.encode([""], cache=False), dropout

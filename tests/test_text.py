@@ -280,8 +280,20 @@ def test_service_generates_from_a_prompt(text_store, full_store, tmp_path):
         assert out["prompt"] == "the digit three" and len(out["images"]) == 2
         record = platform.attribution(user, out["request_id"])
         assert record["params"]["prompt"] == "the digit three" and record["params"]["guidance"] == 2.0
+        def spent():
+            return platform.db._conn().execute(
+                "SELECT SUM(cost) FROM spend WHERE key_id = ?", (user.key_id,)).fetchone()
+
+        before = spent()[0]
+        assert before > 0
         with pytest.raises(ValueError, match="takes at most 16"):
             platform.generate(user, n=1, steps=2, prompt="many words " * 10)
+        assert spent()[0] == before  # refused before sampling: not billed
+        bare = tmp_path / "bare"
+        write_pngs(bare / "0", digits_of(0, 3))
+        with pytest.raises(DataError, match="has no captions .* this store is text-conditional"):
+            platform.add_contributor(admin_of(platform), str(bare), anywhere=True)
+        assert not platform.db.jobs()  # nothing queued
         with pytest.raises(TextUnavailableError):
             platform.generate(user, n=1, steps=2, label=1)
     finally:
@@ -294,6 +306,24 @@ def test_service_generates_from_a_prompt(text_store, full_store, tmp_path):
             platform.generate(admin, n=1, steps=2, prompt="zero")
     finally:
         platform.close()
+
+
+def admin_of(platform):
+    return platform.verify(f"Bearer {create_key(platform.db, 'root', None, role='admin')}")
+
+
+def test_public_hashes_cover_captions_and_long_captions_are_noted(text_store, text_dir, caplog):
+    from shards.files import tensor_hash
+    from shards.text import Captions
+
+    public = load_contributor(text_dir / "public", "public")
+    reference = text_store.manifest["reference"]["data_hash"]
+    assert reference == tensor_hash(public.images, None, list(public.captions))
+    assert reference != tensor_hash(public.images)
+    long = " ".join(["word"] * 20)
+    with caplog.at_level("WARNING", logger="cdm"):
+        captions = Captions(["short", long], TextEncoder.shared())
+    assert captions.truncated == 1 and "longer than the text encoder's 16 tokens" in caplog.text
 
 
 def test_training_captions_are_not_cached_and_prompts_are_bounded(monkeypatch):
