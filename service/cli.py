@@ -232,8 +232,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--subset-steps", type=int, default=VALUE.subset_steps,
                    help="pruned fine-tune: steps on D_S per coalition")
     p.add_argument("--retrain-steps", type=int, default=VALUE.retrain_steps)
-    p.add_argument("--clip-arch", default=None, help="aesthetic: open_clip model name")
-    p.add_argument("--clip-checkpoint", default=None, help="aesthetic: local checkpoint file")
+    p.add_argument("--clip-arch", default=None,
+                   help="aesthetic: the open_clip model name of a --clip-checkpoint file")
+    p.add_argument("--clip-checkpoint", default=None,
+                   help="aesthetic: a local CLIP folder (transformers layout) or open_clip "
+                        "checkpoint file")
     p.add_argument("--aesthetic-head", default=None, help="aesthetic: local safetensors head")
     p.set_defaults(func=commands.cmd_value)
 

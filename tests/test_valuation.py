@@ -41,15 +41,80 @@ def test_property_errors_are_clear(store_copy, tmp_path):
         load_property(store_copy.root, "quality")
     with pytest.raises(Exception, match="one sub-folder per class"):
         load_heldout(tmp_path)
-    with pytest.raises(ValueError, match="arch, checkpoint and head"):
+    with pytest.raises(ValueError, match="needs a local CLIP checkpoint"):
         load_property(store_copy.root, "aesthetic")
 
 
-def test_aesthetic_refuses_non_local_paths(store_copy):
-    pytest.importorskip("open_clip")
+def tiny_clip(folder, full: bool = False, dim: int = 16):
+    """A randomly initialised CLIP (vision tower and projection; `full`: with its text
+    tower, as CLIPModel saves it) and a linear aesthetic head, saved locally."""
+    from safetensors.torch import save_file
+    from transformers import (
+        CLIPConfig,
+        CLIPModel,
+        CLIPTextConfig,
+        CLIPVisionConfig,
+        CLIPVisionModelWithProjection,
+    )
+
+    vision = dict(image_size=32, patch_size=8, hidden_size=32, intermediate_size=37,
+                  num_hidden_layers=2, num_attention_heads=4, projection_dim=dim)
+    torch.manual_seed(0)
+    if full:
+        text = dict(vocab_size=99, hidden_size=32, intermediate_size=37, num_hidden_layers=2,
+                    num_attention_heads=4, projection_dim=dim)
+        CLIPModel(CLIPConfig(text_config=CLIPTextConfig(**text).to_dict(),
+                             vision_config=CLIPVisionConfig(**vision).to_dict(),
+                             projection_dim=dim)).save_pretrained(folder / "clip")
+    else:
+        CLIPVisionModelWithProjection(CLIPVisionConfig(**vision)).save_pretrained(folder / "clip")
+    save_file({"weight": torch.randn(1, dim), "bias": torch.tensor([0.5])},
+              str(folder / "head.safetensors"))
+    return {"checkpoint": str(folder / "clip"), "head": str(folder / "head.safetensors")}
+
+
+def test_aesthetic_refuses_non_local_paths(store_copy, tmp_path):
     with pytest.raises(Exception, match="not a local file"):
         load_property(store_copy.root, "aesthetic",
                       {"arch": "ViT-B-32", "checkpoint": "laion2b", "head": "head.safetensors"})
+    paths = tiny_clip(tmp_path, dim=16)
+    from safetensors.torch import save_file
+
+    save_file({"weight": torch.randn(1, 8), "bias": torch.zeros(1)}, str(tmp_path / "narrow.safetensors"))
+    with pytest.raises(Exception, match="head takes 8 features, the CLIP model's embeddings have 16"):
+        load_property(store_copy.root, "aesthetic", {**paths, "head": str(tmp_path / "narrow.safetensors")})
+
+
+@pytest.mark.parametrize("full", [False, True])
+def test_aesthetic_is_the_linear_head_on_normalised_clip_embeddings(store_copy, tmp_path, full):
+    import torch.nn.functional as F
+    from safetensors.torch import load_file
+    from transformers import CLIPVisionModelWithProjection
+
+    paths = tiny_clip(tmp_path, full)
+    measure = load_property(store_copy.root, "aesthetic", paths)
+    images = torch.rand(5, 3, 16, 16, generator=torch.Generator().manual_seed(1))
+    model = CLIPVisionModelWithProjection.from_pretrained(paths["checkpoint"]).eval()
+    x = F.interpolate(images, size=(32, 32), mode="bicubic", align_corners=False).clamp(0, 1)
+    mean = torch.tensor([0.48145466, 0.4578275, 0.40821073]).view(1, 3, 1, 1)
+    std = torch.tensor([0.26862954, 0.26130258, 0.27577711]).view(1, 3, 1, 1)
+    with torch.no_grad():
+        emb = F.normalize(model(pixel_values=(x - mean) / std).image_embeds, dim=-1)
+    head = load_file(paths["head"])
+    expected = float((emb @ head["weight"].T + head["bias"]).mean())
+    assert measure(images) == pytest.approx(expected, rel=1e-5)
+    assert measure(images[:, :1]) != measure(images)  # gray images: the channel repeated
+    assert measure.key.startswith("aesthetic:transformers:")
+
+
+def test_aesthetic_values_a_store_by_composition(store_copy, tmp_path):
+    from valuation.shapley import exact_shapley
+
+    u = CachedUtility(CompositionUtility(store_copy.root, "aesthetic", n=6, steps=2,
+                                         aesthetic=tiny_clip(tmp_path)))
+    values = exact_shapley(u)
+    assert values.values.sum() == pytest.approx(values.u_full - values.u_empty, abs=1e-12)
+    assert values.u_full != values.u_empty
 
 
 def test_composition_utility_uses_common_random_numbers_and_the_cache(valued_store):

@@ -12,9 +12,10 @@ stored once per store under STORE/valuation/evaluator/):
                  ball's radius is the distance to its centre's k-th nearest neighbour
                  in its own set, in the evaluator's feature space)
 
-Optional (`pip install '.[clip]'`): aesthetic = mean of a linear head on normalised
-open_clip image embeddings; the checkpoint and head are read from local paths the user
-gives, never downloaded.
+aesthetic = mean of a linear head on normalised CLIP image embeddings (LAION's
+aesthetic predictor v1 has this form); the CLIP model is a local transformers folder
+(core install) or an open_clip checkpoint file (`pip install '.[clip]'`), the head a
+local safetensors file, both given by the user, never downloaded.
 """
 
 from __future__ import annotations
@@ -42,6 +43,8 @@ from .features import (
     train_feature_net,
 )
 
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)  # CLIP's image normalisation (OpenAI)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 PR_K = 3  # neighbours that set a ball's radius (precision, recall)
 EVALUATOR_FORMAT = 2  # 2: the held-out features are stored (precision, recall)
 
@@ -149,38 +152,74 @@ def inside_any_ball(queries: torch.Tensor, centres: torch.Tensor, radii: torch.T
 
 
 class AestheticProperty:
-    """Mean linear aesthetic score on L2-normalised open_clip image embeddings.
+    """Mean linear aesthetic score on L2-normalised CLIP image embeddings (the form of
+    LAION's aesthetic predictor v1: a linear head on ViT-L/14 embeddings).
 
-    Args (the `aesthetic` dict): arch (open_clip model name), checkpoint (local file),
-    head (local safetensors with `weight` (1, D) and `bias` (1,)).
+    Args (the `aesthetic` dict): checkpoint: a local CLIP folder in transformers'
+        layout (CLIPModel or CLIPVisionModelWithProjection, `save_pretrained`; runs in
+        the core install), or a local open_clip checkpoint file with `arch` (its model
+        name; `pip install '.[clip]'`); head: a local safetensors file with `weight`
+        (1, D) and `bias` (1,).
+
+    Raises:
+        DataError: a path that is not local, a head of another width than the
+            embeddings, open_clip missing for a checkpoint file.
     """
 
-    def __init__(self, arch: str, checkpoint: str, head: str):
+    def __init__(self, checkpoint: str, head: str, arch: str | None = None):
+        for path in (checkpoint, head):
+            if not path or not Path(path).exists():
+                raise DataError(f"aesthetic: {path} is not a local file or folder (nothing "
+                                "is downloaded)")
+        if Path(checkpoint).is_dir():
+            self._transformers(Path(checkpoint))
+        else:
+            self._open_clip(arch, checkpoint)
+        weights = load_file(head)
+        self.weight, self.bias = weights["weight"].float(), weights["bias"].float()
+        if self.weight.shape[-1] != self.dim:
+            raise DataError(f"aesthetic: the head takes {self.weight.shape[-1]} features, the "
+                            f"CLIP model's embeddings have {self.dim}")
+        digest = hashlib.sha256(files_hash(Path(checkpoint)).encode() if Path(checkpoint).is_dir()
+                                else Path(checkpoint).read_bytes())
+        digest.update(Path(head).read_bytes())
+        self.key = f"aesthetic:{arch or 'transformers'}:{digest.hexdigest()}"
+
+    def _transformers(self, folder: Path) -> None:
+        from transformers import CLIPVisionModelWithProjection
+
+        model = CLIPVisionModelWithProjection.from_pretrained(folder).eval()
+        self.size, self.dim = model.config.image_size, model.config.projection_dim
+        pre = folder / "preprocessor_config.json"
+        config = json.loads(pre.read_text()) if pre.is_file() else {}
+        self.mean = torch.tensor(config.get("image_mean", CLIP_MEAN)).view(1, 3, 1, 1)
+        self.std = torch.tensor(config.get("image_std", CLIP_STD)).view(1, 3, 1, 1)
+        self.embed = lambda x: model(pixel_values=x).image_embeds
+
+    def _open_clip(self, arch: str | None, checkpoint: str) -> None:
         try:
             import open_clip
         except ImportError as err:
-            raise DataError("the aesthetic property needs the optional extra: "
-                            "pip install '.[clip]'") from err
-        for path in (checkpoint, head):
-            if not Path(path).is_file():
-                raise DataError(f"aesthetic: {path} is not a local file (nothing is downloaded)")
-        self.model, _, preprocess = open_clip.create_model_and_transforms(arch, pretrained=checkpoint)
-        self.model.eval()
-        self.size = self.model.visual.image_size
-        self.size = self.size[0] if isinstance(self.size, tuple | list) else self.size
+            raise DataError("an open_clip checkpoint file needs the optional extra: pip "
+                            "install '.[clip]' (or give a transformers CLIP folder)") from err
+        if not arch:
+            raise DataError("aesthetic: an open_clip checkpoint file needs its model name "
+                            "(--clip-arch)")
+        model, _, preprocess = open_clip.create_model_and_transforms(arch, pretrained=checkpoint)
+        model.eval()
+        size = model.visual.image_size
+        self.size = size[0] if isinstance(size, tuple | list) else size
+        self.dim = model.visual.output_dim
         norm = [t for t in preprocess.transforms if type(t).__name__ == "Normalize"][0]
         self.mean = torch.tensor(norm.mean).view(1, 3, 1, 1)
         self.std = torch.tensor(norm.std).view(1, 3, 1, 1)
-        weights = load_file(head)
-        self.weight, self.bias = weights["weight"], weights["bias"]
-        digest = hashlib.sha256(Path(checkpoint).read_bytes() + Path(head).read_bytes())
-        self.key = f"aesthetic:{arch}:{digest.hexdigest()}"
+        self.embed = model.encode_image
 
     @torch.no_grad()
     def __call__(self, images: torch.Tensor) -> float:
         x = images.float().expand(-1, 3, -1, -1) if images.shape[1] == 1 else images.float()
-        x = F.interpolate(x, size=(self.size, self.size), mode="bilinear", align_corners=False)
-        emb = F.normalize(self.model.encode_image((x - self.mean) / self.std), dim=-1)
+        x = F.interpolate(x, size=(self.size, self.size), mode="bicubic", align_corners=False)
+        emb = F.normalize(self.embed((x.clamp(0, 1) - self.mean) / self.std).float(), dim=-1)
         return float((emb @ self.weight.T + self.bias).mean())
 
 
@@ -195,7 +234,9 @@ def load_property(store_root: str | Path, name: str,
     if name not in PROPERTIES:
         raise ValueError(f"property={name!r}; allowed: {list(PROPERTIES)}")
     if name == "aesthetic":
-        if not aesthetic:
-            raise ValueError("property 'aesthetic' needs arch, checkpoint and head paths")
+        if not aesthetic or not aesthetic.get("checkpoint") or not aesthetic.get("head"):
+            raise ValueError("property 'aesthetic' needs a local CLIP checkpoint (a transformers "
+                             "CLIP folder, or an open_clip file and its arch) and a head "
+                             "(--clip-checkpoint, --aesthetic-head)")
         return AestheticProperty(**aesthetic)
     return DigitsProperty(store_root, name)
