@@ -220,8 +220,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="worker processes for coalition evaluations (local, or Ray actors); "
                         "default: the CPU count, at most 4")
     p.add_argument("--ray", default=None, metavar="ADDRESS",
-                   help="fan out over a Ray cluster at ADDRESS ('local': start Ray here); "
-                        "needs pip install '.[ray]'")
+                   help="fan out over a Ray cluster at ADDRESS ('local': start Ray here), "
+                        "--workers actors restarted when a node dies; every node needs this "
+                        "package and the store at the same path (docs/operations.md)")
     p.add_argument("--max-evaluations", type=int, default=VALUE.max_evaluations,
                    help="coalition budget of the sampled estimators")
     p.add_argument("--stderr-tol", type=float, default=VALUE.stderr_tol,

@@ -13,6 +13,7 @@ failed. Within a lane, jobs run in the order they were created.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import threading
 import time
@@ -21,7 +22,7 @@ from pathlib import Path
 from shards import ShardStore, load_contributor
 from shards.errors import StoreError, short
 from shards.faults import crashpoint
-from shards.settings import PURGE_RETRY_SECONDS, SERVED_PROPERTIES
+from shards.settings import PURGE_RETRY_SECONDS, RAY_ENV, SERVED_PROPERTIES, env_int, env_str
 from valuation.run import ValuationSettings, run_valuation
 
 from .auth import Principal
@@ -247,6 +248,9 @@ class Jobs:
         raw = dict(job["params"]["settings"])
         raw["methods"] = tuple(raw["methods"])
         settings = ValuationSettings(**raw)
+        if env_str(RAY_ENV):  # the operator's cluster, never a request's choice
+            settings = dataclasses.replace(settings, ray_address=env_str(RAY_ENV),
+                                           workers=env_int("CDM_RAY_WORKERS"))
         players = set(self.store.contributor_ids)
         report, results = run_valuation(self.store.root, settings,
                                         heldout=job["params"].get("heldout"), progress=False)

@@ -108,6 +108,8 @@ VARIABLES = {v.name: v for v in (
     Variable("CDM_MAX_ACTIVE_BATCHES", 8, 1, 1 << 20,
              "batches a worker samples at once; further requests wait for one to end"),
     Variable("CDM_SHARD_CACHE", 1024, 1, 1 << 20, "shards resident at once per worker"),
+    Variable("CDM_RAY_WORKERS", 2, 1, 1 << 16,
+             "Ray actors of a service valuation job, with CDM_RAY_ADDRESS set"),
     Variable("CDM_AUTH_FAILURES_PER_MINUTE", 20, 1, 1 << 20,
              "failed key checks a client may make per minute and worker before 429"),
     # Folders may come from an untrusted upload, and a small PNG can decode to
@@ -121,6 +123,7 @@ VARIABLES = {v.name: v for v in (
 )}
 # how a store of LoRA shards evaluates them (CDM_LORA_BANK; shards/store.py load_bank)
 LORA_BANKS = ("adapters", "merged")
+RAY_ENV = "CDM_RAY_ADDRESS"  # the Ray cluster of the service's valuation jobs (unset: here)
 STORE_ENV = "CDM_STORE"  # the store `cdm serve` serves (default var/store)
 DEFAULT_STORE = "var/store"
 DATA_ROOTS_ENV = "CDM_DATA_ROOTS"  # folders a request may name as data (service/paths.py)

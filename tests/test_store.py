@@ -186,7 +186,6 @@ def test_lora_bank_rows_equal_peft_one_adapter_at_a_time(lora_store, lora):
 def test_a_store_with_a_full_shard_among_adapters_merges_them(lora_store, tmp_path, data_dir):
     import shutil
 
-
     shutil.copytree(lora_store.root, tmp_path / "s")
     store = ShardStore.open(tmp_path / "s")
     store.add(load_contributor(data_dir / "contributors" / "a", "d"), kind="full",

@@ -2,6 +2,11 @@
 in local worker processes (spawned, each with its share of the CPU's threads), or on
 a Ray cluster (actors). Each worker rebuilds the utility's source from a spec
 (factory, kwargs), so nothing but coalitions and numbers crosses processes.
+
+On Ray, each worker is an actor spread over the cluster's nodes that Ray restarts
+when its process or its node dies (at most RAY_RESTARTS times), and a coalition it
+was computing is sent again (at most RAY_RETRIES times): U(S) is a pure function of
+S and the spec (common random numbers), so computing it twice changes nothing.
 """
 
 from __future__ import annotations
@@ -15,6 +20,8 @@ from multiprocessing import get_context
 import torch
 
 _WORKER_SOURCE = None
+RAY_RESTARTS = 3  # times Ray restarts a worker actor whose process or node died
+RAY_RETRIES = 3  # times a coalition is sent again after its worker died
 
 
 def _init_worker(factory: Callable, kwargs: dict, threads: int) -> None:
@@ -64,20 +71,21 @@ class Backend:
                 yield timed(self.source, coalition)
             return
         pool = self._start()
-        run = pool.imap if self.ray_address else pool.map
-        yield from run(_evaluate_in_worker, coalitions)
+        if self.ray_address:
+            import ray
+
+            # round robin over the actors; each result as soon as it and those before it are in
+            refs = [pool[i % len(pool)].evaluate.remote(c) for i, c in enumerate(coalitions)]
+            for ref in refs:
+                yield ray.get(ref)
+            return
+        yield from pool.map(_evaluate_in_worker, coalitions)
 
     def _start(self):
         if self._pool is None:
             factory, kwargs = self.spec
             if self.ray_address:
-                try:
-                    from ray.util.multiprocessing import Pool
-                except ImportError as err:
-                    raise ValueError("ray is not installed: pip install '.[ray]'") from err
-                address = None if self.ray_address == "local" else self.ray_address
-                self._pool = Pool(self.workers, initializer=_init_worker,
-                                  initargs=(factory, kwargs, 1), ray_address=address)
+                self._pool = _ray_actors(self.ray_address, self.workers, factory, kwargs)
             else:
                 threads = max(1, (os.cpu_count() or 1) // self.workers)
                 self._pool = ProcessPoolExecutor(self.workers, mp_context=get_context("spawn"),
@@ -89,7 +97,40 @@ class Backend:
         if self._pool is None:
             return
         if self.ray_address:
-            self._pool.terminate()
+            import ray
+
+            for actor in self._pool:
+                ray.kill(actor)
         else:
             self._pool.shutdown()
         self._pool = None
+
+
+def _ray_actors(address: str, workers: int, factory: Callable, kwargs: dict) -> list:
+    """`workers` evaluator actors of one CPU each, spread over the cluster's nodes, on
+    the Ray cluster at `address` ("local": one started on this machine)."""
+    try:
+        import ray
+    except ImportError as err:
+        raise ValueError("ray is not installed: pip install '.[ray]'") from err
+    if not ray.is_initialized():
+        ray.init(address=None if address == "local" else address, log_to_driver=False,
+                 configure_logging=False)
+
+    @ray.remote(num_cpus=1, max_restarts=RAY_RESTARTS, max_task_retries=RAY_RETRIES)
+    class Evaluator:
+        def __init__(self):
+            _init_worker(factory, kwargs, 1)
+
+        def evaluate(self, coalition: frozenset) -> tuple[float, float]:
+            return _evaluate_in_worker(coalition)
+
+        def node(self) -> str:
+            """The id of the node it runs on."""
+            return ray.get_runtime_context().get_node_id()
+
+        def restarted(self) -> bool:
+            """Whether Ray restarted it (its process or node died)."""
+            return ray.get_runtime_context().was_current_actor_reconstructed
+
+    return [Evaluator.options(scheduling_strategy="SPREAD").remote() for _ in range(workers)]
