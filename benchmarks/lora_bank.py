@@ -14,6 +14,7 @@ of a request of --n images and --steps steps, dense (every shard on every row) a
 routed (the default routing), and one bank pass of 64 rows spread over every shard.
 
     python benchmarks/lora_bank.py --studios var/studios-data
+    python benchmarks/lora_bank.py --store var/studios-lora-store --n 200 --steps 2 --reps 3
 """
 
 from __future__ import annotations
@@ -80,6 +81,7 @@ def measure(store: ShardStore, args) -> dict:
     x = torch.randn(64, *store.image_shape, generator=torch.Generator().manual_seed(0))
     t = torch.randint(0, 1000, (64,), generator=torch.Generator().manual_seed(1))
     text = samplers["merged"].text_encoder.encode([prompt]).repeat(64) if prompt else None
+    labels = torch.zeros(64, dtype=torch.long) if store.num_labels and not store.text else None
     times = {(lora, what): [] for lora in samplers for what in ("dense", "routed", "pass")}
     images = {}
     for rep in range(args.reps + 1):  # the first repetition warms up and is not counted
@@ -91,7 +93,7 @@ def measure(store: ShardStore, args) -> dict:
                     times[lora, what].append((time.perf_counter() - start) / args.n)
                 images[lora, what] = out.images
             start = time.perf_counter()
-            sampler.bank.evaluate(x, t, rows, text=text)
+            sampler.bank.evaluate(x, t, rows, labels, text=text)
             if rep:
                 times[lora, "pass"].append(time.perf_counter() - start)
     slot_bytes = {}
@@ -116,11 +118,14 @@ def main() -> None:
     parser.add_argument("--n", type=int, default=16)
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--reps", type=int, default=5)
+    parser.add_argument("--store", default=None,
+                        help="measure this existing LoRA store instead of building --stores")
+    parser.add_argument("--out", default=str(RESULTS / "lora_bank.json"))
     args = parser.parse_args()
     results = {"threads": torch.get_num_threads(), "args": vars(args)}
-    for name in args.stores.split(","):
+    for name in [args.store] if args.store else args.stores.split(","):
         with tempfile.TemporaryDirectory() as tmp:
-            store = build(name, Path(tmp), args)
+            store = ShardStore.open(name) if args.store else build(name, Path(tmp), args)
             results[name] = r = measure(store, args)
         print(f"{name}: {r['contributors']} LoRA shards on {'x'.join(map(str, r['image_shape']))}; "
               f"per resident shard merged {r['slot_bytes']['merged'] / 1e6:.2f} MB, adapters "
@@ -132,8 +137,8 @@ def main() -> None:
             print(f"  {what:6s} merged {m['mean'] * scale:7.2f} ± {m['std'] * scale:5.2f}  adapters "
                   f"{a['mean'] * scale:7.2f} ± {a['std'] * scale:5.2f} {unit}  "
                   f"(adapters/merged {a['mean'] / m['mean']:.2f})")
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "lora_bank.json").write_text(json.dumps(results, indent=2) + "\n")
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(results, indent=2) + "\n")
 
 
 if __name__ == "__main__":
