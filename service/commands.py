@@ -104,6 +104,9 @@ def cmd_train(args) -> None:
     if args.base:
         from shards.pipeline import check_pipeline
 
+        if args.no_text:
+            raise ValueError("--base builds a text-conditional store (Stable Diffusion reads "
+                             "prompts); drop --no-text")
         check_pipeline(args.base)
     datasets = load_contributors(args.data_dir)
     config = _store_config(args, datasets[0].image_shape, public=bool(args.public))
@@ -113,7 +116,10 @@ def cmd_train(args) -> None:
     public, public_labels = (pub.images, pub.labels) if pub else (None, None)
     # every contributor captioned: a text-conditional store, unless --no-text
     text = not args.no_text and all(d.captions is not None for d in datasets)
-    if text:
+    if text and args.base:
+        print("text-conditional store on the pipeline's text encoder: every contributor has "
+              "captions")
+    elif text:
         print(f"text-conditional store: every contributor has captions (--no-text for "
               f"{'labels' if datasets[0].labels is not None else 'none'})")
     if args.no_labels:  # the unconditional store of earlier versions, from labelled data

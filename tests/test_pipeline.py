@@ -112,6 +112,8 @@ def test_the_cli_refuses_a_bad_base_before_reading_data(tmp_path, sd_dir, capsys
     err = capsys.readouterr().err.strip()
     assert "not a folder" in err and len(err.splitlines()) == 1 and "Traceback" not in err
     assert not (tmp_path / "s").exists()
+    assert main([*args[:-1], str(sd_dir / "pipeline"), "--no-text"]) == 2
+    assert "drop --no-text" in capsys.readouterr().err
 
 
 def test_a_pipeline_store_needs_captions_and_matching_images(sd_dir, tmp_path):
@@ -224,7 +226,7 @@ def test_cli_trains_on_a_base_folder_and_samples_a_prompt(sd_dir, tmp_path, caps
                  str(sd_dir / "public"), "--base", str(sd_dir / "pipeline"), "--shard-steps", "3",
                  "--head-steps", "3"]) == 0
     out = capsys.readouterr().out
-    assert "pretrained latent base" in out and "3x16x16 images as 4x8x8 latents" in out
+    assert "on the pipeline's text encoder" in out and "pretrained latent base" in out and "3x16x16 images as 4x8x8 latents" in out
     assert main(["sample", "--store", str(store), "--prompt", "a blue digit 3", "--guidance", "2",
                  "--n", "2", "--steps", "2", "--out", str(tmp_path / "x.npz")]) == 0
     assert np.load(tmp_path / "x.npz")["images"].shape == (2, 3, 16, 16)
