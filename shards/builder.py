@@ -229,8 +229,7 @@ def write_contributor(store: ShardRegistry, data: ContributorData, kind: str,
     if store.text:  # conditioned on captions: labels, if any, are not used
         data = dataclasses.replace(data, labels=None)
     model, meta = train_shard(data, kind, store.config, scheduler, base, device, progress,
-                              store.num_labels, text=store.text is not None,
-                              encoder=store.text_encoder())
+                              store.num_labels, encoder=store.text_encoder())
     staging = store.root / "shards" / f".{cid}.partial"
     weights_hash = save_shard(model, meta, staging, diffusers_lora=bool(store.pipeline) and kind == "lora")
     entry = {**meta, "path": f"shards/{cid}", "data_path": None,

@@ -45,10 +45,8 @@ def default_dir() -> Path:
 
 
 def integrity(path: Path) -> str:
-    digest = hashlib.sha512()
     with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
+        digest = hashlib.file_digest(f, "sha512")
     return "sha512-" + base64.b64encode(digest.digest()).decode()
 
 

@@ -140,10 +140,8 @@ def text_info(folder: Path, path: str) -> dict:
     tokenizer = json.loads((folder / "tokenizer" / "tokenizer_config.json").read_text())
     weights = next(folder / "text_encoder" / w for w in WEIGHTS
                    if (folder / "text_encoder" / w).is_file())
-    digest = hashlib.sha256()
     with open(weights, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
+        digest = hashlib.file_digest(f, "sha256")
     return {"kind": "pipeline", "name": "CLIP text encoder of the base pipeline", "path": path,
             "dim": config["hidden_size"],
             "max_tokens": min(int(tokenizer.get("model_max_length", 77)),

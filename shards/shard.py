@@ -52,19 +52,19 @@ def train_base(images: torch.Tensor, image_shape, config: StoreConfig, scheduler
 
 def train_shard(data: ContributorData, kind: str, config: StoreConfig, scheduler: DDPMScheduler,
                 base: UNet2DModel | None = None, device="cpu", progress=True,
-                num_labels: int = 0, text: bool = False,
-                encoder: TextEncoder | None = None) -> tuple[torch.nn.Module, dict]:
+                num_labels: int = 0, encoder: TextEncoder | None = None
+                ) -> tuple[torch.nn.Module, dict]:
     """Train one shard on `data` alone, class-conditional on `num_labels` labels when
     the data is labelled (a LoRA shard inherits its base's class embedding), on its
-    captions with `text` (encoded by `encoder`, default all-MiniLM-L6-v2). Returns
-    (model, metadata)."""
+    captions encoded by `encoder` in a text-conditional store (the store's
+    `text_encoder()`). Returns (model, metadata)."""
+    text = encoder is not None
     if text and data.captions is None:
         raise ValueError(f"contributor {data.contributor_id!r} has no captions")
     if kind not in SHARD_KINDS:
         raise ValueError(f"kind={kind!r}; allowed: {list(SHARD_KINDS)}")
     seed = derived_seed(config.seed, "shard", data.contributor_id)
     from_base = config.needs_base(kind)
-    encoder = (encoder or TextEncoder.shared()) if text else None
     if not from_base:
         model = make_unet(data.image_shape, config.unet, seed=seed, num_labels=num_labels,
                           text_dim=encoder.dim if text else 0)

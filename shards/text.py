@@ -139,10 +139,8 @@ def encoder_info() -> dict:
     """What a store records of its encoder: name, package, dim, max tokens, the
     sha256 of its weights (a store refuses an encoder whose weights differ)."""
     weights = model_dir() / "model.safetensors"
-    digest = hashlib.sha256()
     with open(weights, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
+        digest = hashlib.file_digest(f, "sha256")
     return {**ENCODER, "weights_hash": digest.hexdigest()}
 
 
