@@ -29,7 +29,7 @@ DATA_FLAGS :=
 TRAIN_FLAGS ?=
 endif
 
-.PHONY: install chromium node npm-packages data store serve test test-fast lint bench scale service-bench value console-shots detect msr valuation-cost clean
+.PHONY: install chromium node postgres npm-packages data store serve test test-fast lint bench scale service-bench value console-shots detect msr valuation-cost clean
 
 # torch 2.13.0 first: it is a local CPU wheel; letting a dependency resolve torch
 # would pull several GB of CUDA packages.
@@ -58,6 +58,14 @@ node:
 	@command -v npm >/dev/null || { $(SUDO) apt-get update -qq && \
 		DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq nodejs npm >/dev/null; }
 
+# PostgreSQL's server binaries from Debian's packages when missing: the tests start
+# throwaway clusters of their own (tests/postgres.py) to run the records on Postgres
+# as on SQLite. The service itself needs no local server (CDM_DATABASE_URL names one).
+postgres:
+	@ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || command -v initdb >/dev/null || \
+		{ $(SUDO) apt-get update -qq && \
+		  DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq postgresql >/dev/null; }
+
 npm-packages: install node
 	$(BIN)/python -c "from shards import npm; [print(npm.tarball(n)) for n in npm.PINNED]"
 
@@ -81,11 +89,11 @@ serve: store
 	$(BIN)/cdm serve --store $(STORE) --port 3000
 
 # every test: unit and integration (servers, Chromium, schemathesis, crash injection)
-test: install chromium npm-packages
+test: install chromium npm-packages postgres
 	$(BIN)/pytest -q
 
 # the inner loop: unit tests only (library calls in this process), about 2 minutes
-test-fast: install npm-packages
+test-fast: install npm-packages postgres
 	$(BIN)/pytest -q -m unit
 
 lint: install

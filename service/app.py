@@ -17,7 +17,7 @@ from shards.errors import CDMError
 from shards.settings import REQUEST_SECONDS, env_int, store_path
 
 from . import console, schemas
-from .errors import AuthError, RateLimitError, status_for
+from .errors import AuthError, DatabaseUnavailable, RateLimitError, status_for
 from .gate import Gate, configure_logging
 from .platform import Platform
 
@@ -64,7 +64,7 @@ class CDMService:
     @staticmethod
     def _error(ctx: bentoml.Context, err: Exception) -> dict:
         ctx.response.status_code = status_for(err)
-        if isinstance(err, RateLimitError):
+        if isinstance(err, RateLimitError | DatabaseUnavailable):
             ctx.response.headers["Retry-After"] = str(err.retry_after)
         return {"error": str(err)}
 

@@ -217,10 +217,10 @@ def cmd_keys(args) -> None:
     from shards import ShardStore
 
     from .auth import create_key
-    from .db import DB_FILE, Database
+    from .db import open_database
 
     store = ShardStore.open(args.store)
-    db = Database(store.root / DB_FILE)
+    db = open_database(store.root)
     if args.keys_command == "demo":
         live = store.contributor_ids
         subset = live[: max(1, len(live) // 2)]
@@ -331,7 +331,12 @@ def cmd_serve(args) -> None:
     from shards import ShardStore
     from shards.settings import check_int, env_int
 
-    ShardStore.open(args.store)  # fail here, with a clear message, not inside bentoml
+    from .db import open_database
+
+    # fail here, with one clear line, not inside bentoml's workers: the store, then the
+    # database (CDM_DATABASE_URL: a wrong URL, unreachable, wrong credentials)
+    ShardStore.open(args.store)
+    open_database(args.store).close()
     workers = env_int("CDM_WORKERS") if args.workers is None else args.workers
     check_int("CDM_WORKERS", workers, "--workers")
     env = {**os.environ, "CDM_STORE": str(Path(args.store).resolve()),
@@ -346,7 +351,7 @@ def cmd_value(args) -> None:
     from valuation.run import ValuationSettings, run_valuation
 
     from .credit import record_primary
-    from .db import DB_FILE, Database
+    from .db import open_database
 
     aesthetic = None
     if args.property == "aesthetic":
@@ -375,7 +380,7 @@ def cmd_value(args) -> None:
             if gone:
                 raise ValueError(f"contributor(s) {', '.join(gone)} were forgotten during "
                                  "the valuation; nothing was recorded as credit; run it again")
-            best = record_primary(Database(Path(args.store) / DB_FILE), results)
+            best = record_primary(open_database(args.store), results)
     methods = list(results)
     print(f"{'contributor':12s}" + "".join(f"{m:>14s}" for m in methods))
     for c in report["players"]:

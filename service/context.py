@@ -12,7 +12,8 @@ from pathlib import Path
 from shards.forgetting import Cleaner, register_cleaner
 
 from .auth import FailureLimiter, KeyVerifier
-from .db import DB_FILE, Database
+from .db import DB_FILE, Database, open_database
+from .sql import database_url
 
 
 @dataclass(frozen=True)
@@ -23,7 +24,7 @@ class Shared:
 
 @functools.cache
 def _shared(root: Path) -> Shared:
-    db = Database(root / DB_FILE)
+    db = open_database(root)
     return Shared(db, KeyVerifier(db, FailureLimiter()))
 
 
@@ -35,14 +36,15 @@ def shared(store_root: str | Path) -> Shared:
 def separate(store_root: str | Path) -> Shared:
     """A database handle and key verifier of their own (for a second in-process
     worker in tests, which must not share the first one's caches)."""
-    db = Database(Path(store_root) / DB_FILE)
+    db = open_database(store_root)
     return Shared(db, KeyVerifier(db, FailureLimiter()))
 
 
 def drop_recorded_valuations(store_root: str | Path, contributor_id: str) -> int:
     """The cleaner's call (shards/forgetting.py): delete the recorded valuations that
     value `contributor_id` (their player set no longer exists)."""
-    if not (Path(store_root) / DB_FILE).exists():
+    where = database_url(store_root)
+    if "://" not in where and not Path(where).exists():  # no SQLite file: nothing recorded
         return 0
     return shared(store_root).db.drop_valuations(contributor_id)
 

@@ -41,6 +41,13 @@ class UnavailableError(CDMError):
     """The store has no live contributor to generate with (HTTP 503)."""
 
 
+class DatabaseUnavailable(CDMError):
+    """The database is unreachable, refuses the credentials or stays locked (HTTP 503
+    with Retry-After: nothing of the request was done or billed)."""
+
+    retry_after = 5
+
+
 class Postponed(Exception):
     """A job stops without finishing; it stays `running` and the next start resumes it."""
 
@@ -49,13 +56,13 @@ class Postponed(Exception):
 STATUS: list[tuple[type[Exception], int]] = [
     (AuthError, 401), (ForbiddenError, 403), (UnknownContributorError, 404),
     (LabelUnavailableError, 404), (TextUnavailableError, 404), (NotFoundError, 404), (RateLimitError, 429),
-    (UnavailableError, 503), (DataError, 400), (StoreError, 409), (ValueError, 400),
+    (UnavailableError, 503), (DatabaseUnavailable, 503), (DataError, 400), (StoreError, 409), (ValueError, 400),
 ]
 REASONS = {400: "Bad input", 401: "Missing, invalid, revoked or expired key",
            403: "The key lacks the right or the licence", 404: "Not found",
            409: "Conflicts with the store's state", 413: "Body too large",
            415: "The body is not application/json",
-           429: "Rate limited; see Retry-After", 503: "No live contributor"}
+           429: "Rate limited; see Retry-After", 503: "No live contributor, or the database is unreachable"}
 
 
 def status_for(err: Exception) -> int:

@@ -25,7 +25,7 @@ from shards.errors import short
 from shards.settings import MAX_BODY_BYTES, METRICS_PUBLIC_ENV, env_flag, store_path
 
 from .context import shared
-from .errors import AuthError, RateLimitError
+from .errors import AuthError, DatabaseUnavailable, RateLimitError, status_for
 from .openapi import complete
 from .schemas import INPUTS
 
@@ -92,8 +92,8 @@ class Gate:
             client = (scope.get("client") or ("-",))[0]
             try:
                 principal = await run_in_threadpool(self.verify, headers.get("authorization"), client)
-            except RateLimitError as err:
-                return await json_response(429, {"error": str(err)},
+            except (RateLimitError, DatabaseUnavailable) as err:
+                return await json_response(status_for(err), {"error": str(err)},
                                            {"Retry-After": str(err.retry_after)})(scope, receive, send_logged)
             except AuthError as err:
                 return await json_response(401, {"error": str(err)},

@@ -124,6 +124,9 @@ VARIABLES = {v.name: v for v in (
 # how a store of LoRA shards evaluates them (CDM_LORA_BANK; shards/store.py load_bank)
 LORA_BANKS = ("adapters", "merged")
 RAY_ENV = "CDM_RAY_ADDRESS"  # the Ray cluster of the service's valuation jobs (unset: here)
+# the service's records: a SQLAlchemy URL (postgresql://user:password@host/db for many
+# hosts); unset: the SQLite file service.db in the store's folder (service/db.py)
+DATABASE_ENV = "CDM_DATABASE_URL"
 STORE_ENV = "CDM_STORE"  # the store `cdm serve` serves (default var/store)
 DEFAULT_STORE = "var/store"
 DATA_ROOTS_ENV = "CDM_DATA_ROOTS"  # folders a request may name as data (service/paths.py)

@@ -127,6 +127,30 @@ def wait_for_job(get_job, timeout=120.0):
     raise TimeoutError(f"job still {job['status']} after {timeout}s")
 
 
+@pytest.fixture(scope="session")
+def pg_cluster():
+    """A throwaway PostgreSQL server for the session (tests/postgres.py)."""
+    from postgres import Cluster
+
+    cluster = Cluster()
+    yield cluster
+    cluster.close()
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+def backend(request, monkeypatch):
+    """Run the test on each database engine: the SQLite file in the store (the
+    default) and a fresh Postgres database named by CDM_DATABASE_URL."""
+    if request.param == "postgres":
+        cluster = request.getfixturevalue("pg_cluster")
+        url = cluster.database()
+        monkeypatch.setenv("CDM_DATABASE_URL", url)
+        yield url
+        cluster.drop(url)
+    else:
+        yield None
+
+
 def pytest_collection_modifyitems(items):
     """Every test not marked `integration` is a unit test (`make test-fast`)."""
     for item in items:

@@ -12,8 +12,9 @@ from service.errors import AuthError, RateLimitError
 
 
 @pytest.fixture()
-def db(tmp_path):
-    return Database(tmp_path / "service.db")
+def db(tmp_path, backend):
+    """A key database on each engine (SQLite; Postgres)."""
+    return Database(backend or tmp_path / "service.db")
 
 
 @pytest.fixture()
@@ -84,7 +85,7 @@ def test_the_ledger_commits_many_requests_together_and_each_is_durable_on_return
         try:
             ledger.release_later("w", i)
             request_id = ledger.record(f"u{i}", {"n": 1}, ["a"], {"a": [1.0]})
-            other = Database(db.path)  # another handle: sees only what is committed
+            other = Database(db.url)  # another handle: sees only what is committed
             checked.append(other.get_request(request_id) is not None)
         except Exception as err:  # noqa: BLE001 - reported below
             errors.append(err)

@@ -10,12 +10,14 @@ from conftest import wait_for_job
 from PIL import Image
 
 from service.auth import ForbiddenError, create_key
-from service.db import Database
 from service.errors import NotFoundError
 from service.platform import Platform
 from shards import ShardStore
 from shards.errors import UnknownContributorError
 from valuation.utility import store_cache
+
+# the same suite on the SQLite file in the store and on a Postgres database
+pytestmark = pytest.mark.usefixtures("backend")
 
 
 @pytest.fixture()
@@ -64,7 +66,7 @@ def test_ledger_attribution_and_credit(platform):
     admin = principal(platform, "adm", None, "admin")
     out = platform.generate(user, n=4, steps=2, seed=0)
     # durable: a fresh connection (another process would do the same) sees the row
-    row = Database(platform.store.root / "service.db").get_request(out["request_id"])
+    row = platform.db.get_request(out["request_id"])
     assert row is not None and row["user"] == "u"
     assert platform.attribution(user, out["request_id"])["attribution"] == out["attribution"]
     assert platform.attribution(admin, out["request_id"])["user"] == "u"
@@ -349,8 +351,7 @@ def test_cost_counts_the_shards_an_image_runs_on(store_copy):
                         limits=Limits(request_cost=10_000, key_cost_per_minute=10**9,
                                       shards_per_image=2))
     user = principal(platform, "u", None)
-    spent = lambda: platform.db._conn().execute(  # noqa: E731
-        "SELECT COALESCE(SUM(cost), 0) FROM spend").fetchone()[0]
+    spent = platform.db.spent
     platform.generate(user, n=2, steps=3, top_k=1)
     assert spent() == 2 * 3 * 1
     platform.generate(user, contributors=["a", "b"], n=2, steps=3, mass=1.0)
@@ -504,7 +505,7 @@ def test_a_generation_whose_client_left_stops_and_is_refunded(store_copy):
         platform.cancel(job)
         with pytest.raises(CancelledRequest):
             future.result(timeout=60)
-        spent = platform.db._conn().execute("SELECT SUM(cost) FROM spend").fetchone()[0]
+        spent = platform.db.spent()
         assert 0 <= spent < job.cost  # refunded: only the steps taken
         deadline = time.monotonic() + 10
         while platform.db.inflight_since(10**9) and time.monotonic() < deadline:

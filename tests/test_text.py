@@ -281,14 +281,13 @@ def test_service_generates_from_a_prompt(text_store, full_store, tmp_path):
         record = platform.attribution(user, out["request_id"])
         assert record["params"]["prompt"] == "the digit three" and record["params"]["guidance"] == 2.0
         def spent():
-            return platform.db._conn().execute(
-                "SELECT SUM(cost) FROM spend WHERE key_id = ?", (user.key_id,)).fetchone()
+            return platform.db.spent(user.key_id)
 
-        before = spent()[0]
+        before = spent()
         assert before > 0
         with pytest.raises(ValueError, match="takes at most 16"):
             platform.generate(user, n=1, steps=2, prompt="many words " * 10)
-        assert spent()[0] == before  # refused before sampling: not billed
+        assert spent() == before  # refused before sampling: not billed
         bare = tmp_path / "bare"
         write_pngs(bare / "0", digits_of(0, 3))
         with pytest.raises(DataError, match="has no captions .* this store is text-conditional"):
