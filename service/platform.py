@@ -14,6 +14,11 @@ before every request (one `stat`) and reloads its sampler when the live set chan
 so an exclusion acknowledged by any worker holds for every request that starts after
 the acknowledgement, in every worker; a purge waits until no worker holds a request
 that started before the exclusion (forget.py).
+
+Hosts: with the database on PostgreSQL (CDM_DATABASE_URL) and the store on a volume
+every host mounts, the same holds across hosts: the store's locks are advisory locks
+(shards/coordination.py), requests in flight and jobs are rows of the one database,
+and a listener thread wakes the job runners at every other host's manifest commit.
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ import uuid
 from pathlib import Path
 
 from shards import ShardStore
+from shards.coordination import CHANNEL
 from shards.settings import WORKER_HEARTBEAT_SECONDS
 
 from .auth import Principal
@@ -68,7 +74,7 @@ class Platform:
         self.jobs = Jobs(self.store, self.db, self.live if serve else None, self.forgetting,
                          allowed_roots(self.store.root), device, self._wakes, self._closed)
         self.reads = Credit(self.store, self.db)
-        self._scheduler, self._runners, self._heart = None, [], None
+        self._scheduler, self._runners, self._heart, self._listener = None, [], None, None
         if serve:
             self.db.heartbeat(self.worker)
             self._heart = threading.Thread(target=self._beat, name="cdm-heartbeat", daemon=True)
@@ -85,6 +91,11 @@ class Platform:
                                             max_batches=self.limits.active_batches,
                                             on_done=g.observe, on_cancel=g.refund,
                                             on_leave=g.release_later)
+            if not self.db.sqlite:  # other hosts' manifest commits wake the runners now
+                self._listener = threading.Thread(
+                    target=self.db.listen, args=(CHANNEL, self._notified, self._closed),
+                    name="cdm-listen", daemon=True)
+                self._listener.start()
             for lane, wake in self._wakes.items():  # purges never wait for an add or valuation
                 runner = threading.Thread(target=self.jobs.loop, args=(lane,),
                                           name=f"cdm-jobs-{lane}", daemon=True)
@@ -103,9 +114,18 @@ class Platform:
         for runner in self._runners:
             runner.join(timeout=10)
         self.ledger.close()
+        if self._listener is not None:
+            self._listener.join(timeout=10)
         if self._heart is not None:
             self._heart.join(timeout=10)
             self.db.drop_workers([self.worker])  # its requests are released or never will be
+
+    def _notified(self, payload: str | None) -> None:
+        """A manifest commit on some host (or a reconnection): each runner refreshes
+        the store and this worker's sampler, dropping a forgotten contributor's weights
+        and loading an added one's, instead of at its next poll."""
+        for wake in self._wakes.values():
+            wake.set()
 
     def _beat(self) -> None:
         """Tell every other worker this one is alive, every few seconds, whatever the

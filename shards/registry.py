@@ -3,14 +3,15 @@ STORE/manifest.json, under locks that every process opening the store shares.
 
 The manifest is the source of truth: a folder it does not name is not part of the
 store. It is written atomically (temp file, fsync, rename), always as the next
-`generation`, and only under an exclusive `fcntl` lock on STORE/.lock, after
+`generation`, and only under the store's exclusive write lock (an `fcntl` lock on
+STORE/.lock, or a PostgreSQL advisory lock for many hosts: coordination.py), after
 re-reading it from disk; readers call `refresh()` (one `stat`) to pick up another
 process's change. So no writer works from a stale copy, and an exclusion written by
 one process is seen by every other at its next `refresh()`.
 
 Long operations hold one of two more locks, so that forgetting never waits for a
-contributor's training: purges hold STORE/.admin.lock (one at a time), adds and
-valuations STORE/.work.lock (one at a time). A purge and an add touch different
+contributor's training: purges hold the admin lock (one at a time), adds and
+valuations the work lock (one at a time). A purge and an add touch different
 contributors' folders; what both could touch (the manifest, the joint classifier's
 versions, the orphan sweep) happens under the write lock.
 """
@@ -20,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
+import logging
 import os
 import threading
 import time
@@ -27,12 +29,12 @@ from pathlib import Path
 
 import torch
 from diffusers import DDPMScheduler, UNet2DConditionModel, UNet2DModel
-from filelock import FileLock
 from safetensors.torch import load_file
 
 from . import settings
 from .classifier import JointRouter
 from .config import StoreConfig
+from .coordination import store_locks
 from .errors import StoreError, UnknownContributorError
 from .files import write_json_atomic
 from .heads import HeadsRouter
@@ -43,10 +45,9 @@ from .text import TextEncoder, check_encoder
 
 FORMAT = 1
 MANIFEST = "manifest.json"
-LOCK = ".lock"
-ADMIN_LOCK = ".admin.lock"  # purges
-WORK_LOCK = ".work.lock"  # adds, valuations
 
+
+log = logging.getLogger(__name__)
 
 ROUTERS: dict[str, Router] = {"heads": HeadsRouter(), "joint": JointRouter()}
 if tuple(ROUTERS) != settings.ROUTERS:
@@ -101,10 +102,8 @@ class ShardRegistry:
         self.root = Path(root)
         self._lock = threading.RLock()
         self._set(manifest, stamp)
-        # one lock file each; thread-local: two threads of one process exclude each other
-        self._write_lock = FileLock(self.root / LOCK, preserve_lock_file=True)
-        self._admin_lock = FileLock(self.root / ADMIN_LOCK, preserve_lock_file=True)
-        self._work_lock = FileLock(self.root / WORK_LOCK, preserve_lock_file=True)
+        # files in the folder, or PostgreSQL advisory locks for many hosts (coordination.py)
+        self.locks = store_locks(self.root, str(manifest.get("created_at", "")))
 
     def _set(self, manifest: dict, stamp: tuple | None) -> None:
         with self._lock:
@@ -149,6 +148,10 @@ class ShardRegistry:
         write_json_atomic(self.root / MANIFEST, manifest)
         st = os.stat(self.root / MANIFEST)
         self._set(manifest, (st.st_ino, st.st_mtime_ns, st.st_size))
+        try:  # wakes the other hosts now; they would see it at their next refresh anyway
+            self.locks.committed(manifest["generation"])
+        except Exception as err:  # noqa: BLE001 - the commit stands; a late wake is harmless
+            log.warning("manifest generation %s not announced: %s", manifest["generation"], err)
         if update is not None:
             update.finish()
 
@@ -158,7 +161,7 @@ class ShardRegistry:
         other processes alike), with the manifest re-read from disk on entry. Every
         change to the manifest happens inside; reentrant within one thread. Held for
         milliseconds: training runs outside it."""
-        with self._write_lock:
+        with self.locks.hold("write"):
             self.refresh(force=True)
             yield self
 
@@ -166,7 +169,7 @@ class ShardRegistry:
     def admin_lock(self):
         """Serialises purges across threads and processes; exclusions, adds and
         valuations do not wait for it. Reentrant within one thread."""
-        with self._admin_lock:
+        with self.locks.hold("admin"):
             self.refresh(force=True)
             yield self
 
@@ -174,7 +177,7 @@ class ShardRegistry:
     def work_lock(self):
         """Serialises adds and valuations (and the orphan sweep) across threads and
         processes; purges do not wait for it. Reentrant within one thread."""
-        with self._work_lock:
+        with self.locks.hold("work"):
             self.refresh(force=True)
             yield self
 

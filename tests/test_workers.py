@@ -16,7 +16,8 @@ from service.platform import Platform
 from shards import ShardStore
 from shards.errors import UnknownContributorError
 
-pytestmark = pytest.mark.integration
+# on the SQLite file in the store and on a Postgres database (advisory locks)
+pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("backend")]
 
 
 @pytest.fixture()

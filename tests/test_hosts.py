@@ -1,0 +1,151 @@
+"""Two hosts: two `cdm serve` processes with separate connections, locks and memory,
+on one PostgreSQL database (CDM_DATABASE_URL) and one store folder (the volume every
+host mounts). What one host acknowledges holds on the other from its next request:
+forgets (under 16 concurrent clients), key revocations, adds; a host killed -9 in the
+middle of a purge leaves it to the other to finish; and no lock file is ever made:
+the store's locks are advisory locks in the database."""
+
+import os
+import shutil
+import subprocess
+import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+from conftest import wait_for_job
+from test_crash import traces
+
+from service import testing
+from service.db import Database
+from shards import ShardStore
+from shards.coordination import LOCK_FILES
+from shards.settings import OFFLINE_ENV
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture()
+def shared_store(full_store, pg_cluster, tmp_path, monkeypatch):
+    """A store folder both hosts open and a fresh Postgres database; the admin key."""
+    root = tmp_path / "store"
+    shutil.copytree(full_store.root, root)
+    for name in LOCK_FILES.values():  # made by the fixture's build: none may appear again
+        (root / name).unlink(missing_ok=True)
+    (root / "service.db").unlink(missing_ok=True)
+    url = pg_cluster.database()
+    monkeypatch.setenv("CDM_DATABASE_URL", url)  # the CLI, and the hosts through os.environ
+    monkeypatch.setenv("CDM_DATA_ROOTS", str(tmp_path))
+    yield root, url, testing.cli_key(root, "root", admin=True)
+    pg_cluster.drop(url)
+
+
+def generate(url, key, **body):
+    status, out, _ = testing.post(url, "generate", key, {"n": 1, "steps": 2, **body})
+    return status, out
+
+
+def test_what_one_host_acknowledges_holds_on_the_other(shared_store, data_dir, tmp_path):
+    root, url, admin = shared_store
+    # 16 clients of one key send more than the default 600 requests a minute, which
+    # both hosts would count together (refusing with 429); this test is about forgetting
+    unlimited = {"CDM_KEY_REQUESTS_PER_MINUTE": "100000"}
+    with testing.serving(root, tmp_path / "a.log", env=unlimited) as a, \
+            testing.serving(root, tmp_path / "b.log", env=unlimited) as b:
+        assert all(generate(h.url, admin)[0] == 200 for h in (a, b))
+        # a key revoked through host A is refused by host B at its next request
+        user = testing.cli_key(root, "ann")
+        assert generate(b.url, user)[0] == 200
+        key_id = user.split("_")[1]
+        assert testing.post(a.url, "revoke_key", admin, {"key_id": key_id})[0] == 200
+        assert generate(b.url, user)[0] == 401
+
+        # a forget acknowledged by host A, under 16 clients on both hosts: no request
+        # that started after the acknowledgement uses b, on either host
+        answers, stop = [], threading.Event()
+
+        def client(i):
+            host = (a, b)[i % 2]
+            while not stop.is_set():
+                started = time.time()
+                status, out = generate(host.url, admin, seed=i)
+                answers.append((started, status, out, host.port))
+
+        with ThreadPoolExecutor(16) as pool:
+            for i in range(16):
+                pool.submit(client, i)
+            time.sleep(3)
+            status, job, _ = testing.post(a.url, "forget", admin, {"contributor_id": "b"})
+            acknowledged = time.time()
+            assert status == 200, job
+            time.sleep(6)
+            stop.set()
+        after = [(s, out, port) for started, s, out, port in answers if started > acknowledged]
+        assert all(s == 200 for s, _, _ in after), [(s, o) for s, o, _ in after if s != 200][:3]
+        assert {port for _, _, port in after} == {a.port, b.port}
+        assert all("b" not in out["contributors"] for _, out, _ in after)
+        assert any("b" in out["contributors"] for started, s, out, _ in answers
+                   if started < acknowledged - 1)  # b was served before: the test can fail
+        done = wait_for_job(lambda: testing.post(b.url, "job", admin, {"job_id": job["job_id"]})[1])
+        assert done["status"] == "succeeded", done
+        assert generate(b.url, admin, contributors=["b"])[0] == 404
+
+        # a contributor added through host B is served by host A
+        shutil.copytree(data_dir / "contributors" / "c", tmp_path / "dora")
+        status, added, _ = testing.post(b.url, "add_contributor", admin,
+                                        {"folder": str(tmp_path / "dora")})
+        assert status == 200, added
+        done = wait_for_job(lambda: testing.post(a.url, "job", admin, {"job_id": added["job_id"]})[1])
+        assert done["status"] == "succeeded", done
+        status, out = generate(a.url, admin, contributors=["dora"])
+        assert status == 200 and out["contributors"] == ["dora"]
+    db = Database(url)
+    assert [e["action"] for e in db.audit_log("b")] == ["exclude", "purge"]  # ran once
+    assert not any((root / name).exists() for name in LOCK_FILES.values())
+    assert not (root / "service.db").exists()  # every record is in Postgres
+    assert traces(root, "b") == []
+
+
+# host A: `cdm forget`'s steps (exclusion and acknowledgement, then the purge in the
+# same process), under the purge lock from the start, so that host B's runner cannot
+# take the job first; CDM_CRASH_AT kills it -9 in the middle of the purge
+HOST_A = """
+import sys
+from service.auth import Principal
+from service.platform import Platform
+platform = Platform(sys.argv[1], device="cpu", serve=False)
+with platform.store.admin_lock():
+    platform.forget(Principal("cli:ops", "admin", None), "b")
+    print("acknowledged", flush=True)
+    platform.run_jobs("purge")
+"""
+
+
+@pytest.mark.parametrize("point", ["purge:planned", "purge:files-deleted"])
+def test_a_host_killed_mid_purge_leaves_it_to_the_other(point, shared_store, tmp_path):
+    """Host A acknowledges a forget and is killed -9 at `point` of the purge, holding
+    the purge lock; host B's job runner, already serving, takes the lock when A's
+    connections drop and finishes the purge from A's recorded plan."""
+    root, url, admin = shared_store
+    with testing.serving(root, tmp_path / "b.log") as b:
+        assert generate(b.url, admin)[1]["contributors"] == ["a", "b", "c"]
+        env = {**os.environ, **OFFLINE_ENV, "CDM_CRASH_AT": point}
+        host_a = subprocess.run([sys.executable, "-c", HOST_A, str(root)], env=env,
+                                capture_output=True, text=True, timeout=300)
+        assert host_a.returncode == -9, host_a.stderr[-2000:]  # killed at the point
+        assert host_a.stdout.strip() == "acknowledged"
+        assert generate(b.url, admin)[1]["contributors"] == ["a", "c"]
+        db = Database(url)
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and (
+                [j["status"] for j in db.jobs(kind="purge")] != ["succeeded"]
+                or ShardStore.open(root).pending_purges):
+            time.sleep(0.3)
+        log = (tmp_path / "b.log").read_text(errors="replace")[-3000:]
+        assert [j["status"] for j in db.jobs(kind="purge")] == ["succeeded"], log
+        assert [e["action"] for e in db.audit_log("b")] == ["exclude", "purge"]
+        assert generate(b.url, admin)[1]["contributors"] == ["a", "c"]
+    store = ShardStore.open(root)
+    assert store.contributor_ids == ["a", "c"] and store.pending_purges == []
+    assert traces(root, "b") == []
