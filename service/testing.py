@@ -8,14 +8,18 @@ Nothing here is used by the service itself. `kill_tree` needs psutil (the dev ex
 from __future__ import annotations
 
 import contextlib
+import glob
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.error
 import urllib.request
+import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -131,6 +135,85 @@ def serving(root: Path, log: Path, workers: int = 1, env: dict[str, str] | None 
             yield Server(url, port, Path(root), Path(log), proc, time.monotonic() - start, extra)
         finally:
             kill_tree(proc.pid)
+
+
+# ------------------------------------------------- a throwaway PostgreSQL server
+# For the tests and benchmarks that run the records on PostgreSQL: initdb in a
+# temporary folder, the server on a free loopback port with password authentication.
+# Debian's server binaries (`make postgres` installs them). Not pytest-postgresql: its
+# executor runs initdb as the current user, and initdb refuses to run as root, which
+# CI is here; as root the cluster runs as the `postgres` user the package creates.
+PG_USER, PG_PASSWORD = "cdm", "cdm-test-password"
+
+
+def postgres_bin() -> Path:
+    """The folder of initdb/pg_ctl: the newest of Debian's, else whatever PATH has."""
+    found = sorted(glob.glob("/usr/lib/postgresql/*/bin/initdb"),
+                   key=lambda p: int(Path(p).parts[-3]))
+    initdb = found[-1] if found else shutil.which("initdb")
+    if not initdb:
+        raise RuntimeError("PostgreSQL's server binaries (initdb, pg_ctl) are not installed; "
+                           "`make postgres` installs Debian's package")
+    return Path(initdb).parent
+
+
+class PostgresCluster:
+    """One server; `database()` makes a fresh, empty database on it and returns its URL."""
+
+    def __init__(self):
+        self.bin = postgres_bin()
+        self.dir = Path(tempfile.mkdtemp(prefix="cdm-pg-"))
+        self.data = self.dir / "data"
+        self.port = free_port()
+        self.as_postgres = os.geteuid() == 0
+        pwfile = self.dir / "pw"
+        pwfile.write_text(PG_PASSWORD + "\n")
+        if self.as_postgres:
+            for path in (self.dir, pwfile):
+                shutil.chown(path, "postgres", "postgres")
+        self._run("initdb", "-D", str(self.data), "-U", PG_USER, "--pwfile", str(pwfile),
+                  "-A", "scram-sha-256", "-E", "UTF8", "--no-sync")
+        self.start()
+
+    def _run(self, tool: str, *args: str) -> None:
+        cmd = [str(self.bin / tool), *args]
+        if self.as_postgres:
+            cmd = ["runuser", "-u", "postgres", "--", *cmd]
+        subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                       cwd=self.dir)
+
+    def start(self) -> None:
+        options = (f"-p {self.port} -c listen_addresses=127.0.0.1 -k {self.dir} "
+                   "-c fsync=off -c max_connections=300")
+        self._run("pg_ctl", "-D", str(self.data), "-o", options, "-l", str(self.dir / "log"),
+                  "-w", "start")
+
+    def stop(self, mode: str = "fast") -> None:
+        self._run("pg_ctl", "-D", str(self.data), "-m", mode, "-w", "stop")
+
+    def url(self, database: str = "postgres", password: str = PG_PASSWORD) -> str:
+        return f"postgresql://{PG_USER}:{password}@127.0.0.1:{self.port}/{database}"
+
+    def database(self) -> str:
+        import psycopg
+
+        name = "t_" + uuid.uuid4().hex[:12]
+        with psycopg.connect(self.url(), autocommit=True) as conn:
+            conn.execute(f"CREATE DATABASE {name}")
+        return self.url(name)
+
+    def drop(self, url: str) -> None:
+        """Drop a database `database()` made, closing whatever is still connected."""
+        import psycopg
+
+        with psycopg.connect(self.url(), autocommit=True) as conn:
+            conn.execute(f"DROP DATABASE {url.rsplit('/', 1)[1]} WITH (FORCE)")
+
+    def close(self) -> None:
+        try:
+            self.stop("immediate")
+        finally:
+            shutil.rmtree(self.dir, ignore_errors=True)
 
 
 # ---------------------------------------------------- the console in a browser

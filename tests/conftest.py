@@ -129,10 +129,10 @@ def wait_for_job(get_job, timeout=120.0):
 
 @pytest.fixture(scope="session")
 def pg_cluster():
-    """A throwaway PostgreSQL server for the session (tests/postgres.py)."""
-    from postgres import Cluster
+    """A throwaway PostgreSQL server for the session (service/testing.py)."""
+    from service.testing import PostgresCluster
 
-    cluster = Cluster()
+    cluster = PostgresCluster()
     yield cluster
     cluster.close()
 

@@ -2,8 +2,9 @@
 on one PostgreSQL database (CDM_DATABASE_URL) and one store folder (the volume every
 host mounts). What one host acknowledges holds on the other from its next request:
 forgets (under 16 concurrent clients), key revocations, adds; a host killed -9 in the
-middle of a purge leaves it to the other to finish; and no lock file is ever made:
-the store's locks are advisory locks in the database."""
+middle of a purge leaves it to the other to finish; a database that stops under a
+host answers 503 and bills nothing; and no lock file is ever made: the store's
+locks are advisory locks in the database."""
 
 import os
 import shutil
@@ -149,3 +150,43 @@ def test_a_host_killed_mid_purge_leaves_it_to_the_other(point, shared_store, tmp
     store = ShardStore.open(root)
     assert store.contributor_ids == ["a", "c"] and store.pending_purges == []
     assert traces(root, "b") == []
+
+
+def test_a_host_whose_database_goes_away_answers_503_and_bills_nothing(full_store, tmp_path,
+                                                                        monkeypatch):
+    """The database stops under a serving host: requests answer 503 with Retry-After
+    (no traceback, no password in the message) and are not billed; once it is back,
+    the next request is served."""
+    import json
+    import urllib.error
+    import urllib.request
+
+    from service.testing import PostgresCluster
+
+    cluster = PostgresCluster()  # its own server: this test stops it
+    try:
+        url = cluster.database()
+        monkeypatch.setenv("CDM_DATABASE_URL", url)
+        root = tmp_path / "store"
+        shutil.copytree(full_store.root, root)
+        admin = testing.cli_key(root, "root", admin=True)
+        with testing.serving(root, tmp_path / "a.log") as a:
+            assert generate(a.url, admin)[0] == 200
+            cluster.stop()
+            req = urllib.request.Request(f"{a.url}/generate", data=b'{"n": 1, "steps": 2}',
+                                         headers={"Authorization": f"Bearer {admin}",
+                                                  "Content-Type": "application/json"})
+            with pytest.raises(urllib.error.HTTPError) as answer:
+                urllib.request.urlopen(req, timeout=60)
+            assert answer.value.code == 503 and int(answer.value.headers["Retry-After"]) > 0
+            error = json.loads(answer.value.read())["error"]
+            assert "unavailable" in error and "cdm-test-password" not in error, error
+            cluster.start()
+            deadline = time.monotonic() + 60
+            while generate(a.url, admin)[0] != 200 and time.monotonic() < deadline:
+                time.sleep(0.5)
+        db = Database(url)
+        assert len(db.history()) == 2  # the request answered 503 left no ledger row
+        assert db.spent() == 2 * db.history()[0]["params"]["n"] * 2 * 3  # n x steps x shards
+    finally:
+        cluster.close()

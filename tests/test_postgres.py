@@ -11,12 +11,12 @@ import threading
 
 import pytest
 import sqlalchemy as sa
-from postgres import Cluster
 
 from service.auth import create_key
 from service.db import Database
 from service.errors import DatabaseUnavailable, status_for
 from service.sql import MIGRATIONS, REVISION
+from service.testing import PostgresCluster
 
 # the first release's tables, before any column was added (a store's service.db then)
 LEGACY = """
@@ -112,7 +112,7 @@ def test_a_wrong_database_is_one_clear_error(store_copy, pg_cluster):
 def test_the_database_going_away_mid_service_is_503_and_bills_nothing(store_copy, monkeypatch):
     from service.platform import Platform
 
-    cluster = Cluster()  # its own server: this test stops it
+    cluster = PostgresCluster()  # its own server: this test stops it
     try:
         monkeypatch.setenv("CDM_DATABASE_URL", cluster.database())
         platform = Platform(store_copy.root, device="cpu", serve=False)
