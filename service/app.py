@@ -8,13 +8,12 @@ CDM_WORKERS, and the limits of shards/settings.py.
 from __future__ import annotations
 
 import asyncio
-import os
 
 import bentoml
 from starlette.concurrency import run_in_threadpool
 
 from shards.errors import CDMError
-from shards.settings import REQUEST_SECONDS, env_int, store_path
+from shards.settings import REQUEST_SECONDS, env_int, store_path, usable_cpus
 
 from . import console, schemas
 from .errors import AuthError, DatabaseUnavailable, RateLimitError, status_for
@@ -40,7 +39,7 @@ class CDMService:
     def __init__(self) -> None:
         import torch
 
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // WORKERS))
+        torch.set_num_threads(max(1, usable_cpus() // WORKERS))
         configure_logging()
         self.platform = Platform(store_path())
 

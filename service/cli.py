@@ -34,6 +34,7 @@ from shards.settings import (  # noqa: E402
     VALUATION,
     VARIABLES,
     store_path,
+    usable_cpus,
 )
 
 from . import commands  # noqa: E402
@@ -216,7 +217,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--n", type=int, default=VALUE.n, help="samples per coalition")
     p.add_argument("--steps", type=int, default=VALUE.steps, help="sampling steps per coalition")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1),
+    p.add_argument("--workers", type=int, default=min(4, usable_cpus()),
                    help="worker processes for coalition evaluations (local, or Ray actors); "
                         "default: the CPU count, at most 4")
     p.add_argument("--ray", default=None, metavar="ADDRESS",

@@ -119,14 +119,16 @@ def wait_ready(url: str, proc: subprocess.Popen, log: Path, timeout: float) -> N
 
 @contextlib.contextmanager
 def serving(root: Path, log: Path, workers: int = 1, env: dict[str, str] | None = None,
-            timeout: float = 300.0) -> Iterator[Server]:
-    """`cdm serve --store root` on a free loopback port, its output in `log`; the
-    process tree is killed on leaving, whatever happened."""
+            timeout: float = 300.0, cpus: str | None = None) -> Iterator[Server]:
+    """`cdm serve --store root` on a free loopback port, its output in `log`, pinned
+    to `cpus` (taskset's list, e.g. "0") when given; the process tree is killed on
+    leaving, whatever happened."""
     port, extra = free_port(), dict(env or {})
     url = f"http://127.0.0.1:{port}"
+    pin = ["taskset", "-c", cpus] if cpus is not None else []
     with open(log, "w") as out:
         start = time.monotonic()
-        proc = subprocess.Popen([CDM, "serve", "--store", str(root), "--port", str(port),
+        proc = subprocess.Popen([*pin, CDM, "serve", "--store", str(root), "--port", str(port),
                                  "--workers", str(workers)],
                                 env={**os.environ, **OFFLINE_ENV, **extra}, stdout=out,
                                 stderr=subprocess.STDOUT, start_new_session=True)

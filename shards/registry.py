@@ -38,6 +38,7 @@ from .coordination import store_locks
 from .errors import StoreError, UnknownContributorError
 from .files import write_json_atomic
 from .heads import HeadsRouter
+from .localcache import LocalCache
 from .models import LOAD, make_unet
 from .pipeline import LatentCodec, PipelineTextEncoder
 from .router import Router, RouterUpdate
@@ -101,15 +102,23 @@ class ShardRegistry:
     def __init__(self, root: str | Path, manifest: dict, stamp: tuple | None = None):
         self.root = Path(root)
         self._lock = threading.RLock()
-        self._set(manifest, stamp)
         # files in the folder, or PostgreSQL advisory locks for many hosts (coordination.py)
         self.locks = store_locks(self.root, str(manifest.get("created_at", "")))
+        # this host's copies of shard weights (CDM_LOCAL_CACHE), pruned at every new manifest
+        self.local_cache = LocalCache.for_store(self.root, str(manifest.get("created_at", "")))
+        self._set(manifest, stamp)
 
     def _set(self, manifest: dict, stamp: tuple | None) -> None:
         with self._lock:
             self.manifest = manifest
             self.config = StoreConfig.from_dict(manifest["config"])
             self._stamp = stamp
+        if self.local_cache is not None:  # a forgotten (or replaced) shard's copies go
+            live = {c: e["weights_hash"] for c, e in manifest["contributors"].items()}
+            try:
+                self.local_cache.prune(live)
+            except OSError as err:
+                log.warning("local cache %s not pruned: %s", self.local_cache.folder, err)
 
     @classmethod
     def open(cls, root: str | Path):

@@ -127,6 +127,9 @@ RAY_ENV = "CDM_RAY_ADDRESS"  # the Ray cluster of the service's valuation jobs (
 # the service's records: a SQLAlchemy URL (postgresql://user:password@host/db for many
 # hosts); unset: the SQLite file service.db in the store's folder (service/db.py)
 DATABASE_ENV = "CDM_DATABASE_URL"
+# a folder on this host's local disk for copies of shard weights read from a shared
+# store (shards/localcache.py); unset: read from the store every time
+LOCAL_CACHE_ENV = "CDM_LOCAL_CACHE"
 STORE_ENV = "CDM_STORE"  # the store `cdm serve` serves (default var/store)
 DEFAULT_STORE = "var/store"
 DATA_ROOTS_ENV = "CDM_DATA_ROOTS"  # folders a request may name as data (service/paths.py)
@@ -183,6 +186,15 @@ def env_str(name: str, default: str | None = None) -> str | None:
 def env_flag(name: str) -> bool:
     """Whether environment variable `name` is '1' or 'true'."""
     return os.environ.get(name, "").strip().lower() in ("1", "true")
+
+
+def usable_cpus() -> int:
+    """The CPUs this process may run on: its affinity (a host pinned with taskset, a
+    container's cpuset), not every CPU of the machine."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
 
 
 def store_path() -> str:

@@ -146,7 +146,8 @@ class ShardStore(ShardRegistry):
         def load_state(cid: str) -> dict:
             entry = entries[cid]
             folder = self.root / entry["path"]
-            files = read_weights(folder)
+            files = (read_weights(folder) if self.local_cache is None else
+                     self.local_cache.read(cid, folder, entry["weights_hash"]))
             if not files or weights_hash(files) != entry["weights_hash"]:
                 raise StoreError(f"shard {cid!r} was purged or replaced since this sampler "
                                  "was loaded; it is not used (send the request again)")

@@ -1,7 +1,8 @@
 """Two hosts: two `cdm serve` processes with separate connections, locks and memory,
 on one PostgreSQL database (CDM_DATABASE_URL) and one store folder (the volume every
 host mounts). What one host acknowledges holds on the other from its next request:
-forgets (under 16 concurrent clients), key revocations, adds; a host killed -9 in the
+forgets (under 16 concurrent clients; each host's local copies of the forgotten
+shard go too), key revocations, adds; a host killed -9 in the
 middle of a purge leaves it to the other to finish; a database that stops under a
 host answers 503 and bills nothing; and no lock file is ever made: the store's
 locks are advisory locks in the database."""
@@ -42,6 +43,11 @@ def shared_store(full_store, pg_cluster, tmp_path, monkeypatch):
     pg_cluster.drop(url)
 
 
+def cached(cache, contributor_id: str) -> list:
+    """The local copies of a contributor's weights in a host's cache."""
+    return [p for p in cache.glob(f"*/{contributor_id}/*")]
+
+
 def generate(url, key, **body):
     status, out, _ = testing.post(url, "generate", key, {"n": 1, "steps": 2, **body})
     return status, out
@@ -52,9 +58,13 @@ def test_what_one_host_acknowledges_holds_on_the_other(shared_store, data_dir, t
     # 16 clients of one key send more than the default 600 requests a minute, which
     # both hosts would count together (refusing with 429); this test is about forgetting
     unlimited = {"CDM_KEY_REQUESTS_PER_MINUTE": "100000"}
-    with testing.serving(root, tmp_path / "a.log", env=unlimited) as a, \
-            testing.serving(root, tmp_path / "b.log", env=unlimited) as b:
+    caches = {h: tmp_path / f"cache-{h}" for h in "ab"}  # each host's local copies
+    with testing.serving(root, tmp_path / "a.log",
+                         env={**unlimited, "CDM_LOCAL_CACHE": str(caches["a"])}) as a, \
+            testing.serving(root, tmp_path / "b.log",
+                            env={**unlimited, "CDM_LOCAL_CACHE": str(caches["b"])}) as b:
         assert all(generate(h.url, admin)[0] == 200 for h in (a, b))
+        assert all(cached(caches[h], "b") for h in "ab")  # read from the volume once
         # a key revoked through host A is refused by host B at its next request
         user = testing.cli_key(root, "ann")
         assert generate(b.url, user)[0] == 200
@@ -91,6 +101,12 @@ def test_what_one_host_acknowledges_holds_on_the_other(shared_store, data_dir, t
         done = wait_for_job(lambda: testing.post(b.url, "job", admin, {"job_id": job["job_id"]})[1])
         assert done["status"] == "succeeded", done
         assert generate(b.url, admin, contributors=["b"])[0] == 404
+        # each host had copies of b's weights on its own disk; both dropped them
+        assert all(any(caches[h].rglob("*.safetensors")) for h in "ab")
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and any(cached(caches[h], "b") for h in "ab"):
+            time.sleep(0.2)
+        assert not any(cached(caches[h], "b") for h in "ab")
 
         # a contributor added through host B is served by host A
         shutil.copytree(data_dir / "contributors" / "c", tmp_path / "dora")

@@ -11,13 +11,14 @@ S and the spec (common random numbers), so computing it twice changes nothing.
 
 from __future__ import annotations
 
-import os
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ProcessPoolExecutor
 from multiprocessing import get_context
 
 import torch
+
+from shards.settings import usable_cpus
 
 _WORKER_SOURCE = None
 RAY_RESTARTS = 3  # times Ray restarts a worker actor whose process or node died
@@ -87,7 +88,7 @@ class Backend:
             if self.ray_address:
                 self._pool = _ray_actors(self.ray_address, self.workers, factory, kwargs)
             else:
-                threads = max(1, (os.cpu_count() or 1) // self.workers)
+                threads = max(1, usable_cpus() // self.workers)
                 self._pool = ProcessPoolExecutor(self.workers, mp_context=get_context("spawn"),
                                                  initializer=_init_worker,
                                                  initargs=(factory, kwargs, threads))
