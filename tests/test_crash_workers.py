@@ -1,6 +1,9 @@
-"""kill -9 at every named crash point of forgetting, inside a real `cdm serve` with two
-workers: one worker dies there (CDM_CRASH_AT, once), BentoML starts another, and the
-server finishes the forget by itself. Then the store loads, the audit log is complete,
+"""kill -9 at crash points of forgetting, inside a real `cdm serve` with two workers:
+one worker dies there (CDM_CRASH_AT, once), BentoML starts another, and the server
+finishes the forget by itself. One point per recovery path (an exclusion without its
+job, a purge with its plan recorded and files half deleted, a purge committed without
+its audit record); test_crash.py kills the CLI at every point, at a tenth of the cost
+of a server each. Then the store loads, the audit log is complete,
 nothing of the forgotten contributor is on disk, and no live worker holds its weights
 (the `cdm_worker_holds_contributor` gauge of each)."""
 
@@ -53,7 +56,11 @@ def both_generate(url: str, key: str, seconds: float = 90.0) -> list[tuple[int, 
     return answers
 
 
-@pytest.mark.parametrize("point", FORGET_POINTS)
+SERVER_POINTS = ["forget:excluded", "purge:files-deleted", "purge:committed"]
+assert set(SERVER_POINTS) <= set(FORGET_POINTS)
+
+
+@pytest.mark.parametrize("point", SERVER_POINTS)
 def test_two_workers_finish_a_forget_killed_at(point, full_store, tmp_path):
     root = tmp_path / "store"
     shutil.copytree(full_store.root, root)

@@ -139,7 +139,7 @@ with platform.store.admin_lock():
 """
 
 
-@pytest.mark.parametrize("point", ["purge:planned", "purge:files-deleted"])
+@pytest.mark.parametrize("point", ["purge:files-deleted"])  # every point: test_crash.py
 def test_a_host_killed_mid_purge_leaves_it_to_the_other(point, shared_store, tmp_path):
     """Host A acknowledges a forget and is killed -9 at `point` of the purge, holding
     the purge lock; host B's job runner, already serving, takes the lock when A's
