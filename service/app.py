@@ -16,7 +16,7 @@ from shards.errors import CDMError
 from shards.settings import REQUEST_SECONDS, env_int, store_path, usable_cpus
 
 from . import console, schemas
-from .errors import AuthError, DatabaseUnavailable, RateLimitError, status_for
+from .errors import AuthError, status_for
 from .gate import Gate, configure_logging
 from .platform import Platform
 
@@ -63,7 +63,7 @@ class CDMService:
     @staticmethod
     def _error(ctx: bentoml.Context, err: Exception) -> dict:
         ctx.response.status_code = status_for(err)
-        if isinstance(err, RateLimitError | DatabaseUnavailable):
+        if getattr(err, "retry_after", None):  # 429s, and 503s of a store or database away
             ctx.response.headers["Retry-After"] = str(err.retry_after)
         return {"error": str(err)}
 

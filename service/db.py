@@ -179,10 +179,14 @@ class Database(SQL, AdmissionRecords):
                        "contributor_id = :cid ORDER BY id DESC LIMIT 1", cid=contributor_id)
         return None if row is None else dict(row)
 
-    def has_audit(self, action: str, job_id: str) -> bool:
-        """Whether the job `job_id` already wrote its `action` record."""
+    def has_audit(self, action: str, job_id: str, db: Connection | None = None) -> bool:
+        """Whether the job `job_id` already wrote its `action` record (in `db`'s
+        transaction: then holding the job's lock, so that two runners that both
+        finished it write one record)."""
+        if db is not None:
+            self.lock(db, f"job {job_id}")
         rows = self.rows("SELECT details FROM audit WHERE action = :action AND details LIKE :like",
-                         action=action, like=f"%{job_id}%")
+                         db, action=action, like=f"%{job_id}%")
         return any(json.loads(r["details"]).get("job_id") == job_id for r in rows)
 
     # ------------------------------------------------------------------ jobs

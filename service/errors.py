@@ -12,6 +12,7 @@ from shards.errors import (
     DataError,
     LabelUnavailableError,
     StoreError,
+    StoreUnavailableError,
     TextUnavailableError,
     UnknownContributorError,
 )
@@ -56,7 +57,7 @@ class Postponed(Exception):
 STATUS: list[tuple[type[Exception], int]] = [
     (AuthError, 401), (ForbiddenError, 403), (UnknownContributorError, 404),
     (LabelUnavailableError, 404), (TextUnavailableError, 404), (NotFoundError, 404), (RateLimitError, 429),
-    (UnavailableError, 503), (DatabaseUnavailable, 503), (DataError, 400), (StoreError, 409), (ValueError, 400),
+    (UnavailableError, 503), (DatabaseUnavailable, 503), (StoreUnavailableError, 503), (DataError, 400), (StoreError, 409), (ValueError, 400),
 ]
 REASONS = {400: "Bad input", 401: "Missing, invalid, revoked or expired key",
            403: "The key lacks the right or the licence", 404: "Not found",

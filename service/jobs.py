@@ -205,7 +205,7 @@ class Jobs:
             return
         if job["kind"] == "purge":
             with self.db.transaction() as tx:  # the record and the job's end, together
-                if not self.db.has_audit("purge", job["job_id"]):
+                if not self.db.has_audit("purge", job["job_id"], tx):
                     self.db.audit(job["actor"], "purge", job["params"]["contributor_id"], result, tx)
                 self.db.update_job(job["job_id"], "succeeded", result=result, db=tx)
         else:

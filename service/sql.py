@@ -30,6 +30,7 @@ from pathlib import Path
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection, RowMapping
 
+from shards.coordination import PG_CONNECT, reason, unavailable
 from shards.settings import DATABASE_ENV
 
 from .errors import DatabaseUnavailable
@@ -85,24 +86,19 @@ class SQL:
             sa.event.listen(self.engine, "connect", _sqlite_connect)
             sa.event.listen(self.engine, "begin", _sqlite_begin)
         else:
-            self.engine = sa.create_engine(self.url, pool_size=8, max_overflow=56,
-                                           pool_pre_ping=True,
-                                           connect_args={"connect_timeout": 10})
+            # 5 kept + 10 under load per process: hosts x workers x ~17 connections in all
+            self.engine = sa.create_engine(self.url, pool_size=5, max_overflow=10,
+                                           pool_pre_ping=True, connect_args=PG_CONNECT)
         sa.event.listen(self.engine, "handle_error", self._unavailable)
         self._reader = self.engine.execution_options(isolation_level="AUTOCOMMIT")
         self.migrate()
 
     def _unavailable(self, ctx) -> None:
-        err = ctx.original_exception
-        if self.sqlite:
-            lost = "database is locked" in str(err) or "unable to open" in str(err)
-        else:
-            import psycopg
-
-            lost = ctx.is_disconnect or isinstance(err, psycopg.OperationalError)
-        if lost:
-            reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-            raise DatabaseUnavailable(f"database {self.where} unavailable: {reason}") from err
+        if ctx.is_pre_ping:  # a stale pooled connection: the pool discards it and reconnects
+            return
+        if unavailable(ctx.original_exception, ctx.is_disconnect):
+            raise DatabaseUnavailable(f"database {self.where} unavailable: "
+                                      f"{reason(ctx.original_exception)}") from ctx.original_exception
 
     # ------------------------------------------------------------ statements
     @contextlib.contextmanager
@@ -153,13 +149,20 @@ class SQL:
             return
         from alembic import command
         from alembic.config import Config
+        from alembic.util import CommandError
 
         config = Config()
         config.set_main_option("script_location", str(MIGRATIONS))
         with self.transaction() as db:
             self.lock(db, "cdm-serve migrations")
             config.attributes["connection"] = db
-            command.upgrade(config, "head")
+            try:
+                command.upgrade(config, "head")
+            except CommandError as err:  # a revision this code does not know: newer code's
+                raise DatabaseUnavailable(
+                    f"database {self.where} is at schema revision {self.revision()!r}, which "
+                    f"this version of cdm-serve (revision {REVISION}) does not know: upgrade "
+                    f"cdm-serve on this host ({reason(err)})") from None
 
     def listen(self, channel: str, notified, stop: threading.Event) -> None:
         """Call `notified(payload)` for every NOTIFY on `channel` until `stop` is set
@@ -170,7 +173,7 @@ class SQL:
         conninfo = self.url.set(drivername="postgresql").render_as_string(hide_password=False)
         while not stop.is_set():
             try:
-                with psycopg.connect(conninfo, autocommit=True, connect_timeout=10) as conn:
+                with psycopg.connect(conninfo, autocommit=True, **PG_CONNECT) as conn:
                     conn.execute(f"LISTEN {channel}")
                     notified(None)
                     while not stop.is_set():
@@ -178,7 +181,7 @@ class SQL:
                             notified(note.payload)
             except psycopg.Error as err:
                 log.warning("listening for %s on %s: %s; again in 1 s", channel, self.where,
-                            str(err).strip().splitlines()[0] if str(err).strip() else err)
+                            reason(err))
                 stop.wait(1.0)
 
     def close(self) -> None:

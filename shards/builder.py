@@ -15,6 +15,7 @@ import dataclasses
 import json
 import os
 import shutil
+import uuid
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from multiprocessing import get_context
 from pathlib import Path
@@ -160,7 +161,10 @@ def _build(root: Path, datasets, config: StoreConfig, public, public_labels, ima
            public_captions: list[str] | None, latent: dict | None = None) -> None:
     scheduler = make_noise_schedule(config.schedule)
     scheduler.save_pretrained(root / "schedule")
-    manifest = {"format": FORMAT, "created_at": now(), "image_shape": list(image_shape),
+    # store_id: what the hosts of a deployment call this store in their shared database
+    # (its locks and notifications, shards/coordination.py); a copied folder keeps it
+    manifest = {"format": FORMAT, "created_at": now(), "store_id": uuid.uuid4().hex,
+                "image_shape": list(image_shape),
                 "config": config.to_dict(), "base": None, "contributors": {},
                 "classifier": None, "reference": None, "num_labels": num_labels,
                 "excluded": {}, "generation": 0}

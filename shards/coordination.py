@@ -23,15 +23,54 @@ locks are.
 from __future__ import annotations
 
 import contextlib
+import logging
 import threading
 from collections.abc import Iterator
 from pathlib import Path
 
 from filelock import FileLock
 
+from .errors import StoreUnavailableError
 from .settings import DATABASE_ENV, env_str
 
+log = logging.getLogger(__name__)
+
 CHANNEL = "cdm_store"  # the NOTIFY channel of manifest commits
+# libpq: give up connecting after 10 s; TCP keepalives both ways, so a dead peer (a host
+# powered off, a cut network) is noticed in about 25 s, not the kernel's 2 hours
+PG_CONNECT = {"connect_timeout": 10, "keepalives": 1, "keepalives_idle": 10,
+              "keepalives_interval": 5, "keepalives_count": 3,
+              "options": "-c tcp_keepalives_idle=10 -c tcp_keepalives_interval=5 "
+                         "-c tcp_keepalives_count=3"}
+
+
+# SQLSTATE classes of a database that cannot serve now, whatever the statement:
+# connection exceptions, wrong credentials, no such database, a read-only standby after
+# failover, insufficient resources, operator intervention (shutdown, cannot connect
+# now), a lock not available. Deadlocks and serialization failures are not here: they
+# are the code's to handle, not the operator's.
+UNAVAILABLE_STATES = ("08", "28", "3D", "25006", "53", "57P", "55P03")
+
+
+def unavailable(err: BaseException, disconnect: bool = False) -> bool:
+    """Whether a DBAPI error means the database cannot be used now (503), not a bug."""
+    if disconnect:
+        return True
+    text = str(err)
+    if "database is locked" in text or "unable to open database" in text:  # SQLite
+        return True
+    state = getattr(err, "sqlstate", None)
+    if state is None:  # psycopg: refused, unreachable or cut before the server answered
+        return type(err).__name__ == "OperationalError" and type(err).__module__.startswith("psycopg")
+    return state.startswith(UNAVAILABLE_STATES)
+
+
+def reason(err: BaseException) -> str:
+    """The first line of a DBAPI error's message."""
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__
+
+
 LOCK_FILES = {"write": ".lock", "admin": ".admin.lock", "work": ".work.lock"}
 
 
@@ -56,6 +95,9 @@ class FileLocks:
         with self._locks[name]:
             yield
 
+    def check(self) -> None:
+        """File locks stay held while the process lives."""
+
     def committed(self, generation: int) -> None:
         """Other processes stat the manifest; nothing to send."""
 
@@ -71,20 +113,37 @@ class AdvisoryLocks:
 
         self.store_key = store_key
         raw = sa.make_url(url)
+        self.where = raw.render_as_string(hide_password=True)
         if raw.drivername in ("postgresql", "postgres"):
             raw = raw.set(drivername="postgresql+psycopg")
         # a lock holds its connection for as long as it is held: no pool to run dry
         self._engine = sa.create_engine(raw, poolclass=sa.pool.NullPool,
-                                        isolation_level="AUTOCOMMIT",
-                                        connect_args={"connect_timeout": 10})
+                                        isolation_level="AUTOCOMMIT", connect_args=PG_CONNECT)
 
     def _key(self, name: str) -> str:
         return f"cdm-serve store {self.store_key} {name}"
 
     @contextlib.contextmanager
-    def hold(self, name: str) -> Iterator[None]:
+    def _unavailable(self, what: str) -> Iterator[None]:
+        """The database away while taking or checking a lock: StoreUnavailableError
+        (503), nothing was changed under it."""
         import sqlalchemy as sa
 
+        try:
+            yield
+        except sa.exc.DBAPIError as err:
+            if not unavailable(err.orig, err.connection_invalidated):
+                raise
+            raise StoreUnavailableError(f"the store's {what}: database {self.where} "
+                                        f"unavailable: {reason(err.orig)}") from err
+
+    def _sql(self, conn, sql: str, **params):
+        import sqlalchemy as sa
+
+        return conn.execute(sa.text(sql), params)
+
+    @contextlib.contextmanager
+    def hold(self, name: str) -> Iterator[None]:
         held = self._held.__dict__
         key = self._key(name)
         if key in held:  # reentrant within the thread
@@ -95,26 +154,38 @@ class AdvisoryLocks:
             finally:
                 held[key] = (conn, held[key][1] - 1)
             return
-        conn = self._engine.connect()
+        with self._unavailable(f"{name} lock"):
+            conn = self._engine.connect()
         try:
-            conn.execute(sa.text("SELECT pg_advisory_lock(hashtextextended(:k, 0))"), {"k": key})
+            with self._unavailable(f"{name} lock"):
+                self._sql(conn, "SELECT pg_advisory_lock(hashtextextended(:k, 0))", k=key)
             held[key] = (conn, 1)
             try:
                 yield
             finally:
                 del held[key]
-                conn.execute(sa.text("SELECT pg_advisory_unlock(hashtextextended(:k, 0))"),
-                             {"k": key})
+                try:
+                    self._sql(conn, "SELECT pg_advisory_unlock(hashtextextended(:k, 0))", k=key)
+                except Exception as err:  # noqa: BLE001 - the connection's end releases it
+                    log.warning("releasing the store's %s lock: %s", name, err)
         finally:
             conn.close()
 
+    def check(self) -> None:
+        """Before a change made under this thread's locks: each is still held (its
+        connection alive). A lock whose connection dropped was released by the server
+        and may be another host's now: StoreUnavailableError, and nothing is written."""
+        for key, (conn, _) in list(self._held.__dict__.items()):
+            if not key.startswith(self._key("")):
+                continue
+            with self._unavailable(f"lock ({key.rsplit(' ', 1)[1]}) check"):
+                self._sql(conn, "SELECT 1")
+
     def committed(self, generation: int) -> None:
         """Tell every listening host that the manifest is now at `generation`."""
-        import sqlalchemy as sa
-
         with self._engine.connect() as conn:
-            conn.execute(sa.text("SELECT pg_notify(:channel, :payload)"),
-                         {"channel": CHANNEL, "payload": f"{self.store_key} {generation}"})
+            self._sql(conn, "SELECT pg_notify(:channel, :payload)", channel=CHANNEL,
+                      payload=f"{self.store_key} {generation}")
 
 
 def store_locks(root: Path, store_key: str) -> FileLocks | AdvisoryLocks:

@@ -14,6 +14,13 @@ class StoreError(CDMError):
     """A shard store is missing, corrupt, or asked for something it does not hold."""
 
 
+class StoreUnavailableError(StoreError):
+    """The store's storage, or the database that coordinates its hosts, cannot be
+    reached now (HTTP 503 with Retry-After); nothing was changed."""
+
+    retry_after = 5
+
+
 class UnknownContributorError(StoreError, KeyError):
     """A contributor id that the store does not (or no longer) hold."""
 

@@ -15,19 +15,24 @@ was down leaves them when it starts.
 from __future__ import annotations
 
 import hashlib
+import json
 import shutil
+import time
 import uuid
 from pathlib import Path
 
 from .files import read_weights, weights_hash
 from .settings import LOCAL_CACHE_ENV, env_str
 
+STAGING_S = 600  # a staging folder older than this was left by a crash
+
 
 class LocalCache:
     """The local copies of one store's shards on this host."""
 
-    def __init__(self, folder: Path):
+    def __init__(self, folder: Path, manifest: Path | None = None):
         self.folder = Path(folder)
+        self.manifest = manifest  # the store's manifest.json: a copy is kept only if live
 
     @classmethod
     def for_store(cls, root: Path, store_key: str) -> LocalCache | None:
@@ -37,7 +42,7 @@ class LocalCache:
         if not base:
             return None
         name = hashlib.sha256(f"{Path(root).resolve()}\n{store_key}".encode()).hexdigest()[:16]
-        return cls(Path(base) / name)
+        return cls(Path(base) / name, Path(root) / "manifest.json")
 
     def read(self, contributor_id: str, folder: Path, expected: str) -> dict[str, bytes]:
         """The shard files of `contributor_id` with weights hash `expected`: the local
@@ -52,11 +57,15 @@ class LocalCache:
             return files
         files = read_weights(folder)
         if files and weights_hash(files) == expected:
-            self._keep(local, files)
+            self._keep(contributor_id, local, files, expected)
         return files
 
-    def _keep(self, local: Path, files: dict[str, bytes]) -> None:
-        """Write a verified copy: a staging folder renamed into place."""
+    def _keep(self, contributor_id: str, local: Path, files: dict[str, bytes],
+              expected: str) -> None:
+        """Write a verified copy (a staging folder renamed into place), and keep it
+        only if the store's manifest, read after the rename, has the contributor live
+        with these weights: a shard read by a request that started before its
+        exclusion is not copied, and a copy that raced a prune does not outlive it."""
         staging = local.parent / f".{local.name}.{uuid.uuid4().hex}.partial"
         try:
             staging.mkdir(parents=True)
@@ -66,19 +75,49 @@ class LocalCache:
             staging.rename(local)
         except OSError:  # a full disk or a racing writer: the volume is still there
             shutil.rmtree(staging, ignore_errors=True)
+            return
+        if not self._live(contributor_id, expected):
+            shutil.rmtree(local, ignore_errors=True)
+
+    def _live(self, contributor_id: str, expected: str) -> bool:
+        if self.manifest is None:
+            return True
+        try:
+            live = json.loads(self.manifest.read_text())["contributors"]
+        except (OSError, ValueError, KeyError):  # unreadable now: keep no copy
+            return False
+        return live.get(contributor_id, {}).get("weights_hash") == expected
 
     def prune(self, live: dict[str, str]) -> list[str]:
         """Delete the copies of contributors not in `live` ({id: weights hash}) and of
-        other hashes than theirs, and leftover staging folders; returns what went."""
-        if not self.folder.is_dir():
-            return []
+        other hashes than theirs, and staging folders left by a crash (older than
+        STAGING_S: a younger one is a copy being written); returns what went. Safe
+        beside other pruners and readers: what another deleted first is skipped."""
         gone = []
-        for who in sorted(self.folder.iterdir()):
+        for who in _children(self.folder):
             keep = live.get(who.name)
-            for copy in sorted(who.iterdir()) if who.is_dir() else [who]:
-                if copy.name != keep:
-                    shutil.rmtree(copy, ignore_errors=True) if copy.is_dir() else copy.unlink()
-                    gone.append(f"{who.name}/{copy.name}")
-            if keep is None:
+            for copy in _children(who) if who.is_dir() else [who]:
+                if copy.name == keep or (copy.name.endswith(".partial") and _age(copy) < STAGING_S):
+                    continue
+                if copy.is_dir():
+                    shutil.rmtree(copy, ignore_errors=True)
+                else:
+                    copy.unlink(missing_ok=True)
+                gone.append(f"{who.name}/{copy.name}")
+            if keep is None and not _children(who):
                 shutil.rmtree(who, ignore_errors=True)
         return gone
+
+
+def _children(folder: Path) -> list[Path]:
+    try:
+        return sorted(folder.iterdir())
+    except (FileNotFoundError, NotADirectoryError):
+        return []
+
+
+def _age(path: Path) -> float:
+    try:
+        return time.time() - path.stat().st_mtime
+    except FileNotFoundError:
+        return 0.0

@@ -35,7 +35,7 @@ from . import settings
 from .classifier import JointRouter
 from .config import StoreConfig
 from .coordination import store_locks
-from .errors import StoreError, UnknownContributorError
+from .errors import StoreError, StoreUnavailableError, UnknownContributorError
 from .files import write_json_atomic
 from .heads import HeadsRouter
 from .localcache import LocalCache
@@ -102,10 +102,12 @@ class ShardRegistry:
     def __init__(self, root: str | Path, manifest: dict, stamp: tuple | None = None):
         self.root = Path(root)
         self._lock = threading.RLock()
-        # files in the folder, or PostgreSQL advisory locks for many hosts (coordination.py)
-        self.locks = store_locks(self.root, str(manifest.get("created_at", "")))
+        # files in the folder, or PostgreSQL advisory locks for many hosts (coordination.py);
+        # stores made before store_id existed are told apart by their creation time
+        key = str(manifest.get("store_id") or manifest.get("created_at", ""))
+        self.locks = store_locks(self.root, key)
         # this host's copies of shard weights (CDM_LOCAL_CACHE), pruned at every new manifest
-        self.local_cache = LocalCache.for_store(self.root, str(manifest.get("created_at", "")))
+        self.local_cache = LocalCache.for_store(self.root, key)
         self._set(manifest, stamp)
 
     def _set(self, manifest: dict, stamp: tuple | None) -> None:
@@ -139,8 +141,9 @@ class ShardRegistry:
         was re-read."""
         try:
             st = os.stat(self.root / MANIFEST)
-        except FileNotFoundError:
-            raise StoreError(f"store {self.root} lost its {MANIFEST}") from None
+        except OSError as err:  # the volume unmounted, unreachable, or the file deleted
+            raise StoreUnavailableError(f"store {self.root}: its {MANIFEST} cannot be read now "
+                                        f"({err.strerror or err})") from None
         if not force and (st.st_ino, st.st_mtime_ns, st.st_size) == self._stamp:
             return False
         self._set(*read_manifest(self.root))
@@ -151,6 +154,7 @@ class ShardRegistry:
         with a router `update`, its files are written and named in `manifest` first,
         and what it replaced is deleted after. Callers hold `write_lock` (or own a
         store no one else can see yet)."""
+        self.locks.check()  # a lock lost with its connection is no longer this process's
         if update is not None:
             update.apply(manifest)
         manifest["generation"] = int(manifest.get("generation", 0)) + 1

@@ -197,10 +197,8 @@ def test_a_host_whose_database_goes_away_answers_503_and_bills_nothing(full_stor
             assert answer.value.code == 503 and int(answer.value.headers["Retry-After"]) > 0
             error = json.loads(answer.value.read())["error"]
             assert "unavailable" in error and "cdm-test-password" not in error, error
-            cluster.start()
-            deadline = time.monotonic() + 60
-            while generate(a.url, admin)[0] != 200 and time.monotonic() < deadline:
-                time.sleep(0.5)
+            cluster.start()  # back: the next request is served (stale connections replaced)
+            assert generate(a.url, admin)[0] == 200
         db = Database(url)
         assert len(db.history()) == 2  # the request answered 503 left no ledger row
         assert db.spent() == 2 * db.history()[0]["params"]["n"] * 2 * 3  # n x steps x shards

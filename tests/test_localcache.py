@@ -2,7 +2,9 @@
 storage: read from the volume once, checked against the weights hash at every read,
 and deleted on every host when the contributor is forgotten."""
 
+import os
 import shutil
+import time
 
 from shards import ShardStore
 from shards.files import read_weights, weights_hash
@@ -22,11 +24,14 @@ def test_a_copy_is_made_once_checked_at_every_read_and_pruned(tmp_path):
     assert cache.read("a", volume, h) == {"w.safetensors": b"weights of a"}
     copy.write_bytes(b"tampered")  # a copy that fails its hash is never returned
     assert cache.read("a", volume, h) == {}
-    (tmp_path / "cache" / "a" / ".x.partial").mkdir()
+    (tmp_path / "cache" / "a" / ".x.partial").mkdir()  # a copy being written: kept
+    (tmp_path / "cache" / "a" / ".y.partial").mkdir()  # left by a crash an hour ago
+    os.utime(tmp_path / "cache" / "a" / ".y.partial", (time.time() - 3600,) * 2)
     (tmp_path / "cache" / "b" / "oldhash").mkdir(parents=True)
     gone = cache.prune({"a": h})
-    assert sorted(gone) == ["a/.x.partial", "b/oldhash"]
+    assert sorted(gone) == ["a/.y.partial", "b/oldhash"]
     assert sorted(p.name for p in (tmp_path / "cache").iterdir()) == ["a"]
+    shutil.rmtree(tmp_path / "cache" / "a" / ".x.partial")
     assert cache.prune({}) == [f"a/{h}"] and not any((tmp_path / "cache").iterdir())
 
 

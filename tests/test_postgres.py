@@ -12,11 +12,12 @@ import threading
 import pytest
 import sqlalchemy as sa
 
-from service.auth import create_key
+from service.auth import Principal, create_key
 from service.db import Database
 from service.errors import DatabaseUnavailable, status_for
 from service.sql import MIGRATIONS, REVISION
 from service.testing import PostgresCluster
+from shards.errors import StoreUnavailableError
 
 # the first release's tables, before any column was added (a store's service.db then)
 LEGACY = """
@@ -66,6 +67,12 @@ def test_a_database_of_before_migrations_is_upgraded_in_place(tmp_path, pg_clust
     assert "alembic_version" in columns(postgres) and postgres.revision() == REVISION
     Database(path)  # opening again migrates nothing
     assert len(old.audit_log()) == 1
+    assert "requests_by_user" in {i["name"] for i in sa.inspect(old.engine).get_indexes("requests")}
+    # a database that newer code migrated: one line, not Alembic's traceback
+    with old.transaction() as db:
+        db.execute(sa.text("UPDATE alembic_version SET version_num = '0099'"))
+    with pytest.raises(DatabaseUnavailable, match="revision '0099'.*upgrade cdm-serve"):
+        Database(path)
 
 
 def test_two_hosts_never_both_pass_one_keys_limit(tmp_path, backend):
@@ -120,11 +127,20 @@ def test_the_database_going_away_mid_service_is_503_and_bills_nothing(store_copy
         user = platform.verify(f"Bearer {create_key(platform.db, 'u', None)}")
         platform.generate(user, n=1, steps=2, seed=1)
         billed = platform.db.spent()
+        held = [platform.db.engine.connect() for _ in range(4)]  # the pool keeps 4 open
+        for conn in held:
+            conn.close()
         cluster.stop()
         with pytest.raises(DatabaseUnavailable) as err:
             platform.generate(user, n=1, steps=2, seed=1)
         assert status_for(err.value) == 503 and err.value.retry_after > 0
-        cluster.start()  # back: the next request is served, on fresh connections
+        with pytest.raises(StoreUnavailableError) as err:  # the store's locks: 503 too
+            platform.forget(Principal("root", "admin", None), "b")
+        assert status_for(err.value) == 503 and "unavailable" in str(err.value)
+        assert platform.store.contributor_ids == ["a", "b", "c"]  # nothing done
+        cluster.start()  # back: every stale pooled connection is replaced, none answers 503
+        for _ in range(8):
+            platform.db.spent()
         platform.generate(user, n=1, steps=2, seed=2)
         assert platform.db.spent() == 2 * billed  # the refused request was not billed
         assert len(platform.db.history()) == 2
@@ -177,6 +193,41 @@ def test_store_locks_are_advisory_locks_that_die_with_their_host(store_copy, pg_
     finally:
         holder.kill()
         holder.wait()
+    # two threads of one process exclude each other
+    inside, release = threading.Event(), threading.Event()
+
+    def hold():
+        with store.admin_lock():
+            inside.set()
+            release.wait(30)
+
+    first = threading.Thread(target=hold)
+    first.start()
+    assert inside.wait(10)
+    taken = threading.Event()
+
+    def take_admin():
+        with store.admin_lock():
+            taken.set()
+
+    second = threading.Thread(target=take_admin)
+    second.start()
+    assert not taken.wait(1.0)  # waits for the first thread
+    release.set()
+    first.join()
+    assert taken.wait(10)
+    second.join()
+    # a lock whose connection dropped is no longer held: nothing is committed under it
+    import psycopg
+
+    generation = store.generation
+    with store.write_lock():
+        with psycopg.connect(url, autocommit=True) as admin:
+            admin.execute("SELECT pg_terminate_backend(pid) FROM pg_locks "
+                          "WHERE locktype = 'advisory' AND pid <> pg_backend_pid()")
+        with pytest.raises(StoreUnavailableError, match="unavailable"):
+            store.exclude("b")
+    assert ShardStore.open(root).generation == generation and "b" in store.contributor_ids
     assert not any((root / name).exists() for name in (".lock", ".admin.lock", ".work.lock"))
 
 

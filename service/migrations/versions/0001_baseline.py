@@ -88,3 +88,7 @@ def upgrade() -> None:
         for column in table.columns:
             if column.name not in have:  # a pre-migrations database: added in place
                 op.add_column(table.name, sa.Column(column.name, column.type))
+        indexes = {i["name"] for i in sa.inspect(bind).get_indexes(table.name)}
+        for index in table.indexes:
+            if index.name not in indexes:
+                index.create(bind)
