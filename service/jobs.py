@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 
 from shards import ShardStore, load_contributor
-from shards.errors import StoreError, short
+from shards.errors import StoreError, StoreUnavailableError, short
 from shards.faults import crashpoint
 from shards.settings import PURGE_RETRY_SECONDS, RAY_ENV, SERVED_PROPERTIES, env_int, env_str
 from valuation.run import ValuationSettings, run_valuation
@@ -28,7 +28,7 @@ from valuation.run import ValuationSettings, run_valuation
 from .auth import Principal
 from .credit import record_primary
 from .db import Database
-from .errors import NotFoundError, Postponed, UnavailableError
+from .errors import DatabaseUnavailable, NotFoundError, Postponed, UnavailableError
 from .forget import Forgetting
 from .generation import LiveSampler
 from .paths import resolve_data_folder
@@ -200,6 +200,11 @@ class Jobs:
             log.warning("job %s (%s) postponed: %s", job["job_id"], job["kind"], why)
             return
         except Exception as err:  # a failed job is reported through `job`, not raised
+            if job["kind"] == "purge" and isinstance(err, StoreUnavailableError | DatabaseUnavailable):
+                # the database or the volume away: the purge stays running and the next
+                # pass resumes it from its plan, instead of a retry ten minutes later
+                log.warning("purge job %s postponed: %s", job["job_id"], err)
+                return
             log.warning("job %s (%s) failed: %s", job["job_id"], job["kind"], err)
             self.db.update_job(job["job_id"], "failed", error=f"{type(err).__name__}: {err}")
             return

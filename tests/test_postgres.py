@@ -245,3 +245,29 @@ def test_every_manifest_commit_is_announced(store_copy, pg_cluster, monkeypatch)
         store.exclude("b")
         notes = list(listener.notifies(timeout=5, stop_after=1))
     assert [n.payload.rsplit(" ", 1)[1] for n in notes] == [str(store.generation)]
+
+
+def test_a_purge_that_loses_the_database_is_resumed_not_failed(store_copy, backend):
+    """A purge interrupted because the database or the volume went away stays
+    running, and the next pass of the runner finishes it from its plan (a failed
+    purge would wait ten minutes for a retry)."""
+    from service.platform import Platform
+
+    platform = Platform(store_copy.root, device="cpu", serve=False)
+    purge, calls = platform.jobs.handlers["purge"], []
+
+    def flaky(job):
+        calls.append(job["job_id"])
+        if len(calls) == 1:
+            raise StoreUnavailableError("the store's write lock: database unavailable: test")
+        return purge(job)
+
+    platform.jobs.handlers["purge"] = flaky
+    job = platform.forget(Principal("root", "admin", None), "b")
+    platform.run_jobs("purge")
+    assert platform.db.get_job(job["job_id"])["status"] == "running"
+    platform.run_jobs("purge")
+    assert platform.db.get_job(job["job_id"])["status"] == "succeeded"
+    assert calls == [job["job_id"]] * 2
+    assert [e["action"] for e in platform.db.audit_log("b")] == ["exclude", "purge"]
+    platform.close()
