@@ -30,7 +30,7 @@ from pathlib import Path
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection, RowMapping
 
-from shards.coordination import PG_CONNECT, reason, unavailable
+from shards.coordination import PG_CONNECT, psycopg_url, reason, unavailable
 from shards.settings import DATABASE_ENV
 
 from .errors import DatabaseUnavailable
@@ -57,11 +57,9 @@ def _url(where: str | Path | sa.URL) -> sa.URL:
     if "://" not in text:
         return sa.URL.create("sqlite", database=str(Path(text)))
     try:
-        url = sa.make_url(text)
+        url = psycopg_url(text)
     except sa.exc.ArgumentError:
         raise ValueError(f"{DATABASE_ENV}: not a database URL: {text!r}") from None
-    if url.drivername in ("postgresql", "postgres"):
-        url = url.set(drivername="postgresql+psycopg")
     if url.get_backend_name() not in ("sqlite", "postgresql"):
         raise ValueError(f"{DATABASE_ENV}: {url.get_backend_name()!r} databases are not "
                          "supported; use postgresql://user:password@host/db (or unset it: "

@@ -74,6 +74,17 @@ def reason(err: BaseException) -> str:
 LOCK_FILES = {"write": ".lock", "admin": ".admin.lock", "work": ".work.lock"}
 
 
+def psycopg_url(url):
+    """A SQLAlchemy URL of `url` (text or URL), postgresql:// or postgres:// through
+    psycopg 3 (SQLAlchemy's default PostgreSQL driver is psycopg2)."""
+    import sqlalchemy as sa
+
+    url = sa.make_url(url)
+    if url.drivername in ("postgresql", "postgres"):
+        return url.set(drivername="postgresql+psycopg")
+    return url
+
+
 def postgres_url(url: str | None = None) -> str | None:
     """The deployment's database URL when it is PostgreSQL (CDM_DATABASE_URL), else None."""
     url = url if url is not None else env_str(DATABASE_ENV, "")
@@ -112,12 +123,9 @@ class AdvisoryLocks:
         import sqlalchemy as sa
 
         self.store_key = store_key
-        raw = sa.make_url(url)
-        self.where = raw.render_as_string(hide_password=True)
-        if raw.drivername in ("postgresql", "postgres"):
-            raw = raw.set(drivername="postgresql+psycopg")
+        self.where = sa.make_url(url).render_as_string(hide_password=True)
         # a lock holds its connection for as long as it is held: no pool to run dry
-        self._engine = sa.create_engine(raw, poolclass=sa.pool.NullPool,
+        self._engine = sa.create_engine(psycopg_url(url), poolclass=sa.pool.NullPool,
                                         isolation_level="AUTOCOMMIT", connect_args=PG_CONNECT)
 
     def _key(self, name: str) -> str:

@@ -51,6 +51,13 @@ def weights_hash(files: dict[str, bytes]) -> str:
     return digest.hexdigest()
 
 
+def read_verified(folder: Path, expected: str) -> dict[str, bytes]:
+    """The safetensors files of `folder` if their hash is `expected`, else {} (gone,
+    or other weights)."""
+    files = read_weights(folder)
+    return files if files and weights_hash(files) == expected else {}
+
+
 def files_hash(folder: Path) -> str:
     """sha256 over the safetensors files of a saved model folder."""
     return weights_hash(read_weights(folder))

@@ -21,7 +21,7 @@ import time
 import uuid
 from pathlib import Path
 
-from .files import read_weights, weights_hash
+from .files import read_verified
 from .settings import LOCAL_CACHE_ENV, env_str
 
 STAGING_S = 600  # a staging folder older than this was left by a crash
@@ -46,17 +46,17 @@ class LocalCache:
 
     def read(self, contributor_id: str, folder: Path, expected: str) -> dict[str, bytes]:
         """The shard files of `contributor_id` with weights hash `expected`: the local
-        copy when it has that hash, else the files in `folder` (copied here when they
-        have it). What is returned is checked by the caller, as without a cache."""
+        copy when it has that hash, else the files in `folder` when they have it
+        (copied here), else {} (the caller's "purged or replaced")."""
         local = self.folder / contributor_id / expected
         try:
-            files = read_weights(local)
+            files = read_verified(local, expected)  # {} when tampered with
         except OSError:  # pruned while being read
             files = {}
-        if files and weights_hash(files) == expected:
+        if files:
             return files
-        files = read_weights(folder)
-        if files and weights_hash(files) == expected:
+        files = read_verified(folder, expected)
+        if files:
             self._keep(contributor_id, local, files, expected)
         return files
 

@@ -37,7 +37,7 @@ from .bank import ShardBank
 from .config import StoreConfig
 from .data import ContributorData
 from .errors import StoreError
-from .files import read_weights, weights_hash
+from .files import read_verified
 from .models import LOAD, pick_device
 from .registry import ShardRegistry
 from .router import RouterModel
@@ -146,9 +146,10 @@ class ShardStore(ShardRegistry):
         def load_state(cid: str) -> dict:
             entry = entries[cid]
             folder = self.root / entry["path"]
-            files = (read_weights(folder) if self.local_cache is None else
-                     self.local_cache.read(cid, folder, entry["weights_hash"]))
-            if not files or weights_hash(files) != entry["weights_hash"]:
+            # checked against the entry's hash (through this host's copy, if it keeps one)
+            files = (read_verified(folder, entry["weights_hash"]) if self.local_cache is None
+                     else self.local_cache.read(cid, folder, entry["weights_hash"]))
+            if not files:
                 raise StoreError(f"shard {cid!r} was purged or replaced since this sampler "
                                  "was loaded; it is not used (send the request again)")
             if unmerged:
