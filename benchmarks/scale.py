@@ -15,7 +15,17 @@ short training (full shards, router `heads`), then
 Also: the monolithic baseline of core_evidence.py (5,600 steps) timed on a prefix of
 its steps and extrapolated linearly, the reference for purge time.
 
+With `--data DIR` (a folder of `cdm demo-data DIR --dataset studios`), the contributors
+are the studios' images split into N (each studio into parts in proportion to its
+images, by concept), class-conditional on the category, on the store defaults for
+their size (the 1.06M-parameter UNet at 16x16), shards from a public base; "drawn"
+adds the routing that draws one shard per sample and step (draw_above 0). The shards
+are trained briefly (a pass costs the same whatever the weights); the heads longer,
+since how many shards the routing evaluates depends on them.
+
     python benchmarks/scale.py --ns 7,32,128
+    python benchmarks/scale.py --data var/studios-data --ns 6,32,128 --head-steps 800 \
+        --images 100 --steps 20 --results benchmarks/results/scale-studios
 """
 
 from __future__ import annotations
@@ -37,8 +47,10 @@ import psutil  # noqa: E402
 import torch  # noqa: E402
 
 from shards import ShardStore, StoreConfig, load_contributors  # noqa: E402
-from shards.data import ContributorData, load_image_folder  # noqa: E402
+from shards.config import defaults_for  # noqa: E402
+from shards.data import ContributorData, load_contributor, load_image_folder  # noqa: E402
 from shards.demo import write_demo_data  # noqa: E402
+from shards.files import tensor_hash  # noqa: E402
 from shards.models import make_unet  # noqa: E402
 from shards.routing import DEFAULT_ROUTING, Routing  # noqa: E402
 from shards.sampler import SampleRequest  # noqa: E402
@@ -47,6 +59,7 @@ from valuation.monolith import single_model_sampler  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results" / "scale"
 TOP1 = Routing("topk", top_k=1)
+DRAWN = replace(DEFAULT_ROUTING, draw_above=0)  # one shard drawn from w at every step
 
 
 def timed(fn, *args, **kwargs):
@@ -62,22 +75,29 @@ def du(path: Path) -> int:
 def sampling_costs(store: ShardStore, n: int, steps: int, device: str) -> dict:
     """Seconds per image: one shard alone, and all shards dense / routed."""
     sampler = store.load_sampler(device)
-    one = single_model_sampler(store.load_shard(store.contributor_ids[0]),
-                               sampler.schedule_config, store.image_shape).to(device)
+    first = store.contributor_ids[0]
+    if store.num_labels:  # one shard: the composition restricted to it (it draws the labels)
+        def one(_, **kw):
+            return sampler([first], **kw)
+    else:
+        one = single_model_sampler(store.load_shard(first), sampler.schedule_config,
+                                   store.image_shape).to(device)
     one(None, n=n, steps=2, seed=1)  # warm-up
     sampler(None, n=n, steps=2, seed=1, routing=DEFAULT_ROUTING)  # warm-up, loads shards
     _, t_one = timed(one, None, n=n, steps=steps, seed=0)
     out = {"one_shard": t_one / n}
-    for name, routing in (("dense", Routing()), ("routed", DEFAULT_ROUTING), ("top1", TOP1)):
+    cases = (("dense", Routing()), ("routed", DEFAULT_ROUTING), ("top1", TOP1), ("drawn", DRAWN))
+    for name, routing in cases:
         rows = sampler.shard_rows
         _, sec = timed(sampler, None, n=n, steps=steps, seed=0, routing=routing)
         out[name] = sec / n
         out[f"{name}_ratio"] = sec / t_one
         out[f"{name}_rows_per_sample_step"] = (sampler.shard_rows - rows) / (n * steps)
     x, t = torch.randn(n, *store.image_shape, device=device), torch.full((n,), 500, device=device)
+    y = torch.zeros(n, dtype=torch.long, device=device) if store.num_labels else None
     with torch.no_grad():
-        sampler.router.log_ratios(x, t)
-        _, sec = timed(lambda: [sampler.router.log_ratios(x, t) for _ in range(steps)])
+        sampler.router.log_ratios(x, t, y)
+        _, sec = timed(lambda: [sampler.router.log_ratios(x, t, y) for _ in range(steps)])
     out["router"] = sec / n
     out["router_ratio"] = sec / t_one
     out["rss_mib"] = psutil.Process().memory_info().rss / 2**20
@@ -125,23 +145,57 @@ def monolith_seconds(store_config: StoreConfig, images: torch.Tensor, schedule, 
     return sec * total_steps / timed_steps
 
 
+def split_contributors(data: Path, n: int) -> list[ContributorData]:
+    """The contributors of a demo-data folder split into `n` (each into parts in
+    proportion to its images, at least one; images dealt out in file order, so the
+    concepts spread over the parts), labelled, without captions."""
+    whole = [replace(d, captions=None) for d in load_contributors(data / "contributors")]
+    sizes = np.array([len(d) for d in whole], dtype=float)
+    parts = np.maximum(1, np.floor(n * sizes / sizes.sum())).astype(int)
+    for i in np.argsort(-(n * sizes / sizes.sum() - parts))[:max(0, n - parts.sum())]:
+        parts[i] += 1  # largest remainders first
+    out = []
+    for d, k in zip(whole, parts, strict=True):
+        for j in range(k):
+            idx = torch.arange(j, len(d), k)
+            images = d.images[idx]
+            out.append(ContributorData(f"{d.contributor_id}-{j:03d}" if k > 1 else d.contributor_id,
+                                       images, tensor_hash(images, d.labels[idx]), d.labels[idx],
+                                       d.licence))
+    return out
+
+
 def run_n(n_contrib: int, work: Path, args) -> dict:
-    data = work / f"data-{n_contrib}"
-    write_demo_data(data, contributors=None if n_contrib == 7 else n_contrib)
-    # unconditional, as measured (the demo data is labelled; `cdm train --no-labels`)
-    datasets = [replace(d, labels=None) for d in load_contributors(data / "contributors")]
-    public = load_image_folder(data / "public")
-    config = StoreConfig(shard_train=TrainConfig(steps=args.shard_steps, warmup_steps=2),
-                         head_train=TrainConfig(steps=args.head_steps, warmup_steps=2))
+    train = {"shard_train": TrainConfig(steps=args.shard_steps, warmup_steps=2),
+             "head_train": TrainConfig(steps=args.head_steps, warmup_steps=2)}
+    if args.data:  # the studios split into n, class-conditional, the defaults for their size
+        data = Path(args.data)
+        datasets = split_contributors(data, n_contrib)
+        pub = load_contributor(data / "public", "public")
+        public, public_labels = pub.images, pub.labels
+        config = StoreConfig(**{**defaults_for(datasets[0].image_shape, public=True), **train,
+                                "base_train": train["shard_train"],
+                                "steps_reference_images": None})
+        newcomer = replace(load_contributor(data / "heldout", "newcomer"), captions=None)
+        newcomer = replace(newcomer, images=newcomer.images[:40], labels=newcomer.labels[:40])
+    else:
+        data = work / f"data-{n_contrib}"
+        write_demo_data(data, contributors=None if n_contrib == 7 else n_contrib)
+        # unconditional, as measured (the demo data is labelled; `cdm train --no-labels`)
+        datasets = [replace(d, labels=None) for d in load_contributors(data / "contributors")]
+        public, public_labels = load_image_folder(data / "public"), None
+        config = StoreConfig(**train)
+        newcomer = ContributorData("newcomer", load_image_folder(data / "heldout" / "0")[:40],
+                                   "fixed")
     store, build = timed(ShardStore.create, work / f"store-{n_contrib}", datasets, config,
-                         public=public, device=args.device, progress=False)
+                         public=public, public_labels=public_labels, device=args.device,
+                         progress=False, workers=args.workers)
     row = {"n": n_contrib, "build_s_per_contributor": build / n_contrib,
            "store_mib": du(store.root) / 2**20}
     row.update(sampling_costs(store, args.images, args.steps, args.device))
     if n_contrib == max(args.ns):
         row["zipf_cache"] = zipf_cache(store, args.cache, args.zipf_requests, 8, 10, args.device)
-    held = load_image_folder(data / "heldout" / "0")[:40]
-    row.update(forget_and_add(store, ContributorData("newcomer", held, "fixed"), args.device))
+    row.update(forget_and_add(store, newcomer, args.device))
     return row
 
 
@@ -154,8 +208,10 @@ def plot(rows: list[dict], path: Path) -> None:
     ns = [r["n"] for r in rows]
     fig, ax = plt.subplots(figsize=(5.5, 3.8))
     for key, label in (("dense_ratio", "dense"), ("routed_ratio", f"routed ({DEFAULT_ROUTING})"),
-                       ("top1_ratio", "routed (top_k=1)"), ("router_ratio", "router alone")):
-        ax.plot(ns, [r[key] for r in rows], marker="o", label=label)
+                       ("top1_ratio", "routed (top_k=1)"), ("drawn_ratio", "routed, drawn"),
+                       ("router_ratio", "router alone")):
+        if all(key in r for r in rows):
+            ax.plot(ns, [r[key] for r in rows], marker="o", label=label)
     ax.set_xscale("log")
     ax.set_yscale("log")
     ax.set_xticks(ns, [str(n) for n in ns])
@@ -177,30 +233,33 @@ def main() -> None:
     parser.add_argument("--cache", type=int, default=16, help="bounded cache size (shards)")
     parser.add_argument("--zipf-requests", type=int, default=40)
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
+    parser.add_argument("--data", help="a studios demo-data folder to split (default: digits)")
+    parser.add_argument("--workers", type=int, default=1, help="processes training the shards")
     parser.add_argument("--results", default=str(RESULTS))
     args = parser.parse_args()
     torch.manual_seed(0)
     results = Path(args.results)
     results.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix="cdm-scale-"))
-    rows = []
-    try:
-        for n in args.ns:
-            rows.append(run_n(n, work, args))
-            print(json.dumps(rows[-1], indent=1), flush=True)
-        data = load_image_folder(work / f"data-{args.ns[0]}" / "public")
-        store = ShardStore.open(work / f"store-{args.ns[0]}")
-        # a training step costs the same on any data
-        mono = monolith_seconds(store.config, data, store.noise_schedule(), args.device)
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
     device = torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu"
     report = {"settings": vars(args), "device": device, "threads": torch.get_num_threads(),
-              "default_routing": str(DEFAULT_ROUTING), "rows": rows,
-              "monolith_retrain_s_extrapolated": mono}
+              "default_routing": str(DEFAULT_ROUTING), "rows": []}
+    try:
+        for n in args.ns:
+            print(f"N = {n}: building the store ...", flush=True)
+            report["rows"].append(run_n(n, work, args))
+            print(json.dumps(report["rows"][-1], indent=1), flush=True)
+            (results / "scale.json").write_text(json.dumps(report, indent=2) + "\n")
+        if not args.data:  # the digits' monolith; a training step costs the same on any data
+            data = load_image_folder(work / f"data-{args.ns[0]}" / "public")
+            store = ShardStore.open(work / f"store-{args.ns[0]}")
+            mono = monolith_seconds(store.config, data, store.noise_schedule(), args.device)
+            report["monolith_retrain_s_extrapolated"] = mono
+            print(f"monolith (5,600 steps, extrapolated from 300): {mono:.1f} s")
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
     (results / "scale.json").write_text(json.dumps(report, indent=2) + "\n")
-    plot(rows, results / "cost.png")
-    print(f"monolith (5,600 steps, extrapolated from 300): {mono:.1f} s")
+    plot(report["rows"], results / "cost.png")
     print(f"wrote {results / 'scale.json'} and {results / 'cost.png'}")
 
 
