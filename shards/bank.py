@@ -18,6 +18,11 @@ UNet pass over the routed rows whatever the number of distinct shards, where cal
 each shard separately would cost one call's fixed overhead per shard (measured: a
 UNet call on 2 CPU cores costs about 6.5 ms at batch 1 and 29 ms at batch 64).
 
+Where the line lies depends on the model and the machine, so unless `solo_rows` is
+given (or `CDM_SOLO_ROWS`), the bank times both kinds of call on its first pass and
+picks each step's split by that measured cost (passcost.py); a model too large to
+time cheaply keeps the `SOLO_ROWS` threshold.
+
 LoRA shards are loaded either with their adapter merged into the base weights
 (W + scale * B A), then evaluated like full shards, or unmerged (`adapters`): one
 shared base and only the adapters stacked (adapters.py), which a store picks when
@@ -31,6 +36,7 @@ than the cache holds runs in several passes (correct, only slower).
 from __future__ import annotations
 
 import copy
+import json
 import threading
 from collections import OrderedDict
 from collections.abc import Callable
@@ -40,9 +46,11 @@ import torch.nn.functional as F
 from diffusers import UNet2DModel
 
 from .adapters import adapt_modules
+from .passcost import PassCosts, measured
+from .settings import env_int
 
 DEFAULT_CAPACITY = 1024
-SOLO_ROWS = 32
+SOLO_ROWS = 32  # rows from which a shard runs solo, where the costs are not measured
 MAX_ROWS = 256
 
 
@@ -190,7 +198,7 @@ class ShardBank(torch.nn.Module):
 
     def __init__(self, template: UNet2DModel, loader: Callable[[str], dict[str, torch.Tensor]],
                  contributor_ids: list[str], capacity: int = DEFAULT_CAPACITY,
-                 solo_rows: int = SOLO_ROWS, max_rows: int = MAX_ROWS,
+                 solo_rows: int | None = None, max_rows: int = MAX_ROWS,
                  adapters: dict | None = None):
         super().__init__()
         if not isinstance(capacity, int) or capacity < 1:
@@ -199,7 +207,11 @@ class ShardBank(torch.nn.Module):
         self.contributor_ids = sorted(contributor_ids)
         self._known = set(self.contributor_ids)
         self.loader = loader
-        self.solo_rows, self.max_rows = solo_rows, max_rows
+        if solo_rows is None:
+            solo_rows = env_int("CDM_SOLO_ROWS")
+        self.solo_rows, self.max_rows = solo_rows, max_rows  # solo_rows None: measured
+        self.costs: PassCosts | None = None
+        self._measured = solo_rows is not None
         self.route = _Route()
         self.net = copy.deepcopy(template).eval().requires_grad_(False)
         self.adapters = adapters
@@ -221,7 +233,8 @@ class ShardBank(torch.nn.Module):
         looks = self.hits + self.misses
         return {"capacity": self.capacity, "resident": len(self.slots), "hits": self.hits,
                 "misses": self.misses, "evictions": self.evictions,
-                "hit_rate": self.hits / looks if looks else None}
+                "hit_rate": self.hits / looks if looks else None,
+                "pass_costs": None if self.costs is None else vars(self.costs)}
 
     def _ensure(self, ids: list[str]) -> dict[str, int]:
         """Make every shard of `ids` (at most `capacity`) resident; return their slots.
@@ -275,12 +288,18 @@ class ShardBank(torch.nn.Module):
             return self._evaluate(x_t, t, shard_ids, labels, text)
 
     def _evaluate(self, x_t, t, shard_ids, labels=None, text=None) -> torch.Tensor:
+        if not self._measured:
+            self._measure(x_t, t, shard_ids[0], labels, text)
         out = torch.empty_like(x_t)
         groups: dict[str, list[int]] = {}
         for r, cid in enumerate(shard_ids):
             groups.setdefault(cid, []).append(r)
-        solo = [c for c, rows in groups.items() if len(rows) >= self.solo_rows]
-        rest = [c for c, rows in groups.items() if len(rows) < self.solo_rows]
+        if self.costs is not None:
+            alone = self.costs.solo({c: len(rows) for c, rows in groups.items()})
+        else:
+            alone = {c for c, rows in groups.items() if len(rows) >= (self.solo_rows or SOLO_ROWS)}
+        solo = [c for c in groups if c in alone]
+        rest = [c for c in groups if c not in alone]
         for cid in solo:
             rows = torch.tensor(groups[cid], device=x_t.device)
             slot = self._ensure([cid])[cid]
@@ -306,6 +325,21 @@ class ShardBank(torch.nn.Module):
             current.append(cid)
             rows += n
         return passes + ([current] if current else [])
+
+    def _measure(self, x_t, t, shard_id: str, labels=None, text=None) -> None:
+        """Time plain calls and stacked passes of row 0 repeated (passcost.py)."""
+        slot = self._ensure([shard_id])[shard_id]
+
+        def run(rows: int, stacked: bool) -> None:
+            idx = torch.zeros(rows, dtype=torch.long, device=x_t.device)
+            where = ({"slots": torch.full((rows,), slot, device=x_t.device)} if stacked
+                     else {"single": slot})
+            self._forward(x_t[idx], t[idx], _at(labels, idx), _at(text, idx), **where)
+
+        what = "labels" if labels is not None else "text" if text is not None else "none"
+        key = json.dumps([dict(self.net.config), self.adapters, list(x_t.shape[1:]), what],
+                         sort_keys=True, default=str)
+        self.costs, self._measured = measured(key, run, x_t.device), True
 
     def _forward(self, x, t, labels=None, text=None, slots=None, single=None) -> torch.Tensor:
         self.route.slots, self.route.single = slots, single

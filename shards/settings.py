@@ -108,6 +108,12 @@ VARIABLES = {v.name: v for v in (
     Variable("CDM_MAX_ACTIVE_BATCHES", 8, 1, 1 << 20,
              "batches a worker samples at once; further requests wait for one to end"),
     Variable("CDM_SHARD_CACHE", 1024, 1, 1 << 20, "shards resident at once per worker"),
+    # unset ('none'): each step's split between shards' own calls and the stacked pass
+    # is chosen by measured cost (shards/passcost.py); a number fixes it, the same on
+    # every host (images equal to the bit across hosts, not only within float rounding)
+    Variable("CDM_SOLO_ROWS", None, 1, 1 << 20,
+             "rows from which a shard's rows in a routed step run as a call of their own",
+             none=True),
     Variable("CDM_RAY_WORKERS", 2, 1, 1 << 16,
              "Ray actors of a service valuation job, with CDM_RAY_ADDRESS set"),
     Variable("CDM_AUTH_FAILURES_PER_MINUTE", 20, 1, 1 << 20,
