@@ -209,9 +209,9 @@ class ShardBank(torch.nn.Module):
         self.loader = loader
         if solo_rows is None:
             solo_rows = env_int("CDM_SOLO_ROWS")
-        self.solo_rows, self.max_rows = solo_rows, max_rows  # solo_rows None: measured
+        # solo_rows None: the split is chosen by `costs`, timed on the first pass
+        self.solo_rows, self.max_rows = solo_rows, max_rows
         self.costs: PassCosts | None = None
-        self._measured = solo_rows is not None
         self.route = _Route()
         self.net = copy.deepcopy(template).eval().requires_grad_(False)
         self.adapters = adapters
@@ -288,7 +288,7 @@ class ShardBank(torch.nn.Module):
             return self._evaluate(x_t, t, shard_ids, labels, text)
 
     def _evaluate(self, x_t, t, shard_ids, labels=None, text=None) -> torch.Tensor:
-        if not self._measured:
+        if self.solo_rows is None and self.costs is None:
             self._measure(x_t, t, shard_ids[0], labels, text)
         out = torch.empty_like(x_t)
         groups: dict[str, list[int]] = {}
@@ -297,7 +297,7 @@ class ShardBank(torch.nn.Module):
         if self.costs is not None:
             alone = self.costs.solo({c: len(rows) for c, rows in groups.items()})
         else:
-            alone = {c for c, rows in groups.items() if len(rows) >= (self.solo_rows or SOLO_ROWS)}
+            alone = {c for c, rows in groups.items() if len(rows) >= self.solo_rows}
         solo = [c for c in groups if c in alone]
         rest = [c for c in groups if c not in alone]
         for cid in solo:
@@ -327,7 +327,8 @@ class ShardBank(torch.nn.Module):
         return passes + ([current] if current else [])
 
     def _measure(self, x_t, t, shard_id: str, labels=None, text=None) -> None:
-        """Time plain calls and stacked passes of row 0 repeated (passcost.py)."""
+        """Time plain calls and stacked passes of row 0 repeated (passcost.py); a model
+        too slow to time keeps the SOLO_ROWS threshold."""
         slot = self._ensure([shard_id])[shard_id]
 
         def run(rows: int, stacked: bool) -> None:
@@ -339,7 +340,9 @@ class ShardBank(torch.nn.Module):
         what = "labels" if labels is not None else "text" if text is not None else "none"
         key = json.dumps([dict(self.net.config), self.adapters, list(x_t.shape[1:]), what],
                          sort_keys=True, default=str)
-        self.costs, self._measured = measured(key, run, x_t.device), True
+        self.costs = measured(key, run, x_t.device)
+        if self.costs is None:
+            self.solo_rows = SOLO_ROWS
 
     def _forward(self, x, t, labels=None, text=None, slots=None, single=None) -> torch.Tensor:
         self.route.slots, self.route.single = slots, single

@@ -6,7 +6,7 @@ import torch
 from conftest import assert_close
 
 from shards import passcost
-from shards.bank import ShardBank
+from shards.bank import SOLO_ROWS, ShardBank
 from shards.models import make_unet
 from shards.passcost import PassCosts
 
@@ -67,6 +67,7 @@ def test_a_model_too_slow_to_time_keeps_the_fixed_threshold(monkeypatch):
     x, t = torch.randn(3, 1, 8, 8), torch.tensor([5, 500, 900])
     bank.evaluate(x, t, ["s0", "s1", "s0"])
     assert bank.stats()["pass_costs"] is None
+    assert bank.solo_rows == SOLO_ROWS
     _, fixed = _bank(2, solo_rows=4)  # given: never timed
     fixed.evaluate(x, t, ["s0", "s1", "s0"])
     assert fixed.stats()["pass_costs"] is None
