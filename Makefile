@@ -18,10 +18,11 @@ ifeq ($(DATASET),studios)
 DATA   ?= var/studios-data
 STORE  ?= var/studios-store
 DATA_FLAGS := --dataset studios --size $(SIZE)
-# bfloat16 autocast: 1.5x a training step on this CPU (AVX-512 bf16), the same shard
-# quality (docs/performance.md). The studios are captioned, so the store is
-# text-conditional; add --no-text for the label-conditional one (docs/studios.md)
-TRAIN_FLAGS ?= --precision bf16
+# bfloat16 autocast where the CPU computes it natively (AVX-512 BF16 or AMX: 1.5x a
+# training step, the same shard quality), float32 elsewhere (emulated bfloat16 took 13x
+# as long on an AVX2 CPU; docs/performance.md). The studios are captioned, so the
+# store is text-conditional; add --no-text for the label-conditional one (docs/studios.md)
+TRAIN_FLAGS ?= --precision auto
 else
 DATA   ?= var/demo-data
 STORE  ?= var/store

@@ -67,6 +67,33 @@ def test_shard_init_base_from_the_cli(tmp_path, data_dir, capsys):
     assert built.config.shard_train.precision == built.config.base_train.precision == "bf16"
 
 
+@pytest.mark.parametrize("native", [True, False])
+def test_precision_auto_is_bf16_only_where_the_device_computes_it(native, monkeypatch):
+    """Emulated bfloat16 is many times slower than float32 (docs/performance.md):
+    `auto` resolves by the device, and the store records what it resolved to."""
+    from service import commands
+    from service.cli import build_parser
+    from shards import training
+
+    monkeypatch.setattr(training, "native_bf16", lambda device: native)
+    args = build_parser().parse_args(["train", "x", "--store", "y", "--precision", "auto",
+                                      "--device", "cpu"])
+    config = commands._store_config(args, (3, 16, 16), public=True)
+    want = "bf16" if native else "fp32"
+    assert config.shard_train.precision == config.base_train.precision == want
+    assert config.head_train.precision == "fp32"  # the heads are never autocast
+
+
+def test_native_bf16_knows_this_machine():
+    import torch
+
+    from shards.training import native_bf16
+
+    assert native_bf16("cpu") == (torch.cpu._is_avx512_bf16_supported()
+                                  or torch.cpu._is_amx_tile_supported())
+    assert native_bf16("meta") is False
+
+
 def test_an_rgb_contributor_added_to_a_grayscale_store_is_refused(store_copy, tmp_path, capsys):
     """One line naming the contributor, its shape and the store's; nothing written."""
     before = sorted(p.relative_to(store_copy.root) for p in store_copy.root.rglob("*")
