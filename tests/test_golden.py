@@ -6,16 +6,38 @@ and every valuation method the values, that the code gave before
 The same seed gives the same bytes on the same machine with the same thread count;
 across thread counts float reductions may differ in the last digits, so the numbers
 are compared within 1e-4 (images in [0, 1], sums over 64 pixels) and 1e-5 relative
-(Shapley values)."""
+(Shapley values).
+
+Across CPU instruction sets (torch's kernels for AVX-512 and for AVX2 round
+differently) the images still agree within 1e-4, but the values do not: every
+property trains a model (the evaluator, the pruned fine-tune), and training carries
+the last digits' differences on. Values measured on one instruction set differed by
+up to 5% relative (0.022 absolute) from those of the other. So the values are
+recorded per instruction set (`torch.backends.cpu.get_cpu_capability()`):
+golden.json on AVX512, golden-valuation-<capability>.json for others (`python
+tests/golden.py OUT.json`, then its "shapley" and "methods"), each compared as tightly
+as the images; on an instruction set with no record of its own, against golden.json
+within 10% relative (0.05 absolute), which still catches a wrong sign, scale or
+player order."""
 
 import json
 from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from golden import compute
 
-REFERENCE = json.loads((Path(__file__).parent / "data" / "golden.json").read_text())
+DATA = Path(__file__).parent / "data"
+REFERENCE = json.loads((DATA / "golden.json").read_text())  # recorded on AVX512
+CAPABILITY = torch.backends.cpu.get_cpu_capability()
+_OWN = DATA / f"golden-valuation-{CAPABILITY}.json"
+if CAPABILITY == "AVX512":
+    VALUES, TOLERANCE = REFERENCE, {"rtol": 1e-5, "atol": 1e-7}
+elif _OWN.exists():
+    VALUES, TOLERANCE = json.loads(_OWN.read_text()), {"rtol": 1e-5, "atol": 1e-7}
+else:
+    VALUES, TOLERANCE = REFERENCE, {"rtol": 0.1, "atol": 0.05}
 
 
 @pytest.fixture(scope="module")
@@ -32,11 +54,11 @@ def test_same_images_and_attribution_as_before(numbers, store, subset):
 
 
 def test_same_exact_shapley_values_as_before(numbers):
-    got, want = numbers["shapley"], REFERENCE["shapley"]
+    got, want = numbers["shapley"], VALUES["shapley"]
     assert got["players"] == want["players"]
-    np.testing.assert_allclose(got["values"], want["values"], rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(got["values"], want["values"], **TOLERANCE)
     np.testing.assert_allclose([got["u_full"], got["u_empty"]], [want["u_full"], want["u_empty"]],
-                               rtol=1e-5)
+                               rtol=TOLERANCE["rtol"])
     # efficiency holds on the recomputed values
     assert sum(got["values"]) == pytest.approx(got["u_full"] - got["u_empty"], abs=1e-9)
 
@@ -44,5 +66,5 @@ def test_same_exact_shapley_values_as_before(numbers):
 @pytest.mark.parametrize("method", ["exact", "permutation", "kernelshap", "banzhaf", "banzhaf-msr",
                                     "beta-shapley", "pruned", "retrain", "loo", "attribution"])
 def test_every_valuation_method_gives_the_values_of_before(numbers, method):
-    np.testing.assert_allclose(numbers["methods"][method], REFERENCE["methods"][method],
-                               rtol=1e-5, atol=1e-7, err_msg=method)
+    np.testing.assert_allclose(numbers["methods"][method], VALUES["methods"][method],
+                               **TOLERANCE, err_msg=f"{method} ({CAPABILITY})")
