@@ -91,7 +91,7 @@ serve: store
 
 # every test: unit and integration (servers, Chromium, schemathesis, crash injection)
 test: install chromium npm-packages postgres
-	$(BIN)/pytest -q
+	$(BIN)/pytest -q --durations=15
 
 # the inner loop: unit tests only (library calls in this process), about 2 minutes
 test-fast: install npm-packages postgres

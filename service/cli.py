@@ -106,6 +106,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--head-steps", type=int, default=None,
                    help="training steps of each density-ratio head; default "
                         f"{STORE.head_train.steps}")
+    p.add_argument("--head-trunk", type=int, default=None, metavar="F",
+                   help="the heads read the pooled image's projection on the public data's "
+                        "top F principal directions (their cost barely grows with the "
+                        "contributors); 0: the pooled pixels; default 64 from 16 pixels a "
+                        "side, where it pays off, else 0 (docs/performance.md)")
     p.add_argument("--base", default=None, metavar="DIR",
                    help="a local diffusers Stable Diffusion folder (unet, vae, text_encoder, "
                         "tokenizer, scheduler): LoRA shards on its UNet in its VAE's latent "

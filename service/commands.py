@@ -84,6 +84,8 @@ def _store_config(args, image_shape: tuple[int, int, int] | None = None,
                        classifier_update_steps=max(1, n // 3))
     if args.shard_init is not None:
         changes["shard_init"] = args.shard_init
+    if getattr(args, "head_trunk", None) is not None:
+        changes["head_trunk"] = args.head_trunk
     if args.head_steps is not None:
         changes["head_train"] = config.head_train.with_steps(args.head_steps).to_dict()
     config = config.replace(**changes)

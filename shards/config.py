@@ -30,9 +30,13 @@ TRAINING = {  # the default optimisation of each trained part
 # public base (1,200 steps on it): the studios' shards then reach FD 2.58 on average
 # to their own held-out drawings instead of 5.77 from scratch at the same steps, every
 # studio better (benchmarks/shard_init.py, docs/studios.md).
+# Their heads read a trunk of 64 public principal directions and are 64 wide: at 128
+# contributors the router costs 0.07x one shard's pass instead of 0.30x, with the same
+# FD of composed samples (benchmarks/router_trunk.py, docs/performance.md).
 LARGE_IMAGE_SIDE = 16
 LARGE_IMAGES = {
     "unet": {"block_out_channels": [32, 64, 64], "layers_per_block": 1, "norm_num_groups": 8},
+    "head_trunk": 64, "head_hidden": 64,
     "shard_train": TrainConfig(steps=1200, ema=True).to_dict(),
     "steps_reference_images": 1500,
 }
@@ -69,6 +73,11 @@ class StoreConfig(ConfigMixin):
         priors: "size" (lambda_i proportional to |D_i|) or "uniform".
         router: "heads" or "joint" (shards/router.py).
         head_hidden: the width of a density-ratio head.
+        head_trunk: F > 0: every head reads the pooled image's projection on the
+            public data's top F principal directions (shards/trunk.py; at most as many
+            as public images), so the heads' cost barely grows with the number of
+            contributors; 0 (or F no smaller than the pooled image): heads read the
+            pooled pixels.
         keep_data: keep each contributor's images in the store; None: only where the
             router needs them (joint).
         steps_reference_images: a shard of R images trains its kind's configured steps
@@ -99,7 +108,7 @@ class StoreConfig(ConfigMixin):
                  classifier_update_steps: int = 300,
                  classifier_channels: tuple[int, ...] = (32, 64), priors: str = "size",
                  router: str = "heads", head_train: TrainConfig | dict | None = None,
-                 head_hidden: int = 128, keep_data: bool | None = None,
+                 head_hidden: int = 128, head_trunk: int = 0, keep_data: bool | None = None,
                  steps_reference_images: int | None = 154, min_shard_steps: int = 200,
                  shard_init: str = "scratch"):
         given = {"shard_train": shard_train, "base_train": base_train, "lora_train": lora_train,
@@ -116,6 +125,8 @@ class StoreConfig(ConfigMixin):
         if steps_reference_images is not None and steps_reference_images < 1:
             raise ValueError(f"steps_reference_images={steps_reference_images} must be "
                              "a positive number of images (or None: fixed steps)")
+        if head_trunk < 0:
+            raise ValueError(f"head_trunk={head_trunk} must be 0 (no trunk) or a number of features")
         if min_shard_steps < 1:
             raise ValueError(f"min_shard_steps={min_shard_steps} must be positive")
         self.register_to_config(
@@ -124,7 +135,7 @@ class StoreConfig(ConfigMixin):
             **{name: train.to_dict() for name, train in trains.items()},
             lora_rank=lora_rank, classifier_update_steps=classifier_update_steps,
             classifier_channels=list(classifier_channels), priors=priors, router=router,
-            head_hidden=head_hidden, keep_data=keep_data,
+            head_hidden=head_hidden, head_trunk=head_trunk, keep_data=keep_data,
             steps_reference_images=steps_reference_images, min_shard_steps=min_shard_steps,
             shard_init=shard_init)
         self.seed, self.kind, self.router, self.priors = seed, kind, router, priors
@@ -132,7 +143,7 @@ class StoreConfig(ConfigMixin):
         self.shard_train, self.base_train = trains["shard_train"], trains["base_train"]
         self.lora_train, self.classifier_train = trains["lora_train"], trains["classifier_train"]
         self.head_train = trains["head_train"]
-        self.lora_rank, self.head_hidden = lora_rank, head_hidden
+        self.lora_rank, self.head_hidden, self.head_trunk = lora_rank, head_hidden, head_trunk
         self.classifier_update_steps = classifier_update_steps
         self.classifier_channels = tuple(classifier_channels)
         self.keep_data = keep_data

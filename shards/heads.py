@@ -43,11 +43,14 @@ A head is a small time-conditioned MLP on the image (average-pooled to at most
 16 x 16 pixels): h1 = silu(W1 x + T1 e(t) + L1[y] + b1), h2 = silu(W2 h1 + T2 e(t) +
 L2[y] + b2), r = w3 . h2 + b3, with e(t) a fixed sinusoidal embedding and L1, L2
 label embeddings (labelled stores only; P1 c and P2 c in their place in text stores). `StackedHeads` stacks the
-live heads' weights and evaluates all of them in three batched matmuls.
+live heads' weights and evaluates all of them in three batched matmuls. With a trunk
+(`StoreConfig.head_trunk` F > 0), every head reads the pooled image's projection on F
+principal directions of the public data instead of its pixels (trunk.py): the heads'
+cost then barely grows with N.
 
 `HeadsRouter` is this router as the store builds, adds and forgets it (router.py):
 STORE/reference/ holds the public reference (owned by nobody, with its labels in a
-labelled store), STORE/router/<id>/ contributor <id>'s head.
+labelled store) and the trunk fit on it, STORE/router/<id>/ contributor <id>'s head.
 """
 
 from __future__ import annotations
@@ -72,22 +75,9 @@ from .router import RouterUpdate
 from .shard import derived_seed
 from .text import Captions
 from .training import TrainConfig, forward_noise, optimize
+from .trunk import PublicTrunk, feature_dim, pooled, wanted
 
-MAX_SIDE = 16
-
-
-def _features(x_t: torch.Tensor) -> torch.Tensor:
-    """(B, C, H, W) -> (B, D): the image average-pooled to at most MAX_SIDE a side."""
-    h, w = x_t.shape[-2:]
-    if max(h, w) > MAX_SIDE:
-        x_t = F.adaptive_avg_pool2d(x_t, (min(h, MAX_SIDE), min(w, MAX_SIDE)))
-    return x_t.flatten(1)
-
-
-def feature_dim(image_shape: tuple[int, int, int]) -> int:
-    c, h, w = image_shape
-    return c * min(h, MAX_SIDE) * min(w, MAX_SIDE)
-
+__all__ = ["DensityRatioHead", "HeadsRouter", "StackedHeads", "feature_dim", "train_head"]
 
 class DensityRatioHead(ModelMixin, ConfigMixin):
     """r_i(x_t, t) of one contributor (eq. 5); saved as config.json + safetensors."""
@@ -111,7 +101,7 @@ class DensityRatioHead(ModelMixin, ConfigMixin):
         """(B,) log-ratio estimates (given labels `y` (B,) in a labelled store, the
         prompts' pooled embeddings `y` (B, D) in a text store)."""
         e = self.time_proj(torch.as_tensor(t).expand(x_t.shape[0])).to(x_t.dtype)
-        h = self.lin1(_features(x_t)) + self.time1(e)
+        h = self.lin1(pooled(x_t)) + self.time1(e)
         if self.label1 is not None:
             h = h + self.label1(_labels(y, x_t))
         if self.text1 is not None:
@@ -140,10 +130,11 @@ def _text(c: torch.Tensor | None, x_t: torch.Tensor) -> torch.Tensor:
 class StackedHeads(torch.nn.Module):
     """Every live head at once: (x_t, t) -> (B, K) log ratios r_i (eq. 5)."""
 
-    def __init__(self, heads: list[DensityRatioHead]):
+    def __init__(self, heads: list[DensityRatioHead], trunk: PublicTrunk | None = None):
         super().__init__()
         if not heads:
             raise ValueError("StackedHeads needs at least one head")
+        self.trunk = trunk
         self.contributor_ids = [h.config.contributor_id for h in heads]
         self.time_proj = heads[0].time_proj
         names = ["lin1.weight", "lin1.bias", "time1.weight", "lin2.weight", "lin2.bias",
@@ -164,7 +155,7 @@ class StackedHeads(torch.nn.Module):
 
     def log_ratios(self, x_t: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
         e = self.time_proj(torch.as_tensor(t).expand(x_t.shape[0])).to(x_t.dtype)  # (B, E)
-        x = _features(x_t)  # (B, D)
+        x = pooled(x_t) if self.trunk is None else self.trunk(x_t)  # (B, D) or (B, F)
         # (K, B, H): every head on every sample, batched over heads
         h = torch.einsum("bd,khd->kbh", x, self.lin1_weight) + self.lin1_bias[:, None]
         h = h + torch.einsum("be,khe->kbh", e, self.time1_weight)
@@ -190,14 +181,15 @@ class StackedHeads(torch.nn.Module):
 def train_head(head: DensityRatioHead, images: torch.Tensor, reference: torch.Tensor,
                scheduler: DDPMScheduler, config: TrainConfig, seed: int, *,
                labels: torch.Tensor | None = None, reference_labels: torch.Tensor | None = None,
-               captions=None, reference_captions=None,
+               captions=None, reference_captions=None, trunk: PublicTrunk | None = None,
                device: torch.device | str = "cpu", progress: bool = True) -> float:
     """Logistic regression of noised `images` (1) against noised `reference` (0), in
     balanced batches of `config.batch_size` each (eq. 5); with `labels`, each own
     image is paired with a reference image of the same label (eq. 5'); with
     `captions` (text.Captions of the images and of the reference), every image is
-    seen with its caption's pooled embedding (eq. 5''). Returns the mean loss over
-    the last 10% of steps.
+    seen with its caption's pooled embedding (eq. 5''); with a `trunk`, the head
+    reads the trunk's features of the noised images. Returns the mean loss over the
+    last 10% of steps.
 
     Raises:
         ValueError: shapes differ; labels on one side only; a label of `images` that
@@ -210,6 +202,12 @@ def train_head(head: DensityRatioHead, images: torch.Tensor, reference: torch.Te
         raise ValueError("a labelled head needs labels for its images and its reference")
     if (captions is None) != (reference_captions is None) or (captions is None) != (head.text1 is None):
         raise ValueError("a text head needs captions for its images and its reference")
+    width = feature_dim(images.shape[1:]) if trunk is None else trunk.features
+    if head.config.in_features != width:
+        raise ValueError(f"the head reads {head.config.in_features} features; its input "
+                         f"gives {width}")
+    if trunk is not None:
+        trunk = trunk.to(device)
     generator = torch.Generator().manual_seed(seed)
     b = config.batch_size
     target = torch.cat([torch.ones(b), torch.zeros(b)]).to(device)
@@ -235,7 +233,10 @@ def train_head(head: DensityRatioHead, images: torch.Tensor, reference: torch.Te
             ref_idx = order[starts[y] + within]
             y = torch.cat([y, y]).to(device)
         x_t, t, _ = forward_noise(scheduler, torch.cat([images[idx], reference[ref_idx]]), generator)
-        return F.binary_cross_entropy_with_logits(head(x_t.to(device), t.to(device), y), target)
+        x_t = x_t.to(device)
+        if trunk is not None:
+            x_t = trunk(x_t)
+        return F.binary_cross_entropy_with_logits(head(x_t, t.to(device), y), target)
 
     return optimize(head, batch_loss, config, weight_decay=1e-4, device=device,
                     desc=f"head {head.config.contributor_id}", progress=progress)
@@ -257,6 +258,20 @@ class HeadsRouter:
         save_file(kept, str(root / "reference" / "images.safetensors"), metadata=extra or None)
         manifest["reference"] = {"path": "reference", "images": len(public),
                                  "data_hash": tensor_hash(public, public_labels, public_captions)}
+        # no more directions than public images: they span no more
+        features = min(manifest["config"].get("head_trunk", 0), len(public))
+        if wanted(tuple(manifest["image_shape"]), features):
+            (root / "reference" / "trunk").mkdir()
+            PublicTrunk.fit(public, features).save(root / "reference" / "trunk")
+            manifest["reference"]["trunk"] = {"path": "reference/trunk", "features": features,
+                                              "weights_hash": files_hash(root / "reference" / "trunk")}
+
+    @staticmethod
+    def trunk(store) -> PublicTrunk | None:
+        """The trunk every head reads (None: heads read the pooled pixels)."""
+        if not store.manifest["reference"].get("trunk"):
+            return None
+        return PublicTrunk.load(store.root / store.manifest["reference"]["trunk"]["path"])
 
     @staticmethod
     def reference(store) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -287,8 +302,10 @@ class HeadsRouter:
         """Train router/<id> on D_id against the reference (eq. 5), staged and renamed."""
         cid, config = data.contributor_id, store.config
         seed = derived_seed(config.seed, "head", cid)
+        trunk = self.trunk(store)
         with seeded(seed):
-            head = DensityRatioHead(contributor_id=cid, in_features=feature_dim(store.image_shape),
+            width = feature_dim(store.image_shape) if trunk is None else trunk.features
+            head = DensityRatioHead(contributor_id=cid, in_features=width,
                                     hidden=config.head_hidden, num_labels=store.num_labels,
                                     text_dim=store.text_dim)
         reference, reference_labels = self.reference(store)
@@ -300,7 +317,8 @@ class HeadsRouter:
         loss = train_head(head, data.images, reference, scheduler, config.head_train, seed,
                           labels=None if store.text else data.labels,
                           reference_labels=reference_labels, captions=captions,
-                          reference_captions=reference_captions, device=device, progress=progress)
+                          reference_captions=reference_captions, trunk=trunk, device=device,
+                          progress=progress)
         staging, final = store.root / "router" / f".{cid}.partial", store.root / "router" / cid
         head.cpu().save_pretrained(staging)
         shutil.rmtree(final, ignore_errors=True)
@@ -335,10 +353,12 @@ class HeadsRouter:
         return sweep(store.root, "router", known)
 
     def fingerprint(self, store, coalition) -> dict:
+        trunk = store.manifest["reference"].get("trunk")
         return {"hashes": {"heads": {c: store.contributor(c)["head"]["weights_hash"]
-                                     for c in sorted(coalition)}},
+                                     for c in sorted(coalition)},
+                           **({"trunk": trunk["weights_hash"]} if trunk else {})},
                 "depends_on": sorted(coalition)}
 
     def load(self, store) -> StackedHeads:
         return StackedHeads([DensityRatioHead.from_pretrained(store.root / store.contributor(c)["head"]["path"], **LOAD).eval()
-                             for c in store.contributor_ids])
+                             for c in store.contributor_ids], trunk=self.trunk(store))

@@ -8,6 +8,7 @@
       router/<id>/                   the contributor's density-ratio head (router `heads`)
       reference/images.safetensors   public reference data of the heads (owned by nobody),
                                      with its labels in a labelled store
+      reference/trunk/               the heads' shared trunk fit on it (head_trunk > 0)
       classifier/v<NNNN>/            joint classifier (router `joint`); the manifest names one
       data/<id>/images.safetensors   the contributor's data (and labels), only with keep_data
 
