@@ -86,6 +86,8 @@ def _store_config(args, image_shape: tuple[int, int, int] | None = None,
         changes["shard_init"] = args.shard_init
     if getattr(args, "head_trunk", None) is not None:
         changes["head_trunk"] = args.head_trunk
+        if args.head_trunk == 0:  # heads on the pooled pixels: their measured width
+            changes["head_hidden"] = StoreConfig().head_hidden
     if args.head_steps is not None:
         changes["head_train"] = config.head_train.with_steps(args.head_steps).to_dict()
     config = config.replace(**changes)

@@ -164,7 +164,8 @@ def purge(store: ShardRegistry, contributor_id: str, device: str | None = None,
             if (store.root / rel).exists():
                 shutil.rmtree(store.root / rel)
         crashpoint("purge:files-deleted")
-        # the router's shared part from scratch on the others (joint; heads have none)
+        # the router's shared part from scratch on the others (joint; what heads share
+        # is public and stays)
         update = store.router.train(store, pick_device(device), progress)
         with store.write_lock():
             manifest = copy.deepcopy(store.manifest)

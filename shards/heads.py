@@ -68,8 +68,8 @@ from diffusers.models.modeling_utils import ModelMixin
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from .errors import DataError
-from .files import files_hash, sweep, tensor_hash
+from .errors import DataError, StoreError
+from .files import files_hash, read_verified, sweep, tensor_hash
 from .models import LOAD, seeded
 from .router import RouterUpdate
 from .shard import derived_seed
@@ -243,7 +243,8 @@ def train_head(head: DensityRatioHead, images: torch.Tensor, reference: torch.Te
 
 
 class HeadsRouter:
-    """Router `heads` (router.py): a head per contributor, nothing shared."""
+    """Router `heads` (router.py): a head per contributor; what they share (the public
+    reference, the trunk) is owned by nobody."""
 
     kind = "heads"
     public_use = "router 'heads' (its reference)"
@@ -268,10 +269,19 @@ class HeadsRouter:
 
     @staticmethod
     def trunk(store) -> PublicTrunk | None:
-        """The trunk every head reads (None: heads read the pooled pixels)."""
-        if not store.manifest["reference"].get("trunk"):
+        """The trunk every head reads (None: heads read the pooled pixels).
+
+        Raises:
+            StoreError: its file is missing or not the one the manifest records.
+        """
+        info = store.manifest["reference"].get("trunk")
+        if not info:
             return None
-        return PublicTrunk.load(store.root / store.manifest["reference"]["trunk"]["path"])
+        files = read_verified(store.root / info["path"], info["weights_hash"])
+        if PublicTrunk.FILE not in files:
+            raise StoreError(f"{store.root / info['path']}: the router's trunk is missing or "
+                             "not the one the manifest records")
+        return PublicTrunk.from_bytes(files[PublicTrunk.FILE])
 
     @staticmethod
     def reference(store) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -340,7 +350,10 @@ class HeadsRouter:
         return [f"router/.{contributor_id}.partial"]
 
     def describe(self, store) -> str:
-        return (f"router: one density-ratio head per contributor; data kept: "
+        trunk = store.manifest["reference"].get("trunk")
+        reads = (f"reading {trunk['features']} public principal directions" if trunk
+                 else "reading the pooled pixels")
+        return (f"router: one density-ratio head per contributor, {reads}; data kept: "
                 f"{store.config.keeps_data}")
 
     def audit(self, store, entry) -> dict:

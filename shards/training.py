@@ -35,8 +35,8 @@ def native_bf16(device: torch.device | str) -> bool:
     studios training step took 13x as long as in float32 on an AVX2 CPU
     (docs/performance.md), where a CPU with AVX-512 BF16 took 0.67x."""
     device = torch.device(device)
-    if device.type == "cuda":
-        return torch.cuda.is_bf16_supported()
+    if device.type == "cuda":  # Ampere and later; older cards emulate it
+        return torch.cuda.get_device_properties(device).major >= 8
     if device.type != "cpu":
         return False
     cpu = torch.cpu  # private probes, the only ones torch has; absent: assume emulation

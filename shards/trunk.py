@@ -25,7 +25,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load, save_file
 
 MAX_SIDE = 16
 
@@ -63,7 +63,9 @@ class PublicTrunk(torch.nn.Module):
     @classmethod
     def fit(cls, public: torch.Tensor, features: int) -> PublicTrunk:
         """The top `features` right singular vectors of the pooled public images
-        (uncentred: the mean image is the first direction, as x_t's mean scales).
+        (uncentred: the mean image is the first direction, as x_t's mean scales): the
+        eigenvectors of their D x D second moment, each signed so that its largest
+        entry is positive (the same trunk on any machine, up to rounding).
 
         Raises:
             ValueError: fewer public images than features, or no fewer pooled
@@ -76,8 +78,11 @@ class PublicTrunk(torch.nn.Module):
         if len(x) < features:
             raise ValueError(f"a trunk of {features} features needs at least as many "
                              f"public images; there are {len(x)}")
-        _, _, vh = torch.linalg.svd(x.double(), full_matrices=False)
-        return cls(vh[:features].float())
+        x = x.double()
+        _, vectors = torch.linalg.eigh(x.T @ x)  # ascending eigenvalues
+        top = vectors[:, -features:].flip(1).T  # (F, D), largest first
+        signs = top.gather(1, top.abs().argmax(1, keepdim=True)).sign()
+        return cls((top * signs).float())
 
     def forward(self, x_t: torch.Tensor) -> torch.Tensor:
         return pooled(x_t) @ self.components.to(x_t.dtype).T
@@ -88,8 +93,8 @@ class PublicTrunk(torch.nn.Module):
         return path
 
     @classmethod
-    def load(cls, folder: Path) -> PublicTrunk:
-        return cls(load_file(str(Path(folder) / cls.FILE))["components"])
+    def from_bytes(cls, data: bytes) -> PublicTrunk:
+        return cls(load(data)["components"])
 
 
 def wanted(image_shape: tuple[int, int, int], features: int) -> bool:

@@ -31,6 +31,9 @@ def test_the_trunk_keeps_more_public_signal_than_any_other_subspace_tried(public
         q, _ = torch.linalg.qr(torch.randn(x.shape[1], F, generator=generator, dtype=torch.float64))
         assert kept > (x @ q).pow(2).sum()
     assert kept > x[:, :F].pow(2).sum()  # and the first F pixels
+    # signed so that each direction's largest entry is positive: one trunk on any machine
+    assert (u.gather(1, u.abs().argmax(1, keepdim=True)) > 0).all()
+    assert_close(PublicTrunk.fit(public.flip(0), F).components, trunk.components, atol=1e-5)
 
 
 def test_a_trunk_that_saves_nothing_or_lacks_images_is_refused(public):
@@ -50,7 +53,7 @@ def test_heads_read_the_trunk_and_stack_exactly(trunk_store):
     heads = [DensityRatioHead.from_pretrained(trunk_store.root / trunk_store.contributor(c)["head"]["path"])
              for c in trunk_store.contributor_ids]
     assert all(h.config.in_features == F for h in heads)
-    trunk = PublicTrunk.load(trunk_store.root / trunk_info["path"])
+    trunk = trunk_store.router.trunk(trunk_store)
     stacked = StackedHeads(heads, trunk)
     x = torch.randn(5, 1, 8, 8)
     t = torch.tensor([10, 200, 400, 600, 900])
@@ -93,7 +96,8 @@ def test_large_images_get_a_trunk_by_default_and_the_cli_can_refuse_it():
         return commands._store_config(args, (3, 16, 16), public=True)
 
     assert (config().head_trunk, config().head_hidden) == (64, 64)
-    assert config("--head-trunk", "0").head_trunk == 0
+    # without a trunk, heads as wide as measured on the pooled pixels
+    assert (config("--head-trunk", "0").head_trunk, config("--head-trunk", "0").head_hidden) == (0, 128)
     assert commands._store_config(build_parser().parse_args(["train", "x", "--store", "y"]),
                                   (1, 8, 8)).head_trunk == 0  # the digits: pooled pixels
 
@@ -103,3 +107,19 @@ def test_a_trunk_is_never_wider_than_the_public_images_span(datasets, public, tm
                               public=public[:20], device="cpu", progress=False)
     assert store.manifest["reference"]["trunk"]["features"] == 20
     assert store.router.load(store).trunk.features == 20
+
+
+def test_a_damaged_trunk_is_refused_not_used(trunk_store, tmp_path):
+    import shutil
+
+    from shards.errors import StoreError
+
+    shutil.copytree(trunk_store.root, tmp_path / "store")
+    store = ShardStore.open(tmp_path / "store")
+    path = store.root / "reference" / "trunk" / PublicTrunk.FILE
+    PublicTrunk(torch.eye(F, 64)).save(path.parent)  # a well-formed file, other weights
+    with pytest.raises(StoreError, match="trunk is missing or not the one"):
+        store.load_sampler("cpu")
+    path.unlink()
+    with pytest.raises(StoreError, match="trunk is missing or not the one"):
+        store.router.trunk(store)
