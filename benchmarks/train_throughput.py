@@ -29,6 +29,7 @@ def _steps_per_second(what: str, manifest: dict, steps: int, threads: int, preci
     from shards.heads import DensityRatioHead, feature_dim, train_head
     from shards.models import make_noise_schedule, make_unet
     from shards.training import TrainConfig, train_denoiser
+    from shards.trunk import PublicTrunk, wanted
 
     shape = tuple(manifest["image_shape"])
     labels_n = max(1, manifest["num_labels"])
@@ -44,12 +45,15 @@ def _steps_per_second(what: str, manifest: dict, steps: int, threads: int, preci
                                                             precision=precision), 0,
                        labels=labels if manifest["num_labels"] else None, progress=False)
     else:
-        head = DensityRatioHead(in_features=feature_dim(shape), hidden=config["head_hidden"],
-                                num_labels=manifest["num_labels"])
+        # as the store's heads: reading its trunk when it has one (shards/trunk.py)
+        features = min(config.get("head_trunk", 0), len(images))
+        trunk = PublicTrunk.fit(images, features) if wanted(shape, features) else None
+        head = DensityRatioHead(in_features=feature_dim(shape) if trunk is None else trunk.features,
+                                hidden=config["head_hidden"], num_labels=manifest["num_labels"])
         y = labels if manifest["num_labels"] else None
         train_head(head, images, images.flip(0), schedule,
                    TrainConfig(steps=steps, batch_size=128, warmup_steps=min(5, steps)), 0,
-                   labels=y, reference_labels=y, progress=False)
+                   labels=y, reference_labels=y, trunk=trunk, progress=False)
     return steps / (time.perf_counter() - start)
 
 
