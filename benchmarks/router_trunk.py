@@ -45,7 +45,7 @@ from shards.models import seeded  # noqa: E402
 from shards.routing import Routing  # noqa: E402
 from shards.sampler import compose  # noqa: E402
 from shards.shard import derived_seed  # noqa: E402
-from shards.trunk import PublicTrunk, feature_dim, wanted  # noqa: E402
+from shards.trunk import PublicTrunk, fit_for, head_width  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results" / "router_trunk"
 T = (50, 250, 500, 750, 950)
@@ -56,14 +56,14 @@ def train_router(store: ShardStore, datasets, features: int, hidden: int
     """Every contributor's head as the store trains it, `hidden` wide, reading a trunk of
     `features`."""
     reference, reference_labels = HeadsRouter.reference(store)
-    trunk = PublicTrunk.fit(reference, features) if wanted(store.image_shape, features) else None
+    trunk = fit_for(reference, features)
     heads = []
     for data in datasets:
         seed = derived_seed(store.config.seed, "head", data.contributor_id)
         with seeded(seed):
             head = DensityRatioHead(
                 contributor_id=data.contributor_id, hidden=hidden,
-                in_features=feature_dim(store.image_shape) if trunk is None else trunk.features,
+                in_features=head_width(store.image_shape, trunk),
                 num_labels=store.num_labels)
         train_head(head, data.images, reference, store.noise_schedule(), store.config.head_train,
                    seed, labels=data.labels, reference_labels=reference_labels, trunk=trunk,
@@ -134,8 +134,8 @@ def cost_table(store: ShardStore, variants: list[str], rounds: int) -> dict:
     stacks = {}
     for variant in variants:
         features, hidden = (int(v) for v in variant.split(":"))
-        trunk = PublicTrunk.fit(reference, features) if wanted(store.image_shape, features) else None
-        width = feature_dim(store.image_shape) if trunk is None else trunk.features
+        trunk = fit_for(reference, features)
+        width = head_width(store.image_shape, trunk)
         heads = [DensityRatioHead(contributor_id=f"h{i}", in_features=width, hidden=hidden,
                                   num_labels=store.num_labels) for i in range(128)]
         for k in sorted({n, 32, 128}):
@@ -200,7 +200,7 @@ def main() -> int:
         heads, trunk = train_router(store, datasets, features, hidden)
         train_s = time.perf_counter() - start
         router = StackedHeads(heads, trunk)
-        sampler = compose(store.load_bank(), dict(store.noise_schedule().config), store.image_shape,
+        sampler = compose(bank, dict(store.noise_schedule().config), store.image_shape,
                           router, store.priors(), {c: store.label_counts(c) for c in ids},
                           store.num_labels)
         row = {"train_s": train_s, "cost_ms_100_rows": router_cost(heads, trunk, store),

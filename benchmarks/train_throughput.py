@@ -26,10 +26,10 @@ import torch  # noqa: E402
 
 def _steps_per_second(what: str, manifest: dict, steps: int, threads: int, precision: str) -> float:
     torch.set_num_threads(threads)
-    from shards.heads import DensityRatioHead, feature_dim, train_head
+    from shards.heads import DensityRatioHead, train_head
     from shards.models import make_noise_schedule, make_unet
     from shards.training import TrainConfig, train_denoiser
-    from shards.trunk import PublicTrunk, wanted
+    from shards.trunk import fit_for, head_width
 
     shape = tuple(manifest["image_shape"])
     labels_n = max(1, manifest["num_labels"])
@@ -46,9 +46,8 @@ def _steps_per_second(what: str, manifest: dict, steps: int, threads: int, preci
                        labels=labels if manifest["num_labels"] else None, progress=False)
     else:
         # as the store's heads: reading its trunk when it has one (shards/trunk.py)
-        features = min(config.get("head_trunk", 0), len(images))
-        trunk = PublicTrunk.fit(images, features) if wanted(shape, features) else None
-        head = DensityRatioHead(in_features=feature_dim(shape) if trunk is None else trunk.features,
+        trunk = fit_for(images, config.get("head_trunk", 0))
+        head = DensityRatioHead(in_features=head_width(shape, trunk),
                                 hidden=config["head_hidden"], num_labels=manifest["num_labels"])
         y = labels if manifest["num_labels"] else None
         train_head(head, images, images.flip(0), schedule,

@@ -84,7 +84,7 @@ def _store_config(args, image_shape: tuple[int, int, int] | None = None,
                        classifier_update_steps=max(1, n // 3))
     if args.shard_init is not None:
         changes["shard_init"] = args.shard_init
-    if getattr(args, "head_trunk", None) is not None:
+    if args.head_trunk is not None:
         changes["head_trunk"] = args.head_trunk
         if args.head_trunk == 0:  # heads on the pooled pixels: their measured width
             changes["head_hidden"] = StoreConfig().head_hidden
@@ -97,7 +97,7 @@ def _store_config(args, image_shape: tuple[int, int, int] | None = None,
             from shards.models import pick_device
             from shards.training import native_bf16
 
-            precision = "bf16" if native_bf16(pick_device(getattr(args, "device", None))) else "fp32"
+            precision = "bf16" if native_bf16(pick_device(args.device)) else "fp32"
         config = config.replace(**{part: dataclasses.replace(
             getattr(config, part), precision=precision).to_dict()
             for part in ("shard_train", "base_train", "lora_train")})

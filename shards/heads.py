@@ -75,7 +75,7 @@ from .router import RouterUpdate
 from .shard import derived_seed
 from .text import Captions
 from .training import TrainConfig, forward_noise, optimize
-from .trunk import PublicTrunk, feature_dim, pooled, wanted
+from .trunk import PublicTrunk, feature_dim, fit_for, head_width, pooled
 
 __all__ = ["DensityRatioHead", "HeadsRouter", "StackedHeads", "feature_dim", "train_head"]
 
@@ -202,7 +202,7 @@ def train_head(head: DensityRatioHead, images: torch.Tensor, reference: torch.Te
         raise ValueError("a labelled head needs labels for its images and its reference")
     if (captions is None) != (reference_captions is None) or (captions is None) != (head.text1 is None):
         raise ValueError("a text head needs captions for its images and its reference")
-    width = feature_dim(images.shape[1:]) if trunk is None else trunk.features
+    width = head_width(tuple(images.shape[1:]), trunk)
     if head.config.in_features != width:
         raise ValueError(f"the head reads {head.config.in_features} features; its input "
                          f"gives {width}")
@@ -259,12 +259,11 @@ class HeadsRouter:
         save_file(kept, str(root / "reference" / "images.safetensors"), metadata=extra or None)
         manifest["reference"] = {"path": "reference", "images": len(public),
                                  "data_hash": tensor_hash(public, public_labels, public_captions)}
-        # no more directions than public images: they span no more
-        features = min(manifest["config"].get("head_trunk", 0), len(public))
-        if wanted(tuple(manifest["image_shape"]), features):
+        trunk = fit_for(public, manifest["config"].get("head_trunk", 0))
+        if trunk is not None:
             (root / "reference" / "trunk").mkdir()
-            PublicTrunk.fit(public, features).save(root / "reference" / "trunk")
-            manifest["reference"]["trunk"] = {"path": "reference/trunk", "features": features,
+            trunk.save(root / "reference" / "trunk")
+            manifest["reference"]["trunk"] = {"path": "reference/trunk", "features": trunk.features,
                                               "weights_hash": files_hash(root / "reference" / "trunk")}
 
     @staticmethod
@@ -314,8 +313,8 @@ class HeadsRouter:
         seed = derived_seed(config.seed, "head", cid)
         trunk = self.trunk(store)
         with seeded(seed):
-            width = feature_dim(store.image_shape) if trunk is None else trunk.features
-            head = DensityRatioHead(contributor_id=cid, in_features=width,
+            head = DensityRatioHead(contributor_id=cid,
+                                    in_features=head_width(store.image_shape, trunk),
                                     hidden=config.head_hidden, num_labels=store.num_labels,
                                     text_dim=store.text_dim)
         reference, reference_labels = self.reference(store)

@@ -101,3 +101,16 @@ def wanted(image_shape: tuple[int, int, int], features: int) -> bool:
     """Whether heads of images of `image_shape` read a trunk of `features` (0: never;
     a trunk no narrower than the pooled image saves nothing)."""
     return 0 < features < feature_dim(image_shape)
+
+
+def fit_for(public: torch.Tensor, features: int) -> PublicTrunk | None:
+    """The trunk of a store whose heads read `features` directions (`head_trunk`),
+    fit on its `public` images: no more directions than images (they span no more);
+    None where a trunk would save nothing."""
+    features = min(features, len(public))
+    return PublicTrunk.fit(public, features) if wanted(tuple(public.shape[1:]), features) else None
+
+
+def head_width(image_shape: tuple[int, int, int], trunk: PublicTrunk | None) -> int:
+    """The features a head reads: the trunk's, else the pooled image's."""
+    return feature_dim(image_shape) if trunk is None else trunk.features
