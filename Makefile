@@ -89,13 +89,16 @@ serve: store
 	$(BIN)/cdm keys demo --store $(STORE)
 	$(BIN)/cdm serve --store $(STORE) --port 3000
 
-# every test: unit and integration (servers, Chromium, schemathesis, crash injection)
+# every test: unit and integration (servers, Chromium, schemathesis, crash injection),
+# in TEST_WORKERS processes that take whole files, each on its share of the cores
+# (tests/conftest.py); TEST_WORKERS=0 runs them in this process
+TEST_WORKERS ?= 2
 test: install chromium npm-packages postgres
-	$(BIN)/pytest -q --durations=15
+	$(BIN)/pytest -q -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder --durations=15
 
-# the inner loop: unit tests only (library calls in this process), about 2 minutes
+# the inner loop: unit tests only (library calls), in the same workers
 test-fast: install npm-packages postgres
-	$(BIN)/pytest -q -m unit
+	$(BIN)/pytest -q -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder -m unit
 
 lint: install
 	$(BIN)/ruff check shards service valuation tests benchmarks

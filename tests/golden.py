@@ -63,7 +63,22 @@ def _sample(store: ShardStore, pair: tuple[str, str] = ("a", "b")) -> dict:
 
 
 def compute(work: Path) -> dict:
-    """Every reference number, from stores built under `work`."""
+    """Every reference number, from stores built under `work`, on one thread (torch's
+    and the BLAS's): the values depend on the thread count in their last digits
+    (tests/test_golden.py), and one thread is what every machine and every test
+    worker can give."""
+    from threadpoolctl import threadpool_limits  # numpy's BLAS (scikit-learn's dependency)
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with threadpool_limits(1):
+            return _compute(work)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _compute(work: Path) -> dict:
     write_data(work / "data")
     data = work / "data"
     torch.manual_seed(0)
@@ -128,6 +143,9 @@ def _add_forget(work: Path, data: Path, public, base: dict) -> dict:
 
 
 if __name__ == "__main__":
+    import os
+
+    os.environ.setdefault("CDM_SOLO_ROWS", "32")  # as tests/conftest.py: a fixed split
     with tempfile.TemporaryDirectory() as tmp:
         numbers = compute(Path(tmp))
     Path(sys.argv[1]).write_text(json.dumps(numbers, indent=1) + "\n")

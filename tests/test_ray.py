@@ -1,8 +1,8 @@
-"""Valuation on a Ray cluster: a head node and a worker node started by the test (two
-`ray start` processes on this machine), the exact Shapley values by composition equal
-to the in-process run's bit for bit, and a run that loses its worker node midway
-still completes with the same values (its actor restarted on the head, its
-coalitions sent again)."""
+"""Valuation on Ray: a Ray started in this process, then a cluster of a head node and
+a worker node started by the test (two `ray start` processes on this machine). The
+exact Shapley values by composition equal the in-process run's bit for bit, and a
+run that loses its worker node midway still completes with the same values (its
+actor restarted on the head, its coalitions sent again)."""
 
 import os
 import signal
@@ -75,6 +75,25 @@ def cluster():
                 os.environ.pop(k, None)
             else:
                 os.environ[k] = v
+
+
+def test_a_ray_started_in_this_process_gives_the_same_values(joint_copy, heldout, monkeypatch):
+    """`ray_address="local"`: a Ray of this process's own (before the cluster's tests,
+    in this file so that no other test process's `ray stop` can meet it)."""
+    monkeypatch.setenv("RAY_AUTH_MODE", "disabled")  # no token written to ~/.ray
+    monkeypatch.setenv("RAY_USAGE_STATS_ENABLED", "0")
+    build_evaluator(joint_copy.root, heldout)
+    one, _ = run_valuation(joint_copy.root, ValuationSettings(methods=("exact",), **VALUE),
+                           progress=False)
+    store_cache(joint_copy).root.rename(joint_copy.root / "old-cache")
+    try:
+        two, res = run_valuation(joint_copy.root, ValuationSettings(
+            methods=("exact",), workers=2, ray_address="local", **VALUE), progress=False)
+    finally:
+        ray.shutdown()
+    assert res["exact"].extra["computed"] == 2 ** len(joint_copy.contributor_ids)
+    assert two["methods"]["exact"]["values"] == pytest.approx(one["methods"]["exact"]["values"],
+                                                              rel=1e-6)
 
 
 def _in_process(source_kwargs, coalitions) -> list[float]:

@@ -226,25 +226,6 @@ def test_with_heads_a_composition_value_depends_only_on_its_coalition(store_copy
                       progress=False)
 
 
-def test_ray_workers_give_the_same_values(valued_store, monkeypatch):
-    """A Ray started in this process ("local"); tests/test_ray.py runs a two-node cluster."""
-    import ray
-
-    monkeypatch.setenv("RAY_AUTH_MODE", "disabled")  # no token written to ~/.ray
-    monkeypatch.setenv("RAY_USAGE_STATS_ENABLED", "0")
-    one, _ = run_valuation(valued_store.root, ValuationSettings(methods=("exact",), **TINY_VALUE),
-                           progress=False)
-    store_cache(valued_store).root.rename(valued_store.root / "old-cache")
-    try:
-        two, res = run_valuation(valued_store.root, ValuationSettings(
-            methods=("exact",), workers=2, ray_address="local", **TINY_VALUE), progress=False)
-    finally:
-        ray.shutdown()
-    assert res["exact"].extra["computed"] == 8
-    assert two["methods"]["exact"]["values"] == pytest.approx(one["methods"]["exact"]["values"],
-                                                              rel=1e-6)
-
-
 def test_an_interrupted_run_resumes_from_the_cache(tmp_path):
     from valuation.shapley import exact_shapley
     from valuation.utility import GameUtility, UtilityCache
