@@ -95,11 +95,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--classifier-steps", type=int, default=None,
                    help="training steps of the joint classifier; default "
                         f"{STORE.classifier_train.steps}")
-    p.add_argument("--precision", choices=(*PRECISIONS, "auto"), default=None,
+    p.add_argument("--precision", choices=PRECISIONS, default=None,
                    help="bf16: train the shards and the base under bfloat16 autocast (faster "
                         "on CPUs with native bfloat16, far slower elsewhere; weights stay "
-                        "float32); auto: bf16 where the device computes it natively, else "
-                        "fp32; default fp32")
+                        "float32); auto: bf16 where the device that trains computes it natively, "
+                        "else fp32, decided again by each later add; default fp32")
     p.add_argument("--workers", type=int, default=1,
                    help="processes that train the contributors' shards and heads at once "
                         "(CPU), each with an equal share of the threads; default 1")

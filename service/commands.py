@@ -92,14 +92,8 @@ def _store_config(args, image_shape: tuple[int, int, int] | None = None,
         changes["head_train"] = config.head_train.with_steps(args.head_steps).to_dict()
     config = config.replace(**changes)
     if args.precision is not None:  # the denoisers' training (shards, base, LoRA)
-        precision = args.precision
-        if precision == "auto":
-            from shards.models import pick_device
-            from shards.training import native_bf16
-
-            precision = "bf16" if native_bf16(pick_device(args.device)) else "fp32"
         config = config.replace(**{part: dataclasses.replace(
-            getattr(config, part), precision=precision).to_dict()
+            getattr(config, part), precision=args.precision).to_dict()
             for part in ("shard_train", "base_train", "lora_train")})
     return config
 

@@ -17,7 +17,8 @@ SHARD_KINDS = ("full", "lora")  # a UNet per contributor, or a LoRA adapter on a
 ROUTERS = ("heads", "joint")  # one density-ratio head per contributor, or one classifier
 PRIORS = ("size", "uniform")  # lambda_i proportional to |D_i|, or equal
 SHARD_INITS = ("scratch", "base")  # a full shard starts from random weights, or the public base
-PRECISIONS = ("fp32", "bf16")  # a denoiser's training: float32, or bfloat16 autocast
+PRECISIONS = ("fp32", "bf16", "auto")  # a denoiser's training: float32, bfloat16 autocast,
+# or bfloat16 where the device that trains computes it natively (each run decides)
 SCHEDULERS = ("ddpm", "ddim", "dpmpp-2m", "dpmpp-2m-sde", "unipc")  # the first is the default
 MODES = ("composed", "naive")  # naive: w_i = 1/|S|, the baseline
 ROUTINGS = ("dense", "topk")

@@ -54,7 +54,9 @@ class TrainConfig:
     warmup_steps: int = 50
     ema: bool = False  # end with the EMA of the weights (denoisers; see module docstring)
     # "bf16": the denoiser's forward pass under bfloat16 autocast (weights, optimiser
-    # and loss stay float32); pays off on CPUs with native bfloat16 (docs/performance.md)
+    # and loss stay float32); pays off on CPUs with native bfloat16 (docs/performance.md).
+    # "auto": bf16 where the device that trains computes it natively, decided by each
+    # run (a later `cdm add` on another host decides for that host), else float32
     precision: str = "fp32"
 
     def __post_init__(self):
@@ -147,7 +149,7 @@ def train_denoiser(
     if images.ndim != 4 or images.shape[0] == 0:
         raise ValueError(f"images must be a non-empty (N, C, H, W) tensor, got {tuple(images.shape)}")
     generator = torch.Generator().manual_seed(seed)
-    bf16 = config.precision == "bf16"
+    bf16 = config.precision == "bf16" or (config.precision == "auto" and native_bf16(device))
 
     def batch_loss() -> torch.Tensor:
         idx = torch.randint(0, images.shape[0], (config.batch_size,), generator=generator)
