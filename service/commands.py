@@ -331,6 +331,16 @@ def cmd_payout(args) -> None:
     print(out["note"])
 
 
+def serve_home(port: int) -> Path:
+    """BentoML's home for the `cdm serve` on `port` (~/.cache/cdm-serve/bentoml/<port>):
+    BentoML keeps the workers' Prometheus files there and empties it when a server
+    starts, so two servers sharing ~/bentoml would wipe each other's metrics."""
+    base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    home = base / "cdm-serve" / "bentoml" / str(port)
+    home.mkdir(parents=True, exist_ok=True, mode=0o700)
+    return home
+
+
 def cmd_serve(args) -> None:
     from shards import ShardStore
     from shards.settings import check_int, env_int
@@ -345,6 +355,8 @@ def cmd_serve(args) -> None:
     check_int("CDM_WORKERS", workers, "--workers")
     env = {**os.environ, "CDM_STORE": str(Path(args.store).resolve()),
            "CDM_WORKERS": str(workers)}
+    if "BENTOML_HOME" not in env:  # see serve_home
+        env["BENTOML_HOME"] = str(serve_home(args.port))
     bentoml = Path(sys.executable).with_name("bentoml")
     cmd = [str(bentoml), "serve", "service.app:CDMService", "--host", args.host,
            "--port", str(args.port), "--working-dir", str(Path(__file__).resolve().parent.parent)]

@@ -110,6 +110,24 @@ def test_precision_auto_autocasts_only_where_the_device_computes_bf16(native, mo
     assert seen == [native, native]
 
 
+def test_each_serve_port_has_its_own_bentoml_home(store_copy, tmp_path, monkeypatch):
+    """BentoML empties its home's Prometheus folder when a server starts: two `cdm
+    serve` on one machine must not share one, unless the user chose BENTOML_HOME."""
+    from service import commands
+
+    homes = []
+    monkeypatch.setattr(commands.os, "execve", lambda path, cmd, env: homes.append(env["BENTOML_HOME"]))
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    monkeypatch.delenv("BENTOML_HOME", raising=False)
+    for port in ("3000", "3001"):
+        assert main(["serve", "--store", str(store_copy.root), "--port", port]) in (0, None)
+    monkeypatch.setenv("BENTOML_HOME", str(tmp_path / "mine"))
+    assert main(["serve", "--store", str(store_copy.root), "--port", "3002"]) in (0, None)
+    assert homes == [str(tmp_path / "cache" / "cdm-serve" / "bentoml" / p) for p in ("3000", "3001")] \
+        + [str(tmp_path / "mine")]
+    assert (tmp_path / "cache" / "cdm-serve" / "bentoml" / "3000").stat().st_mode & 0o077 == 0
+
+
 def test_native_bf16_knows_this_machine():
     import torch
 

@@ -172,9 +172,10 @@ def test_every_method_end_to_end_and_the_report(valued_store, tmp_path):
 
 
 def test_worker_processes_give_the_same_values(valued_store):
-    """Worker processes run with their share of the CPU's threads (1 each here, 2 in
-    this process), and convolutions reduce in another order with another thread count:
-    the values agree within float rounding (observed: 5e-8 relative), not bit for bit."""
+    """Worker processes run with their share of this process's threads (which may be
+    more than theirs), and convolutions reduce in another order with another thread
+    count: the values agree within float rounding (observed: 5e-8 relative), not bit
+    for bit."""
     one, _ = run_valuation(valued_store.root, ValuationSettings(methods=("exact",), **TINY_VALUE),
                            progress=False)
     store_cache(valued_store).root.rename(valued_store.root / "old-cache")
