@@ -21,9 +21,10 @@ def _own_cpus() -> None:
     worker, count = os.environ.get("PYTEST_XDIST_WORKER"), os.environ.get("PYTEST_XDIST_WORKER_COUNT")
     if not worker or not count or not hasattr(os, "sched_setaffinity"):
         return
-    cpus, count = sorted(os.sched_getaffinity(0)), int(count)
-    if len(cpus) >= count > 1:
-        os.sched_setaffinity(0, cpus[int(worker.removeprefix("gw")) % count::count])
+    cpus, count, i = sorted(os.sched_getaffinity(0)), int(count), int(worker.removeprefix("gw"))
+    if count > 1:  # more workers than CPUs: several on one, each on one thread
+        os.sched_setaffinity(0, cpus[i % count::count] if len(cpus) >= count
+                             else [cpus[i % len(cpus)]])
 
 
 _own_cpus()
