@@ -335,8 +335,9 @@ def serve_home(port: int) -> Path:
     """BentoML's home for the `cdm serve` on `port` (~/.cache/cdm-serve/bentoml/<port>):
     BentoML keeps the workers' Prometheus files there and empties it when a server
     starts, so two servers sharing ~/bentoml would wipe each other's metrics."""
-    base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
-    home = base / "cdm-serve" / "bentoml" / str(port)
+    from shards.settings import cache_dir
+
+    home = cache_dir() / "bentoml" / str(port)
     home.mkdir(parents=True, exist_ok=True, mode=0o700)
     return home
 

@@ -19,6 +19,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from .errors import DataError
+from .settings import cache_dir
 
 # name -> (version, the registry's dist.integrity for it)
 PINNED = {
@@ -40,8 +41,7 @@ def default_dir() -> Path:
     env = os.environ.get("CDM_NPM_DIR")
     if env:
         return Path(env)
-    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(base) / "cdm-serve" / "npm"
+    return cache_dir() / "npm"
 
 
 def integrity(path: Path) -> str:

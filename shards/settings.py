@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from pathlib import Path
 
 # ------------------------------------------------------------------ names
 SHARD_KINDS = ("full", "lora")  # a UNet per contributor, or a LoRA adapter on a public base
@@ -193,6 +194,12 @@ def env_str(name: str, default: str | None = None) -> str | None:
 def env_flag(name: str) -> bool:
     """Whether environment variable `name` is '1' or 'true'."""
     return os.environ.get(name, "").strip().lower() in ("1", "true")
+
+
+def cache_dir() -> Path:
+    """The user's cache folder for cdm-serve: ~/.cache/cdm-serve, under $XDG_CACHE_HOME
+    when set (the npm tarballs, each `cdm serve` port's BentoML home)."""
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "cdm-serve"
 
 
 def usable_cpus() -> int:
