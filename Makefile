@@ -93,12 +93,13 @@ serve: store
 # in TEST_WORKERS processes that take whole files, each on its share of the cores
 # (tests/conftest.py); TEST_WORKERS=0 runs them in this process
 TEST_WORKERS ?= 2
+PARALLEL := -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder
 test: install chromium npm-packages postgres
-	$(BIN)/pytest -q -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder --durations=15
+	$(BIN)/pytest -q $(PARALLEL) --durations=15
 
 # the inner loop: unit tests only (library calls), in the same workers
 test-fast: install npm-packages postgres
-	$(BIN)/pytest -q -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder -m unit
+	$(BIN)/pytest -q $(PARALLEL) -m unit
 
 lint: install
 	$(BIN)/ruff check shards service valuation tests benchmarks

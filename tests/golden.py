@@ -8,6 +8,7 @@ Only public library calls are used, so the same script runs on old and new code.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sys
 import tempfile
@@ -69,11 +70,17 @@ def compute(work: Path) -> dict:
     worker can give."""
     from threadpoolctl import threadpool_limits  # numpy's BLAS (scikit-learn's dependency)
 
+    with one_thread(), threadpool_limits(1):
+        return _compute(work)
+
+
+@contextlib.contextmanager
+def one_thread():
+    """torch on one thread inside, its thread count of before restored after."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        with threadpool_limits(1):
-            return _compute(work)
+        yield
     finally:
         torch.set_num_threads(threads)
 

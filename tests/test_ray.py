@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 import ray
+from golden import one_thread
 
 from valuation.parallel import Backend
 from valuation.properties import build_evaluator
@@ -98,29 +99,17 @@ def test_a_ray_started_in_this_process_gives_the_same_values(joint_copy, heldout
 
 def _in_process(source_kwargs, coalitions) -> list[float]:
     """U(S) computed here with one thread, as each actor computes it."""
-    import torch
-
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
+    with one_thread():
         source = CompositionUtility(**source_kwargs)
         return [source.evaluate(c) for c in coalitions]
-    finally:
-        torch.set_num_threads(threads)
 
 
 def test_exact_shapley_on_a_ray_cluster_equals_in_process(joint_copy, heldout, cluster):
     address, _ = cluster
     build_evaluator(joint_copy.root, heldout)
-    import torch
-
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # as the actors: the same float reductions
-    try:
+    with one_thread():  # as the actors: the same float reductions
         here, _ = run_valuation(joint_copy.root, ValuationSettings(methods=("exact",), **VALUE),
                                 progress=False)
-    finally:
-        torch.set_num_threads(threads)
     store_cache(joint_copy).root.rename(joint_copy.root / "old-cache")
     there, results = run_valuation(joint_copy.root, ValuationSettings(
         methods=("exact",), workers=2, ray_address=address, **VALUE), progress=False)
@@ -150,15 +139,9 @@ def test_the_services_valuation_jobs_run_on_the_configured_cluster(joint_copy, h
     assert len(values) == len(players)
     # the actors of the job's run ran on the cluster's two nodes: the same values as here
     store_cache(joint_copy).root.rename(joint_copy.root / "old-cache")
-    import torch
-
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
+    with one_thread():
         here, _ = run_valuation(joint_copy.root, ValuationSettings(methods=("exact",), **VALUE),
                                 progress=False)
-    finally:
-        torch.set_num_threads(threads)
     assert here["methods"]["exact"]["values"] == values
 
 
