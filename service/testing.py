@@ -122,8 +122,10 @@ def serving(root: Path, log: Path, workers: int = 1, env: dict[str, str] | None 
             timeout: float = 300.0, cpus: str | None = None) -> Iterator[Server]:
     """`cdm serve --store root` on a free loopback port, its output in `log`, pinned
     to `cpus` (taskset's list, e.g. "0") when given; the process tree is killed on
-    leaving, whatever happened."""
+    leaving, whatever happened. BentoML's home is a folder beside `log` (unless `env`
+    names one), so test servers leave nothing in the user's cache."""
     port, extra = free_port(), dict(env or {})
+    extra.setdefault("BENTOML_HOME", str(Path(log).parent / f"bentoml-{port}"))
     url = f"http://127.0.0.1:{port}"
     pin = ["taskset", "-c", cpus] if cpus is not None else []
     with open(log, "w") as out:
