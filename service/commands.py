@@ -164,7 +164,8 @@ def _print_store(store) -> None:
         e = store.contributor(cid)
         labels = ",".join(sorted(e.get("labels", {}), key=int))
         print(f"  {cid:10s} {e['kind']:4s} {e['images']:5d} images  loss {e['final_loss']:.4f}  "
-              f"data {e['data_hash'][:12]}" + (f"  labels {labels}" if labels else ""))
+              f"data {e['data_hash'][:12]}" + (f"  trained in {e['precision']}" if "precision" in e else "")
+              + (f"  labels {labels}" if labels else ""))
     if store.text:
         print(f"  text-conditional: prompts through {store.text['name']} "
               f"(at most {store.text['max_tokens']} tokens)")

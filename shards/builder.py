@@ -183,6 +183,7 @@ def _build(root: Path, datasets, config: StoreConfig, public, public_labels, ima
                                 public_labels, num_labels, public_captions)
         base.save_pretrained(root / "base")
         manifest["base"] = {"path": "base", "images": len(public), "final_loss": loss,
+                            "precision": config.base_train.resolved_precision(device),
                             "data_hash": tensor_hash(public, public_labels, public_captions),
                             "weights_hash": files_hash(root / "base")}
     store = ShardRegistry(root, manifest)

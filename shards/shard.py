@@ -83,7 +83,7 @@ def train_shard(data: ContributorData, kind: str, config: StoreConfig, scheduler
                           device=device, desc=f"shard {data.contributor_id}", progress=progress)
     meta = {"contributor_id": data.contributor_id, "kind": kind, "data_hash": data.data_hash,
             "images": len(data), "seed": seed, "steps": train.steps, "ema": train.ema,
-            "final_loss": loss}
+            "precision": train.resolved_precision(device), "final_loss": loss}
     if kind == "full" and from_base:
         meta["init"] = "base"
     if text:

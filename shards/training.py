@@ -67,6 +67,11 @@ class TrainConfig:
         if not 0 <= self.warmup_steps <= self.steps:
             raise ValueError(f"warmup_steps={self.warmup_steps} must be in [0, steps={self.steps}]")
 
+    def resolved_precision(self, device: torch.device | str) -> str:
+        """What a run on `device` computes in: "bf16" (autocast) or "fp32"."""
+        bf16 = self.precision == "bf16" or (self.precision == "auto" and native_bf16(device))
+        return "bf16" if bf16 else "fp32"
+
     def with_steps(self, steps: int) -> TrainConfig:
         """The same settings for `steps` steps (the warm-up cut to a fifth of them)."""
         return replace(self, steps=steps, warmup_steps=min(self.warmup_steps, steps // 5))
@@ -149,7 +154,7 @@ def train_denoiser(
     if images.ndim != 4 or images.shape[0] == 0:
         raise ValueError(f"images must be a non-empty (N, C, H, W) tensor, got {tuple(images.shape)}")
     generator = torch.Generator().manual_seed(seed)
-    bf16 = config.precision == "bf16" or (config.precision == "auto" and native_bf16(device))
+    bf16 = config.resolved_precision(device) == "bf16"
 
     def batch_loss() -> torch.Tensor:
         idx = torch.randint(0, images.shape[0], (config.batch_size,), generator=generator)

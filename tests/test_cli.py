@@ -108,6 +108,9 @@ def test_precision_auto_autocasts_only_where_the_device_computes_bf16(native, mo
     training.train_denoiser(Probe(), torch.zeros(4, 1, 4, 4), DDPMScheduler(num_train_timesteps=10),
                             config, seed=0, progress=False)
     assert seen == [native, native]
+    # and the store records what each run computed in, beside the configured "auto"
+    assert config.resolved_precision("cpu") == ("bf16" if native else "fp32")
+    assert training.TrainConfig(precision="fp32").resolved_precision("cpu") == "fp32"
 
 
 def test_each_serve_port_has_its_own_bentoml_home(store_copy, tmp_path, monkeypatch):

@@ -19,6 +19,7 @@ def test_layout_is_config_plus_safetensors_no_pickle(full_store):
         meta = json.loads((shard / "shard.json").read_text())
         assert meta["contributor_id"] == cid and meta["steps"] == 12
         assert set(meta) >= {"data_hash", "seed", "steps", "final_loss"}
+        assert meta["precision"] == "fp32"  # what the run computed in (the config: fp32)
     assert not [p for p in root.rglob("*") if p.suffix in (".bin", ".pt", ".pkl", ".pickle")]
     # loadable by plain diffusers
     UNet2DModel.from_pretrained(root / "shards" / "a")
