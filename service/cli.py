@@ -1,7 +1,7 @@
 """`cdm`: the command line. Options, choices and defaults come from shards/settings.py
 (and StoreConfig's defaults), so each is written once; each subcommand is a function of
-commands.py. Domain errors (`CDMError`, `ValueError`) become one-line messages and exit
-status 2."""
+store_commands.py (the data and the store) or commands.py (the service). Domain errors
+(`CDMError`, `ValueError`) become one-line messages and exit status 2."""
 
 from __future__ import annotations
 
@@ -37,7 +37,7 @@ from shards.settings import (  # noqa: E402
     usable_cpus,
 )
 
-from . import commands  # noqa: E402
+from . import commands, store_commands  # noqa: E402
 
 STORE = StoreConfig()  # the defaults the help texts name
 VALUE = SimpleNamespace(**VALUATION)
@@ -64,7 +64,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--packages", default=None,
                    help="studios: folder of the npm tarballs (default $CDM_NPM_DIR or "
                         "~/.cache/cdm-serve/npm)")
-    p.set_defaults(func=commands.cmd_demo_data)
+    p.set_defaults(func=store_commands.cmd_demo_data)
 
     p = sub.add_parser("train", help="train a new store: one shard per DATA_DIR/<id>/")
     p.add_argument("data_dir")
@@ -123,14 +123,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="ignore the data's labels: an unconditional store (labelled data "
                         "otherwise makes class-conditional shards and router)")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if present)")
-    p.set_defaults(func=commands.cmd_train)
+    p.set_defaults(func=store_commands.cmd_train)
 
     p = sub.add_parser("add", help="add one contributor folder to an existing store")
     p.add_argument("folder")
     p.add_argument("--store", required=True)
     p.add_argument("--kind", choices=SHARD_KINDS, default=None)
     p.add_argument("--device", default=None)
-    p.set_defaults(func=commands.cmd_add)
+    p.set_defaults(func=store_commands.cmd_add)
 
     p = sub.add_parser("sample", help="sample from the composition of some contributors")
     p.add_argument("--store", required=True)
@@ -168,7 +168,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="check that the store has this router (it is fixed at train time)")
     p.add_argument("--out", required=True, help=".png (grid) or .npz")
     p.add_argument("--device", default=None)
-    p.set_defaults(func=commands.cmd_sample)
+    p.set_defaults(func=store_commands.cmd_sample)
 
     p = sub.add_parser("keys", help="create, list and revoke API keys (stored hashed)")
     keys = p.add_subparsers(dest="keys_command", required=True)

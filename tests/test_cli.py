@@ -70,12 +70,12 @@ def test_shard_init_base_from_the_cli(tmp_path, data_dir, capsys):
 def test_precision_auto_is_recorded_as_auto():
     """The store keeps `auto`, not what it meant on the host that built it: a later
     `cdm add` on another host decides for that host (the next test)."""
-    from service import commands
+    from service import store_commands
     from service.cli import build_parser
 
     args = build_parser().parse_args(["train", "x", "--store", "y", "--precision", "auto",
                                       "--device", "cpu"])
-    config = commands._store_config(args, (3, 16, 16), public=True)
+    config = store_commands._store_config(args, (3, 16, 16), public=True)
     assert config.shard_train.precision == config.base_train.precision == "auto"
     assert config.lora_train.precision == "auto"
     assert config.head_train.precision == "fp32"  # the heads are never autocast

@@ -88,17 +88,17 @@ def test_a_store_with_a_trunk_forgets_exactly(trunk_store, datasets, public, tmp
 
 
 def test_large_images_get_a_trunk_by_default_and_the_cli_can_refuse_it():
-    from service import commands
+    from service import store_commands
     from service.cli import build_parser
 
     def config(*flags):
         args = build_parser().parse_args(["train", "x", "--store", "y", *flags])
-        return commands._store_config(args, (3, 16, 16), public=True)
+        return store_commands._store_config(args, (3, 16, 16), public=True)
 
     assert (config().head_trunk, config().head_hidden) == (64, 64)
     # without a trunk, heads as wide as measured on the pooled pixels
     assert (config("--head-trunk", "0").head_trunk, config("--head-trunk", "0").head_hidden) == (0, 128)
-    assert commands._store_config(build_parser().parse_args(["train", "x", "--store", "y"]),
+    assert store_commands._store_config(build_parser().parse_args(["train", "x", "--store", "y"]),
                                   (1, 8, 8)).head_trunk == 0  # the digits: pooled pixels
 
 
