@@ -34,35 +34,34 @@ benchmarks/evaluator.py) is recorded beside its attribution.
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import os
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch  # noqa: E402
 from diffusers import DDPMScheduler  # noqa: E402
 from evaluator import DigitsEvaluator  # noqa: E402
+from router_trunk import heldout, train_router  # noqa: E402
 from safetensors.torch import load_file  # noqa: E402
-from studios import _image, run  # noqa: E402
+from studios import run  # noqa: E402
 
 from shards import ShardStore  # noqa: E402
-from shards.heads import DensityRatioHead, HeadsRouter, StackedHeads, train_head  # noqa: E402
-from shards.models import seeded  # noqa: E402
-from shards.shard import derived_seed  # noqa: E402
-from shards.trunk import head_width  # noqa: E402
+from shards.heads import StackedHeads  # noqa: E402
+from shards.routing import posterior_weights  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results" / "attribution_bias"
 T = (100, 250, 400, 550, 700, 850, 950)
 
 
 class Reader:
-    """The router's mean posterior over all contributors on images noised at t."""
+    """The router's posterior over all contributors on images noised at t."""
 
     def __init__(self, sampler, seed: int = 0):
-        self.sampler, self.g = sampler, torch.Generator().manual_seed(seed)
+        self.g = torch.Generator().manual_seed(seed)
         self.scheduler = DDPMScheduler(**sampler.schedule_config)
         self.log_prior = torch.log(sampler.label_prior.T.float())  # (L, K)
 
@@ -73,18 +72,8 @@ class Reader:
         with torch.no_grad():
             r = torch.cat([router.log_ratios(x_t[i:i + 1000], torch.tensor(t), y[i:i + 1000])
                            for i in range(0, len(x0), 1000)])
-        return torch.softmax(r + self.log_prior[y], -1)
-
-
-def heldout(data: Path, num_labels: int) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
-    """The held-out drawings in [-1, 1], their labels and their studios."""
-    with open(data / "concepts.csv") as f:
-        rows = [r for r in csv.DictReader(f) if r["split"] == "heldout"]
-    labels = [int(Path(r["file"]).parent.name) for r in rows]
-    if max(labels) >= num_labels:
-        raise SystemExit(f"{data}: a held-out label is not one of the store's {num_labels}")
-    return torch.cat([_image(data / r["file"]) for r in rows]), torch.tensor(labels), \
-        [r["studio"] for r in rows]
+        log_prior = self.log_prior[y]
+        return posterior_weights(r, log_prior, torch.isfinite(log_prior))
 
 
 def part_calibration(store: ShardStore, sampler, reader: Reader, data: Path | None) -> dict:
@@ -99,11 +88,13 @@ def part_calibration(store: ShardStore, sampler, reader: Reader, data: Path | No
         out["own_images"][t] = dict(zip(ids, w.tolist(), strict=True))
         print(f"[calibration] own images, t={t:3d}: " + fmt(ids, w), flush=True)
     if data is not None:
-        hx, hy, studios = heldout(data, sampler.num_labels)
+        hx, hy, studio = heldout(data, ids)  # the contributors' held-out drawings
+        if int(hy.max()) >= sampler.num_labels:
+            raise SystemExit(f"{data}: a held-out label is not one of the store's {sampler.num_labels}")
         for t in T:
             w = reader.posterior(sampler.router, hx, hy, t)
-            out["heldout"][t] = {s: dict(zip(ids, w[[v == s for v in studios]].mean(0).tolist(),
-                                             strict=True)) for s in sorted(set(studios))}
+            out["heldout"][t] = {ids[k]: dict(zip(ids, w[studio == k].mean(0).tolist(), strict=True))
+                                 for k in sorted(set(studio.tolist()))}
             for s, row in out["heldout"][t].items():
                 print(f"[calibration] held-out {s:14s} t={t:3d}: "
                       + fmt(ids, torch.tensor(list(row.values()))), flush=True)
@@ -125,18 +116,9 @@ def alone_samples(sampler, n: int, steps: int) -> dict[str, tuple[torch.Tensor, 
 
 def model_heads(store: ShardStore, got: dict) -> StackedHeads:
     """A head per contributor trained on its shard's samples against the reference, by
-    the store's head recipe (its steps, width and seeds)."""
-    reference, reference_labels = HeadsRouter.reference(store)
-    trunk, heads = HeadsRouter.trunk(store), []
-    for c, (x, y) in got.items():
-        seed = derived_seed(store.config.seed, "head", c)
-        with seeded(seed):
-            head = DensityRatioHead(contributor_id=c, in_features=head_width(store.image_shape, trunk),
-                                    hidden=store.config.head_hidden, num_labels=store.num_labels)
-        train_head(head, x, reference, store.noise_schedule(),
-                   store.config.head_train, seed, labels=y, reference_labels=reference_labels,
-                   trunk=trunk, progress=False)
-        heads.append(head.eval())
+    the store's head recipe (its steps, width, trunk and seeds)."""
+    samples = [SimpleNamespace(contributor_id=c, images=x, labels=y) for c, (x, y) in got.items()]
+    heads, trunk = train_router(store, samples, store.config.head_trunk, store.config.head_hidden)
     return StackedHeads(heads, trunk=trunk)
 
 
