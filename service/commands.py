@@ -9,7 +9,7 @@ import os
 import sys
 from pathlib import Path
 
-from .store_commands import _csv, cli_principal
+from .store_commands import cli_principal, split_csv
 
 
 def cmd_keys(args) -> None:
@@ -58,7 +58,7 @@ def cmd_keys(args) -> None:
     elif args.license is None:
         raise ValueError("--license is required (comma-separated ids, or 'all')")
     else:
-        license = None if args.license == "all" else _csv(args.license)
+        license = None if args.license == "all" else split_csv(args.license)
     if license:
         unknown = sorted(set(license) - set(store.contributor_ids))
         if unknown:
@@ -164,7 +164,7 @@ def cmd_value(args) -> None:
         aesthetic = {"arch": args.clip_arch, "checkpoint": args.clip_checkpoint,
                      "head": args.aesthetic_head}
     settings = ValuationSettings(
-        property=args.property, methods=tuple(_csv(args.methods)), n=args.n, steps=args.steps,
+        property=args.property, methods=tuple(split_csv(args.methods)), n=args.n, steps=args.steps,
         seed=args.seed, workers=args.workers, max_evaluations=args.max_evaluations,
         stderr_tol=args.stderr_tol, pruning_ratio=args.pruning_ratio,
         monolith_steps=args.monolith_steps, finetune_steps=args.finetune_steps,

@@ -9,7 +9,8 @@ import dataclasses
 from pathlib import Path
 
 
-def _csv(value: str) -> list[str]:
+def split_csv(value: str) -> list[str]:
+    """A comma-separated option as a list: "a, b,,c" -> ["a", "b", "c"]."""
     return [v.strip() for v in value.split(",") if v.strip()]
 
 
@@ -45,13 +46,13 @@ def _studios_data(args, out: Path) -> None:
 
     if args.contributors is not None:
         raise ValueError("--contributors is for --dataset digits")
-    labels = None if args.labels is None else _csv(args.labels)
+    labels = None if args.labels is None else split_csv(args.labels)
     if labels is not None:
         try:
             labels = [int(x) for x in labels]
         except ValueError:
             raise ValueError(f"--labels {args.labels!r}: comma-separated integers") from None
-    studios = None if args.studios is None else _csv(args.studios)
+    studios = None if args.studios is None else split_csv(args.studios)
     table = write_studios(out, seed=args.seed, size=args.size, studios=studios, labels=labels,
                           per_label=args.per_label, packages=args.packages)
     for cid, entry in table["contributors"].items():
@@ -197,11 +198,11 @@ def cmd_sample(args) -> None:
     routing = Routing.parse(args.routing, args.top_k, args.mass, args.mode, args.draw_above)
     store = ShardStore.open(args.store)
     sampler = store.load_sampler(args.device, cache_shards=args.cache_shards, router=args.router)
-    contributors = _csv(args.contributors) if args.contributors else None
+    contributors = split_csv(args.contributors) if args.contributors else None
     from shards.data import parse_label
     from shards.sampler import SampleRequest
 
-    labels = tuple(parse_label(y, "--label") for y in _csv(args.label)) if args.label else None
+    labels = tuple(parse_label(y, "--label") for y in split_csv(args.label)) if args.label else None
     request = SampleRequest(None if contributors is None else tuple(contributors), args.n,
                             args.seed, labels, prompt=args.prompt, guidance=args.guidance)
     out = sampler.sample_batch([request], steps=args.steps, scheduler=args.scheduler,
